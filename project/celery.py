@@ -1,0 +1,52 @@
+"""The Celery app: queues, beat schedule and the ``workspace_gates`` inspect command."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery
+from celery.worker.control import inspect_command
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+
+app = Celery("project")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks(["provisioning"])
+
+
+@app.on_after_finalize.connect
+def _configure_routes_and_beat(sender: Celery, **_: Any) -> None:
+    from django.conf import settings
+
+    sweep_queue = settings.CELERY_SWEEP_QUEUE
+    sender.conf.task_routes = {
+        "provisioning.sweep_provisioning": {"queue": sweep_queue},
+        "provisioning.redrive_pending": {"queue": sweep_queue},
+        "provisioning.reconcile": {"queue": sweep_queue},
+    }
+    sender.conf.beat_schedule = {
+        "sweep-stuck-provisioning": {
+            "task": "provisioning.sweep_provisioning",
+            "schedule": float(settings.SWEEP_PROVISIONING_INTERVAL_SECONDS),
+            "options": {"queue": sweep_queue, "expires": settings.SWEEP_PROVISIONING_INTERVAL_SECONDS},
+        },
+        "redrive-pending-intents": {
+            "task": "provisioning.redrive_pending",
+            "schedule": float(settings.REDRIVE_INTERVAL_SECONDS),
+            "options": {"queue": sweep_queue, "expires": settings.REDRIVE_INTERVAL_SECONDS},
+        },
+    }
+
+
+@inspect_command()
+def workspace_gates(state: Any) -> dict[str, Any]:
+    """List the workspace gates held by this worker node: workspace id, generation, seconds held.
+
+    Gates are held by the pool's child processes, so each holder records itself in Redis under
+    the node's hostname; this command runs in the node's main process and reads that record.
+    """
+    from provisioning.gate import gates_held_by
+
+    hostname = state.consumer.hostname if state and state.consumer else ""
+    return {"gates": gates_held_by(hostname)}

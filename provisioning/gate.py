@@ -1,0 +1,166 @@
+"""The per-workspace gate: the only code that touches the lifecycle lock.
+
+One Redis lock per workspace id (redis-py's ``Lock``: ``SET NX PX`` with a random token, release
+and extend by Lua scripts that check the token, so only the owner can release or renew). The lease
+is renewed by a background thread while the cycle runs; a holder that dies stops renewing and the
+gate frees itself within ``GATE_LEASE_SECONDS``.
+
+The lock only saves work. Correctness comes from PostgreSQL: each cycle bumps the workspace's
+``generation`` under the gate and conditions every write on it, so a holder whose lease expired
+changes nothing (see ``workspaces.services``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from redis.exceptions import LockError, LockNotOwnedError, RedisError
+from redis.lock import Lock
+
+from provisioning.redis_client import get_redis
+
+logger = logging.getLogger(__name__)
+
+
+class GateBusy(Exception):
+    """Another holder runs a cycle for this workspace; try again later."""
+
+
+def gate_key(workspace_id: UUID | str) -> str:
+    return f"{settings.GATE_KEY_PREFIX}:{workspace_id}"
+
+
+def _held_key(holder: str) -> str:
+    return f"{settings.GATE_KEY_PREFIX}:held:{holder}"
+
+
+def default_holder() -> str:
+    return f"{os.path.basename(os.environ.get('_', 'python'))}@{socket.gethostname()}"
+
+
+@dataclass
+class Lease:
+    workspace_id: str
+    holder: str
+    lock: Lock
+    lease_seconds: int
+    acquired_at: float = field(default_factory=time.time)
+    generation: int | None = None
+    lost: threading.Event = field(default_factory=threading.Event)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def token(self) -> str:
+        value = self.lock.local.token
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def set_generation(self, generation: int) -> None:
+        self.generation = generation
+        _record_held(self)
+
+    def _renew_forever(self) -> None:
+        interval = max(self.lease_seconds / 3.0, 0.5)
+        while not self._stop.wait(interval):
+            try:
+                # reacquire() resets the TTL to the full lease, only if we still own the lock.
+                self.lock.reacquire()
+            except LockNotOwnedError:
+                logger.warning("gate lease lost for workspace %s", self.workspace_id)
+                self.lost.set()
+                return
+            except RedisError as exc:
+                # Transient: keep trying until the lease runs out; PostgreSQL fencing keeps
+                # a holder that lost the lock from writing anything.
+                logger.warning("gate renewal failed for %s: %s", self.workspace_id, exc)
+
+
+def _record_held(lease: Lease) -> None:
+    meta = {
+        "workspace_id": lease.workspace_id,
+        "generation": lease.generation,
+        "acquired_at": lease.acquired_at,
+        "pid": os.getpid(),
+        "token": lease.token,
+    }
+    try:
+        pipe = get_redis().pipeline()
+        pipe.hset(_held_key(lease.holder), lease.workspace_id, json.dumps(meta))
+        pipe.expire(_held_key(lease.holder), max(lease.lease_seconds * 10, 3600))
+        pipe.execute()
+    except RedisError as exc:  # bookkeeping for `inspect`; never fail a cycle over it
+        logger.warning("could not record gate for %s: %s", lease.workspace_id, exc)
+
+
+def _forget_held(lease: Lease) -> None:
+    try:
+        get_redis().hdel(_held_key(lease.holder), lease.workspace_id)
+    except RedisError as exc:
+        logger.warning("could not forget gate for %s: %s", lease.workspace_id, exc)
+
+
+@contextmanager
+def hold(workspace_id: UUID | str, holder: str | None = None) -> Iterator[Lease]:
+    """Hold the workspace's gate for the duration of the block, or raise ``GateBusy`` at once.
+
+    Never blocks: a caller that finds the gate busy is expected to come back later (the Celery
+    task retries with a countdown), so no worker or HTTP request waits on a lock.
+    """
+    lease_seconds = int(settings.GATE_LEASE_SECONDS)
+    lock = get_redis().lock(
+        gate_key(workspace_id), timeout=lease_seconds, blocking=False, thread_local=False
+    )
+    if not lock.acquire(blocking=False):
+        raise GateBusy(str(workspace_id))
+    lease = Lease(str(workspace_id), holder or default_holder(), lock, lease_seconds)
+    _record_held(lease)
+    renewer = threading.Thread(
+        target=lease._renew_forever, name=f"gate-renew-{workspace_id}", daemon=True
+    )
+    renewer.start()
+    try:
+        yield lease
+    finally:
+        lease._stop.set()
+        renewer.join(timeout=5)
+        _forget_held(lease)
+        try:
+            lock.release()
+        except LockError:
+            # Expired and possibly taken by someone else: theirs now, not ours to release.
+            logger.warning("gate for %s expired before release", workspace_id)
+
+
+def is_held(workspace_id: UUID | str) -> bool:
+    return bool(get_redis().exists(gate_key(workspace_id)))
+
+
+def gates_held_by(holder: str) -> list[dict[str, Any]]:
+    """Gates currently held by ``holder`` (a worker node name): for ``inspect workspace_gates``."""
+    client = get_redis()
+    now = time.time()
+    result = []
+    for raw in client.hgetall(_held_key(holder)).values():
+        meta = json.loads(raw)
+        current = client.get(gate_key(meta["workspace_id"]))
+        if current is None or current.decode() != meta.get("token"):
+            continue  # released or expired since it was recorded
+        result.append(
+            {
+                "workspace_id": meta["workspace_id"],
+                "generation": meta.get("generation"),
+                "held_seconds": round(now - float(meta["acquired_at"]), 3),
+                "pid": meta.get("pid"),
+            }
+        )
+    return sorted(result, key=lambda item: item["workspace_id"])

@@ -1,0 +1,348 @@
+"""The lifecycle: converge a workspace's backend towards what was asked, one cycle at a time.
+
+``converge`` takes the workspace's gate (or raises ``GateBusy`` at once), reads the intent the
+request services recorded, and runs the cycle it calls for: start (provision / start / restart),
+stop or remove. Requests that arrive while a cycle runs bump ``requested_seq``; after the cycle
+the loop reads the row again, so any number of them collapse into at most one more cycle.
+
+Every write goes through ``workspaces.services`` fenced by the generation the cycle began with.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from uuid import UUID
+
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
+
+from provisioning import gate
+from provisioning.backends import backend_for
+from provisioning.backends.base import (
+    BackendError,
+    BackendUnavailable,
+    ConfigState,
+    LaunchSpec,
+    TransientBackendError,
+    WorkspaceBackend,
+)
+from provisioning.manifests import Template, templates
+from workspaces import services
+from workspaces.models import Workspace
+from workspaces.status import DesiredState, EventSource, WorkspaceStatus
+
+logger = logging.getLogger(__name__)
+S = WorkspaceStatus
+MAX_CYCLES_PER_HOLD = 3
+
+
+class Action(enum.StrEnum):
+    PROVISION = "provision"
+    START = "start"
+    RESTART = "restart"
+    STOP = "stop"
+    REMOVE = "remove"
+
+
+def plan(workspace: Workspace) -> Action | None:
+    """The cycle the workspace needs now, or None when the backend already matches the intent."""
+    if workspace.status == S.REMOVED:
+        return None
+    if workspace.desired_state == DesiredState.REMOVED:
+        return Action.REMOVE
+    if not workspace.has_pending_intent:
+        return None
+    if workspace.desired_state == DesiredState.STOPPED:
+        return Action.STOP
+    if workspace.generation == 0:
+        return Action.PROVISION
+    if workspace.is_running or workspace.status in (S.ONLINE, S.DEGRADED, S.PROVISIONING):
+        return Action.RESTART
+    return Action.START
+
+
+def converge(workspace_id: UUID, *, holder: str | None = None, final_attempt: bool = True) -> list[str]:
+    """Run the cycles the workspace needs, under its gate. Raises ``gate.GateBusy`` at once if
+    another holder runs a cycle; returns the actions run (empty when there was nothing to do)."""
+    done: list[str] = []
+    with gate.hold(workspace_id, holder) as lease:
+        for _ in range(MAX_CYCLES_PER_HOLD):
+            workspace = Workspace.objects.filter(id=workspace_id).first()
+            if workspace is None:
+                break
+            action = plan(workspace)
+            if action is None:
+                break
+            cycle = _CYCLES[action]
+            try:
+                ran = cycle(workspace, action, lease, final_attempt)
+            except services.LeaseLost as exc:
+                # A newer cycle took over (our lease expired): it owns the workspace now.
+                logger.warning("cycle %s for %s abandoned: %s", action, workspace_id, exc)
+                break
+            if not ran:
+                break
+            done.append(action.value)
+    return done
+
+
+def launch_env(workspace: Workspace, template: Template, generation: int) -> dict[str, str]:
+    return {
+        **template.env,
+        **workspace.env,
+        "WORKSPACE_ID": str(workspace.id),
+        "WORKSPACE_GENERATION": str(generation),
+        "PLATFORM_URL": settings.PLATFORM_URL,
+    }
+
+
+def missing_required_env(workspace: Workspace, template: Template) -> list[str]:
+    return [name for name in template.required_env if not workspace.env.get(name)]
+
+
+def _leftover_possible(workspace: Workspace) -> bool:
+    return bool(workspace.is_running or workspace.backend_state or workspace.generation > 1)
+
+
+def _fail(
+    workspace: Workspace,
+    generation: int,
+    seq: int,
+    *,
+    source: EventSource,
+    message: str,
+    backend: WorkspaceBackend | None = None,
+    payload: dict | None = None,
+) -> None:
+    """Fail the cycle; first stop whatever runs, so nothing runs that the database calls failed."""
+    is_running = False
+    if backend is not None:
+        try:
+            state = backend.stop(workspace.id, workspace.backend_state, settings.STOP_GRACE_SECONDS)
+            services.record_backend_facts(
+                workspace.id, generation, is_running=False, backend_state=state
+            )
+        except BackendError as exc:
+            try:
+                is_running = backend.status(workspace.id, workspace.backend_state).running
+            except BackendError:
+                is_running = workspace.is_running  # unknown: keep what we last knew
+            message = f"{message} (stopping what was left also failed: {exc})"
+    services.fail_cycle(
+        workspace.id,
+        generation,
+        source=source,
+        message=message,
+        seq=seq,
+        is_running=is_running,
+        payload=payload,
+    )
+
+
+def _start_cycle(
+    workspace: Workspace, action: Action, lease: gate.Lease, final_attempt: bool
+) -> bool:
+    cycle = services.begin_cycle(workspace.id, S.PROVISIONING, action=action.value)
+    if cycle is None:
+        return False
+    lease.set_generation(cycle.generation)
+    workspace, generation, seq = cycle.workspace, cycle.generation, cycle.seq
+
+    template_set = templates()
+    template = template_set.get(workspace.template) or template_set.runtime_default(
+        workspace.runtime
+    )
+    if template is None:
+        _fail(
+            workspace,
+            generation,
+            seq,
+            source=EventSource.PREFLIGHT,
+            message=f"template {workspace.template!r} no longer exists and there is no "
+            f"{workspace.runtime}-default template to fall back to",
+        )
+        return True
+
+    # Preflight: before any backend call, so a missing key fails in a second, not a timeout.
+    missing = missing_required_env(workspace, template)
+    if missing:
+        leftover = _select_quietly(workspace) if workspace.is_running else None
+        _fail(
+            workspace,
+            generation,
+            seq,
+            source=EventSource.PREFLIGHT,
+            message=f"missing required environment variables: {', '.join(missing)}",
+            backend=leftover,
+            payload={"missing_env": missing, "template": template.name},
+        )
+        return True
+
+    try:
+        backend = backend_for(workspace)
+    except BackendUnavailable as exc:
+        _fail(
+            workspace,
+            generation,
+            seq,
+            source=EventSource.BACKEND,
+            message=str(exc),
+            payload={"backend": exc.backend},
+        )
+        return True
+
+    spec = LaunchSpec(workspace.id, generation, template, launch_env(workspace, template, generation))
+    try:
+        state = dict(workspace.backend_state)
+        if _leftover_possible(workspace):
+            # Replace whatever runs (an earlier cycle's, or a killed worker's) before the new one.
+            state = backend.stop(workspace.id, state, settings.STOP_GRACE_SECONDS)
+            services.record_backend_facts(
+                workspace.id, generation, is_running=False, backend_state=state
+            )
+        state = backend.prepare(spec, state)
+        if not _ensure_config(backend, spec, state, workspace, generation, seq):
+            return True
+        token = services.issue_agent_token(workspace.id, generation)
+        spec = LaunchSpec(
+            workspace.id, generation, template, {**spec.env, "WORKSPACE_TOKEN": token}
+        )
+        state = backend.start(spec, state)
+        services.record_backend_facts(
+            workspace.id,
+            generation,
+            is_running=True,
+            backend_state=state,
+            started=True,
+            handled_seq=seq,
+        )
+    except TransientBackendError as exc:
+        if not final_attempt:
+            raise  # the task retries with backoff; the next attempt is a new cycle
+        _fail(workspace, generation, seq, source=EventSource.BACKEND, message=str(exc),
+              backend=backend)
+    except BackendError as exc:
+        _fail(workspace, generation, seq, source=EventSource.BACKEND, message=str(exc),
+              backend=backend)
+    except SoftTimeLimitExceeded:
+        _fail(
+            workspace,
+            generation,
+            seq,
+            source=EventSource.LIFECYCLE,
+            message=f"the {action.value} cycle exceeded {settings.CYCLE_SOFT_TIME_LIMIT_SECONDS} s",
+            backend=backend,
+        )
+    return True
+
+
+def _select_quietly(workspace: Workspace) -> WorkspaceBackend | None:
+    try:
+        return backend_for(workspace)
+    except BackendUnavailable:
+        return None
+
+
+def _ensure_config(
+    backend: WorkspaceBackend,
+    spec: LaunchSpec,
+    state: dict,
+    workspace: Workspace,
+    generation: int,
+    seq: int,
+) -> bool:
+    """Populate the config volume on first provision; recover it when a later start finds it
+    empty. Returns False when the cycle failed (no template to recover from)."""
+    if backend.config_state(spec, state) is ConfigState.PROVISIONED:
+        return True
+    template_set = templates()
+    source = template_set.get(workspace.template) or template_set.runtime_default(workspace.runtime)
+    if source is None:
+        _fail(
+            workspace,
+            generation,
+            seq,
+            source=EventSource.LIFECYCLE,
+            message=f"the config volume is empty and neither template {workspace.template!r} nor "
+            f"{workspace.runtime}-default exists to recover it from",
+            backend=backend,
+        )
+        return False
+    backend.write_config(spec, state, source.config_files())
+    if workspace.config_populated_at is None:
+        services.record_config_populated(workspace.id, generation)
+    else:
+        services.record_config_recovered(
+            workspace.id, generation, template=source.name, fallback=source.name != workspace.template
+        )
+    return True
+
+
+def _stop_cycle(workspace: Workspace, action: Action, lease: gate.Lease, final_attempt: bool) -> bool:
+    cycle = services.begin_cycle(workspace.id, S.STOPPING, action=action.value)
+    if cycle is None:
+        return False
+    lease.set_generation(cycle.generation)
+    workspace, generation, seq = cycle.workspace, cycle.generation, cycle.seq
+    try:
+        backend = backend_for(workspace)
+    except BackendUnavailable as exc:
+        if workspace.is_running:
+            _fail(workspace, generation, seq, source=EventSource.BACKEND, message=str(exc),
+                  payload={"backend": exc.backend, "action": "stop"})
+        else:
+            services.complete_stop(workspace.id, generation, seq, dict(workspace.backend_state))
+        return True
+    try:
+        state = backend.stop(workspace.id, workspace.backend_state, settings.STOP_GRACE_SECONDS)
+    except TransientBackendError as exc:
+        if not final_attempt:
+            raise
+        _fail(workspace, generation, seq, source=EventSource.BACKEND, message=str(exc),
+              payload={"action": "stop"})
+        return True
+    except BackendError as exc:
+        _fail(workspace, generation, seq, source=EventSource.BACKEND, message=str(exc),
+              payload={"action": "stop"})
+        return True
+    services.complete_stop(workspace.id, generation, seq, state)
+    return True
+
+
+def _remove_cycle(
+    workspace: Workspace, action: Action, lease: gate.Lease, final_attempt: bool
+) -> bool:
+    cycle = services.begin_cycle(workspace.id, S.REMOVING, action=action.value)
+    if cycle is None:
+        return False
+    lease.set_generation(cycle.generation)
+    workspace, generation = cycle.workspace, cycle.generation
+    try:
+        backend = backend_for(workspace)
+    except BackendUnavailable as exc:
+        if not _leftover_possible(workspace) and workspace.config_populated_at is None:
+            services.complete_remove(workspace.id, generation)  # nothing was ever created
+            return True
+        # Resources may exist: stay `removing`, say why; the redrive sweep tries again later.
+        services.record_error(workspace.id, generation, f"removal waits: {exc}")
+        return False
+    try:
+        backend.remove(workspace.id, workspace.backend_state)
+    except BackendError as exc:
+        services.record_error(workspace.id, generation, f"removal failed, will retry: {exc}")
+        if isinstance(exc, TransientBackendError) and not final_attempt:
+            raise
+        return False
+    services.complete_remove(workspace.id, generation)
+    return True
+
+
+_CYCLES: dict[Action, Callable[[Workspace, Action, gate.Lease, bool], bool]] = {
+    Action.PROVISION: _start_cycle,
+    Action.START: _start_cycle,
+    Action.RESTART: _start_cycle,
+    Action.STOP: _stop_cycle,
+    Action.REMOVE: _remove_cycle,
+}

@@ -1,0 +1,260 @@
+"""Template manifests: ``<WORKSPACE_TEMPLATES_DIR>/<name>/config.yaml`` plus files to copy.
+
+Loaded and validated as a whole; a malformed manifest is reported with its path and field and
+left out, never raised into a caller such as the sweeper. The registry is cached per process and
+reloaded when any manifest file changes (checked at most once per ``RELOAD_CHECK_SECONDS``).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from django.conf import settings
+
+MANIFEST_NAME = "config.yaml"
+RELOAD_CHECK_SECONDS = 1.0
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
+RUNTIME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Keys a template or a user may not set: the platform owns them.
+RESERVED_ENV = frozenset({"WORKSPACE_ID", "WORKSPACE_TOKEN", "PLATFORM_URL", "WORKSPACE_GENERATION"})
+_KNOWN_KEYS = {"runtime", "image", "command", "env", "config_mount", "members", "runtime_config"}
+_KNOWN_RUNTIME_KEYS = {"provision_timeout_seconds", "required_env"}
+
+
+@dataclass(frozen=True)
+class ManifestError:
+    path: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.field}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    path: Path
+    runtime: str
+    image: str | None = None
+    command: tuple[str, ...] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    config_mount: str | None = None
+    members: tuple[str, ...] = ()
+    provision_timeout_seconds: int | None = None
+    required_env: tuple[str, ...] = ()
+
+    @property
+    def is_team(self) -> bool:
+        return bool(self.members)
+
+    def config_files(self) -> dict[str, bytes]:
+        """Every file of the template folder except the manifest, keyed by relative path."""
+        files: dict[str, bytes] = {}
+        for path in sorted(self.path.rglob("*")):
+            if path.is_file() and path.name != MANIFEST_NAME and not path.is_symlink():
+                files[path.relative_to(self.path).as_posix()] = path.read_bytes()
+        return files
+
+
+class InvalidManifest(Exception):
+    def __init__(self, error: ManifestError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _fail(path: Path, field_name: str, message: str) -> InvalidManifest:
+    return InvalidManifest(ManifestError(str(path), field_name, message))
+
+
+def _str_list(path: Path, name: str, value: Any, pattern: re.Pattern[str] | None = None) -> tuple:
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise _fail(path, name, "must be a list of non-empty strings")
+    if pattern is not None:
+        for item in value:
+            if not pattern.match(item):
+                raise _fail(path, name, f"{item!r} is not a valid name")
+    return tuple(value)
+
+
+def parse_manifest(name: str, manifest_path: Path) -> Template:
+    """Parse and validate one manifest; raise ``InvalidManifest`` naming the path and field."""
+    if not NAME_RE.match(name):
+        raise _fail(manifest_path, "name", f"template folder name {name!r} is not a valid name")
+    try:
+        data = yaml.safe_load(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(manifest_path, "(file)", f"cannot be read: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise _fail(manifest_path, "(yaml)", f"is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise _fail(manifest_path, "(root)", "must be a mapping")
+    unknown = sorted(set(data) - _KNOWN_KEYS)
+    if unknown:
+        raise _fail(manifest_path, unknown[0], "unknown key")
+
+    runtime = data.get("runtime")
+    if not isinstance(runtime, str) or not RUNTIME_RE.match(runtime):
+        raise _fail(manifest_path, "runtime", "is required: a lowercase name like 'claude-code'")
+    image = data.get("image")
+    if image is not None and (not isinstance(image, str) or not image.strip()):
+        raise _fail(manifest_path, "image", "must be a non-empty string")
+    command = data.get("command")
+    if command is not None:
+        command = _str_list(manifest_path, "command", command)
+        if not command:
+            raise _fail(manifest_path, "command", "must not be empty")
+    env = data.get("env") or {}
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+    ):
+        raise _fail(manifest_path, "env", "must be a mapping of strings to strings")
+    for key in env:
+        if not ENV_NAME_RE.match(key) or key in RESERVED_ENV:
+            raise _fail(manifest_path, f"env.{key}", "is not an allowed variable name")
+    config_mount = data.get("config_mount")
+    if config_mount is not None and (
+        not isinstance(config_mount, str) or not config_mount.startswith("/")
+    ):
+        raise _fail(manifest_path, "config_mount", "must be an absolute path")
+    members = data.get("members")
+    members = () if members is None else _str_list(manifest_path, "members", members, NAME_RE)
+
+    runtime_config = data.get("runtime_config") or {}
+    if not isinstance(runtime_config, dict):
+        raise _fail(manifest_path, "runtime_config", "must be a mapping")
+    unknown = sorted(set(runtime_config) - _KNOWN_RUNTIME_KEYS)
+    if unknown:
+        raise _fail(manifest_path, f"runtime_config.{unknown[0]}", "unknown key")
+    timeout = runtime_config.get("provision_timeout_seconds")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0
+    ):
+        raise _fail(
+            manifest_path,
+            "runtime_config.provision_timeout_seconds",
+            "must be a positive integer (seconds)",
+        )
+    required = runtime_config.get("required_env")
+    required = (
+        ()
+        if required is None
+        else _str_list(manifest_path, "runtime_config.required_env", required, ENV_NAME_RE)
+    )
+    return Template(
+        name=name,
+        path=manifest_path.parent,
+        runtime=runtime,
+        image=image,
+        command=command,
+        env=dict(env),
+        config_mount=config_mount,
+        members=members,
+        provision_timeout_seconds=timeout,
+        required_env=required,
+    )
+
+
+@dataclass(frozen=True)
+class TemplateSet:
+    directory: Path
+    templates: Mapping[str, Template]
+    errors: tuple[ManifestError, ...]
+
+    def get(self, name: str) -> Template | None:
+        return self.templates.get(name)
+
+    def runtime_default(self, runtime: str) -> Template | None:
+        """The recovery source of a runtime: the template named ``<runtime>-default``."""
+        return self.templates.get(f"{runtime}-default")
+
+
+def load_templates(directory: Path) -> TemplateSet:
+    templates: dict[str, Template] = {}
+    errors: list[ManifestError] = []
+    if not directory.is_dir():
+        errors.append(ManifestError(str(directory), "WORKSPACE_TEMPLATES_DIR", "is not a folder"))
+        return TemplateSet(directory, templates, tuple(errors))
+    for manifest_path in sorted(directory.glob(f"*/{MANIFEST_NAME}")):
+        try:
+            template = parse_manifest(manifest_path.parent.name, manifest_path)
+        except InvalidManifest as exc:
+            errors.append(exc.error)
+            continue
+        templates[template.name] = template
+    for template in list(templates.values()):
+        for member in template.members:
+            member_template = templates.get(member)
+            if member_template is None or member_template.is_team:
+                errors.append(
+                    ManifestError(
+                        str(template.path / MANIFEST_NAME),
+                        "members",
+                        f"{member!r} is not a known non-team template",
+                    )
+                )
+                templates.pop(template.name, None)
+                break
+    return TemplateSet(directory, templates, tuple(errors))
+
+
+def _signature(directory: Path) -> tuple:
+    try:
+        entries = []
+        for path in sorted(directory.glob(f"*/{MANIFEST_NAME}")):
+            stat = path.stat()
+            entries.append((str(path), stat.st_mtime_ns, stat.st_size))
+        return (directory.stat().st_mtime_ns, tuple(entries))
+    except OSError:
+        return ()
+
+
+class _Registry:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._set: TemplateSet | None = None
+        self._signature: tuple = ()
+        self._checked_at = 0.0
+
+    def get(self) -> TemplateSet:
+        directory = Path(settings.WORKSPACE_TEMPLATES_DIR)
+        now = time.monotonic()
+        current = self._set
+        if (
+            current is not None
+            and current.directory == directory
+            and now - self._checked_at < RELOAD_CHECK_SECONDS
+        ):
+            return current
+        with self._lock:
+            signature = _signature(directory)
+            if self._set is None or self._set.directory != directory or signature != self._signature:
+                self._set = load_templates(directory)
+                self._signature = signature
+            self._checked_at = now
+            return self._set
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._set = None
+            self._signature = ()
+
+
+_registry = _Registry()
+
+
+def templates() -> TemplateSet:
+    """The current, validated template set (cached, reloaded when manifests change)."""
+    return _registry.get()
+
+
+def invalidate_templates() -> None:
+    _registry.invalidate()

@@ -1,0 +1,108 @@
+"""End to end on the process backend: a real Celery worker, real agents, a live API server."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import pytest
+
+from provisioning.backends.process import _alive
+from tests.support import wait_for
+from workspaces.models import Workspace
+from workspaces.status import EventType, WorkspaceStatus
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+def _status(api: Any, workspace_id: str) -> dict:
+    response = api.get(f"/api/workspaces/{workspace_id}/")
+    assert response.status_code == 200, response.content
+    return response.json()
+
+
+def _wait_status(api: Any, workspace_id: str, status: WorkspaceStatus, timeout: float = 30) -> dict:
+    def check() -> dict | None:
+        body = _status(api, workspace_id)
+        assert body["status"] != WorkspaceStatus.FAILED or status == WorkspaceStatus.FAILED, body
+        return body if body["status"] == status else None
+
+    return wait_for(check, timeout=timeout, message=f"workspace {workspace_id} {status}")
+
+
+def _pid(workspace_id: str) -> tuple[int, int]:
+    state = Workspace.objects.get(id=workspace_id).backend_state
+    return state["pid"], state["start_time"]
+
+
+def test_post_to_online_then_stop_start_delete(api, celery_worker, instances) -> None:
+    response = api.post(
+        "/api/workspaces/", {"name": "e2e", "template": "shell-default", "env": {"GREETING": "hi"}},
+        format="json",
+    )
+    assert response.status_code == 201, response.content
+    created = response.json()
+    assert created["status"] == WorkspaceStatus.PROVISIONING
+    workspace_id = created["id"]
+
+    online = _wait_status(api, workspace_id, WorkspaceStatus.ONLINE)
+    # The seed failure: online always comes with is_running and last_started_at.
+    assert online["is_running"] is True
+    assert online["last_started_at"] is not None
+    first_generation = online["generation"]
+    pid, start_time = _pid(workspace_id)
+    assert _alive(pid, start_time)
+    # The workspace env reached the process, and the platform's variables too.
+    environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    assert b"GREETING=hi" in environ
+    assert f"WORKSPACE_ID={workspace_id}".encode() in environ
+
+    assert api.post(f"/api/workspaces/{workspace_id}/stop/").status_code == 202
+    stopped = _wait_status(api, workspace_id, WorkspaceStatus.STOPPED)
+    assert stopped["is_running"] is False
+    wait_for(lambda: not _alive(pid, start_time), timeout=10, message="agent process gone")
+
+    assert api.post(f"/api/workspaces/{workspace_id}/start/").status_code == 202
+    online_again = _wait_status(api, workspace_id, WorkspaceStatus.ONLINE)
+    assert online_again["generation"] > first_generation
+    assert online_again["is_running"] is True
+    new_pid, new_start = _pid(workspace_id)
+    assert (new_pid, new_start) != (pid, start_time)
+
+    assert api.delete(f"/api/workspaces/{workspace_id}/").status_code == 202
+    removed = _wait_status(api, workspace_id, WorkspaceStatus.REMOVED)
+    assert removed["is_running"] is False
+    wait_for(lambda: not _alive(new_pid, new_start), timeout=10, message="agent process gone")
+    assert not os.path.exists(f"{celery_worker.env['WORKSPACE_DATA_DIR']}/{workspace_id}")
+
+    types = [event["type"] for event in api.get(f"/api/workspaces/{workspace_id}/events/").json()["results"]]
+    assert types[0] == EventType.PROVISIONING
+    assert types.count(EventType.ONLINE) == 2
+    assert EventType.STOPPED in types
+    assert types[-1] == EventType.REMOVED
+    assert EventType.PROVISION_FAILED not in types
+
+
+def test_missing_required_env_fails_at_once_naming_it(api, celery_worker) -> None:
+    response = api.post(
+        "/api/workspaces/",
+        {"name": "needs-key", "template": "claude-code-default", "env": {"OTHER": "x"}},
+        format="json",
+    )
+    assert response.status_code == 201
+    failed = _wait_status(api, response.json()["id"], WorkspaceStatus.FAILED, timeout=10)
+    assert "ANTHROPIC_API_KEY" in failed["last_error"]
+    assert "OTHER" not in failed["last_error"]
+    events = api.get(f"/api/workspaces/{failed['id']}/events/").json()["results"]
+    failure = [event for event in events if event["type"] == EventType.PROVISION_FAILED]
+    assert len(failure) == 1
+    assert failure[0]["source"] == "preflight"
+    assert failure[0]["payload"]["missing_env"] == ["ANTHROPIC_API_KEY"]
+    assert Workspace.objects.get(id=failed["id"]).backend_state == {}
+
+
+def test_unknown_workspace_id_task_is_harmless(celery_worker) -> None:
+    from provisioning.tasks import converge_workspace
+
+    converge_workspace.delay(str(uuid.uuid4()))

@@ -1,0 +1,2 @@
+# Sourced by interactive shells in the workspace.
+export PS1='ws:\w$ '

@@ -1,0 +1,15 @@
+from django.urls import include, path
+from rest_framework.routers import DefaultRouter
+
+from workspaces.api import views
+
+router = DefaultRouter(trailing_slash=True)
+router.include_root_view = False
+router.register("workspaces", views.WorkspaceViewSet, basename="workspace")
+
+urlpatterns = [
+    path("", include(router.urls)),
+    path("templates/", views.TemplateListView.as_view(), name="templates"),
+    path("registry/register", views.RegisterView.as_view(), name="registry-register"),
+    path("registry/heartbeat", views.HeartbeatView.as_view(), name="registry-heartbeat"),
+]

@@ -1,0 +1,171 @@
+"""Thin views: parse input with a serializer, call a service or a selector, render output."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import connection
+from django.db.models import QuerySet
+from django.http import HttpRequest, JsonResponse
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from provisioning.manifests import templates
+from provisioning.redis_client import get_redis
+from workspaces import selectors, services
+from workspaces.api.authentication import AgentTokenAuthentication
+from workspaces.api.permissions import IsAgent
+from workspaces.api.serializers import (
+    AgentCallSerializer,
+    AgentResponseSerializer,
+    EventsFilterSerializer,
+    StatusFilterSerializer,
+    TemplateSerializer,
+    WorkspaceCreateSerializer,
+    WorkspaceEventSerializer,
+    WorkspaceSerializer,
+)
+from workspaces.models import Workspace
+
+
+class WorkspaceViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    viewsets.GenericViewSet,
+):
+    serializer_class = WorkspaceSerializer
+    lookup_value_regex = "[0-9a-fA-F-]{36}"
+
+    def get_queryset(self) -> QuerySet[Workspace]:
+        if self.action == "list":
+            params = StatusFilterSerializer(data=self.request.query_params)
+            params.is_valid(raise_exception=True)
+            return selectors.list_workspaces(
+                self.request.user, status=params.validated_data.get("status")
+            )
+        return selectors.visible_workspaces(self.request.user)
+
+    @extend_schema(parameters=[StatusFilterSerializer])
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().list(request, *args, **kwargs)
+
+    @extend_schema(request=WorkspaceCreateSerializer, responses={201: WorkspaceSerializer})
+    def create(self, request: Request) -> Response:
+        data = WorkspaceCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        workspace = services.create_workspace(owner=request.user, **data.validated_data)
+        return Response(WorkspaceSerializer(workspace).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=None, responses={202: WorkspaceSerializer})
+    def destroy(self, request: Request, pk: str | None = None) -> Response:
+        workspace = services.request_remove(self.get_object().id)
+        return Response(WorkspaceSerializer(workspace).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: WorkspaceSerializer})
+    @action(detail=True, methods=["post"])
+    def start(self, request: Request, pk: str | None = None) -> Response:
+        workspace = services.request_start(self.get_object().id)
+        return Response(WorkspaceSerializer(workspace).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: WorkspaceSerializer})
+    @action(detail=True, methods=["post"])
+    def stop(self, request: Request, pk: str | None = None) -> Response:
+        workspace = services.request_stop(self.get_object().id)
+        return Response(WorkspaceSerializer(workspace).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: WorkspaceSerializer})
+    @action(detail=True, methods=["post"])
+    def restart(self, request: Request, pk: str | None = None) -> Response:
+        workspace = services.request_restart(self.get_object().id)
+        return Response(WorkspaceSerializer(workspace).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        parameters=[OpenApiParameter("after", int, description="only events with a larger id")],
+        responses={200: WorkspaceEventSerializer(many=True)},
+    )
+    @action(detail=True, methods=["get"])
+    def events(self, request: Request, pk: str | None = None) -> Response:
+        params = EventsFilterSerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        workspace = self.get_object()
+        events = selectors.workspace_events(workspace.id, after=params.validated_data.get("after"))
+        page = self.paginate_queryset(events)
+        if page is not None:
+            return self.get_paginated_response(WorkspaceEventSerializer(page, many=True).data)
+        return Response(WorkspaceEventSerializer(events, many=True).data)
+
+
+class TemplateListView(APIView):
+    @extend_schema(responses={200: TemplateSerializer(many=True)})
+    def get(self, request: Request) -> Response:
+        items = sorted(templates().templates.values(), key=lambda template: template.name)
+        return Response(TemplateSerializer(items, many=True).data)
+
+
+class _AgentView(APIView):
+    authentication_classes = [AgentTokenAuthentication]
+    permission_classes = [IsAgent]
+
+    def _parse(self, request: Request) -> dict[str, Any]:
+        data = AgentCallSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        return dict(data.validated_data)
+
+    @staticmethod
+    def _reply(workspace: Workspace) -> Response:
+        return Response(
+            AgentResponseSerializer(
+                {
+                    "workspace_id": workspace.id,
+                    "status": workspace.status,
+                    "generation": workspace.generation,
+                }
+            ).data
+        )
+
+
+class RegisterView(_AgentView):
+    @extend_schema(request=AgentCallSerializer, responses={200: AgentResponseSerializer})
+    def post(self, request: Request) -> Response:
+        data = self._parse(request)
+        return self._reply(services.register_agent(request.auth, data["workspace_id"]))
+
+
+class HeartbeatView(_AgentView):
+    @extend_schema(request=AgentCallSerializer, responses={200: AgentResponseSerializer})
+    def post(self, request: Request) -> Response:
+        data = self._parse(request)
+        workspace = services.record_heartbeat(
+            request.auth, data["workspace_id"], healthy=data["healthy"]
+        )
+        return self._reply(workspace)
+
+
+def healthz(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"status": "ok"})
+
+
+def readyz(request: HttpRequest) -> JsonResponse:
+    checks: dict[str, str] = {}
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        checks["database"] = "ok"
+    except Exception as exc:  # readiness reports any failure, it never raises
+        checks["database"] = f"error: {exc.__class__.__name__}: {exc}"
+    try:
+        get_redis().ping()
+        checks["redis"] = "ok"
+    except Exception as exc:
+        checks["redis"] = f"error: {exc.__class__.__name__}: {exc}"
+    ready = all(value == "ok" for value in checks.values())
+    return JsonResponse({"status": "ok" if ready else "unavailable", "checks": checks},
+                        status=200 if ready else 503)
+
+
+readyz.permission_classes = [AllowAny]  # type: ignore[attr-defined]

@@ -1,0 +1,172 @@
+"""Workspace, its events and its agent tokens.
+
+The CHECK constraints are generated from the enums in ``status.py``; the migration test in
+``tests/workspaces/test_status.py`` compares them with what PostgreSQL actually enforces.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.db import models
+from django.db.models import F, Q
+
+from workspaces.status import (
+    NOT_RUNNING_STATUSES,
+    RUNNING_STATUSES,
+    DesiredState,
+    EventSource,
+    EventType,
+    WorkspaceStatus,
+)
+
+
+class Workspace(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="workspaces"
+    )
+    name = models.CharField(max_length=63)
+    template = models.CharField(max_length=100)
+    runtime = models.CharField(max_length=100)
+    backend = models.CharField(max_length=32)
+    status = models.CharField(
+        max_length=16, choices=WorkspaceStatus.choices, default=WorkspaceStatus.PROVISIONING
+    )
+    # What the user asked for last; cycles converge the backend towards it.
+    desired_state = models.CharField(
+        max_length=16, choices=DesiredState.choices, default=DesiredState.RUNNING
+    )
+    is_running = models.BooleanField(default=False)
+    last_started_at = models.DateTimeField(null=True, blank=True)
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+    # Fencing token: incremented under the gate when a cycle begins; every write of that cycle,
+    # the agent token of that cycle and the sweeper's flip are conditioned on it.
+    generation = models.BigIntegerField(default=0)
+    # Every start / stop / restart / create request increments requested_seq; a cycle that
+    # completes sets handled_seq to the value it read when it began. Requests that arrive while a
+    # cycle runs therefore collapse into one more cycle.
+    requested_seq = models.BigIntegerField(default=1)
+    handled_seq = models.BigIntegerField(default=0)
+    # When the current provisioning cycle began; the stuck-provisioning sweep measures from here.
+    provisioning_started_at = models.DateTimeField(null=True, blank=True)
+    # When the config volume was first populated; an empty volume after this is a recovery.
+    config_populated_at = models.DateTimeField(null=True, blank=True)
+    # Write-only: never serialized, never shown in the admin, never logged.
+    env = models.JSONField(default=dict, blank=True)
+    # Opaque to the platform: what the backend needs to find its instance again.
+    backend_state = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at", "id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(status__in=WorkspaceStatus.values), name="workspace_status_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(desired_state__in=DesiredState.values),
+                name="workspace_desired_state_valid",
+            ),
+            # The database cannot say "online" while it says "not running" (and vice versa).
+            models.CheckConstraint(
+                condition=~Q(status__in=sorted(RUNNING_STATUSES))
+                | Q(is_running=True, last_started_at__isnull=False),
+                name="workspace_running_statuses_are_running",
+            ),
+            models.CheckConstraint(
+                condition=~Q(status__in=sorted(NOT_RUNNING_STATUSES)) | Q(is_running=False),
+                name="workspace_stopped_statuses_are_not_running",
+            ),
+            models.CheckConstraint(
+                condition=Q(handled_seq__lte=F("requested_seq")),
+                name="workspace_handled_seq_not_ahead",
+            ),
+            models.UniqueConstraint(
+                fields=["owner", "name"],
+                condition=~Q(status=WorkspaceStatus.REMOVED),
+                name="workspace_name_unique_per_owner",
+            ),
+        ]
+        indexes = [
+            # The stuck-provisioning sweep:
+            #   SELECT ... FROM workspaces_workspace
+            #   WHERE status = 'provisioning' AND provisioning_started_at < %s
+            # Only rows in flight are in this index, so the sweep's cost grows with them.
+            models.Index(
+                fields=["provisioning_started_at"],
+                condition=Q(status=WorkspaceStatus.PROVISIONING),
+                name="ws_provisioning_inflight",
+            ),
+            # The redrive sweep: WHERE requested_seq > handled_seq (a pending intent).
+            models.Index(
+                fields=["updated_at"],
+                condition=Q(requested_seq__gt=F("handled_seq")),
+                name="ws_pending_intent",
+            ),
+            models.Index(fields=["owner", "-created_at"], name="ws_owner_created"),
+            models.Index(fields=["status"], name="ws_status"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.id})"
+
+    @property
+    def has_pending_intent(self) -> bool:
+        return self.requested_seq > self.handled_seq
+
+
+class WorkspaceEvent(models.Model):
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="events")
+    type = models.CharField(max_length=64, choices=EventType.choices)
+    source = models.CharField(max_length=32, choices=EventSource.choices)
+    generation = models.BigIntegerField()
+    payload = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(type__in=EventType.values), name="workspace_event_type_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(source__in=EventSource.values), name="workspace_event_source_valid"
+            ),
+        ]
+        indexes = [models.Index(fields=["workspace", "id"], name="ws_event_workspace_id")]
+
+    def __str__(self) -> str:
+        return f"{self.type} ({self.source}) gen {self.generation}"
+
+
+class AgentToken(models.Model):
+    """A workspace agent's bearer token, stored as its SHA-256 only.
+
+    One token per (workspace, generation): it authenticates that workspace in that cycle and
+    nothing else; a new cycle issues a new token and the old one stops working.
+    """
+
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="tokens")
+    generation = models.BigIntegerField()
+    token_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["workspace", "generation"], name="agent_token_one_per_generation"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"token for {self.workspace_id} gen {self.generation}"
+
+
+def event_payload(**values: Any) -> dict[str, Any]:
+    """Drop ``None`` values so payloads stay small and stable."""
+    return {key: value for key, value in values.items() if value is not None}

@@ -1,0 +1,519 @@
+"""Every write to a workspace, and every status change, goes through this module.
+
+Two kinds of writes:
+
+* **Requests** (API, admin, ``manage.py workspace``): record the intent (``desired_state`` and
+  ``requested_seq``) in one transaction and enqueue a converge task with ``delay_on_commit``.
+  They never touch the backend and never wait for the gate.
+* **Cycle writes** (the lifecycle, under the gate): fenced by ``generation``. A cycle bumps the
+  generation when it begins; every later write of that cycle is ``UPDATE ... WHERE id = %s AND
+  generation = %s``, so a holder whose lease expired and was overtaken changes nothing.
+
+Status changes go through ``transition``, which turns the transition table into the ``WHERE
+status IN (...)`` of the same UPDATE: the check happens at the moment of the write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from workspaces.models import AgentToken, Workspace, WorkspaceEvent, event_payload
+from workspaces.status import (
+    DesiredState,
+    EventSource,
+    EventType,
+    WorkspaceStatus,
+    allowed_sources,
+)
+
+logger = logging.getLogger(__name__)
+S = WorkspaceStatus
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_ENV_VARS = 200
+MAX_ENV_VALUE_BYTES = 32 * 1024
+
+
+class ServiceError(Exception):
+    """Base of the errors a caller can show to a person."""
+
+
+class InvalidInput(ServiceError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class TransitionNotAllowed(ServiceError):
+    """The workspace's current status forbids the request (HTTP 409)."""
+
+
+class AgentAuthError(ServiceError):
+    """The agent's bearer token is unknown, for another workspace, or of an older cycle."""
+
+
+class LeaseLost(ServiceError):
+    """A fenced write matched no row: a newer cycle owns the workspace now."""
+
+
+# --- validation shared by the API, the admin and manage.py ---------------------------------------
+def validate_name(name: Any) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidInput(
+            "name",
+            "must be 1-63 characters of lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit",
+        )
+    return name
+
+
+def validate_env(env: Any) -> dict[str, str]:
+    from provisioning.manifests import RESERVED_ENV
+
+    if env is None:
+        return {}
+    if not isinstance(env, Mapping):
+        raise InvalidInput("env", "must be an object mapping variable names to string values")
+    if len(env) > MAX_ENV_VARS:
+        raise InvalidInput("env", f"must have at most {MAX_ENV_VARS} variables")
+    for key, value in env.items():
+        if not isinstance(key, str) or not ENV_NAME_RE.match(key):
+            raise InvalidInput("env", f"{key!r} is not a valid variable name")
+        if key in RESERVED_ENV:
+            raise InvalidInput("env", f"{key} is set by the platform and cannot be given")
+        if not isinstance(value, str):
+            raise InvalidInput("env", f"the value of {key} must be a string")
+        if len(value.encode()) > MAX_ENV_VALUE_BYTES:
+            raise InvalidInput("env", f"the value of {key} is longer than {MAX_ENV_VALUE_BYTES} bytes")
+    return dict(env)
+
+
+def _enqueue_converge(workspace_id: UUID) -> None:
+    from provisioning.tasks import converge_workspace
+
+    # After commit: a worker must never pick up a task whose row it cannot see yet.
+    converge_workspace.delay_on_commit(str(workspace_id))
+
+
+def record_event(
+    workspace_id: UUID,
+    type: EventType,
+    source: EventSource,
+    generation: int,
+    payload: dict[str, Any] | None = None,
+) -> WorkspaceEvent:
+    event = WorkspaceEvent.objects.create(
+        workspace_id=workspace_id,
+        type=type,
+        source=source,
+        generation=generation,
+        payload=payload or {},
+    )
+    logger.info(
+        "workspace %s event %s source=%s generation=%s",
+        workspace_id,
+        type.value,
+        source.value,
+        generation,
+    )
+    return event
+
+
+def transition(
+    workspace_id: UUID,
+    to: WorkspaceStatus,
+    *,
+    expect_generation: int | None = None,
+    **fields: Any,
+) -> bool:
+    """Move the workspace to ``to`` if its status allows it (and, when given, only if its
+    generation is still ``expect_generation``). Returns whether the row changed."""
+    rows = Workspace.objects.filter(id=workspace_id, status__in=allowed_sources(to))
+    if expect_generation is not None:
+        rows = rows.filter(generation=expect_generation)
+    return rows.update(status=to, updated_at=timezone.now(), **fields) == 1
+
+
+# --- requests ------------------------------------------------------------------------------------
+def create_workspace(
+    *,
+    owner: AbstractBaseUser,
+    name: str,
+    template: str,
+    env: Mapping[str, str] | None = None,
+    backend: str | None = None,
+) -> Workspace:
+    from provisioning.backends import default_backend_name
+    from provisioning.manifests import templates
+
+    validate_name(name)
+    clean_env = validate_env(env)
+    manifest = templates().get(template) if isinstance(template, str) else None
+    if manifest is None:
+        raise InvalidInput("template", f"unknown template {template!r}")
+    if manifest.is_team:
+        raise InvalidInput("template", f"{template!r} is a team template: use POST /api/teams/")
+    try:
+        with transaction.atomic():
+            workspace = Workspace.objects.create(
+                owner=owner,
+                name=name,
+                template=manifest.name,
+                runtime=manifest.runtime,
+                backend=backend or default_backend_name(),
+                status=S.PROVISIONING,
+                desired_state=DesiredState.RUNNING,
+                env=clean_env,
+                requested_seq=1,
+                handled_seq=0,
+                provisioning_started_at=timezone.now(),
+            )
+            _enqueue_converge(workspace.id)
+    except IntegrityError as exc:
+        if "workspace_name_unique_per_owner" in str(exc):
+            raise InvalidInput("name", f"you already have a workspace named {name!r}") from None
+        raise
+    return workspace
+
+
+def _locked(workspace_id: UUID) -> Workspace:
+    return Workspace.objects.select_for_update().get(id=workspace_id)
+
+
+def request_start(workspace_id: UUID) -> Workspace:
+    with transaction.atomic():
+        workspace = _locked(workspace_id)
+        if workspace.status in (S.REMOVING, S.REMOVED):
+            raise TransitionNotAllowed(f"workspace is {workspace.status}; it cannot be started")
+        if (
+            workspace.desired_state == DesiredState.RUNNING
+            and workspace.status in (S.PROVISIONING, S.ONLINE, S.DEGRADED)
+        ):
+            raise TransitionNotAllowed(
+                f"workspace is already {workspace.status}; use restart to start it again"
+            )
+        Workspace.objects.filter(id=workspace_id).update(
+            desired_state=DesiredState.RUNNING,
+            requested_seq=F("requested_seq") + 1,
+            updated_at=timezone.now(),
+        )
+        _enqueue_converge(workspace_id)
+    workspace.refresh_from_db()
+    return workspace
+
+
+def request_stop(workspace_id: UUID) -> Workspace:
+    with transaction.atomic():
+        workspace = _locked(workspace_id)
+        if workspace.status in (S.REMOVING, S.REMOVED):
+            raise TransitionNotAllowed(f"workspace is {workspace.status}; it cannot be stopped")
+        already_stopped = (
+            workspace.status == S.STOPPED and workspace.desired_state == DesiredState.STOPPED
+        )
+        if not already_stopped:
+            Workspace.objects.filter(id=workspace_id).update(
+                desired_state=DesiredState.STOPPED,
+                requested_seq=F("requested_seq") + 1,
+                updated_at=timezone.now(),
+            )
+            # Say "stopping" at once; the cycle that does the work bumps the generation, so a
+            # start cycle still in flight cannot write "online" over it (stopping -> online is
+            # not in the table).
+            transition(workspace_id, S.STOPPING)
+            _enqueue_converge(workspace_id)
+    workspace.refresh_from_db()
+    return workspace
+
+
+def request_restart(workspace_id: UUID) -> Workspace:
+    with transaction.atomic():
+        workspace = _locked(workspace_id)
+        if workspace.status in (S.REMOVING, S.REMOVED):
+            raise TransitionNotAllowed(f"workspace is {workspace.status}; it cannot be restarted")
+        # Coalescing: every restart bumps requested_seq; the next cycle handles all of them.
+        Workspace.objects.filter(id=workspace_id).update(
+            desired_state=DesiredState.RUNNING,
+            requested_seq=F("requested_seq") + 1,
+            updated_at=timezone.now(),
+        )
+        _enqueue_converge(workspace_id)
+    workspace.refresh_from_db()
+    return workspace
+
+
+def request_remove(workspace_id: UUID) -> Workspace:
+    with transaction.atomic():
+        workspace = _locked(workspace_id)
+        if workspace.status != S.REMOVED:
+            Workspace.objects.filter(id=workspace_id).update(
+                desired_state=DesiredState.REMOVED,
+                requested_seq=F("requested_seq") + 1,
+                updated_at=timezone.now(),
+            )
+            transition(workspace_id, S.REMOVING)
+            _enqueue_converge(workspace_id)
+    workspace.refresh_from_db()
+    return workspace
+
+
+# --- cycle writes (called by provisioning.lifecycle under the gate) -------------------------------
+@dataclass(frozen=True)
+class CycleStart:
+    workspace: Workspace  # the row as it is after the generation bump
+    generation: int
+    seq: int  # requested_seq when the cycle began; handled_seq becomes this on completion
+
+
+def begin_cycle(
+    workspace_id: UUID, target: WorkspaceStatus, *, action: str
+) -> CycleStart | None:
+    """Bump the generation and move to ``target``; None if the status no longer allows it."""
+    now = timezone.now()
+    with transaction.atomic():
+        workspace = _locked(workspace_id)
+        if workspace.status not in allowed_sources(target):
+            return None
+        fields: dict[str, Any] = {"generation": workspace.generation + 1}
+        if target == S.PROVISIONING:
+            fields.update(provisioning_started_at=now, last_error="")
+        if not transition(workspace_id, target, expect_generation=workspace.generation, **fields):
+            return None
+        workspace.refresh_from_db()
+        if target == S.PROVISIONING:
+            record_event(
+                workspace_id,
+                EventType.PROVISIONING,
+                EventSource.LIFECYCLE,
+                workspace.generation,
+                {"action": action, "template": workspace.template, "runtime": workspace.runtime},
+            )
+    return CycleStart(workspace, workspace.generation, workspace.requested_seq)
+
+
+def _fenced(workspace_id: UUID, generation: int) -> Any:
+    return Workspace.objects.filter(id=workspace_id, generation=generation)
+
+
+def record_backend_facts(
+    workspace_id: UUID,
+    generation: int,
+    *,
+    is_running: bool,
+    backend_state: dict[str, Any],
+    started: bool = False,
+    handled_seq: int | None = None,
+    config_populated: bool = False,
+) -> None:
+    """Make the row say what the backend just said. Raises ``LeaseLost`` if overtaken."""
+    now = timezone.now()
+    fields: dict[str, Any] = {
+        "is_running": is_running,
+        "backend_state": backend_state,
+        "updated_at": now,
+    }
+    if started:
+        fields["last_started_at"] = now
+    if handled_seq is not None:
+        fields["handled_seq"] = handled_seq
+    rows = _fenced(workspace_id, generation)
+    if not is_running:
+        # The table's CHECK forbids online/degraded without a running instance: a cycle that saw
+        # the instance stop must not leave the row claiming it is online.
+        rows = rows.exclude(status__in=(S.ONLINE, S.DEGRADED))
+    if rows.update(**fields) != 1:
+        raise LeaseLost(f"workspace {workspace_id} moved past generation {generation}")
+
+
+def issue_agent_token(workspace_id: UUID, generation: int) -> str:
+    """Create the one agent token of this cycle; older cycles' tokens stop working."""
+    raw = secrets.token_urlsafe(32)
+    with transaction.atomic():
+        workspace = _locked(workspace_id)
+        if workspace.generation != generation:
+            raise LeaseLost(f"workspace {workspace_id} moved past generation {generation}")
+        AgentToken.objects.filter(workspace_id=workspace_id).delete()
+        AgentToken.objects.create(
+            workspace_id=workspace_id, generation=generation, token_hash=hash_token(raw)
+        )
+    return raw
+
+
+def complete_stop(
+    workspace_id: UUID, generation: int, seq: int, backend_state: dict[str, Any]
+) -> bool:
+    with transaction.atomic():
+        changed = transition(
+            workspace_id,
+            S.STOPPED,
+            expect_generation=generation,
+            is_running=False,
+            backend_state=backend_state,
+            handled_seq=seq,
+        )
+        if changed:
+            AgentToken.objects.filter(workspace_id=workspace_id).delete()
+            record_event(workspace_id, EventType.STOPPED, EventSource.LIFECYCLE, generation)
+    return changed
+
+
+def complete_remove(workspace_id: UUID, generation: int) -> bool:
+    with transaction.atomic():
+        changed = transition(
+            workspace_id,
+            S.REMOVED,
+            expect_generation=generation,
+            is_running=False,
+            backend_state={},
+            env={},  # secrets do not outlive the workspace
+            handled_seq=F("requested_seq"),
+        )
+        if changed:
+            AgentToken.objects.filter(workspace_id=workspace_id).delete()
+            record_event(workspace_id, EventType.REMOVED, EventSource.LIFECYCLE, generation)
+    return changed
+
+
+def fail_cycle(
+    workspace_id: UUID,
+    generation: int,
+    *,
+    source: EventSource,
+    message: str,
+    seq: int | None = None,
+    is_running: bool | None = None,
+    payload: dict[str, Any] | None = None,
+) -> bool:
+    """Mark the cycle failed with one ``WORKSPACE_PROVISION_FAILED`` event; ``source`` says why."""
+    fields: dict[str, Any] = {"last_error": message}
+    if seq is not None:
+        fields["handled_seq"] = seq
+    if is_running is not None:
+        fields["is_running"] = is_running
+    with transaction.atomic():
+        changed = transition(workspace_id, S.FAILED, expect_generation=generation, **fields)
+        if changed:
+            record_event(
+                workspace_id,
+                EventType.PROVISION_FAILED,
+                source,
+                generation,
+                {"message": message, **(payload or {})},
+            )
+    if changed:
+        logger.warning("workspace %s failed (%s): %s", workspace_id, source.value, message)
+    return changed
+
+
+def record_config_populated(workspace_id: UUID, generation: int) -> None:
+    _fenced(workspace_id, generation).update(config_populated_at=timezone.now())
+
+
+def record_config_recovered(
+    workspace_id: UUID, generation: int, *, template: str, fallback: bool
+) -> None:
+    record_event(
+        workspace_id,
+        EventType.CONFIG_RECOVERED,
+        EventSource.LIFECYCLE,
+        generation,
+        {"template": template, "fallback": fallback},
+    )
+
+
+def record_error(workspace_id: UUID, generation: int, message: str) -> None:
+    """Note a problem (e.g. a removal to be retried) without changing the status."""
+    _fenced(workspace_id, generation).update(last_error=message, updated_at=timezone.now())
+
+
+# --- the agent -------------------------------------------------------------------------------
+def hash_token(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def authenticate_agent(raw_token: str) -> AgentToken | None:
+    return (
+        AgentToken.objects.select_related("workspace")
+        .filter(token_hash=hash_token(raw_token))
+        .first()
+    )
+
+
+def _agent_workspace(token: AgentToken, workspace_id: UUID) -> Workspace:
+    if token.workspace_id != workspace_id:
+        raise AgentAuthError("this token does not belong to that workspace")
+    workspace = _locked(workspace_id)
+    if workspace.status == S.REMOVED:
+        raise AgentAuthError("the workspace has been removed")
+    if workspace.generation != token.generation:
+        raise AgentAuthError(
+            f"token of cycle {token.generation} is stale; the workspace is at cycle "
+            f"{workspace.generation}"
+        )
+    return workspace
+
+
+def register_agent(token: AgentToken, workspace_id: UUID) -> Workspace:
+    """The agent of the current cycle says the workspace is up: ``provisioning`` -> ``online``."""
+    now = timezone.now()
+    with transaction.atomic():
+        workspace = _agent_workspace(token, workspace_id)
+        if workspace.status == S.ONLINE:
+            return workspace  # a retried registration: nothing to do
+        if workspace.status not in allowed_sources(S.ONLINE):
+            raise TransitionNotAllowed(f"workspace is {workspace.status}; registration refused")
+        # online always comes with is_running and last_started_at (a CHECK constraint agrees).
+        changed = transition(
+            workspace_id,
+            S.ONLINE,
+            expect_generation=token.generation,
+            is_running=True,
+            last_started_at=workspace.last_started_at if workspace.is_running else now,
+            last_heartbeat_at=now,
+            last_error="",
+        )
+        if not changed:
+            raise AgentAuthError("the workspace moved to a newer cycle")
+        record_event(workspace_id, EventType.ONLINE, EventSource.AGENT, token.generation)
+    workspace.refresh_from_db()
+    return workspace
+
+
+def record_heartbeat(token: AgentToken, workspace_id: UUID, *, healthy: bool = True) -> Workspace:
+    now = timezone.now()
+    with transaction.atomic():
+        workspace = _agent_workspace(token, workspace_id)
+        _fenced(workspace_id, token.generation).update(last_heartbeat_at=now)
+        target = S.ONLINE if healthy else S.DEGRADED
+        if workspace.status in (S.ONLINE, S.DEGRADED, S.OFFLINE) and workspace.status != target:
+            last_started: datetime | None = workspace.last_started_at or now
+            if transition(
+                workspace_id,
+                target,
+                expect_generation=token.generation,
+                is_running=True,
+                last_started_at=last_started,
+            ):
+                record_event(
+                    workspace_id,
+                    EventType.ONLINE if healthy else EventType.DEGRADED,
+                    EventSource.AGENT,
+                    token.generation,
+                    event_payload(previous=workspace.status),
+                )
+    workspace.refresh_from_db()
+    return workspace
