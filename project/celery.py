@@ -29,7 +29,10 @@ def _configure_routes_and_beat(sender: Celery, **_: Any) -> None:
         "sweep-stuck-provisioning": {
             "task": "provisioning.sweep_provisioning",
             "schedule": float(settings.SWEEP_PROVISIONING_INTERVAL_SECONDS),
-            "options": {"queue": sweep_queue, "expires": settings.SWEEP_PROVISIONING_INTERVAL_SECONDS},
+            "options": {
+                "queue": sweep_queue,
+                "expires": settings.SWEEP_PROVISIONING_INTERVAL_SECONDS,
+            },
         },
         "redrive-pending-intents": {
             "task": "provisioning.redrive_pending",

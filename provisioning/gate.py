@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from django.conf import settings
@@ -150,9 +150,10 @@ def gates_held_by(holder: str) -> list[dict[str, Any]]:
     client = get_redis()
     now = time.time()
     result = []
-    for raw in client.hgetall(_held_key(holder)).values():
+    held = cast(dict[bytes, bytes], client.hgetall(_held_key(holder)))
+    for raw in held.values():
         meta = json.loads(raw)
-        current = client.get(gate_key(meta["workspace_id"]))
+        current = cast(bytes | None, client.get(gate_key(meta["workspace_id"])))
         if current is None or current.decode() != meta.get("token"):
             continue  # released or expired since it was recorded
         result.append(

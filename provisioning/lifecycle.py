@@ -63,7 +63,9 @@ def plan(workspace: Workspace) -> Action | None:
     return Action.START
 
 
-def converge(workspace_id: UUID, *, holder: str | None = None, final_attempt: bool = True) -> list[str]:
+def converge(
+    workspace_id: UUID, *, holder: str | None = None, final_attempt: bool = True
+) -> list[str]:
     """Run the cycles the workspace needs, under its gate. Raises ``gate.GateBusy`` at once if
     another holder runs a cycle; returns the actions run (empty when there was nothing to do)."""
     done: list[str] = []
@@ -193,7 +195,9 @@ def _start_cycle(
         )
         return True
 
-    spec = LaunchSpec(workspace.id, generation, template, launch_env(workspace, template, generation))
+    spec = LaunchSpec(
+        workspace.id, generation, template, launch_env(workspace, template, generation)
+    )
     try:
         state = dict(workspace.backend_state)
         if _leftover_possible(workspace):
@@ -221,11 +225,23 @@ def _start_cycle(
     except TransientBackendError as exc:
         if not final_attempt:
             raise  # the task retries with backoff; the next attempt is a new cycle
-        _fail(workspace, generation, seq, source=EventSource.BACKEND, message=str(exc),
-              backend=backend)
+        _fail(
+            workspace,
+            generation,
+            seq,
+            source=EventSource.BACKEND,
+            message=str(exc),
+            backend=backend,
+        )
     except BackendError as exc:
-        _fail(workspace, generation, seq, source=EventSource.BACKEND, message=str(exc),
-              backend=backend)
+        _fail(
+            workspace,
+            generation,
+            seq,
+            source=EventSource.BACKEND,
+            message=str(exc),
+            backend=backend,
+        )
     except SoftTimeLimitExceeded:
         _fail(
             workspace,
@@ -275,12 +291,17 @@ def _ensure_config(
         services.record_config_populated(workspace.id, generation)
     else:
         services.record_config_recovered(
-            workspace.id, generation, template=source.name, fallback=source.name != workspace.template
+            workspace.id,
+            generation,
+            template=source.name,
+            fallback=source.name != workspace.template,
         )
     return True
 
 
-def _stop_cycle(workspace: Workspace, action: Action, lease: gate.Lease, final_attempt: bool) -> bool:
+def _stop_cycle(
+    workspace: Workspace, action: Action, lease: gate.Lease, final_attempt: bool
+) -> bool:
     cycle = services.begin_cycle(workspace.id, S.STOPPING, action=action.value)
     if cycle is None:
         return False
@@ -290,8 +311,14 @@ def _stop_cycle(workspace: Workspace, action: Action, lease: gate.Lease, final_a
         backend = backend_for(workspace)
     except BackendUnavailable as exc:
         if workspace.is_running:
-            _fail(workspace, generation, seq, source=EventSource.BACKEND, message=str(exc),
-                  payload={"backend": exc.backend, "action": "stop"})
+            _fail(
+                workspace,
+                generation,
+                seq,
+                source=EventSource.BACKEND,
+                message=str(exc),
+                payload={"backend": exc.backend, "action": "stop"},
+            )
         else:
             services.complete_stop(workspace.id, generation, seq, dict(workspace.backend_state))
         return True
@@ -300,12 +327,24 @@ def _stop_cycle(workspace: Workspace, action: Action, lease: gate.Lease, final_a
     except TransientBackendError as exc:
         if not final_attempt:
             raise
-        _fail(workspace, generation, seq, source=EventSource.BACKEND, message=str(exc),
-              payload={"action": "stop"})
+        _fail(
+            workspace,
+            generation,
+            seq,
+            source=EventSource.BACKEND,
+            message=str(exc),
+            payload={"action": "stop"},
+        )
         return True
     except BackendError as exc:
-        _fail(workspace, generation, seq, source=EventSource.BACKEND, message=str(exc),
-              payload={"action": "stop"})
+        _fail(
+            workspace,
+            generation,
+            seq,
+            source=EventSource.BACKEND,
+            message=str(exc),
+            payload={"action": "stop"},
+        )
         return True
     services.complete_stop(workspace.id, generation, seq, state)
     return True

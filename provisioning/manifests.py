@@ -24,7 +24,9 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 RUNTIME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Keys a template or a user may not set: the platform owns them.
-RESERVED_ENV = frozenset({"WORKSPACE_ID", "WORKSPACE_TOKEN", "PLATFORM_URL", "WORKSPACE_GENERATION"})
+RESERVED_ENV = frozenset(
+    {"WORKSPACE_ID", "WORKSPACE_TOKEN", "PLATFORM_URL", "WORKSPACE_GENERATION"}
+)
 _KNOWN_KEYS = {"runtime", "image", "command", "env", "config_mount", "members", "runtime_config"}
 _KNOWN_RUNTIME_KEYS = {"provision_timeout_seconds", "required_env"}
 
@@ -236,7 +238,11 @@ class _Registry:
             return current
         with self._lock:
             signature = _signature(directory)
-            if self._set is None or self._set.directory != directory or signature != self._signature:
+            if (
+                self._set is None
+                or self._set.directory != directory
+                or signature != self._signature
+            ):
                 self._set = load_templates(directory)
                 self._signature = signature
             self._checked_at = now

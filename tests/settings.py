@@ -16,6 +16,6 @@ os.environ.setdefault(
     "WORKSPACE_DATA_DIR", os.path.join(tempfile.gettempdir(), f"ws-test-data-{os.getpid()}")
 )
 
-from project.settings import *  # noqa: E402,F403
+from project.settings import *  # noqa: F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

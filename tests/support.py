@@ -19,8 +19,12 @@ from django.db import connection
 REPO = Path(__file__).resolve().parent.parent
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1,
-             message: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 30.0,
+    interval: float = 0.1,
+    message: str = "condition",
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -65,8 +69,14 @@ def service_env(platform_url: str, **extra: str) -> dict[str, str]:
 class Worker:
     """A real ``celery worker`` process (prefork pool) on the test's broker and database."""
 
-    def __init__(self, env: dict[str, str], *, concurrency: int = 2, name: str | None = None,
-                 log_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        *,
+        concurrency: int = 2,
+        name: str | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
         self.name = f"{name or 'w' + uuid.uuid4().hex[:6]}@{socket.gethostname()}"
         self.env = env
         self.concurrency = concurrency
@@ -80,10 +90,31 @@ class Worker:
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the worker
         queues = f"{settings.CELERY_TASK_DEFAULT_QUEUE},{settings.CELERY_SWEEP_QUEUE}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "project", "worker", "-l", "INFO",
-             "-P", "prefork", "-c", str(self.concurrency), "-n", self.name, "-Q", queues,
-             "--without-gossip", "--without-mingle", "--without-heartbeat"],
-            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "project",
+                "worker",
+                "-l",
+                "INFO",
+                "-P",
+                "prefork",
+                "-c",
+                str(self.concurrency),
+                "-n",
+                self.name,
+                "-Q",
+                queues,
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 

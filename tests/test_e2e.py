@@ -38,7 +38,8 @@ def _pid(workspace_id: str) -> tuple[int, int]:
 
 def test_post_to_online_then_stop_start_delete(api, celery_worker, instances) -> None:
     response = api.post(
-        "/api/workspaces/", {"name": "e2e", "template": "shell-default", "env": {"GREETING": "hi"}},
+        "/api/workspaces/",
+        {"name": "e2e", "template": "shell-default", "env": {"GREETING": "hi"}},
         format="json",
     )
     assert response.status_code == 201, response.content
@@ -54,7 +55,8 @@ def test_post_to_online_then_stop_start_delete(api, celery_worker, instances) ->
     pid, start_time = _pid(workspace_id)
     assert _alive(pid, start_time)
     # The workspace env reached the process, and the platform's variables too.
-    environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    with open(f"/proc/{pid}/environ", "rb") as handle:
+        environ = handle.read().split(b"\0")
     assert b"GREETING=hi" in environ
     assert f"WORKSPACE_ID={workspace_id}".encode() in environ
 
@@ -76,7 +78,10 @@ def test_post_to_online_then_stop_start_delete(api, celery_worker, instances) ->
     wait_for(lambda: not _alive(new_pid, new_start), timeout=10, message="agent process gone")
     assert not os.path.exists(f"{celery_worker.env['WORKSPACE_DATA_DIR']}/{workspace_id}")
 
-    types = [event["type"] for event in api.get(f"/api/workspaces/{workspace_id}/events/").json()["results"]]
+    types = [
+        event["type"]
+        for event in api.get(f"/api/workspaces/{workspace_id}/events/").json()["results"]
+    ]
     assert types[0] == EventType.PROVISIONING
     assert types.count(EventType.ONLINE) == 2
     assert EventType.STOPPED in types

@@ -21,7 +21,7 @@ from workspaces.models import Workspace, WorkspaceEvent
 class WorkspaceEventInline(admin.TabularInline):
     model = WorkspaceEvent
     fields = ["created_at", "type", "source", "generation", "payload"]
-    readonly_fields = fields
+    readonly_fields = ["created_at", "type", "source", "generation", "payload"]
     extra = 0
     can_delete = False
     ordering = ["id"]
@@ -34,7 +34,9 @@ class WorkspaceEventInline(admin.TabularInline):
 def _bulk(
     request_fn: Callable[[Any], Workspace], verb: str
 ) -> Callable[[admin.ModelAdmin, HttpRequest, QuerySet[Workspace]], None]:
-    def run(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Workspace]) -> None:
+    def run(
+        modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet[Workspace]
+    ) -> None:
         accepted, refused = 0, []
         for workspace in queryset:
             try:

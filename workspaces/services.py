@@ -25,7 +25,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -99,7 +99,9 @@ def validate_env(env: Any) -> dict[str, str]:
         if not isinstance(value, str):
             raise InvalidInput("env", f"the value of {key} must be a string")
         if len(value.encode()) > MAX_ENV_VALUE_BYTES:
-            raise InvalidInput("env", f"the value of {key} is longer than {MAX_ENV_VALUE_BYTES} bytes")
+            raise InvalidInput(
+                "env", f"the value of {key} is longer than {MAX_ENV_VALUE_BYTES} bytes"
+            )
     return dict(env)
 
 
@@ -107,7 +109,7 @@ def _enqueue_converge(workspace_id: UUID) -> None:
     from provisioning.tasks import converge_workspace
 
     # After commit: a worker must never pick up a task whose row it cannot see yet.
-    converge_workspace.delay_on_commit(str(workspace_id))
+    converge_workspace.delay_on_commit(str(workspace_id))  # type: ignore[attr-defined]
 
 
 def record_event(
@@ -152,7 +154,7 @@ def transition(
 # --- requests ------------------------------------------------------------------------------------
 def create_workspace(
     *,
-    owner: AbstractBaseUser,
+    owner: User,
     name: str,
     template: str,
     env: Mapping[str, str] | None = None,
@@ -200,9 +202,10 @@ def request_start(workspace_id: UUID) -> Workspace:
         workspace = _locked(workspace_id)
         if workspace.status in (S.REMOVING, S.REMOVED):
             raise TransitionNotAllowed(f"workspace is {workspace.status}; it cannot be started")
-        if (
-            workspace.desired_state == DesiredState.RUNNING
-            and workspace.status in (S.PROVISIONING, S.ONLINE, S.DEGRADED)
+        if workspace.desired_state == DesiredState.RUNNING and workspace.status in (
+            S.PROVISIONING,
+            S.ONLINE,
+            S.DEGRADED,
         ):
             raise TransitionNotAllowed(
                 f"workspace is already {workspace.status}; use restart to start it again"
@@ -279,9 +282,7 @@ class CycleStart:
     seq: int  # requested_seq when the cycle began; handled_seq becomes this on completion
 
 
-def begin_cycle(
-    workspace_id: UUID, target: WorkspaceStatus, *, action: str
-) -> CycleStart | None:
+def begin_cycle(workspace_id: UUID, target: WorkspaceStatus, *, action: str) -> CycleStart | None:
     """Bump the generation and move to ``target``; None if the status no longer allows it."""
     now = timezone.now()
     with transaction.atomic():

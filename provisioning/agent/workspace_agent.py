@@ -66,7 +66,7 @@ def main() -> int:
 
     if boot_delay and _stop.wait(boot_delay):
         return 0
-    body = {"workspace_id": workspace_id}
+    body: dict[str, object] = {"workspace_id": workspace_id}
     delay = 0.2
     while not _stop.is_set():
         try:

@@ -25,7 +25,9 @@ def _construct(name: str) -> WorkspaceBackend:
         from provisioning.backends.docker import DockerBackend
 
         return DockerBackend()
-    raise BackendUnavailable(name, f"unknown backend (known: {', '.join(settings.WORKSPACE_BACKENDS)})")
+    raise BackendUnavailable(
+        name, f"unknown backend (known: {', '.join(settings.WORKSPACE_BACKENDS)})"
+    )
 
 
 def backend_for(workspace: Workspace, *, check: bool = True) -> WorkspaceBackend:
@@ -36,7 +38,9 @@ def backend_for(workspace: Workspace, *, check: bool = True) -> WorkspaceBackend
     """
     name = workspace.backend or default_backend_name()
     if name not in settings.WORKSPACE_BACKENDS:
-        raise BackendUnavailable(name, f"unknown backend (known: {', '.join(settings.WORKSPACE_BACKENDS)})")
+        raise BackendUnavailable(
+            name, f"unknown backend (known: {', '.join(settings.WORKSPACE_BACKENDS)})"
+        )
     try:
         backend = _construct(name)
     except BackendUnavailable:

@@ -8,6 +8,7 @@ file, and the start time read from ``/proc`` guards against a recycled pid.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -42,8 +43,9 @@ _LAUNCHER = """
 import json, subprocess, sys
 spec = json.load(sys.stdin)
 log = open(spec["log"], "ab")
-proc = subprocess.Popen(spec["argv"], env=spec["env"], cwd=spec["cwd"], stdin=subprocess.DEVNULL,
-                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+proc = subprocess.Popen(spec["argv"], env=spec["env"], cwd=spec["cwd"],
+                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                        start_new_session=True, close_fds=True)
 print(proc.pid)
 """
 
@@ -190,10 +192,7 @@ class ProcessBackend(WorkspaceBackend):
                     time.sleep(0.02)
             if _alive(pid, start_time):
                 raise BackendError(f"workspace process {pid} survived SIGKILL")
-        try:
-            self._instance_file(workspace_id).unlink()
-        except FileNotFoundError:
-            pass
+        self._instance_file(workspace_id).unlink(missing_ok=True)
         return {}
 
     @staticmethod
@@ -204,10 +203,8 @@ class ProcessBackend(WorkspaceBackend):
         except ProcessLookupError:
             pass
         except PermissionError:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
 
     def remove(self, workspace_id: UUID, state: State) -> None:
         self.stop(workspace_id, state, grace_seconds=settings.STOP_GRACE_SECONDS)

@@ -68,7 +68,7 @@ def test_no_status_string_literals_outside_the_enum() -> None:
                 elif isinstance(node, ast.keyword) and (node.arg or "").startswith("status"):
                     suspects = [node.value]
                 if any(is_status_literal(item) for item in suspects):
-                    offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+                    offenders.append(f"{path.relative_to(root)}:{getattr(node, 'lineno', '?')}")
     assert not offenders, "status literals outside workspaces/status.py: " + ", ".join(offenders)
 
 

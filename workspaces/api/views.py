@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
+from django.contrib.auth.models import User
 from django.db import connection
 from django.db.models import QuerySet
 from django.http import HttpRequest, JsonResponse
@@ -30,7 +31,7 @@ from workspaces.api.serializers import (
     WorkspaceEventSerializer,
     WorkspaceSerializer,
 )
-from workspaces.models import Workspace
+from workspaces.models import AgentToken, Workspace
 
 
 class WorkspaceViewSet(
@@ -58,7 +59,7 @@ class WorkspaceViewSet(
     def create(self, request: Request) -> Response:
         data = WorkspaceCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        workspace = services.create_workspace(owner=request.user, **data.validated_data)
+        workspace = services.create_workspace(owner=cast(User, request.user), **data.validated_data)
         return Response(WorkspaceSerializer(workspace).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(request=None, responses={202: WorkspaceSerializer})
@@ -133,7 +134,9 @@ class RegisterView(_AgentView):
     @extend_schema(request=AgentCallSerializer, responses={200: AgentResponseSerializer})
     def post(self, request: Request) -> Response:
         data = self._parse(request)
-        return self._reply(services.register_agent(request.auth, data["workspace_id"]))
+        return self._reply(
+            services.register_agent(cast(AgentToken, request.auth), data["workspace_id"])
+        )
 
 
 class HeartbeatView(_AgentView):
@@ -141,7 +144,7 @@ class HeartbeatView(_AgentView):
     def post(self, request: Request) -> Response:
         data = self._parse(request)
         workspace = services.record_heartbeat(
-            request.auth, data["workspace_id"], healthy=data["healthy"]
+            cast(AgentToken, request.auth), data["workspace_id"], healthy=data["healthy"]
         )
         return self._reply(workspace)
 
@@ -164,8 +167,9 @@ def readyz(request: HttpRequest) -> JsonResponse:
     except Exception as exc:
         checks["redis"] = f"error: {exc.__class__.__name__}: {exc}"
     ready = all(value == "ok" for value in checks.values())
-    return JsonResponse({"status": "ok" if ready else "unavailable", "checks": checks},
-                        status=200 if ready else 503)
+    return JsonResponse(
+        {"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503
+    )
 
 
 readyz.permission_classes = [AllowAny]  # type: ignore[attr-defined]
