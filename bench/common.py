@@ -1,0 +1,92 @@
+"""Shared helpers for benchmarks: Django setup on a dedicated database, timing, summaries.
+
+Every benchmark module exposes ``run(repeats: int) -> list[Figure]``; ``python -m bench`` runs
+them all and writes docs/benchmarks.md. A figure is measured side by side with its floor (the
+raw engine, the bare Redis call, a peer) in the same run, and reported as a ratio.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def setup_django(database: str = "workspaces_bench", redis_db: int = 14) -> None:
+    """Point Django at a bench database (created and migrated if missing) and Redis db 14."""
+    os.environ.setdefault("DATABASE_URL", f"postgres://postgres@127.0.0.1:5432/{database}")
+    os.environ.setdefault("REDIS_URL", f"redis://127.0.0.1:6379/{redis_db}")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+    from project import bootstrap
+
+    bootstrap.main()
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0, interactive=False)
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+@dataclass
+class Figure:
+    """One measured figure, with its floor measured in the same run."""
+
+    name: str
+    unit: str
+    samples: list[float]
+    floor_name: str | None = None
+    floor_samples: list[float] = field(default_factory=list)
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def _stats(samples: list[float]) -> dict[str, float]:
+        return {
+            "min": min(samples),
+            "median": statistics.median(samples),
+            "max": max(samples),
+        }
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return self._stats(self.samples)
+
+    @property
+    def floor_stats(self) -> dict[str, float] | None:
+        return self._stats(self.floor_samples) if self.floor_samples else None
+
+    @property
+    def ratio(self) -> float | None:
+        floor = self.floor_stats
+        if not floor or not floor["median"]:
+            return None
+        return self.stats["median"] / floor["median"]
+
+    def line(self) -> str:
+        s = self.stats
+        text = f"{self.name}: {s['min']:.4g} / {s['median']:.4g} / {s['max']:.4g} {self.unit}"
+        if self.floor_stats is not None:
+            f = self.floor_stats
+            text += (
+                f"  | floor {self.floor_name}: {f['min']:.4g} / {f['median']:.4g} / "
+                f"{f['max']:.4g} {self.unit}  | ratio {self.ratio:.2f}"
+            )
+        return text
