@@ -1,0 +1,215 @@
+"""The lifecycle's orchestration, on a fake backend that implements the real contract."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from provisioning import lifecycle
+from provisioning.backends.base import BackendError
+from tests.fakes import FakeBackend, fake_backend
+from workspaces import services
+from workspaces.models import Workspace
+from workspaces.status import DesiredState, EventSource, EventType, WorkspaceStatus
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeBackend]:
+    with fake_backend() as backend:
+        yield backend
+
+
+def _create(user, template: str = "shell-default", env: dict | None = None) -> Workspace:
+    return services.create_workspace(
+        owner=user, name=f"w-{uuid.uuid4().hex[:8]}", template=template, env=env, backend="fake"
+    )
+
+
+def _failures(workspace: Workspace) -> list:
+    return list(workspace.events.filter(type=EventType.PROVISION_FAILED))
+
+
+def test_provision_starts_one_instance_and_says_running(user, fake) -> None:
+    workspace = _create(user)
+    assert lifecycle.converge(workspace.id) == ["provision"]
+    workspace.refresh_from_db()
+    assert workspace.generation == 1
+    assert workspace.is_running is True
+    assert workspace.last_started_at is not None
+    assert workspace.status == WorkspaceStatus.PROVISIONING  # online comes from the agent
+    assert workspace.handled_seq == workspace.requested_seq
+    assert fake.running == {str(workspace.id): 1}
+    env = fake.env[str(workspace.id)]
+    assert env["WORKSPACE_ID"] == str(workspace.id)
+    assert env["WORKSPACE_TOKEN"]
+    assert env["PLATFORM_URL"]
+    # Nothing left to do: a second converge runs no cycle.
+    assert lifecycle.converge(workspace.id) == []
+
+
+def test_config_volume_is_populated_on_first_provision(user, fake) -> None:
+    workspace = _create(user, template="hermes-default")
+    lifecycle.converge(workspace.id)
+    files = fake.configs[str(workspace.id)]
+    assert "hermes.toml" in files
+    assert ".provisioned" in files
+    workspace.refresh_from_db()
+    assert workspace.config_populated_at is not None
+    assert not workspace.events.filter(type=EventType.CONFIG_RECOVERED).exists()
+
+
+def test_restart_that_finds_the_volume_empty_recovers_it(user, fake) -> None:
+    workspace = _create(user, template="hermes-default")
+    lifecycle.converge(workspace.id)
+    fake.configs[str(workspace.id)] = {}
+    services.request_restart(workspace.id)
+    assert lifecycle.converge(workspace.id) == ["restart"]
+    assert ".provisioned" in fake.configs[str(workspace.id)]
+    recovered = workspace.events.get(type=EventType.CONFIG_RECOVERED)
+    assert recovered.payload == {"template": "hermes-default", "fallback": False}
+    assert not _failures(workspace)
+
+
+def test_preflight_fails_at_once_and_never_calls_the_backend(user, fake) -> None:
+    workspace = _create(user, template="claude-code-default", env={"UNRELATED": "value-1"})
+    lifecycle.converge(workspace.id)
+    workspace.refresh_from_db()
+    assert workspace.status == WorkspaceStatus.FAILED
+    assert "ANTHROPIC_API_KEY" in workspace.last_error
+    assert "UNRELATED" not in workspace.last_error
+    assert fake.calls_for(workspace.id) == []
+    [failure] = _failures(workspace)
+    assert failure.source == EventSource.PREFLIGHT
+    assert failure.payload["missing_env"] == ["ANTHROPIC_API_KEY"]
+    assert "value-1" not in str(failure.payload)
+
+
+def test_unavailable_backend_fails_at_once_naming_it(user, fake) -> None:
+    fake.unavailable = "engine socket refused"
+    workspace = _create(user)
+    lifecycle.converge(workspace.id)
+    workspace.refresh_from_db()
+    assert workspace.status == WorkspaceStatus.FAILED
+    assert "'fake'" in workspace.last_error
+    assert "engine socket refused" in workspace.last_error
+    [failure] = _failures(workspace)
+    assert failure.source == EventSource.BACKEND
+
+
+def test_unknown_backend_fails_at_once(user) -> None:
+    workspace = services.create_workspace(
+        owner=user, name="nowhere", template="shell-default", backend="kubernetes"
+    )
+    lifecycle.converge(workspace.id)
+    workspace.refresh_from_db()
+    assert workspace.status == WorkspaceStatus.FAILED
+    assert "kubernetes" in workspace.last_error
+
+
+def test_backend_error_fails_and_leaves_nothing_running(user, fake) -> None:
+    fake.fail_start = BackendError("image workspace-agent:dev not found")
+    workspace = _create(user)
+    lifecycle.converge(workspace.id)
+    workspace.refresh_from_db()
+    assert workspace.status == WorkspaceStatus.FAILED
+    assert workspace.is_running is False
+    assert "image workspace-agent:dev not found" in workspace.last_error
+    assert str(workspace.id) not in fake.running
+    assert _failures(workspace)[0].source == EventSource.BACKEND
+
+
+def test_restart_replaces_the_instance_with_a_new_generation(user, fake) -> None:
+    workspace = _create(user)
+    lifecycle.converge(workspace.id)
+    services.request_restart(workspace.id)
+    assert lifecycle.converge(workspace.id) == ["restart"]
+    assert fake.running == {str(workspace.id): 2}
+    assert fake.calls_for(workspace.id).count("start") == 2
+
+
+def test_many_requests_between_cycles_collapse_into_one_cycle(user, fake) -> None:
+    workspace = _create(user)
+    lifecycle.converge(workspace.id)
+    for _ in range(10):
+        services.request_restart(workspace.id)
+    assert lifecycle.converge(workspace.id) == ["restart"]
+    assert fake.calls_for(workspace.id).count("start") == 2
+
+
+def test_stop_then_start(user, fake) -> None:
+    workspace = _create(user)
+    lifecycle.converge(workspace.id)
+    services.request_stop(workspace.id)
+    assert lifecycle.converge(workspace.id) == ["stop"]
+    workspace.refresh_from_db()
+    assert workspace.status == WorkspaceStatus.STOPPED
+    assert workspace.is_running is False
+    assert fake.running == {}
+    services.request_start(workspace.id)
+    assert lifecycle.converge(workspace.id) == ["start"]
+    workspace.refresh_from_db()
+    assert workspace.is_running is True
+    assert workspace.generation == 3
+
+
+def test_stop_requested_before_the_first_cycle_never_starts_anything(user, fake) -> None:
+    workspace = _create(user)
+    services.request_stop(workspace.id)
+    assert lifecycle.converge(workspace.id) == ["stop"]
+    workspace.refresh_from_db()
+    assert workspace.status == WorkspaceStatus.STOPPED
+    assert "start" not in fake.calls_for(workspace.id)
+
+
+def test_remove_deletes_backend_resources(user, fake) -> None:
+    workspace = _create(user)
+    lifecycle.converge(workspace.id)
+    services.request_remove(workspace.id)
+    assert lifecycle.converge(workspace.id) == ["remove"]
+    workspace.refresh_from_db()
+    assert workspace.status == WorkspaceStatus.REMOVED
+    assert workspace.desired_state == DesiredState.REMOVED
+    assert str(workspace.id) not in fake.running
+    assert str(workspace.id) not in fake.configs
+    assert workspace.events.filter(type=EventType.REMOVED).count() == 1
+    assert lifecycle.converge(workspace.id) == []
+
+
+def test_remove_while_backend_is_down_waits_in_removing(user, fake) -> None:
+    workspace = _create(user)
+    lifecycle.converge(workspace.id)
+    fake.unavailable = "engine down"
+    services.request_remove(workspace.id)
+    assert lifecycle.converge(workspace.id) == []
+    workspace.refresh_from_db()
+    assert workspace.status == WorkspaceStatus.REMOVING
+    assert "engine down" in workspace.last_error
+    assert workspace.has_pending_intent  # the redrive sweep tries again
+    fake.unavailable = None
+    assert lifecycle.converge(workspace.id) == ["remove"]
+
+
+def test_a_stale_cycle_writes_nothing(user, fake) -> None:
+    """Fencing: a holder whose generation was overtaken changes nothing."""
+    workspace = _create(user)
+    old = services.begin_cycle(workspace.id, WorkspaceStatus.PROVISIONING, action="provision")
+    new = services.begin_cycle(workspace.id, WorkspaceStatus.PROVISIONING, action="restart")
+    assert old is not None and new is not None
+    with pytest.raises(services.LeaseLost):
+        services.record_backend_facts(
+            workspace.id, old.generation, is_running=True, backend_state={"x": 1}, started=True
+        )
+    with pytest.raises(services.LeaseLost):
+        services.issue_agent_token(workspace.id, old.generation)
+    assert not services.fail_cycle(
+        workspace.id, old.generation, source=EventSource.BACKEND, message="late"
+    )
+    workspace.refresh_from_db()
+    assert workspace.generation == new.generation
+    assert workspace.status == WorkspaceStatus.PROVISIONING
+    assert workspace.backend_state == {}
+    assert not _failures(workspace)

@@ -1,0 +1,147 @@
+"""The process backend with real processes (the agent script, real signals, real /proc)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from provisioning.backends.base import CONFIG_MARKER, ConfigState, LaunchSpec
+from provisioning.backends.process import ProcessBackend, _alive
+from provisioning.manifests import Template
+from tests.support import wait_for
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> Iterator[ProcessBackend]:
+    backend = ProcessBackend(tmp_path / "data")
+    yield backend
+    for info in backend.list_instances():
+        backend.stop(uuid.UUID(info.workspace_id), {}, grace_seconds=0.2)
+
+
+def _spec(tmp_path: Path, command: tuple[str, ...] | None = None, **env: str) -> LaunchSpec:
+    template = Template(name="t", path=tmp_path, runtime="shell", command=command)
+    workspace_id = uuid.uuid4()
+    return LaunchSpec(
+        workspace_id,
+        1,
+        template,
+        {"WORKSPACE_ID": str(workspace_id), "WORKSPACE_TOKEN": "tok", **env},
+    )
+
+
+SLEEPER = (sys.executable, "-c", "import time; time.sleep(600)")
+STUBBORN = (
+    sys.executable,
+    "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)",
+)
+
+
+def test_start_runs_a_detached_process_with_the_env(backend, tmp_path) -> None:
+    spec = _spec(tmp_path, SLEEPER, GREETING="hello")
+    state = backend.start(spec, {})
+    assert _alive(state["pid"], state["start_time"])
+    assert os.getpgid(state["pid"]) == state["pid"]  # its own session and group
+    assert os.getppid() != state["pid"]
+    with open(f"/proc/{state['pid']}/environ", "rb") as handle:
+        environ = handle.read().split(b"\0")
+    assert b"GREETING=hello" in environ
+    assert b"WORKSPACE_TOKEN=tok" in environ
+    # The secret env is not on the command line.
+    with open(f"/proc/{state['pid']}/cmdline", "rb") as handle:
+        assert b"tok" not in handle.read()
+    assert backend.status(spec.workspace_id, state).running
+
+
+def test_start_replaces_an_earlier_instance_never_duplicates(backend, tmp_path) -> None:
+    spec = _spec(tmp_path, SLEEPER)
+    first = backend.start(spec, {})
+    second = backend.start(spec, {})  # e.g. a re-run of a cycle whose worker was killed
+    assert not _alive(first["pid"], first["start_time"])
+    assert _alive(second["pid"], second["start_time"])
+    assert [info.running for info in backend.list_instances()] == [True]
+
+
+def test_stop_sends_sigterm_then_sigkill_after_the_grace(backend, tmp_path) -> None:
+    spec = _spec(tmp_path, STUBBORN)
+    state = backend.start(spec, {})
+    time.sleep(0.3)  # let the child install its SIGTERM handler
+    started = time.monotonic()
+    assert backend.stop(spec.workspace_id, state, grace_seconds=0.5) == {}
+    assert time.monotonic() - started >= 0.5
+    assert not _alive(state["pid"], state["start_time"])
+    assert not backend.status(spec.workspace_id, state).running
+
+
+def test_stop_of_nothing_is_a_no_op(backend, tmp_path) -> None:
+    assert backend.stop(uuid.uuid4(), {}, grace_seconds=0.1) == {}
+    assert backend.stop(uuid.uuid4(), {"pid": 999_999_999, "start_time": 1}, 0.1) == {}
+
+
+def test_a_new_backend_object_adopts_the_running_process(backend, tmp_path) -> None:
+    """Survives a worker restart: a fresh backend finds the process by its pid file."""
+    spec = _spec(tmp_path, SLEEPER)
+    state = backend.start(spec, {})
+    fresh = ProcessBackend(backend.root)
+    assert fresh.status(spec.workspace_id, {}).running
+    fresh.stop(spec.workspace_id, {}, grace_seconds=1)
+    assert not _alive(state["pid"], state["start_time"])
+
+
+def test_a_recycled_pid_is_not_mistaken_for_the_instance(backend, tmp_path) -> None:
+    spec = _spec(tmp_path, SLEEPER)
+    state = backend.start(spec, {})
+    lying = {"pid": state["pid"], "start_time": state["start_time"] - 1}
+    assert not _alive(lying["pid"], lying["start_time"])
+    os.killpg(state["pid"], signal.SIGKILL)
+    wait_for(lambda: not _alive(state["pid"], state["start_time"]), timeout=5)
+    assert not backend.status(spec.workspace_id, state).running
+
+
+def test_config_marker_and_files(backend, tmp_path) -> None:
+    spec = _spec(tmp_path)
+    state = backend.prepare(spec, {})
+    assert backend.config_state(spec, state) is ConfigState.EMPTY
+    backend.write_config(spec, state, {"a.txt": b"A", "nested/b.txt": b"B"})
+    configs = backend.root / str(spec.workspace_id) / "configs"
+    assert (configs / "nested" / "b.txt").read_bytes() == b"B"
+    assert (configs / CONFIG_MARKER).is_file()
+    assert backend.config_state(spec, state) is ConfigState.PROVISIONED
+
+
+def test_template_files_cannot_escape_the_config_folder(backend, tmp_path) -> None:
+    from provisioning.backends.base import BackendError
+
+    spec = _spec(tmp_path)
+    state = backend.prepare(spec, {})
+    with pytest.raises(BackendError):
+        backend.write_config(spec, state, {"../../escape.txt": b"x"})
+
+
+def test_remove_stops_and_deletes_everything(backend, tmp_path) -> None:
+    spec = _spec(tmp_path, SLEEPER)
+    state = backend.prepare(spec, {})
+    backend.write_config(spec, state, {"a": b"1"})
+    state = backend.start(spec, state)
+    backend.remove(spec.workspace_id, state)
+    assert not _alive(state["pid"], state["start_time"])
+    assert not (backend.root / str(spec.workspace_id)).exists()
+    backend.remove(spec.workspace_id, state)  # not found means done
+
+
+def test_the_agent_exits_cleanly_on_sigterm(backend, tmp_path) -> None:
+    # No platform is listening: the agent keeps retrying registration until told to stop.
+    spec = _spec(tmp_path, None, PLATFORM_URL="http://127.0.0.1:9")
+    state = backend.start(spec, {})
+    time.sleep(0.5)
+    backend.stop(spec.workspace_id, state, grace_seconds=5)
+    log = (backend.root / str(spec.workspace_id) / "agent.log").read_text()
+    assert "SIGTERM received" in log
