@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 from rest_framework.test import APIClient
@@ -32,7 +33,7 @@ def workspace(user) -> Workspace:
     return services.create_workspace(owner=user, name="agent-ws", template="shell-default")
 
 
-def _register(token: str, workspace_id: uuid.UUID) -> object:
+def _register(token: str, workspace_id: uuid.UUID) -> Any:
     return _agent(token).post(
         "/api/registry/register", {"workspace_id": str(workspace_id)}, format="json"
     )
