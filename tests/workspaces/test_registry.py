@@ -106,7 +106,7 @@ def test_bad_body_is_400_naming_the_field(workspace) -> None:
 
 
 def test_a_removed_workspace_is_never_revived(workspace) -> None:
-    generation, token = _cycle(workspace)
+    _, token = _cycle(workspace)
     services.request_remove(workspace.id)
     cycle = services.begin_cycle(workspace.id, WorkspaceStatus.REMOVING, action="remove")
     assert cycle is not None
