@@ -1,0 +1,105 @@
+"""Settings come from the environment; a malformed value stops start-up naming the variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+
+from project import env
+from tests.support import REPO
+
+
+def test_typed_readers_parse_good_values() -> None:
+    environ = {
+        "N": "42",
+        "B": "yes",
+        "L": "a, b,,c",
+        "M": "hermes=1800, claude-code=900",
+        "D": "postgres://u:p%40ss@db.example:6543/name?sslmode=require",
+        "R": "redis://127.0.0.1:6380/2",
+        "U": "http://platform.example:8000/",
+    }
+    assert env.env_int("N", 1, environ=environ) == 42
+    assert env.env_int("MISSING", 7, environ=environ) == 7
+    assert env.env_bool("B", False, environ=environ) is True
+    assert env.env_list("L", [], environ=environ) == ["a", "b", "c"]
+    assert env.env_int_map("M", {}, environ=environ) == {"hermes": 1800, "claude-code": 900}
+    db = env.env_database("D", "", environ=environ)
+    assert (db["USER"], db["PASSWORD"], db["HOST"], db["PORT"], db["NAME"]) == (
+        "u",
+        "p@ss",
+        "db.example",
+        "6543",
+        "name",
+    )
+    assert db["OPTIONS"] == {"sslmode": "require"}
+    assert env.env_redis_url("R", "", environ=environ) == "redis://127.0.0.1:6380/2"
+    assert env.env_url("U", "", environ=environ) == "http://platform.example:8000"
+
+
+@pytest.mark.parametrize(
+    ("reader", "value"),
+    [
+        (lambda e: env.env_int("X", 1, environ=e), "ten"),
+        (lambda e: env.env_int("X", 1, minimum=3, environ=e), "1"),
+        (lambda e: env.env_bool("X", False, environ=e), "maybe"),
+        (lambda e: env.env_choice("X", "a", ("a", "b"), environ=e), "c"),
+        (lambda e: env.env_int_map("X", {}, environ=e), "hermes:1800"),
+        (lambda e: env.env_int_map("X", {}, environ=e), "hermes=-5"),
+        (lambda e: env.env_database("X", "", environ=e), "mysql://x/y"),
+        (lambda e: env.env_database("X", "", environ=e), "postgres://host:notaport/db"),
+        (lambda e: env.env_database("X", "", environ=e), "postgres://host/"),
+        (lambda e: env.env_redis_url("X", "", environ=e), "http://redis"),
+        (lambda e: env.env_url("X", "", environ=e), "platform:8000"),
+    ],
+)
+def test_malformed_values_name_the_variable(reader, value) -> None:
+    with pytest.raises(ImproperlyConfigured, match=r"\bX\b"):
+        reader({"X": value})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("GATE_LEASE_SECONDS", "ten"),
+        ("WORKSPACE_BACKEND", "kubernetes"),
+        ("DATABASE_URL", "sqlite:///db.sqlite3"),
+        ("PLATFORM_URL", "localhost"),
+    ],
+)
+def test_start_up_stops_on_a_malformed_value(variable, value) -> None:
+    environment = {**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings", variable: value}
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert variable in result.stderr
+    assert "ImproperlyConfigured" in result.stderr
+
+
+def test_celery_settings_that_matter() -> None:
+    from django.conf import settings
+
+    from project.celery import app
+
+    conf = app.conf
+    assert conf.task_acks_late is True
+    assert conf.task_reject_on_worker_lost is True
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.task_time_limit == settings.CYCLE_TIME_LIMIT_SECONDS
+    assert conf.task_soft_time_limit < conf.task_time_limit
+    assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit
+    assert conf.broker_transport_options["visibility_timeout"] > settings.SWEEP_TIME_LIMIT_SECONDS
+    from provisioning.tasks import converge_workspace
+
+    assert converge_workspace.max_retries is not None
+    assert converge_workspace.time_limit == settings.CYCLE_TIME_LIMIT_SECONDS
