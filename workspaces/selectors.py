@@ -13,7 +13,9 @@ from workspaces.status import WorkspaceStatus
 
 def visible_workspaces(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Workspace]:
     """The caller's workspaces; staff see everyone's. Others' rows are simply absent (404)."""
-    rows = Workspace.objects.all()
+    # Reads never need the write-only env or the backend's opaque state: not loading them keeps
+    # secrets out of read paths and saves decoding two JSON columns per row.
+    rows = Workspace.objects.defer("env", "backend_state")
     if not getattr(user, "is_staff", False):
         rows = rows.filter(owner_id=user.pk)
     return rows
