@@ -62,7 +62,8 @@ def machine() -> list[str]:
         f"- machine: {platform.machine()}, {cpu}, {_cmd(['nproc'])} cores, "
         f"{mem_kb / 1024 / 1024:.1f} GiB, {platform.platform()}",
         f"- Python {platform.python_version()}, Django {django.get_version()}, "
-        f"Celery {celery.__version__}, redis-py {redis.__version__}, docker SDK {docker.__version__}",
+        f"Celery {celery.__version__}, redis-py {redis.__version__}, "
+        f"docker SDK {docker.__version__}",
         f"- PostgreSQL {postgres}, Redis {redis_version}, Docker engine {engine}",
     ]
 
@@ -75,11 +76,11 @@ def table(figures: list[Figure]) -> list[str]:
     for figure in figures:
         s = figure.stats
         floor = figure.floor_stats
-        ratio = f"{figure.ratio:.2f}" if figure.ratio is not None else "–"
-        floor_median = f"{floor['median']:.4g} {figure.unit}" if floor else "–"
+        ratio = f"{figure.ratio:.2f}" if figure.ratio is not None else "-"
+        floor_median = f"{floor['median']:.4g} {figure.unit}" if floor else "-"
         lines.append(
             f"| {figure.name} | {s['min']:.4g} | {s['median']:.4g} | {s['max']:.4g} {figure.unit} "
-            f"| {figure.floor_name or '–'} | {floor_median} | {ratio} |"
+            f"| {figure.floor_name or '-'} | {floor_median} | {ratio} |"
         )
     return lines
 
@@ -114,10 +115,11 @@ def main() -> int:
         sections.append("")
 
     command = "python -m bench " + " ".join(sys.argv[1:])
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
     report = [
         "# Benchmarks",
         "",
-        f"Made by `{command.strip()}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))} "
+        f"Made by `{command.strip()}` on {when} "
         f"in {time.time() - started:.0f} s. Each figure is min / median / max over "
         f"{args.repeats} runs; its floor was measured side by side in the same run, and the ratio "
         "is median / floor median.",
