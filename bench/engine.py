@@ -1,0 +1,85 @@
+"""A Docker engine for benchmarks: the one in DOCKER_HOST if it answers, else a private dockerd.
+
+The private daemon uses its own socket, data root and exec root under a temporary folder, with no
+bridge and no iptables (workspaces use host networking), and is stopped by its pid at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import docker
+from docker.errors import DockerException
+
+
+def _answers(host: str) -> bool:
+    try:
+        client = docker.DockerClient(base_url=host, timeout=5)
+        client.ping()
+        client.close()
+        return True
+    except DockerException:
+        return False
+
+
+def ensure_engine() -> str:
+    """Return a DOCKER_HOST that answers, starting a private dockerd when needed."""
+    host = os.environ.get("DOCKER_HOST", "")
+    if host and _answers(host):
+        return host
+    dockerd = shutil.which("dockerd")
+    if dockerd is None:
+        raise RuntimeError("no Docker engine: set DOCKER_HOST or install docker.io (dockerd)")
+    root = Path(tempfile.mkdtemp(prefix="bench-dockerd-"))
+    socket_path = root / "docker.sock"
+    log = open(root / "dockerd.log", "wb")  # noqa: SIM115 - lives as long as the daemon
+    proc = subprocess.Popen(
+        [
+            dockerd,
+            "--storage-driver=overlay2",
+            "--iptables=false",
+            "--ip-masq=false",
+            "--bridge=none",
+            "--ip-forward=false",
+            "-H",
+            f"unix://{socket_path}",
+            "--data-root",
+            str(root / "data"),
+            "--exec-root",
+            str(root / "exec"),
+            "--pidfile",
+            str(root / "dockerd.pid"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        shutil.rmtree(root, ignore_errors=True)
+
+    atexit.register(stop)
+    host = f"unix://{socket_path}"
+    deadline = time.monotonic() + 30
+    while not _answers(host):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(
+                f"dockerd did not start: {(root / 'dockerd.log').read_text()[-2000:]}"
+            )
+        time.sleep(0.1)
+    os.environ["DOCKER_HOST"] = host
+    return host
