@@ -67,3 +67,23 @@ def redrive_pending() -> int:
     if count:
         logger.info("redrove %d workspaces with pending intents", count)
     return count
+
+
+@shared_task(
+    name="provisioning.reconcile",
+    time_limit=settings.SWEEP_TIME_LIMIT_SECONDS,
+    soft_time_limit=settings.SWEEP_TIME_LIMIT_SECONDS - 5,
+)
+def reconcile() -> dict[str, Any]:
+    """One reconciliation pass: the rows follow what the backends say; orphans are removed."""
+    from provisioning.reconciler import reconcile_once
+
+    return reconcile_once().summary()
+
+
+@shared_task(name="provisioning.sweep_liveness", time_limit=settings.SWEEP_TIME_LIMIT_SECONDS)
+def sweep_liveness() -> int:
+    """Online or degraded workspaces whose heartbeats stopped become offline."""
+    from provisioning.liveness import sweep_missed_heartbeats
+
+    return len(sweep_missed_heartbeats())
