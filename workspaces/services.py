@@ -555,7 +555,10 @@ def record_instance_gone(
             return None
         previous = WorkspaceStatus(workspace.status)
         facts = event_payload(
-            previous=previous.value, exit_code=exit_code, detail=detail or None, reason="gone"
+            previous=previous.value,
+            exit_code=exit_code,
+            detail=detail or None,
+            reason="instance_gone",
         )
         crashed = exit_code is not None and exit_code != 0
         if previous == S.FAILED:
@@ -650,7 +653,7 @@ def record_instance_found_running(workspace_id: UUID, generation: int, *, detail
                 EventType.OFFLINE,
                 EventSource.RECONCILER,
                 generation,
-                event_payload(reason="running", is_running=True, detail=detail or None),
+                event_payload(reason="instance_running", is_running=True, detail=detail or None),
             )
     return changed
 

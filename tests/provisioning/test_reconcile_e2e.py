@@ -184,7 +184,7 @@ def test_unhealthy_agent_makes_the_workspace_degraded(api, celery_worker, instan
         return workspace.status == expected
 
     marker.touch()
-    wait_for(lambda: status_is(S.DEGRADED), timeout=15, message="degraded")
+    wait_for(lambda: status_is(S.DEGRADED), timeout=15, message="the workspace degraded")
     assert workspace.is_running is True
     marker.unlink()
     wait_for(lambda: status_is(S.ONLINE), timeout=15, message="online again")
