@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -248,3 +249,43 @@ def test_reconcile_passes_racing_real_cycles_repair_nothing(api, celery_worker, 
     workspace.refresh_from_db()
     assert workspace.status == S.ONLINE
     assert _alive(*_process(workspace))
+
+
+def test_beat_tasks_run_on_the_sweeps_queue(user, celery_worker) -> None:
+    from provisioning.tasks import reconcile, sweep_liveness
+
+    now = timezone.now()
+    fields: dict[str, Any] = {
+        "owner": user,
+        "template": "shell-default",
+        "runtime": "shell",
+        "backend": "process",
+        "status": S.ONLINE,
+        "is_running": True,
+        "last_started_at": now,
+        "generation": 1,
+        "requested_seq": 1,
+        "handled_seq": 1,  # no request pending
+    }
+    # No instance behind it: the reconciler's business.
+    dead = Workspace.objects.create(name="dead", last_heartbeat_at=now, **fields)
+    # Silent for an hour: the liveness sweep's business (its instance state is irrelevant).
+    silent = Workspace.objects.create(
+        name="silent", last_heartbeat_at=now - timedelta(hours=1), **fields
+    )
+    sweep_liveness.delay()
+
+    def status_of(workspace: Workspace, expected: WorkspaceStatus) -> bool:
+        workspace.refresh_from_db()
+        return workspace.status == expected
+
+    wait_for(lambda: status_of(silent, S.OFFLINE), timeout=20, message="liveness task ran")
+    assert [e.source for e in WorkspaceEvent.objects.filter(workspace=silent)] == [
+        EventSource.LIVENESS
+    ]
+    reconcile.delay()
+    wait_for(lambda: status_of(dead, S.OFFLINE), timeout=20, message="reconcile task ran")
+    assert dead.is_running is False
+    assert [e.source for e in WorkspaceEvent.objects.filter(workspace=dead)] == [
+        EventSource.RECONCILER
+    ]
