@@ -24,6 +24,7 @@ def _configure_routes_and_beat(sender: Celery, **_: Any) -> None:
         "provisioning.sweep_provisioning": {"queue": sweep_queue},
         "provisioning.redrive_pending": {"queue": sweep_queue},
         "provisioning.reconcile": {"queue": sweep_queue},
+        "provisioning.sweep_liveness": {"queue": sweep_queue},
     }
     sender.conf.beat_schedule = {
         "sweep-stuck-provisioning": {
@@ -38,6 +39,19 @@ def _configure_routes_and_beat(sender: Celery, **_: Any) -> None:
             "task": "provisioning.redrive_pending",
             "schedule": float(settings.REDRIVE_INTERVAL_SECONDS),
             "options": {"queue": sweep_queue, "expires": settings.REDRIVE_INTERVAL_SECONDS},
+        },
+        "reconcile": {
+            "task": "provisioning.reconcile",
+            "schedule": float(settings.RECONCILE_INTERVAL_SECONDS),
+            "options": {"queue": sweep_queue, "expires": settings.RECONCILE_INTERVAL_SECONDS},
+        },
+        "sweep-liveness": {
+            "task": "provisioning.sweep_liveness",
+            "schedule": float(settings.LIVENESS_SWEEP_INTERVAL_SECONDS),
+            "options": {
+                "queue": sweep_queue,
+                "expires": settings.LIVENESS_SWEEP_INTERVAL_SECONDS,
+            },
         },
     }
 

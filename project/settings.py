@@ -7,6 +7,7 @@ value stops start-up with a message naming the variable (see ``project.env``).
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -201,6 +202,28 @@ DOCKER_NETWORK_MODE = env_str("DOCKER_NETWORK_MODE", "host")
 DOCKER_AGENT_IMAGE = env_str("DOCKER_AGENT_IMAGE", "workspace-agent:dev")
 DOCKER_CONFIG_MOUNT = env_str("DOCKER_CONFIG_MOUNT", "/workspace/config")
 DOCKER_TIMEOUT_SECONDS = env_int("DOCKER_TIMEOUT_SECONDS", 30, minimum=1)
+
+# --- Reconciliation, liveness and live events ---------------------------------------------------
+# One reconciliation pass compares every non-removed workspace with its backend (one
+# list_instances() call per backend) and repairs drift; see provisioning/reconciler.py.
+RECONCILE_INTERVAL_SECONDS = env_int("RECONCILE_INTERVAL_SECONDS", 60, minimum=1)
+# An online or degraded workspace whose last heartbeat is older than this becomes offline. Keep it
+# several agent heartbeat intervals (AGENT_HEARTBEAT_SECONDS, default 5) long.
+LIVENESS_WINDOW_SECONDS = env_int("LIVENESS_WINDOW_SECONDS", 30, minimum=1)
+LIVENESS_SWEEP_INTERVAL_SECONDS = env_int("LIVENESS_SWEEP_INTERVAL_SECONDS", 10, minimum=1)
+# Server-Sent Events: each open stream holds one web thread (gunicorn --threads) for at most
+# EVENTS_STREAM_MAX_SECONDS; then it ends and the client reconnects with Last-Event-ID.
+EVENTS_STREAM_MAX_SECONDS = env_int("EVENTS_STREAM_MAX_SECONDS", 300, minimum=1)
+EVENTS_STREAM_KEEPALIVE_SECONDS = env_int("EVENTS_STREAM_KEEPALIVE_SECONDS", 15, minimum=1)
+# What the stream tells EventSource clients to wait before reconnecting.
+EVENTS_STREAM_RETRY_MS = env_int("EVENTS_STREAM_RETRY_MS", 2000, minimum=0)
+# Redis pub/sub channels are shared by every database of a Redis server, so the default prefix
+# names the database, like the keys it sits beside.
+_redis_url = urlparse(REDIS_URL)
+_redis_db = parse_qs(_redis_url.query).get("db", [""])[0] or (
+    _redis_url.path.strip("/") if _redis_url.scheme != "unix" else ""
+)
+EVENTS_CHANNEL_PREFIX = env_str("EVENTS_CHANNEL_PREFIX", f"wsevents:{_redis_db or '0'}")
 
 # --- Logging -------------------------------------------------------------------------------------
 LOG_LEVEL = env_choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))

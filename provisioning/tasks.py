@@ -48,7 +48,13 @@ def converge_workspace(self: Any, workspace_id: str) -> list[str]:
         return []
 
 
-@shared_task(name="provisioning.redrive_pending", time_limit=settings.SWEEP_TIME_LIMIT_SECONDS)
+# Every sweep sets its soft limit with its hard one: the global soft limit (a cycle's) is longer
+# than a sweep's hard limit, and Celery refuses to send a task whose soft limit exceeds its hard.
+@shared_task(
+    name="provisioning.redrive_pending",
+    time_limit=settings.SWEEP_TIME_LIMIT_SECONDS,
+    soft_time_limit=settings.SWEEP_TIME_LIMIT_SECONDS - 5,
+)
 def redrive_pending() -> int:
     """Enqueue a converge for workspaces whose intent has waited too long with no gate held (for
     instance after a whole worker node died): a safety net, never the primary path."""
@@ -67,3 +73,27 @@ def redrive_pending() -> int:
     if count:
         logger.info("redrove %d workspaces with pending intents", count)
     return count
+
+
+@shared_task(
+    name="provisioning.reconcile",
+    time_limit=settings.SWEEP_TIME_LIMIT_SECONDS,
+    soft_time_limit=settings.SWEEP_TIME_LIMIT_SECONDS - 5,
+)
+def reconcile() -> dict[str, Any]:
+    """One reconciliation pass: the rows follow what the backends say; orphans are removed."""
+    from provisioning.reconciler import reconcile_once
+
+    return reconcile_once().summary()
+
+
+@shared_task(
+    name="provisioning.sweep_liveness",
+    time_limit=settings.SWEEP_TIME_LIMIT_SECONDS,
+    soft_time_limit=settings.SWEEP_TIME_LIMIT_SECONDS - 5,
+)
+def sweep_liveness() -> int:
+    """Online or degraded workspaces whose heartbeats stopped become offline."""
+    from provisioning.liveness import sweep_missed_heartbeats
+
+    return len(sweep_missed_heartbeats())

@@ -37,3 +37,14 @@ def workspace_events(workspace_id: UUID, *, after: int | None = None) -> QuerySe
     if after is not None:
         events = events.filter(id__gt=after)
     return events.order_by("id")
+
+
+def events_visible_to(
+    user: AbstractBaseUser | AnonymousUser, *, after: int
+) -> QuerySet[WorkspaceEvent]:
+    """Every event of the caller's workspaces (staff: everyone's) with an id above ``after``,
+    oldest first: the replay of a resumed event stream."""
+    events = WorkspaceEvent.objects.filter(id__gt=after)
+    if not getattr(user, "is_staff", False):
+        events = events.filter(workspace__owner_id=user.pk)
+    return events.order_by("id")

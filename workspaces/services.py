@@ -27,7 +27,7 @@ from uuid import UUID
 
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from workspaces.models import AgentToken, Workspace, WorkspaceEvent, event_payload
@@ -133,7 +133,16 @@ def record_event(
         source.value,
         generation,
     )
+    # Live subscribers hear of the event only once it is committed: a stream must never show an
+    # event that a rollback then takes back, and a client that resumes from its id must find it.
+    transaction.on_commit(lambda: _publish(event.pk), robust=True)
     return event
+
+
+def _publish(event_id: int) -> None:
+    from workspaces import live_events
+
+    live_events.publish(event_id)
 
 
 def transition(
@@ -141,13 +150,17 @@ def transition(
     to: WorkspaceStatus,
     *,
     expect_generation: int | None = None,
+    when: Q | None = None,
     **fields: Any,
 ) -> bool:
     """Move the workspace to ``to`` if its status allows it (and, when given, only if its
-    generation is still ``expect_generation``). Returns whether the row changed."""
+    generation is still ``expect_generation`` and the row matches ``when``, e.g. a narrower set
+    of source statuses or the heartbeat a sweep saw). Returns whether the row changed."""
     rows = Workspace.objects.filter(id=workspace_id, status__in=allowed_sources(to))
     if expect_generation is not None:
         rows = rows.filter(generation=expect_generation)
+    if when is not None:
+        rows = rows.filter(when)
     return rows.update(status=to, updated_at=timezone.now(), **fields) == 1
 
 
@@ -518,3 +531,194 @@ def record_heartbeat(token: AgentToken, workspace_id: UUID, *, healthy: bool = T
                 )
     workspace.refresh_from_db()
     return workspace
+
+
+# --- reconciliation and liveness -----------------------------------------------------------------
+# The reconciler calls these under the workspace's gate, fenced by the generation it read there:
+# no cycle runs meanwhile, and if its lease expired and a cycle took over, nothing is written.
+# None of them bumps the generation: a repair is not a cycle, so the current agent's token stays
+# valid and a heartbeat of an instance that turns out to be alive brings the row back online.
+def record_instance_gone(
+    workspace_id: UUID, generation: int, *, exit_code: int | None = None, detail: str = ""
+) -> WorkspaceStatus | None:
+    """The backend says the instance no longer runs while the row says it does (it died, or was
+    stopped behind the platform's back). Returns the status written, or None when the row moved
+    on and there was nothing to repair.
+
+    ``online``/``degraded``/``offline`` become ``offline``, or ``failed`` when the backend knows
+    a non-zero exit code; a ``provisioning`` workspace whose instance died before its agent
+    registered fails; a ``failed`` one only stops claiming to run.
+    """
+    with transaction.atomic():
+        workspace = _locked(workspace_id)
+        if workspace.generation != generation or not workspace.is_running:
+            return None
+        previous = WorkspaceStatus(workspace.status)
+        facts = event_payload(
+            previous=previous.value,
+            exit_code=exit_code,
+            detail=detail or None,
+            reason="instance_gone",
+        )
+        crashed = exit_code is not None and exit_code != 0
+        if previous == S.FAILED:
+            target, event_type = S.FAILED, EventType.STOPPED
+            fields: dict[str, Any] = {"is_running": False}
+        elif previous == S.PROVISIONING or (
+            crashed and previous in (S.ONLINE, S.DEGRADED, S.OFFLINE)
+        ):
+            message = (
+                "the instance stopped before its agent registered"
+                if previous == S.PROVISIONING
+                else "the instance stopped behind the platform's back"
+            )
+            if exit_code is not None:
+                message += f" (exit code {exit_code})"
+            target, event_type = S.FAILED, EventType.PROVISION_FAILED
+            fields = {"is_running": False, "last_error": message}
+            facts["message"] = message
+        elif previous in (S.ONLINE, S.DEGRADED, S.OFFLINE):
+            target, event_type = S.OFFLINE, EventType.OFFLINE
+            fields = {"is_running": False}
+        else:
+            return None  # stopping / removing / stopped: a cycle's business, not a repair
+        if not transition(
+            workspace_id,
+            target,
+            expect_generation=generation,
+            when=Q(status=previous),
+            **fields,
+        ):
+            return None
+        record_event(workspace_id, event_type, EventSource.RECONCILER, generation, facts)
+    logger.warning(
+        "reconciler: workspace %s instance gone (%s -> %s)%s",
+        workspace_id,
+        previous.value,
+        target.value,
+        f": {detail}" if detail else "",
+    )
+    return target
+
+
+def record_unwanted_instance_stopped(
+    workspace_id: UUID, generation: int, *, backend_state: dict[str, Any], detail: str = ""
+) -> bool:
+    """The reconciler stopped an instance that ran while the row said ``stopped`` or
+    ``failed`` (policy: the last word was not "run", so the instance goes, not the row)."""
+    with transaction.atomic():
+        workspace = _locked(workspace_id)
+        previous = WorkspaceStatus(workspace.status)
+        if workspace.generation != generation or previous not in (S.STOPPED, S.FAILED):
+            return False
+        if not transition(
+            workspace_id,
+            previous,
+            expect_generation=generation,
+            when=Q(status=previous),
+            is_running=False,
+            backend_state=backend_state,
+        ):
+            return False
+        record_event(
+            workspace_id,
+            EventType.STOPPED,
+            EventSource.RECONCILER,
+            generation,
+            event_payload(
+                reason="running_while_not_wanted",
+                previous=previous.value,
+                action="stopped the instance",
+                detail=detail or None,
+            ),
+        )
+    logger.warning("reconciler: stopped an instance of %s workspace %s", previous, workspace_id)
+    return True
+
+
+def record_instance_found_running(workspace_id: UUID, generation: int, *, detail: str = "") -> bool:
+    """An ``offline`` row said "not running" but the backend runs the instance: the row follows.
+    It stays ``offline`` until the agent's next heartbeat says it is healthy."""
+    with transaction.atomic():
+        changed = transition(
+            workspace_id,
+            S.OFFLINE,
+            expect_generation=generation,
+            when=Q(status=S.OFFLINE, is_running=False),
+            is_running=True,
+        )
+        if changed:
+            record_event(
+                workspace_id,
+                EventType.OFFLINE,
+                EventSource.RECONCILER,
+                generation,
+                event_payload(reason="instance_running", is_running=True, detail=detail or None),
+            )
+    return changed
+
+
+def mark_missed_heartbeats(
+    workspace_id: UUID,
+    generation: int,
+    *,
+    previous: WorkspaceStatus,
+    last_heartbeat_at: datetime | None,
+    window_seconds: int,
+) -> bool:
+    """``online``/``degraded`` -> ``offline`` because no heartbeat came within the window.
+
+    Compare-and-set on status, generation and the heartbeat the sweep saw: a heartbeat (or a new
+    cycle) that lands between the sweep's read and this write leaves the row alone. ``is_running``
+    is kept: silence says nothing about the instance (it may be alive but hung, or the network
+    may be cut); the reconciler, which asks the backend, clears it if the instance is gone.
+    """
+    seen = (
+        Q(last_heartbeat_at__isnull=True)
+        if last_heartbeat_at is None
+        else Q(last_heartbeat_at=last_heartbeat_at)
+    )
+    with transaction.atomic():
+        changed = transition(
+            workspace_id,
+            S.OFFLINE,
+            expect_generation=generation,
+            when=Q(status=previous) & seen,
+        )
+        if changed:
+            record_event(
+                workspace_id,
+                EventType.OFFLINE,
+                EventSource.LIVENESS,
+                generation,
+                event_payload(
+                    reason="missed_heartbeats",
+                    previous=previous.value,
+                    last_heartbeat_at=last_heartbeat_at.isoformat() if last_heartbeat_at else None,
+                    window_seconds=window_seconds,
+                ),
+            )
+    if changed:
+        logger.warning(
+            "workspace %s missed heartbeats for %d s: %s -> offline",
+            workspace_id,
+            window_seconds,
+            previous.value,
+        )
+    return changed
+
+
+def record_orphan_removed(workspace_id: UUID, *, backend: str, ref: str = "") -> None:
+    """The reconciler removed an instance left behind by a removed workspace."""
+    generation = (
+        Workspace.objects.filter(id=workspace_id).values_list("generation", flat=True).first()
+    )
+    if generation is None:
+        return
+    record_event(
+        workspace_id,
+        EventType.REMOVED,
+        EventSource.RECONCILER,
+        generation,
+        event_payload(reason="orphan", backend=backend, ref=ref or None),
+    )

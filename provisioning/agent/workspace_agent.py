@@ -6,6 +6,12 @@ environment the platform sets: ``WORKSPACE_ID``, ``WORKSPACE_TOKEN``, ``PLATFORM
 ``AGENT_HEARTBEAT_SECONDS`` (default 5), ``AGENT_BOOT_DELAY_SECONDS`` (a slow runtime's boot),
 ``AGENT_IGNORE_SIGTERM`` (for testing slow stops).
 
+Health: each heartbeat carries ``healthy``. The workspace is unhealthy while the file
+``AGENT_UNHEALTHY_FILE`` exists (default ``$WORKSPACE_CONFIG_DIR/.unhealthy`` when the config
+directory is known), or while ``AGENT_HEALTH_COMMAND`` (optional, run with ``sh -c``) exits
+non-zero or takes longer than ``AGENT_HEALTH_TIMEOUT_SECONDS`` (default 5). The platform shows an
+unhealthy workspace as ``degraded`` and a healthy one as ``online``.
+
 Exit codes: 0 on SIGTERM; 3 when the platform rejects the token (a newer cycle replaced this
 one, or the workspace is gone), so a stale instance never lingers.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -45,6 +52,36 @@ def _post(url: str, token: str, body: dict[str, object], timeout: float = 5.0) -
         except ValueError:
             payload = {}
         return exc.code, payload
+
+
+def _unhealthy_file() -> str | None:
+    explicit = os.environ.get("AGENT_UNHEALTHY_FILE")
+    if explicit:
+        return explicit
+    config_dir = os.environ.get("WORKSPACE_CONFIG_DIR")
+    return os.path.join(config_dir, ".unhealthy") if config_dir else None
+
+
+def _healthy() -> bool:
+    marker = _unhealthy_file()
+    if marker and os.path.exists(marker):
+        return False
+    command = os.environ.get("AGENT_HEALTH_COMMAND")
+    if command:
+        timeout = float(os.environ.get("AGENT_HEALTH_TIMEOUT_SECONDS", "5"))
+        try:
+            check = subprocess.run(
+                ["sh", "-c", command],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=timeout,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return check.returncode == 0
+    return True
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -83,9 +120,16 @@ def main() -> int:
         _stop.wait(delay)
         delay = min(delay * 2, 5.0)
 
+    was_healthy = True
     while not _stop.wait(interval):
+        healthy = _healthy()
+        if healthy != was_healthy:
+            _log("healthy again" if healthy else "reporting unhealthy")
+            was_healthy = healthy
         try:
-            status, payload = _post(f"{base}/api/registry/heartbeat", token, body)
+            status, payload = _post(
+                f"{base}/api/registry/heartbeat", token, {**body, "healthy": healthy}
+            )
         except (OSError, ValueError) as exc:
             _log(f"heartbeat failed: {exc}")
             continue

@@ -46,7 +46,12 @@ def backend_for(workspace: Workspace, *, check: bool = True) -> WorkspaceBackend
     Raises ``BackendUnavailable`` naming the backend and the reason when it is unknown, not
     configured or not reachable, so the caller fails the workspace at once instead of waiting.
     """
-    name = workspace.backend or default_backend_name()
+    return backend_named(workspace.backend or default_backend_name(), check=check)
+
+
+def backend_named(name: str, *, check: bool = True) -> WorkspaceBackend:
+    """The backend registered as ``name`` (the reconciler asks per backend, not per workspace).
+    Raises ``BackendUnavailable`` like ``backend_for``."""
     try:
         backend = _construct(name)
     except BackendUnavailable:

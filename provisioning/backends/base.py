@@ -119,4 +119,14 @@ class WorkspaceBackend(ABC):
 
     @abstractmethod
     def list_instances(self) -> list[InstanceInfo]:
-        """Every instance this backend runs for the platform, in as few calls as possible."""
+        """Every instance this backend holds for the platform (running or exited), in one call
+        or as few as possible: the reconciler calls it once per pass, whatever the number of
+        workspaces. ``InstanceInfo.workspace_id`` is the id the instance is labelled with; it may
+        name a workspace the platform no longer knows (an orphan)."""
+
+    def remove_orphan(self, instance: InstanceInfo) -> None:
+        """Delete an instance labelled for a workspace that is removed or unknown, and its config
+        volume. Not found means done. The default removes by the labelled workspace id, which is
+        how every backend here names its resources; a backend whose instances can carry a label
+        that is not a workspace id overrides this and removes by ``instance.ref``."""
+        self.remove(UUID(instance.workspace_id), {})

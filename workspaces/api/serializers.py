@@ -75,6 +75,21 @@ class WorkspaceEventSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class LiveEventSerializer(WorkspaceEventSerializer):
+    """An event on the live stream: which workspace it belongs to is part of it."""
+
+    workspace_id = serializers.UUIDField(read_only=True)
+
+    class Meta(WorkspaceEventSerializer.Meta):
+        fields = ["id", "workspace_id", "type", "source", "generation", "payload", "created_at"]
+        read_only_fields = fields
+
+
+class EventStreamFilterSerializer(serializers.Serializer):
+    # Also accepted as the Last-Event-ID header, which EventSource sends when it reconnects.
+    after = serializers.IntegerField(required=False, min_value=0)
+
+
 class StatusFilterSerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=WorkspaceStatus.choices, required=False)
 

@@ -10,6 +10,7 @@ router.register("workspaces", views.WorkspaceViewSet, basename="workspace")
 urlpatterns = [
     path("", include(router.urls)),
     path("templates/", views.TemplateListView.as_view(), name="templates"),
+    path("events/stream", views.EventStreamView.as_view(), name="events-stream"),
     path("registry/register", views.RegisterView.as_view(), name="registry-register"),
     path("registry/heartbeat", views.HeartbeatView.as_view(), name="registry-heartbeat"),
 ]

@@ -7,9 +7,10 @@ from typing import Any, cast
 from django.contrib.auth.models import User
 from django.db import connection
 from django.db.models import QuerySet
-from django.http import HttpRequest, JsonResponse
-from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import mixins, status, viewsets
+from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import exceptions, mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
@@ -18,13 +19,14 @@ from rest_framework.views import APIView
 
 from provisioning.manifests import templates
 from provisioning.redis_client import get_redis
-from workspaces import selectors, services
+from workspaces import live_events, selectors, services
 from workspaces.api.authentication import AgentTokenAuthentication
 from workspaces.api.permissions import IsAgent
 from workspaces.api.serializers import (
     AgentCallSerializer,
     AgentResponseSerializer,
     EventsFilterSerializer,
+    EventStreamFilterSerializer,
     StatusFilterSerializer,
     TemplateSerializer,
     WorkspaceCreateSerializer,
@@ -99,6 +101,54 @@ class WorkspaceViewSet(
         if page is not None:
             return self.get_paginated_response(WorkspaceEventSerializer(page, many=True).data)
         return Response(WorkspaceEventSerializer(events, many=True).data)
+
+
+class EventStreamView(APIView):
+    """Server-Sent Events: the caller's workspaces' events (staff: everyone's) as they are
+    recorded. Resume with ``Last-Event-ID`` (or ``?after=``): events with a larger id are
+    replayed from the database first. Each open stream holds one web thread for at most
+    ``EVENTS_STREAM_MAX_SECONDS``."""
+
+    def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
+        # A client asking for text/event-stream gets the stream; the errors raised before it
+        # opens (401, 400) are rendered as JSON whatever the Accept header said.
+        return super().perform_content_negotiation(request, force=True)
+
+    @extend_schema(
+        parameters=[
+            EventStreamFilterSerializer,
+            OpenApiParameter(
+                "Last-Event-ID",
+                int,
+                location=OpenApiParameter.HEADER,
+                required=False,
+                description="replay events with a larger id before the live ones",
+            ),
+        ],
+        responses={
+            (200, "text/event-stream"): OpenApiResponse(
+                OpenApiTypes.STR, description="`id: <event id>` + `data: <event JSON>` frames"
+            )
+        },
+    )
+    def get(self, request: Request) -> StreamingHttpResponse:
+        header = request.headers.get("Last-Event-ID", "").strip()
+        if header:
+            if not header.isdigit():
+                raise exceptions.ValidationError(
+                    {"Last-Event-ID": ["must be an event id (a non-negative integer)"]}
+                )
+            after: int | None = int(header)
+        else:
+            params = EventStreamFilterSerializer(data=request.query_params)
+            params.is_valid(raise_exception=True)
+            after = params.validated_data.get("after")
+        response = StreamingHttpResponse(
+            live_events.stream(request.user, after=after), content_type="text/event-stream"
+        )
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"  # nginx: pass each frame on at once
+        return response
 
 
 class TemplateListView(APIView):

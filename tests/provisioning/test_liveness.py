@@ -1,0 +1,131 @@
+"""The liveness sweep and the heartbeat path: compare-and-set flips, and the way back."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from provisioning.liveness import sweep_missed_heartbeats
+from tests.provisioning.test_reconciler import make_row
+from workspaces import services
+from workspaces.models import AgentToken, WorkspaceEvent
+from workspaces.status import DesiredState, EventSource, EventType, WorkspaceStatus
+
+S = WorkspaceStatus
+pytestmark = pytest.mark.django_db
+WINDOW = 30
+
+
+def _silent(workspace, seconds: float = WINDOW + 5) -> None:
+    type(workspace).objects.filter(id=workspace.id).update(
+        last_heartbeat_at=timezone.now() - timedelta(seconds=seconds)
+    )
+    workspace.refresh_from_db()
+
+
+def _token(workspace) -> AgentToken:
+    raw = services.issue_agent_token(workspace.id, workspace.generation)
+    token = services.authenticate_agent(raw)
+    assert token is not None
+    return token
+
+
+def test_sweep_flips_only_silent_online_and_degraded(user) -> None:
+    silent_online = make_row(user, S.ONLINE)
+    silent_degraded = make_row(user, S.DEGRADED)
+    fresh = make_row(user, S.ONLINE)
+    stopped = make_row(user, S.STOPPED)
+    provisioning = make_row(user, S.PROVISIONING, is_running=True)
+    for workspace in (silent_online, silent_degraded, stopped, provisioning):
+        _silent(workspace)
+
+    flipped = sweep_missed_heartbeats(window_seconds=WINDOW)
+
+    assert set(flipped) == {silent_online.id, silent_degraded.id}
+    for workspace, previous in ((silent_online, S.ONLINE), (silent_degraded, S.DEGRADED)):
+        workspace.refresh_from_db()
+        assert workspace.status == S.OFFLINE
+        # Silence says nothing about the instance: the row keeps what the backend last said.
+        assert workspace.is_running is True
+        (event,) = WorkspaceEvent.objects.filter(workspace=workspace)
+        assert (event.type, event.source) == (EventType.OFFLINE, EventSource.LIVENESS)
+        assert event.payload["previous"] == previous
+        assert event.payload["window_seconds"] == WINDOW
+    for workspace, status in (
+        (fresh, S.ONLINE),
+        (stopped, S.STOPPED),
+        (provisioning, S.PROVISIONING),
+    ):
+        workspace.refresh_from_db()
+        assert workspace.status == status
+    assert sweep_missed_heartbeats(window_seconds=WINDOW) == []
+
+
+def test_a_heartbeat_between_read_and_flip_wins(user) -> None:
+    workspace = make_row(user, S.ONLINE)
+    _silent(workspace)
+    seen = workspace.last_heartbeat_at
+    services.record_heartbeat(_token(workspace), workspace.id)  # lands after the sweep's read
+    assert not services.mark_missed_heartbeats(
+        workspace.id,
+        workspace.generation,
+        previous=S.ONLINE,
+        last_heartbeat_at=seen,
+        window_seconds=WINDOW,
+    )
+    workspace.refresh_from_db()
+    assert workspace.status == S.ONLINE
+
+
+def test_a_new_cycle_between_read_and_flip_wins(user) -> None:
+    workspace = make_row(user, S.ONLINE, generation=2)
+    _silent(workspace)
+    assert not services.mark_missed_heartbeats(
+        workspace.id,
+        1,
+        previous=S.ONLINE,
+        last_heartbeat_at=workspace.last_heartbeat_at,
+        window_seconds=WINDOW,
+    )
+
+
+def test_next_heartbeat_brings_it_back_and_unhealthy_degrades(user) -> None:
+    workspace = make_row(user, S.ONLINE)
+    token = _token(workspace)
+    _silent(workspace)
+    sweep_missed_heartbeats(window_seconds=WINDOW)
+    assert services.record_heartbeat(token, workspace.id).status == S.ONLINE
+    assert services.record_heartbeat(token, workspace.id, healthy=False).status == S.DEGRADED
+    assert services.record_heartbeat(token, workspace.id).status == S.ONLINE
+    types = list(WorkspaceEvent.objects.filter(workspace=workspace).values_list("type", flat=True))
+    assert types == [EventType.OFFLINE, EventType.ONLINE, EventType.DEGRADED, EventType.ONLINE]
+
+
+def test_removed_workspace_is_never_revived(user) -> None:
+    workspace = make_row(user, S.ONLINE)
+    token = _token(workspace)
+    type(workspace).objects.filter(id=workspace.id).update(
+        status=S.REMOVED, is_running=False, desired_state=DesiredState.REMOVED
+    )
+    with pytest.raises(services.AgentAuthError):
+        services.record_heartbeat(token, workspace.id)
+    assert sweep_missed_heartbeats(window_seconds=0) == []
+    workspace.refresh_from_db()
+    assert workspace.status == S.REMOVED
+
+
+def test_heartbeat_http_for_removed_workspace_is_refused(user, client) -> None:
+    workspace = make_row(user, S.ONLINE)
+    raw = services.issue_agent_token(workspace.id, workspace.generation)
+    type(workspace).objects.filter(id=workspace.id).update(status=S.REMOVED, is_running=False)
+    response = client.post(
+        "/api/registry/heartbeat",
+        {"workspace_id": str(workspace.id), "healthy": True},
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {raw}",
+    )
+    assert response.status_code == 401
+    workspace.refresh_from_db()
+    assert workspace.status == S.REMOVED
