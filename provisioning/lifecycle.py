@@ -67,8 +67,10 @@ def converge(
     workspace_id: UUID, *, holder: str | None = None, final_attempt: bool = True
 ) -> list[str]:
     """Run the cycles the workspace needs, under its gate. Raises ``gate.GateBusy`` at once if
-    another holder runs a cycle; returns the actions run (empty when there was nothing to do)."""
+    another holder runs a cycle, or after a cycle found its lease lost; returns the actions run
+    (empty when there was nothing to do)."""
     done: list[str] = []
+    lost = False
     with gate.hold(workspace_id, holder) as lease:
         for _ in range(MAX_CYCLES_PER_HOLD):
             workspace = Workspace.objects.filter(id=workspace_id).first()
@@ -83,10 +85,16 @@ def converge(
             except services.LeaseLost as exc:
                 # A newer cycle took over (our lease expired): it owns the workspace now.
                 logger.warning("cycle %s for %s abandoned: %s", action, workspace_id, exc)
+                lost = True
                 break
             if not ran:
                 break
             done.append(action.value)
+    if lost:
+        # Usually a newer holder runs the workspace now; but the lease may also have lapsed with
+        # nobody else holding it, and then this intent would wait for the redrive sweep. Being
+        # told "busy" makes the caller come back once, which is harmless either way.
+        raise gate.GateBusy(str(workspace_id))
     return done
 
 

@@ -315,7 +315,13 @@ def begin_cycle(
                 EventType.PROVISIONING,
                 EventSource.LIFECYCLE,
                 workspace.generation,
-                {"action": action, "template": workspace.template, "runtime": workspace.runtime},
+                {
+                    "action": action,
+                    "template": workspace.template,
+                    "runtime": workspace.runtime,
+                    # The requests this cycle answers (all up to this seq): shows the coalescing.
+                    "seq": workspace.requested_seq,
+                },
             )
     return CycleStart(workspace, workspace.generation, workspace.requested_seq)
 
