@@ -688,3 +688,47 @@ def test_inspect_workspace_gates_lists_the_held_gates(
     assert result.returncode == 0, result.stdout + result.stderr
     assert str(workspace.id) not in result.stdout
     assert "gates" in result.stdout
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_a_whole_worker_node_killed_mid_cycle_is_redriven(
+    gate_workers: list[Worker], user: Any, settings: Any
+) -> None:
+    """When the whole node dies its unacked message waits for the visibility timeout; the
+    redrive sweep is what brings the workspace back well before that."""
+    from provisioning.tasks import redrive_pending
+
+    workspace = _online(user, "node-down", SLOW_TEMPLATE)
+    generation = workspace.generation
+    settings.REDRIVE_INTERVAL_SECONDS = 1
+    with Sampler([str(workspace.id)]) as sampler:
+        services.request_restart(workspace.id)
+        worker, _ = wait_for(
+            lambda: (
+                (record := _gate_record(gate_workers, workspace.id))
+                and record[1]["generation"] == generation + 1
+                and record
+            ),
+            timeout=15,
+            message="a worker to hold the gate in the slow cycle",
+        )
+        worker.kill()  # the main process and its pool children, mid-cycle
+        try:
+            wait_for(
+                lambda: not gate.is_held(workspace.id),
+                timeout=GATE_LEASE + 2,
+                message="the dead node's lease to run out",
+            )
+            time.sleep(1.5)  # past REDRIVE_INTERVAL_SECONDS since the cycle's last write
+            row = Workspace.objects.get(id=workspace.id)
+            assert row.has_pending_intent and row.generation == generation + 1
+            assert redrive_pending() == 1
+            _wait_settled(workspace.id, timeout=2 * GRACE + 20)
+            _exactly_one_instance(workspace.id)
+        finally:
+            worker.start()  # the next tests get their three workers back
+
+    assert sampler.overlaps == [], sampler.overlaps[:5]
+    assert _failures(workspace.id) == []
+    assert redrive_pending() == 0  # nothing pending any more
