@@ -33,10 +33,10 @@ CONVERGE_MAX_RETRIES = 5
     time_limit=settings.CYCLE_TIME_LIMIT_SECONDS,
     soft_time_limit=settings.CYCLE_SOFT_TIME_LIMIT_SECONDS,
 )
-def converge_workspace(self: Any, workspace_id: str, retry: bool = False) -> list[str]:
+def converge_workspace(self: Any, workspace_id: str, busy_retry: bool = False) -> list[str]:
     """Bring one workspace's backend to what was asked (provision / start / stop / restart /
     remove), under its gate. Safe to run any number of times, in any order."""
-    if retry:
+    if busy_retry:
         gate.release_retry(workspace_id)
     final_attempt = self.request.retries >= CONVERGE_MAX_RETRIES
     try:
@@ -49,7 +49,9 @@ def converge_workspace(self: Any, workspace_id: str, retry: bool = False) -> lis
         # expires). Requests that find a retry already scheduled leave it at that: coalescing.
         countdown = settings.GATE_BUSY_RETRY_SECONDS
         if gate.claim_retry(workspace_id, countdown):
-            converge_workspace.apply_async((workspace_id,), {"retry": True}, countdown=countdown)
+            converge_workspace.apply_async(
+                (workspace_id,), {"busy_retry": True}, countdown=countdown
+            )
         return []
     if len(done) >= lifecycle.MAX_CYCLES_PER_HOLD:
         # The hold stopped at its cap so one busy workspace cannot keep a worker to itself;

@@ -286,7 +286,7 @@ def django_now() -> Any:
 
 # --- real workers -------------------------------------------------------------------------------
 GATE_LEASE = 3
-GRACE = 3
+GRACE = 4
 RETRY = 1
 QUEUE = "gate-tests"
 SLOW_TEMPLATE = "slow-stop"
