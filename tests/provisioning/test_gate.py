@@ -269,6 +269,17 @@ def test_stop_restart_and_delete_are_accepted_in_every_live_status(
 
 
 @pytest.mark.django_db(transaction=True)
+def test_delete_is_accepted_again_while_removing(user: Any, api: APIClient) -> None:
+    workspace = _workspace(user)
+    Workspace.objects.filter(id=workspace.id).update(status=S.REMOVING, generation=2)
+    response = api.delete(f"/api/workspaces/{workspace.id}/")
+    assert response.status_code == 202, response.content
+    assert Workspace.objects.get(id=workspace.id).status == S.REMOVING
+    # Nothing leaves removing but removed: a stop or restart now would undo the delete.
+    assert api.post(f"/api/workspaces/{workspace.id}/restart/").status_code == 409
+
+
+@pytest.mark.django_db(transaction=True)
 def test_nothing_is_accepted_once_removed(user: Any, api: APIClient) -> None:
     workspace = _workspace(user)
     Workspace.objects.filter(id=workspace.id).update(status=S.REMOVED)
