@@ -29,12 +29,17 @@ from redis.exceptions import LockError, LockNotOwnedError, RedisError
 from redis.lock import Lock
 
 from provisioning.redis_client import get_redis
+from workspaces import services
 
 logger = logging.getLogger(__name__)
 
 
 class GateBusy(Exception):
     """Another holder runs a cycle for this workspace; try again later."""
+
+
+class LeaseExpired(services.LeaseLost):
+    """This holder's lease ran out (or was taken over): it must not touch the backend again."""
 
 
 def gate_key(workspace_id: UUID | str) -> str:
@@ -68,6 +73,32 @@ class Lease:
     def set_generation(self, generation: int) -> None:
         self.generation = generation
         _record_held(self)
+
+    def confirm(self) -> bool:
+        """Whether this holder still owns the gate, renewing the lease to its full length.
+
+        Called right before each backend call and, under the workspace's row lock, before a cycle
+        bumps the generation: a holder that was paused past its lease learns it here instead of
+        acting on a workspace someone else now owns.
+        """
+        if self.lost.is_set():
+            return False
+        try:
+            self.lock.reacquire()
+        except LockNotOwnedError:
+            self.lost.set()
+            return False
+        except RedisError as exc:
+            # Cannot tell: act as if lost. The cycle stops; PostgreSQL keeps the row consistent
+            # and the intent stays pending for the next converge.
+            logger.warning("gate for %s could not be confirmed: %s", self.workspace_id, exc)
+            return False
+        return True
+
+    def ensure(self) -> None:
+        """Raise ``LeaseExpired`` unless this holder still owns the gate (see ``confirm``)."""
+        if not self.confirm():
+            raise LeaseExpired(f"gate lease for workspace {self.workspace_id} was lost")
 
     def _renew_forever(self) -> None:
         interval = max(self.lease_seconds / 3.0, 0.5)
@@ -143,6 +174,26 @@ def hold(workspace_id: UUID | str, holder: str | None = None) -> Iterator[Lease]
 
 def is_held(workspace_id: UUID | str) -> bool:
     return bool(get_redis().exists(gate_key(workspace_id)))
+
+
+def _retry_key(workspace_id: UUID | str) -> str:
+    return f"{settings.GATE_KEY_PREFIX}:retry:{workspace_id}"
+
+
+def claim_retry(workspace_id: UUID | str, countdown: float) -> bool:
+    """Claim the one retry slot of a busy workspace; False if a retry is already scheduled.
+
+    Thirty requests that find the gate busy then schedule one retry between them instead of
+    thirty tasks polling the gate. The slot expires on its own, so a retry lost with a dead
+    worker does not block the next one for long (the redrive sweep is the last resort).
+    """
+    ttl_ms = int((2 * countdown + 5) * 1000)
+    return bool(get_redis().set(_retry_key(workspace_id), b"1", nx=True, px=ttl_ms))
+
+
+def release_retry(workspace_id: UUID | str) -> None:
+    """The scheduled retry is running: the next one that finds the gate busy may schedule again."""
+    get_redis().delete(_retry_key(workspace_id))
 
 
 def gates_held_by(holder: str) -> list[dict[str, Any]]:

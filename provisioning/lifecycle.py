@@ -67,8 +67,10 @@ def converge(
     workspace_id: UUID, *, holder: str | None = None, final_attempt: bool = True
 ) -> list[str]:
     """Run the cycles the workspace needs, under its gate. Raises ``gate.GateBusy`` at once if
-    another holder runs a cycle; returns the actions run (empty when there was nothing to do)."""
+    another holder runs a cycle, or after a cycle found its lease lost; returns the actions run
+    (empty when there was nothing to do)."""
     done: list[str] = []
+    lost = False
     with gate.hold(workspace_id, holder) as lease:
         for _ in range(MAX_CYCLES_PER_HOLD):
             workspace = Workspace.objects.filter(id=workspace_id).first()
@@ -83,10 +85,16 @@ def converge(
             except services.LeaseLost as exc:
                 # A newer cycle took over (our lease expired): it owns the workspace now.
                 logger.warning("cycle %s for %s abandoned: %s", action, workspace_id, exc)
+                lost = True
                 break
             if not ran:
                 break
             done.append(action.value)
+    if lost:
+        # Usually a newer holder runs the workspace now; but the lease may also have lapsed with
+        # nobody else holding it, and then this intent would wait for the redrive sweep. Being
+        # told "busy" makes the caller come back once, which is harmless either way.
+        raise gate.GateBusy(str(workspace_id))
     return done
 
 
@@ -146,7 +154,9 @@ def _fail(
 def _start_cycle(
     workspace: Workspace, action: Action, lease: gate.Lease, final_attempt: bool
 ) -> bool:
-    cycle = services.begin_cycle(workspace.id, S.PROVISIONING, action=action.value)
+    cycle = services.begin_cycle(
+        workspace.id, S.PROVISIONING, action=action.value, still_owner=lease.confirm
+    )
     if cycle is None:
         return False
     lease.set_generation(cycle.generation)
@@ -202,10 +212,12 @@ def _start_cycle(
         state = dict(workspace.backend_state)
         if _leftover_possible(workspace):
             # Replace whatever runs (an earlier cycle's, or a killed worker's) before the new one.
+            lease.ensure()
             state = backend.stop(workspace.id, state, settings.STOP_GRACE_SECONDS)
             services.record_backend_facts(
                 workspace.id, generation, is_running=False, backend_state=state
             )
+        lease.ensure()
         state = backend.prepare(spec, state)
         if not _ensure_config(backend, spec, state, workspace, generation, seq):
             return True
@@ -213,6 +225,9 @@ def _start_cycle(
         spec = LaunchSpec(
             workspace.id, generation, template, {**spec.env, "WORKSPACE_TOKEN": token}
         )
+        # The last moment to find out that a newer holder owns the workspace: after this an
+        # instance runs. The stop grace above may have taken a while; confirming also renews.
+        lease.ensure()
         state = backend.start(spec, state)
         services.record_backend_facts(
             workspace.id,
@@ -302,7 +317,9 @@ def _ensure_config(
 def _stop_cycle(
     workspace: Workspace, action: Action, lease: gate.Lease, final_attempt: bool
 ) -> bool:
-    cycle = services.begin_cycle(workspace.id, S.STOPPING, action=action.value)
+    cycle = services.begin_cycle(
+        workspace.id, S.STOPPING, action=action.value, still_owner=lease.confirm
+    )
     if cycle is None:
         return False
     lease.set_generation(cycle.generation)
@@ -323,6 +340,7 @@ def _stop_cycle(
             services.complete_stop(workspace.id, generation, seq, dict(workspace.backend_state))
         return True
     try:
+        lease.ensure()
         state = backend.stop(workspace.id, workspace.backend_state, settings.STOP_GRACE_SECONDS)
     except TransientBackendError as exc:
         if not final_attempt:
@@ -353,7 +371,9 @@ def _stop_cycle(
 def _remove_cycle(
     workspace: Workspace, action: Action, lease: gate.Lease, final_attempt: bool
 ) -> bool:
-    cycle = services.begin_cycle(workspace.id, S.REMOVING, action=action.value)
+    cycle = services.begin_cycle(
+        workspace.id, S.REMOVING, action=action.value, still_owner=lease.confirm
+    )
     if cycle is None:
         return False
     lease.set_generation(cycle.generation)
@@ -368,6 +388,7 @@ def _remove_cycle(
         services.record_error(workspace.id, generation, f"removal waits: {exc}")
         return False
     try:
+        lease.ensure()
         backend.remove(workspace.id, workspace.backend_state)
     except BackendError as exc:
         services.record_error(workspace.id, generation, f"removal failed, will retry: {exc}")

@@ -33,19 +33,31 @@ CONVERGE_MAX_RETRIES = 5
     time_limit=settings.CYCLE_TIME_LIMIT_SECONDS,
     soft_time_limit=settings.CYCLE_SOFT_TIME_LIMIT_SECONDS,
 )
-def converge_workspace(self: Any, workspace_id: str) -> list[str]:
+def converge_workspace(self: Any, workspace_id: str, busy_retry: bool = False) -> list[str]:
     """Bring one workspace's backend to what was asked (provision / start / stop / restart /
     remove), under its gate. Safe to run any number of times, in any order."""
+    if busy_retry:
+        gate.release_retry(workspace_id)
     final_attempt = self.request.retries >= CONVERGE_MAX_RETRIES
     try:
-        return lifecycle.converge(
+        done = lifecycle.converge(
             UUID(workspace_id), holder=self.request.hostname, final_attempt=final_attempt
         )
     except gate.GateBusy:
-        # A cycle runs now. Its loop re-reads the intent when it finishes, and this task comes
-        # back shortly in case the holder died (its lease then expires). Nothing blocks a worker.
-        converge_workspace.apply_async((workspace_id,), countdown=settings.GATE_BUSY_RETRY_SECONDS)
+        # A cycle runs now. Its loop re-reads the intent when it finishes; one retry comes back
+        # shortly in case the holder read the row before this request or died (its lease then
+        # expires). Requests that find a retry already scheduled leave it at that: coalescing.
+        countdown = settings.GATE_BUSY_RETRY_SECONDS
+        if gate.claim_retry(workspace_id, countdown):
+            converge_workspace.apply_async(
+                (workspace_id,), {"busy_retry": True}, countdown=countdown
+            )
         return []
+    if len(done) >= lifecycle.MAX_CYCLES_PER_HOLD:
+        # The hold stopped at its cap so one busy workspace cannot keep a worker to itself;
+        # whatever intent is left goes back to the queue.
+        converge_workspace.delay(workspace_id)
+    return done
 
 
 # Every sweep sets its soft limit with its hard one: the global soft limit (a cycle's) is longer

@@ -76,11 +76,15 @@ class Worker:
         concurrency: int = 2,
         name: str | None = None,
         log_dir: Path | None = None,
+        queues: str | None = None,
     ) -> None:
         self.name = f"{name or 'w' + uuid.uuid4().hex[:6]}@{socket.gethostname()}"
         self.env = env
         self.concurrency = concurrency
         self.log_path = (log_dir or Path(settings.WORKSPACE_DATA_DIR)) / f"{self.name}.log"
+        self.queues = (
+            queues or f"{settings.CELERY_TASK_DEFAULT_QUEUE},{settings.CELERY_SWEEP_QUEUE}"
+        )
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> Worker:
@@ -88,7 +92,6 @@ class Worker:
 
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the worker
-        queues = f"{settings.CELERY_TASK_DEFAULT_QUEUE},{settings.CELERY_SWEEP_QUEUE}"
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -106,7 +109,7 @@ class Worker:
                 "-n",
                 self.name,
                 "-Q",
-                queues,
+                self.queues,
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",

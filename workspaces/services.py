@@ -19,7 +19,7 @@ import hashlib
 import logging
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -295,13 +295,27 @@ class CycleStart:
     seq: int  # requested_seq when the cycle began; handled_seq becomes this on completion
 
 
-def begin_cycle(workspace_id: UUID, target: WorkspaceStatus, *, action: str) -> CycleStart | None:
-    """Bump the generation and move to ``target``; None if the status no longer allows it."""
+def begin_cycle(
+    workspace_id: UUID,
+    target: WorkspaceStatus,
+    *,
+    action: str,
+    still_owner: Callable[[], bool] | None = None,
+) -> CycleStart | None:
+    """Bump the generation and move to ``target``; None if the status no longer allows it.
+
+    ``still_owner`` (the gate's lease check) runs while the row is locked. A holder that passes
+    it owned the gate at that moment, so anyone who takes the gate later blocks on this row lock
+    until the bump commits and then bumps past it: a holder paused beyond its lease can never
+    begin a cycle over a newer holder's. Raises ``LeaseLost`` when the check fails.
+    """
     now = timezone.now()
     with transaction.atomic():
         workspace = _locked(workspace_id)
         if workspace.status not in allowed_sources(target):
             return None
+        if still_owner is not None and not still_owner():
+            raise LeaseLost(f"the gate of workspace {workspace_id} is no longer ours")
         fields: dict[str, Any] = {"generation": workspace.generation + 1}
         if target == S.PROVISIONING:
             fields.update(provisioning_started_at=now, last_error="")
@@ -314,7 +328,13 @@ def begin_cycle(workspace_id: UUID, target: WorkspaceStatus, *, action: str) -> 
                 EventType.PROVISIONING,
                 EventSource.LIFECYCLE,
                 workspace.generation,
-                {"action": action, "template": workspace.template, "runtime": workspace.runtime},
+                {
+                    "action": action,
+                    "template": workspace.template,
+                    "runtime": workspace.runtime,
+                    # The requests this cycle answers (all up to this seq): shows the coalescing.
+                    "seq": workspace.requested_seq,
+                },
             )
     return CycleStart(workspace, workspace.generation, workspace.requested_seq)
 

@@ -38,15 +38,28 @@ from provisioning.backends.base import (
 
 # Runs the instance in a new session and exits at once, so the instance is re-parented away from
 # the worker (no zombies in the worker) and survives the worker. The environment arrives on
-# stdin, never in argv where `ps` would show secrets.
+# stdin, never in argv where `ps` would show secrets. The launcher, not the worker, records the
+# pid file: a worker killed right after the launch would otherwise leave a running instance no
+# later cycle can find, and the next start would run a second one.
 _LAUNCHER = """
-import json, subprocess, sys
+import json, os, subprocess, sys
 spec = json.load(sys.stdin)
 log = open(spec["log"], "ab")
 proc = subprocess.Popen(spec["argv"], env=spec["env"], cwd=spec["cwd"],
                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                         start_new_session=True, close_fds=True)
-print(proc.pid)
+try:
+    with open(f"/proc/{proc.pid}/stat") as handle:
+        stat = handle.read()
+    start_time = int(stat[stat.rfind(")") + 2:].split()[19])
+except (OSError, ValueError, IndexError):
+    start_time = None
+instance = {"pid": proc.pid, "start_time": start_time, "generation": spec["generation"]}
+tmp = spec["instance_file"] + ".tmp"
+with open(tmp, "w") as handle:
+    json.dump(instance, handle)
+os.replace(tmp, spec["instance_file"])
+print(json.dumps(instance))
 """
 
 
@@ -91,12 +104,6 @@ class ProcessBackend(WorkspaceBackend):
             return dict(json.loads(self._instance_file(workspace_id).read_text()))
         except (OSError, ValueError):
             return {}
-
-    def _write_instance(self, workspace_id: UUID | str, data: dict[str, Any]) -> None:
-        path = self._instance_file(workspace_id)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
 
     # -- contract ------------------------------------------------------------------------------
     def check_available(self) -> None:
@@ -151,6 +158,8 @@ class ProcessBackend(WorkspaceBackend):
             "env": env,
             "cwd": str(directory),
             "log": str(directory / "agent.log"),
+            "instance_file": str(self._instance_file(spec.workspace_id)),
+            "generation": spec.generation,
         }
         try:
             launched = subprocess.run(
@@ -165,12 +174,10 @@ class ProcessBackend(WorkspaceBackend):
         if launched.returncode != 0:
             detail = launched.stderr.decode(errors="replace").strip().splitlines()[-1:]
             raise BackendError(f"could not launch the workspace process: {' '.join(detail)}")
-        pid = int(launched.stdout.strip())
-        start_time = _proc_start_time(pid)
-        if start_time is None:
+        instance = dict(json.loads(launched.stdout))
+        pid = int(instance["pid"])
+        if instance.get("start_time") is None or _proc_start_time(pid) is None:
             raise BackendError(f"the workspace process (pid {pid}) exited at once; see agent.log")
-        instance = {"pid": pid, "start_time": start_time, "generation": spec.generation}
-        self._write_instance(spec.workspace_id, instance)
         return {**instance, "started_at": time.time()}
 
     def _find(self, workspace_id: UUID | str, state: State) -> tuple[int | None, int | None]:
