@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,19 +77,22 @@ class Worker:
         concurrency: int = 2,
         name: str | None = None,
         log_dir: Path | None = None,
+        queues: str | None = None,
     ) -> None:
         self.name = f"{name or 'w' + uuid.uuid4().hex[:6]}@{socket.gethostname()}"
         self.env = env
         self.concurrency = concurrency
         self.log_path = (log_dir or Path(settings.WORKSPACE_DATA_DIR)) / f"{self.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.queues = (
+            queues or f"{settings.CELERY_TASK_DEFAULT_QUEUE},{settings.CELERY_SWEEP_QUEUE}"
+        )
 
     def start(self, timeout: float = 60.0) -> Worker:
         from project.celery import app
 
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the worker
-        queues = f"{settings.CELERY_TASK_DEFAULT_QUEUE},{settings.CELERY_SWEEP_QUEUE}"
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -106,7 +110,7 @@ class Worker:
                 "-n",
                 self.name,
                 "-Q",
-                queues,
+                self.queues,
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",
@@ -158,3 +162,17 @@ def kill_all_instances() -> None:
     backend = ProcessBackend(Path(settings.WORKSPACE_DATA_DIR))
     for info in backend.list_instances():
         backend.stop(uuid.UUID(info.workspace_id), {}, grace_seconds=0.5)
+
+
+@contextlib.contextmanager
+def lifecycle_queue(name: str) -> Iterator[None]:
+    """Publish this process's lifecycle tasks to queue ``name`` for the block, so only the worker
+    consuming it (say, one whose DOCKER_HOST points at a dead engine) runs them."""
+    from project.celery import app
+
+    previous = app.conf.task_default_queue
+    app.conf.task_default_queue = name
+    try:
+        yield
+    finally:
+        app.conf.task_default_queue = previous

@@ -173,10 +173,15 @@ class DockerBackend(WorkspaceBackend):
     def client(self) -> docker.DockerClient:
         with self._lock:
             if self._client is None:
-                # Construction may ask the engine for its API version: unreachable is reported
-                # as BackendUnavailable by check_available, and by engine_errors elsewhere.
-                with engine_errors("connecting"):
+                # Construction may ask the engine for its API version. Unreachable is
+                # BackendUnavailable in check_available and transient mid-cycle, like any
+                # connection failure.
+                try:
                     self._client = make_client()
+                except (docker.errors.DockerException, requests.RequestException) as exc:
+                    raise TransientBackendError(
+                        f"docker: cannot reach the engine at {engine_url()}: {_root_cause(exc)}"
+                    ) from exc
             return self._client
 
     def check_available(self) -> None:
@@ -257,7 +262,8 @@ class DockerBackend(WorkspaceBackend):
             "detach": True,
         }
         if spec.template.command:
-            kwargs["command"] = list(spec.template.command)
+            # The template's command runs instead of the platform's agent (the image's entrypoint).
+            kwargs["entrypoint"] = list(spec.template.command)
         for attempt in range(_CREATE_ATTEMPTS):
             try:
                 with engine_errors(f"creating container {spec.name} from {self._image(spec)}"):

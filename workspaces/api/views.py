@@ -26,6 +26,8 @@ from workspaces.api.serializers import (
     AgentResponseSerializer,
     EventsFilterSerializer,
     StatusFilterSerializer,
+    TeamCreateSerializer,
+    TeamSerializer,
     TemplateSerializer,
     WorkspaceCreateSerializer,
     WorkspaceEventSerializer,
@@ -99,6 +101,18 @@ class WorkspaceViewSet(
         if page is not None:
             return self.get_paginated_response(WorkspaceEventSerializer(page, many=True).data)
         return Response(WorkspaceEventSerializer(events, many=True).data)
+
+
+class TeamCreateView(APIView):
+    @extend_schema(request=TeamCreateSerializer, responses={201: TeamSerializer})
+    def post(self, request: Request) -> Response:
+        data = TeamCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        team = services.create_team(owner=cast(User, request.user), **data.validated_data)
+        return Response(
+            TeamSerializer({"parent": team.parent, "members": team.members}).data,
+            status=status.HTTP_201_CREATED,
+        )
 
 
 class TemplateListView(APIView):
