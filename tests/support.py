@@ -176,3 +176,17 @@ def lifecycle_queue(name: str) -> Iterator[None]:
         yield
     finally:
         app.conf.task_default_queue = previous
+
+
+def api_events(api: Any, workspace_id: str) -> list[dict]:
+    response = api.get(f"/api/workspaces/{workspace_id}/events/?page_size=500")
+    assert response.status_code == 200, response.content
+    return list(response.json()["results"])
+
+
+def docker_containers(engine: Any, workspace_id: str) -> list[Any]:
+    """Every container on the engine labelled with the workspace's id, running or not."""
+    from provisioning.backends.docker import platform_filter, workspace_filter
+
+    labels = [platform_filter(), workspace_filter(workspace_id)]
+    return list(engine.containers.list(all=True, filters={"label": labels}))

@@ -69,6 +69,10 @@ def platform_filter() -> str:
     return f"{_label('platform')}={settings.PLATFORM_ID}"
 
 
+def workspace_filter(workspace_id: UUID | str) -> str:
+    return f"{_label('workspace-id')}={workspace_id}"
+
+
 def engine_url() -> str:
     return str(settings.DOCKER_HOST or "the default socket (unix:///var/run/docker.sock)")
 
