@@ -15,6 +15,7 @@ from django.conf import settings
 from provisioning.backends.base import CONFIG_MARKER
 from provisioning.backends.docker import _label
 from tests.support import api_events, docker_containers, wait_for
+from workspaces.models import Workspace
 from workspaces.status import EventType, WorkspaceStatus
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.django_db(transaction=True)]
@@ -150,3 +151,33 @@ def test_docker_leftover_container_is_replaced_not_a_conflict(
     assert api.delete(f"/api/workspaces/{workspace_id}/").status_code == 202
     wait_status(api, workspace_id, S.REMOVED)
     assert docker_containers(docker_engine, workspace_id) == []
+
+
+def test_docker_restart_burst_ends_with_one_container_and_no_conflict(
+    api, on_docker, docker_engine, platform_url
+) -> None:
+    response = api.post(
+        "/api/workspaces/", {"name": "burst", "template": "shell-default"}, format="json"
+    )
+    workspace_id = response.json()["id"]
+    online = wait_status(api, workspace_id, S.ONLINE)
+    # Restart requests race the worker's three processes; the gate serialises the cycles and
+    # every cycle replaces the container under the same name.
+    for _ in range(6):
+        assert api.post(f"/api/workspaces/{workspace_id}/restart/").status_code == 202
+
+    def settled() -> dict | None:
+        body = get(api, workspace_id)
+        assert body["status"] != S.FAILED, body
+        ws = Workspace.objects.get(id=workspace_id)
+        done = body["status"] == S.ONLINE and not ws.has_pending_intent
+        return body if done and body["generation"] > online["generation"] else None
+
+    final = wait_for(settled, timeout=90, message="the restart burst to settle")
+    container = running_container(docker_engine, workspace_id)
+    assert container.labels[_label("generation")] == str(final["generation"])
+    assert len(docker_engine.volumes.list(filters={"name": f"ws-{workspace_id}-configs"})) == 1
+    types = [event["type"] for event in api_events(api, workspace_id)]
+    assert EventType.PROVISION_FAILED not in types
+    assert api.delete(f"/api/workspaces/{workspace_id}/").status_code == 202
+    wait_status(api, workspace_id, S.REMOVED)
