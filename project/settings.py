@@ -202,6 +202,19 @@ DOCKER_NETWORK_MODE = env_str("DOCKER_NETWORK_MODE", "host")
 DOCKER_AGENT_IMAGE = env_str("DOCKER_AGENT_IMAGE", "workspace-agent:dev")
 DOCKER_CONFIG_MOUNT = env_str("DOCKER_CONFIG_MOUNT", "/workspace/config")
 DOCKER_TIMEOUT_SECONDS = env_int("DOCKER_TIMEOUT_SECONDS", 30, minimum=1)
+# Docker backend: labels, start wait and the agent image build.
+# Every container and volume the platform creates carries ``<prefix>.platform=<PLATFORM_ID>``;
+# listing and orphan cleanup only ever touch objects with this platform's label, so several
+# control planes (or test sessions) can share one engine.
+PLATFORM_ID = env_str("PLATFORM_ID", "default")
+DOCKER_LABEL_PREFIX = env_str("DOCKER_LABEL_PREFIX", "io.workspaces")
+# Pinned engine API version, or "auto" to ask the engine (one extra call per process).
+DOCKER_API_VERSION = env_str("DOCKER_API_VERSION", "auto")
+# How long start() waits for the engine to report the container running.
+DOCKER_START_WAIT_SECONDS = env_int("DOCKER_START_WAIT_SECONDS", 20, minimum=1)
+# Where `manage.py build_agent_image` takes the static busybox binary from (Debian's
+# busybox-static package installs it at /bin/busybox).
+DOCKER_AGENT_BUSYBOX = env_str("DOCKER_AGENT_BUSYBOX", "/bin/busybox")
 
 # --- Reconciliation, liveness and live events ---------------------------------------------------
 # One reconciliation pass compares every non-removed workspace with its backend (one

@@ -205,10 +205,16 @@ def _start_cycle(
         )
         return True
 
-    spec = LaunchSpec(
-        workspace.id, generation, template, launch_env(workspace, template, generation)
-    )
     try:
+        # The token comes before prepare: a backend whose instance's environment is fixed when
+        # it is created (a Docker container) creates it there, with the token, once per cycle.
+        token = services.issue_agent_token(workspace.id, generation)
+        spec = LaunchSpec(
+            workspace.id,
+            generation,
+            template,
+            {**launch_env(workspace, template, generation), "WORKSPACE_TOKEN": token},
+        )
         state = dict(workspace.backend_state)
         if _leftover_possible(workspace):
             # Replace whatever runs (an earlier cycle's, or a killed worker's) before the new one.
@@ -221,10 +227,6 @@ def _start_cycle(
         state = backend.prepare(spec, state)
         if not _ensure_config(backend, spec, state, workspace, generation, seq):
             return True
-        token = services.issue_agent_token(workspace.id, generation)
-        spec = LaunchSpec(
-            workspace.id, generation, template, {**spec.env, "WORKSPACE_TOKEN": token}
-        )
         # The last moment to find out that a newer holder owns the workspace: after this an
         # instance runs. The stop grace above may have taken a while; confirming also renews.
         lease.ensure()

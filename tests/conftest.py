@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from provisioning.redis_client import get_redis
-from tests.support import Worker, kill_all_instances, service_env
+from tests.support import Worker, kill_all_instances, lifecycle_queue, service_env
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -88,3 +89,51 @@ def celery_worker(worker_env: dict[str, str]) -> Iterator[Worker]:
     worker.stop()
     # Keep the log where a person can read it after the data folder is cleaned up.
     shutil.copy(worker.log_path, Path(tempfile.gettempdir()) / "e2e-worker.log")
+
+
+# --- Docker ------------------------------------------------------------------------------------
+DOCKER_QUEUE = "lifecycle-docker"
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[Any]:
+    """A client for the real engine at DOCKER_HOST, with the agent image built on it.
+
+    Skips only when no DOCKER_HOST is configured and REQUIRE_DOCKER is unset; CI sets
+    REQUIRE_DOCKER=1, so there a missing or unreachable engine fails instead of skipping.
+    At the end, removes every container and volume labelled with this session's PLATFORM_ID.
+    """
+    if not settings.DOCKER_HOST:
+        if os.environ.get("REQUIRE_DOCKER"):
+            pytest.fail("REQUIRE_DOCKER is set but DOCKER_HOST is not: start dockerd, export it")
+        pytest.skip("no Docker engine configured (set DOCKER_HOST; CI sets REQUIRE_DOCKER=1)")
+    from provisioning.backends.docker import build_agent_image, make_client, platform_filter
+
+    client = make_client()
+    client.ping()  # an unreachable configured engine is an error, never a skip
+    build_agent_image()
+    yield client
+    labelled: dict[str, Any] = {"label": platform_filter()}
+    for container in client.containers.list(all=True, filters=labelled, sparse=True):
+        container.remove(force=True)
+    for volume in client.volumes.list(filters=labelled):
+        volume.remove(force=True)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def docker_worker(docker_engine: Any, worker_env: dict[str, str]) -> Iterator[Worker]:
+    """A real Celery worker on the Docker backend, alone on its own lifecycle queue."""
+    env = {**worker_env, "WORKSPACE_BACKEND": "docker", "CELERY_LIFECYCLE_QUEUE": DOCKER_QUEUE}
+    worker = Worker(env, concurrency=3, name="docker", queues=DOCKER_QUEUE).start()
+    yield worker
+    worker.stop()
+    shutil.copy(worker.log_path, Path(tempfile.gettempdir()) / "e2e-docker-worker.log")
+
+
+@pytest.fixture
+def on_docker(docker_worker: Worker, settings: Any) -> Iterator[Worker]:
+    """New workspaces are recorded on the docker backend and their tasks go to docker_worker."""
+    settings.WORKSPACE_BACKEND = "docker"
+    with lifecycle_queue(DOCKER_QUEUE):
+        yield docker_worker

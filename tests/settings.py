@@ -11,6 +11,8 @@ import tempfile
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
 os.environ.setdefault("WORKSPACE_BACKEND", "process")
 os.environ.setdefault("GATE_KEY_PREFIX", "test-wsgate")
+# Docker objects of this session carry this platform label; teardown removes exactly those.
+os.environ.setdefault("PLATFORM_ID", f"test-{os.getpid()}")
 os.environ.setdefault("STOP_GRACE_SECONDS", "3")
 os.environ.setdefault(
     "WORKSPACE_DATA_DIR", os.path.join(tempfile.gettempdir(), f"ws-test-data-{os.getpid()}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +162,31 @@ def kill_all_instances() -> None:
     backend = ProcessBackend(Path(settings.WORKSPACE_DATA_DIR))
     for info in backend.list_instances():
         backend.stop(uuid.UUID(info.workspace_id), {}, grace_seconds=0.5)
+
+
+@contextlib.contextmanager
+def lifecycle_queue(name: str) -> Iterator[None]:
+    """Publish this process's lifecycle tasks to queue ``name`` for the block, so only the worker
+    consuming it (say, one whose DOCKER_HOST points at a dead engine) runs them."""
+    from project.celery import app
+
+    previous = app.conf.task_default_queue
+    app.conf.task_default_queue = name
+    try:
+        yield
+    finally:
+        app.conf.task_default_queue = previous
+
+
+def api_events(api: Any, workspace_id: str) -> list[dict]:
+    response = api.get(f"/api/workspaces/{workspace_id}/events/?page_size=500")
+    assert response.status_code == 200, response.content
+    return list(response.json()["results"])
+
+
+def docker_containers(engine: Any, workspace_id: str) -> list[Any]:
+    """Every container on the engine labelled with the workspace's id, running or not."""
+    from provisioning.backends.docker import platform_filter, workspace_filter
+
+    labels = [platform_filter(), workspace_filter(workspace_id)]
+    return list(engine.containers.list(all=True, filters={"label": labels}))

@@ -79,6 +79,7 @@ class WorkspaceAdmin(admin.ModelAdmin):
         "template",
         "runtime",
         "backend",
+        "parent",
         "status",
         "desired_state",
         "is_running",

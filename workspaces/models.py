@@ -32,6 +32,10 @@ class Workspace(models.Model):
     template = models.CharField(max_length=100)
     runtime = models.CharField(max_length=100)
     backend = models.CharField(max_length=32)
+    # The team's parent workspace when this one was created as a team member (POST /api/teams/).
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="members"
+    )
     status = models.CharField(
         max_length=16, choices=WorkspaceStatus.choices, default=WorkspaceStatus.PROVISIONING
     )

@@ -165,6 +165,50 @@ def transition(
 
 
 # --- requests ------------------------------------------------------------------------------------
+def _template_for(template: Any) -> Any:
+    from provisioning.manifests import templates
+
+    manifest = templates().get(template) if isinstance(template, str) else None
+    if manifest is None:
+        raise InvalidInput("template", f"unknown template {template!r}")
+    return manifest
+
+
+def _insert_workspace(
+    *,
+    owner: User,
+    name: str,
+    manifest: Any,
+    env: dict[str, str],
+    backend: str,
+    parent: Workspace | None = None,
+) -> Workspace:
+    """Insert one workspace asking to run and enqueue its converge after the commit."""
+    try:
+        # A savepoint, so a name clash surfaces as a clean 400 inside a caller's transaction.
+        with transaction.atomic():
+            workspace = Workspace.objects.create(
+                owner=owner,
+                name=name,
+                template=manifest.name,
+                runtime=manifest.runtime,
+                backend=backend,
+                parent=parent,
+                status=S.PROVISIONING,
+                desired_state=DesiredState.RUNNING,
+                env=env,
+                requested_seq=1,
+                handled_seq=0,
+                provisioning_started_at=timezone.now(),
+            )
+    except IntegrityError as exc:
+        if "workspace_name_unique_per_owner" in str(exc):
+            raise InvalidInput("name", f"you already have a workspace named {name!r}") from None
+        raise
+    _enqueue_converge(workspace.id)
+    return workspace
+
+
 def create_workspace(
     *,
     owner: User,
@@ -174,36 +218,95 @@ def create_workspace(
     backend: str | None = None,
 ) -> Workspace:
     from provisioning.backends import default_backend_name
+
+    validate_name(name)
+    clean_env = validate_env(env)
+    manifest = _template_for(template)
+    if manifest.is_team:
+        raise InvalidInput("template", f"{template!r} is a team template: use POST /api/teams/")
+    with transaction.atomic():
+        return _insert_workspace(
+            owner=owner,
+            name=name,
+            manifest=manifest,
+            env=clean_env,
+            backend=backend or default_backend_name(),
+        )
+
+
+def team_member_names(team_name: str, members: tuple[str, ...]) -> list[str]:
+    """``<team>-<member>``; a member template listed more than once is numbered
+    (``<team>-<member>-1``, ``-2``, ...)."""
+    counts = {member: members.count(member) for member in members}
+    seen: dict[str, int] = {}
+    names = []
+    for member in members:
+        seen[member] = seen.get(member, 0) + 1
+        suffix = f"-{seen[member]}" if counts[member] > 1 else ""
+        names.append(f"{team_name}-{member}{suffix}")
+    return names
+
+
+@dataclass(frozen=True)
+class Team:
+    parent: Workspace
+    members: list[Workspace]
+
+
+def create_team(
+    *,
+    owner: User,
+    name: str,
+    template: str,
+    env: Mapping[str, str] | None = None,
+    backend: str | None = None,
+) -> Team:
+    """Expand a team template into its parent workspace and one workspace per member template,
+    all in one transaction. The parent runs the team template's own runtime like any workspace;
+    every member gets the same env and is provisioned (and preflighted) on its own, so one
+    member's failure shows on that member."""
+    from provisioning.backends import default_backend_name
     from provisioning.manifests import templates
 
     validate_name(name)
     clean_env = validate_env(env)
-    manifest = templates().get(template) if isinstance(template, str) else None
-    if manifest is None:
-        raise InvalidInput("template", f"unknown template {template!r}")
-    if manifest.is_team:
-        raise InvalidInput("template", f"{template!r} is a team template: use POST /api/teams/")
-    try:
-        with transaction.atomic():
-            workspace = Workspace.objects.create(
-                owner=owner,
-                name=name,
-                template=manifest.name,
-                runtime=manifest.runtime,
-                backend=backend or default_backend_name(),
-                status=S.PROVISIONING,
-                desired_state=DesiredState.RUNNING,
-                env=clean_env,
-                requested_seq=1,
-                handled_seq=0,
-                provisioning_started_at=timezone.now(),
+    manifest = _template_for(template)
+    if not manifest.is_team:
+        raise InvalidInput("template", f"{template!r} is not a team template (it lists no members)")
+    member_names = team_member_names(name, manifest.members)
+    for member_name in member_names:
+        if not NAME_RE.match(member_name):
+            raise InvalidInput(
+                "name",
+                f"the member name {member_name!r} would be invalid: use a shorter team name",
             )
-            _enqueue_converge(workspace.id)
-    except IntegrityError as exc:
-        if "workspace_name_unique_per_owner" in str(exc):
-            raise InvalidInput("name", f"you already have a workspace named {name!r}") from None
-        raise
-    return workspace
+    template_set = templates()
+    member_manifests = [template_set.get(member) for member in manifest.members]
+    missing = [
+        member
+        for member, found in zip(manifest.members, member_manifests, strict=True)
+        if found is None
+    ]
+    if missing:
+        raise InvalidInput("template", f"member templates not found: {', '.join(missing)}")
+    backend_name = backend or default_backend_name()
+    with transaction.atomic():
+        parent = _insert_workspace(
+            owner=owner, name=name, manifest=manifest, env=clean_env, backend=backend_name
+        )
+        members = [
+            _insert_workspace(
+                owner=owner,
+                name=member_name,
+                manifest=member_manifest,
+                env=clean_env,
+                backend=backend_name,
+                parent=parent,
+            )
+            for member_name, member_manifest in zip(member_names, member_manifests, strict=True)
+        ]
+    logger.info("team %s (%s) created with %d members", name, parent.id, len(members))
+    return Team(parent, members)
 
 
 def _locked(workspace_id: UUID) -> Workspace:

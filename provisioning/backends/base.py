@@ -88,7 +88,8 @@ class WorkspaceBackend(ABC):
     def prepare(self, spec: LaunchSpec, state: State) -> State:
         """Make the instance's resources exist (config volume; for Docker, a created but not
         started container), replacing leftovers of earlier cycles. Returns the new state.
-        Idempotent."""
+        ``spec.env`` is complete here (agent token included), so an instance whose environment
+        is fixed at creation is created once per cycle. Idempotent."""
 
     @abstractmethod
     def config_state(self, spec: LaunchSpec, state: State) -> ConfigState:

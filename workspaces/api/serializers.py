@@ -51,6 +51,7 @@ class WorkspaceSerializer(serializers.ModelSerializer):
             "template",
             "runtime",
             "backend",
+            "parent",
             "status",
             "desired_state",
             "is_running",
@@ -66,6 +67,16 @@ class WorkspaceSerializer(serializers.ModelSerializer):
 
     def get_provision_timeout_ms(self, workspace: Workspace) -> int:
         return provision_timeout_seconds(workspace.template, workspace.runtime) * 1000
+
+
+class TeamCreateSerializer(WorkspaceCreateSerializer):
+    """``template`` names a team template (a manifest with ``members``); ``env`` goes to the
+    parent and to every member."""
+
+
+class TeamSerializer(serializers.Serializer):
+    parent = WorkspaceSerializer()
+    members = WorkspaceSerializer(many=True)
 
 
 class WorkspaceEventSerializer(serializers.ModelSerializer):

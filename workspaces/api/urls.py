@@ -9,6 +9,7 @@ router.register("workspaces", views.WorkspaceViewSet, basename="workspace")
 
 urlpatterns = [
     path("", include(router.urls)),
+    path("teams/", views.TeamCreateView.as_view(), name="teams"),
     path("templates/", views.TemplateListView.as_view(), name="templates"),
     path("events/stream", views.EventStreamView.as_view(), name="events-stream"),
     path("registry/register", views.RegisterView.as_view(), name="registry-register"),

@@ -28,6 +28,8 @@ from workspaces.api.serializers import (
     EventsFilterSerializer,
     EventStreamFilterSerializer,
     StatusFilterSerializer,
+    TeamCreateSerializer,
+    TeamSerializer,
     TemplateSerializer,
     WorkspaceCreateSerializer,
     WorkspaceEventSerializer,
@@ -149,6 +151,18 @@ class EventStreamView(APIView):
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"  # nginx: pass each frame on at once
         return response
+
+
+class TeamCreateView(APIView):
+    @extend_schema(request=TeamCreateSerializer, responses={201: TeamSerializer})
+    def post(self, request: Request) -> Response:
+        data = TeamCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        team = services.create_team(owner=cast(User, request.user), **data.validated_data)
+        return Response(
+            TeamSerializer({"parent": team.parent, "members": team.members}).data,
+            status=status.HTTP_201_CREATED,
+        )
 
 
 class TemplateListView(APIView):

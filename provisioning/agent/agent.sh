@@ -1,0 +1,117 @@
+#!/bin/sh
+# Workspace agent for the busybox image (workspace-agent:dev): registers the workspace with the
+# platform, then heartbeats. The POSIX sh twin of workspace_agent.py, same environment and exit
+# codes, so templates behave alike on the docker and process backends.
+#
+# Environment: WORKSPACE_ID, WORKSPACE_TOKEN, PLATFORM_URL (set by the platform); optional
+# AGENT_HEARTBEAT_SECONDS (default 5), AGENT_BOOT_DELAY_SECONDS (a slow runtime's boot),
+# AGENT_IGNORE_SIGTERM=1 (for testing slow stops).
+#
+# Exit codes: 0 on SIGTERM; 3 when the platform rejects the token (401/403/404/410: a newer
+# cycle replaced this one, or the workspace is gone), so a stale instance never lingers.
+# The token travels only in the Authorization header, never in a log line.
+
+EXIT_REJECTED=3
+base=${PLATFORM_URL%/}
+interval=${AGENT_HEARTBEAT_SECONDS:-5}
+boot_delay=${AGENT_BOOT_DELAY_SECONDS:-0}
+tmp=${TMPDIR:-/tmp}/agent.$$
+child=""
+
+log() {
+  echo "$(date +%Y-%m-%dT%H:%M:%S) agent: $*"
+}
+
+on_term() {
+  log "SIGTERM received, exiting"
+  [ -n "$child" ] && kill "$child" 2>/dev/null
+  rm -f "$tmp.out" "$tmp.err"
+  exit 0
+}
+
+# As PID 1 in a container a signal without a handler is ignored: the trap is what makes
+# `docker stop` end the agent at once instead of after the grace period.
+if [ "${AGENT_IGNORE_SIGTERM:-0}" = 1 ]; then
+  trap '' TERM
+else
+  trap on_term TERM
+fi
+trap on_term INT
+
+for name in WORKSPACE_ID WORKSPACE_TOKEN PLATFORM_URL; do
+  eval "value=\${$name:-}"
+  if [ -z "$value" ]; then
+    log "$name is not set"
+    exit 2
+  fi
+done
+
+# Children run in the background and the shell waits for them, so a SIGTERM interrupts the
+# wait at once (a foreground child would delay the trap until it finished).
+pause() {
+  sleep "$1" &
+  child=$!
+  wait "$child"
+  child=""
+}
+
+# post PATH: POST {"workspace_id": ...} with the bearer token. Sets $reply (body or error) and
+# returns 0 when accepted, 1 when rejected (stop for good), 2 when worth retrying.
+post() {
+  timeout 10 wget -q -O "$tmp.out" \
+    --header "Authorization: Bearer $WORKSPACE_TOKEN" \
+    --header "Content-Type: application/json" \
+    --post-data "{\"workspace_id\": \"$WORKSPACE_ID\"}" \
+    "$base$1" 2>"$tmp.err" &
+  child=$!
+  wait "$child"
+  rc=$?
+  child=""
+  if [ "$rc" -eq 0 ]; then
+    reply=$(cat "$tmp.out" 2>/dev/null)
+    return 0
+  fi
+  reply=$(cat "$tmp.err" 2>/dev/null)
+  [ -n "$reply" ] || reply="wget exited with $rc"
+  case "$reply" in
+    *" 401 "* | *" 403 "* | *" 404 "* | *" 410 "*) return 1 ;;
+  esac
+  return 2
+}
+
+if [ "$boot_delay" != 0 ]; then
+  log "booting for ${boot_delay}s"
+  pause "$boot_delay"
+fi
+
+# Register with exponential backoff: 0.2 s doubling to 5 s, until accepted or rejected.
+delay_ms=200
+while :; do
+  post /api/registry/register
+  case $? in
+    0)
+      log "registered workspace $WORKSPACE_ID"
+      break
+      ;;
+    1)
+      log "registration rejected: $reply"
+      exit "$EXIT_REJECTED"
+      ;;
+  esac
+  log "registration not accepted yet: $reply"
+  pause "$((delay_ms / 1000)).$(printf %03d $((delay_ms % 1000)))"
+  delay_ms=$((delay_ms * 2))
+  [ "$delay_ms" -gt 5000 ] && delay_ms=5000
+done
+
+while :; do
+  pause "$interval"
+  post /api/registry/heartbeat
+  case $? in
+    1)
+      log "heartbeat rejected: $reply"
+      exit "$EXIT_REJECTED"
+      ;;
+    2) log "heartbeat failed: $reply" ;;
+  esac
+done

@@ -1,0 +1,296 @@
+"""The Docker backend against a real engine: names, labels, volume, idempotency, errors, image.
+
+No mocked client: every call goes to the dockerd at DOCKER_HOST (see the ``docker_engine``
+fixture). Workspaces here are only ids; the e2e tests drive the backend through workers.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from django.conf import settings
+
+from provisioning.backends import FACTORIES
+from provisioning.backends.base import (
+    CONFIG_MARKER,
+    BackendError,
+    BackendUnavailable,
+    ConfigState,
+    LaunchSpec,
+    TransientBackendError,
+)
+from provisioning.backends.docker import DockerBackend, _label
+from provisioning.manifests import Template, templates
+from tests.support import wait_for
+
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture
+def backend(docker_engine: Any) -> DockerBackend:
+    backend = FACTORIES["docker"]()
+    assert isinstance(backend, DockerBackend)
+    return backend
+
+
+def _spec(workspace_id: uuid.UUID, generation: int, **env: str) -> LaunchSpec:
+    template = templates().get("shell-default")
+    assert template is not None
+    return LaunchSpec(
+        workspace_id,
+        generation,
+        template,
+        {
+            "WORKSPACE_ID": str(workspace_id),
+            "WORKSPACE_TOKEN": f"secret-token-{generation}",
+            # Nothing listens there: the agent keeps retrying registration, which is all a
+            # backend test needs (a running container).
+            "PLATFORM_URL": "http://127.0.0.1:9",
+            **env,
+        },
+    )
+
+
+def _containers(engine: Any, workspace_id: uuid.UUID) -> list[Any]:
+    return engine.containers.list(
+        all=True, filters={"label": f"{_label('workspace-id')}={workspace_id}"}
+    )
+
+
+def _read(engine: Any, name: str, path: str) -> str:
+    result = engine.containers.get(name).exec_run(["cat", path])
+    assert result.exit_code == 0, result.output
+    return str(result.output.decode())
+
+
+def test_full_round_trip_names_labels_volume_env(backend: DockerBackend, docker_engine) -> None:
+    workspace_id = uuid.uuid4()
+    spec = _spec(workspace_id, 1, GREETING="hi")
+    name = f"ws-{workspace_id}"
+
+    state = backend.prepare(spec, {})
+    assert "WORKSPACE_TOKEN" not in str(state) and "secret-token" not in str(state)
+    container = docker_engine.containers.get(name)
+    assert container.status == "created"
+    labels = container.labels
+    assert labels[_label("workspace-id")] == str(workspace_id)
+    assert labels[_label("generation")] == "1"
+    assert labels[_label("platform")] == settings.PLATFORM_ID
+    volume = docker_engine.volumes.get(f"{name}-configs")
+    assert volume.attrs["Labels"][_label("workspace-id")] == str(workspace_id)
+    assert container.attrs["HostConfig"]["NetworkMode"] == settings.DOCKER_NETWORK_MODE
+    assert container.image.tags == [settings.DOCKER_AGENT_IMAGE]
+
+    assert backend.config_state(spec, state) is ConfigState.EMPTY
+    backend.write_config(spec, state, {"profile.sh": b"echo hi\n", "nested/dir/a.txt": b"a"})
+    assert backend.config_state(spec, state) is ConfigState.PROVISIONED
+
+    state = backend.start(spec, state)
+    assert "secret-token" not in str(state)
+    status = backend.status(workspace_id, state)
+    assert status.exists and status.running
+    mount = settings.DOCKER_CONFIG_MOUNT
+    assert _read(docker_engine, name, f"{mount}/profile.sh") == "echo hi\n"
+    assert _read(docker_engine, name, f"{mount}/nested/dir/a.txt") == "a"
+    assert '"template": "shell-default"' in _read(docker_engine, name, f"{mount}/{CONFIG_MARKER}")
+    environ = _read(docker_engine, name, "/proc/1/environ").split("\0")
+    assert "GREETING=hi" in environ
+    assert "WORKSPACE_TOKEN=secret-token-1" in environ
+    assert f"WORKSPACE_CONFIG_DIR={mount}" in environ
+
+    listed = {info.workspace_id: info for info in backend.list_instances()}
+    assert listed[str(workspace_id)].running is True
+    assert listed[str(workspace_id)].generation == 1
+
+    # The agent handles SIGTERM: it exits 0 well before the grace period would force a SIGKILL.
+    state = backend.stop(workspace_id, state, grace_seconds=30)
+    status = backend.status(workspace_id, state)
+    assert (status.exists, status.running, status.exit_code) == (True, False, 0)
+    assert backend.stop(workspace_id, state, grace_seconds=1) == state  # stopping twice: no-op
+
+    backend.remove(workspace_id, state)
+    assert _containers(docker_engine, workspace_id) == []
+    assert docker_engine.volumes.list(filters={"name": f"{name}-configs"}) == []
+    backend.remove(workspace_id, state)  # not found means done
+    assert backend.status(workspace_id, {}).exists is False
+
+
+def test_config_volume_outlives_containers_and_reads_empty_when_emptied(
+    backend: DockerBackend, docker_engine
+) -> None:
+    workspace_id = uuid.uuid4()
+    first = _spec(workspace_id, 1)
+    state = backend.prepare(first, {})
+    backend.write_config(first, state, {"profile.sh": b"x"})
+    state = backend.start(first, state)
+
+    # A new cycle replaces the container; the volume (and its marker) stays.
+    second = _spec(workspace_id, 2)
+    state = backend.prepare(second, backend.stop(workspace_id, state, 1))
+    assert backend.config_state(second, state) is ConfigState.PROVISIONED
+    state = backend.start(second, state)
+    [container] = _containers(docker_engine, workspace_id)
+    assert container.labels[_label("generation")] == "2"
+
+    # Emptied behind the platform's back: reads EMPTY, so the lifecycle recovers it.
+    mount = settings.DOCKER_CONFIG_MOUNT
+    result = container.exec_run(["sh", "-c", f"rm -rf {mount}/* {mount}/.[!.]*"])
+    assert result.exit_code == 0, result.output
+    assert backend.config_state(second, state) is ConfigState.EMPTY
+    backend.remove(workspace_id, state)
+
+
+def test_leftover_of_a_killed_cycle_is_replaced_never_a_conflict(
+    backend: DockerBackend, docker_engine
+) -> None:
+    workspace_id = uuid.uuid4()
+    # What a worker killed after `docker create` + `start` leaves: a running container with the
+    # workspace's fixed name, an older generation and no saved state.
+    leftover = docker_engine.containers.run(
+        settings.DOCKER_AGENT_IMAGE,
+        entrypoint=["sleep", "300"],
+        name=f"ws-{workspace_id}",
+        labels={_label("platform"): settings.PLATFORM_ID, _label("generation"): "3"},
+        detach=True,
+    )
+    spec = _spec(workspace_id, 4)
+    state = backend.prepare(spec, {})
+    backend.write_config(spec, state, {})
+    state = backend.start(spec, state)
+    [container] = _containers(docker_engine, workspace_id)
+    assert container.id != leftover.id
+    assert container.status == "running"
+    assert container.labels[_label("generation")] == "4"
+
+    # Preparing the same cycle again adopts its own created container instead of replacing it.
+    again = _spec(workspace_id, 5)
+    state = backend.prepare(again, backend.stop(workspace_id, state, 1))
+    created = docker_engine.containers.get(f"ws-{workspace_id}")
+    assert backend.prepare(again, state)["container_id"] == created.id
+    # A create that races a leftover of the same name (409) removes it and retries.
+    assert backend._create(again).id != created.id
+    assert len(_containers(docker_engine, workspace_id)) == 1
+    backend.remove(workspace_id, state)
+
+
+def test_start_replaces_a_container_without_this_cycles_token(
+    backend: DockerBackend, docker_engine
+) -> None:
+    workspace_id = uuid.uuid4()
+    state = backend.prepare(_spec(workspace_id, 1), {})
+    spec = _spec(workspace_id, 1, WORKSPACE_TOKEN="another-token")
+    state = backend.start(spec, state)
+    environ = _read(docker_engine, f"ws-{workspace_id}", "/proc/1/environ").split("\0")
+    assert "WORKSPACE_TOKEN=another-token" in environ
+    assert len(_containers(docker_engine, workspace_id)) == 1
+    backend.remove(workspace_id, state)
+
+
+def test_list_instances_is_one_engine_call_and_only_this_platform(
+    backend: DockerBackend, docker_engine
+) -> None:
+    ours = [uuid.uuid4() for _ in range(3)]
+    for workspace_id in ours:
+        backend.prepare(_spec(workspace_id, 1), {})
+    foreign_id = uuid.uuid4()
+    foreign = docker_engine.containers.create(
+        settings.DOCKER_AGENT_IMAGE,
+        name=f"ws-{foreign_id}",
+        labels={_label("platform"): "another-platform", _label("workspace-id"): str(foreign_id)},
+    )
+    # Count the HTTP requests the client makes (requests' response hook on the client session).
+    requests_made: list[str] = []
+
+    def count(response: Any, *args: Any, **kwargs: Any) -> None:
+        requests_made.append(response.url)
+
+    hooks = backend.client.api.hooks["response"]
+    hooks.append(count)
+    try:
+        listed = {info.workspace_id for info in backend.list_instances()}
+    finally:
+        hooks.remove(count)
+    assert len(requests_made) == 1, requests_made
+    assert {str(workspace_id) for workspace_id in ours} <= listed
+    assert str(foreign_id) not in listed
+    foreign.remove(force=True)
+    for workspace_id in ours:
+        backend.remove(workspace_id, {})
+
+
+def test_unreachable_engine_is_unavailable_naming_docker_and_the_reason(
+    docker_engine, settings, tmp_path
+) -> None:
+    settings.DOCKER_HOST = f"unix://{tmp_path}/no-engine.sock"
+    backend = FACTORIES["docker"]()
+    with pytest.raises(BackendUnavailable) as raised:
+        backend.check_available()
+    message = str(raised.value)
+    assert "'docker'" in message
+    assert "no-engine.sock" in message
+    assert "No such file or directory" in message
+    # Mid-cycle the same failure is transient: the task retries it with a limit.
+    with pytest.raises(TransientBackendError, match="cannot reach the engine"):
+        backend.status(uuid.uuid4(), {})
+
+
+def test_missing_image_is_a_clear_permanent_error(backend: DockerBackend, docker_engine) -> None:
+    workspace_id = uuid.uuid4()
+    base = _spec(workspace_id, 1)
+    template = Template(name="ghost", path=base.template.path, runtime="shell", image="nope:1")
+    spec = LaunchSpec(workspace_id, 1, template, base.env)
+    with pytest.raises(BackendError) as raised:
+        backend.prepare(spec, {})
+    assert not isinstance(raised.value, TransientBackendError)
+    assert "nope:1" in str(raised.value)
+    assert "build_agent_image" in str(raised.value)
+    backend.remove(workspace_id, {})
+
+
+def test_a_command_missing_from_the_image_is_a_permanent_error(
+    backend: DockerBackend, docker_engine
+) -> None:
+    workspace_id = uuid.uuid4()
+    base = _spec(workspace_id, 1)
+    template = Template(
+        name="broken", path=base.template.path, runtime="shell", command=("/no/such/agent",)
+    )
+    spec = LaunchSpec(workspace_id, 1, template, base.env)
+    state = backend.prepare(spec, {})
+    with pytest.raises(BackendError) as raised:
+        backend.start(spec, state)
+    assert not isinstance(raised.value, TransientBackendError)
+    assert "/no/such/agent" in str(raised.value)
+    backend.remove(workspace_id, {})
+
+
+def test_agent_exits_nonzero_when_the_platform_rejects_its_token(
+    backend: DockerBackend, docker_engine, live_server, transactional_db
+) -> None:
+    workspace_id = uuid.uuid4()
+    spec = _spec(workspace_id, 1, PLATFORM_URL=live_server.url)
+    state = backend.start(spec, backend.prepare(spec, {}))
+    container = docker_engine.containers.get(f"ws-{workspace_id}")
+
+    def exited() -> bool:
+        container.reload()
+        return container.status == "exited"
+
+    wait_for(exited, timeout=30, message="the rejected agent to exit")
+    assert container.attrs["State"]["ExitCode"] == 3
+    logs = container.logs().decode()
+    assert "registration rejected" in logs
+    assert "secret-token" not in logs
+    backend.remove(workspace_id, state)
+
+
+def test_build_agent_image_command_builds_the_image(docker_engine) -> None:
+    from django.core.management import call_command
+
+    call_command("build_agent_image", "--tag", "workspace-agent:test-build")
+    image = docker_engine.images.get("workspace-agent:test-build")
+    assert image.attrs["Config"]["Entrypoint"] == ["/bin/sh", "/agent.sh"]
+    assert image.attrs["Size"] < 10_000_000
+    docker_engine.images.remove("workspace-agent:test-build")
