@@ -67,3 +67,15 @@ def redrive_pending() -> int:
     if count:
         logger.info("redrove %d workspaces with pending intents", count)
     return count
+
+
+@shared_task(
+    name="provisioning.sweep_provisioning",
+    time_limit=settings.SWEEP_TIME_LIMIT_SECONDS,
+    soft_time_limit=max(settings.SWEEP_TIME_LIMIT_SECONDS - 5, 1),
+)
+def sweep_provisioning() -> dict[str, Any]:
+    """Fail workspaces stuck in provisioning past their deadline (run by beat; see sweeper)."""
+    from provisioning import sweeper
+
+    return sweeper.sweep().summary()
