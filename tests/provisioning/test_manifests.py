@@ -107,7 +107,9 @@ def test_sweeper_with_malformed_manifests_does_not_crash(tmp_path, settings) -> 
     assert report.skipped == [] and report.flipped == []
 
 
-def test_registry_is_cached_and_reloads_when_a_file_changes(tmp_path, settings, monkeypatch) -> None:
+def test_registry_is_cached_and_reloads_when_a_file_changes(
+    tmp_path, settings, monkeypatch
+) -> None:
     directory = write_templates(tmp_path / "templates")
     settings.WORKSPACE_TEMPLATES_DIR = directory
     invalidate_templates()
