@@ -7,6 +7,7 @@ import json
 import logging
 from datetime import timedelta
 from typing import Any
+from uuid import UUID
 
 import pytest
 from django.contrib.auth.models import Permission
@@ -32,15 +33,15 @@ def fake(settings: Any, templates_dir: Any) -> Any:
         yield backend
 
 
-def _create(api: Any, name: str, env: dict[str, str], template: str = "needs-two") -> str:
+def _create(api: Any, name: str, env: dict[str, str], template: str = "needs-two") -> UUID:
     response = api.post(
         "/api/workspaces/", {"name": name, "template": template, "env": env}, format="json"
     )
     assert response.status_code == 201, response.content
-    return str(response.json()["id"])
+    return UUID(response.json()["id"])
 
 
-def _failures(workspace_id: str) -> list[WorkspaceEvent]:
+def _failures(workspace_id: UUID) -> list[WorkspaceEvent]:
     return list(
         WorkspaceEvent.objects.filter(workspace_id=workspace_id, type=EventType.PROVISION_FAILED)
     )
@@ -109,7 +110,7 @@ def test_env_values_never_appear_in_responses_events_admin_or_logs(
         {"name": "secretive", "template": "needs-two", "env": env},
         format="json",
     )
-    workspace_id = created.json()["id"]
+    workspace_id = UUID(created.json()["id"])
     assert "env" not in created.json()
     lifecycle.converge(workspace_id)  # preflight failure
     # A rejected env: the error names the field, never echoes a value.
