@@ -33,7 +33,9 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 from uuid import UUID
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
+from django.db import connection
 from django.utils import timezone
 from redis.exceptions import LockError, RedisError
 
@@ -254,6 +256,8 @@ def _sweep(
             except BrokenManifest as exc:
                 _skip(report, row.id, f"manifest is malformed: {exc}", push_forward=False)
                 continue
+            except SoftTimeLimitExceeded:
+                raise  # the sweep as a whole ran out of time: not this row's fault
             except Exception as exc:  # one bad row is reported, never a crash loop
                 logger.exception("sweep could not judge workspace %s", row.id)
                 _skip(report, row.id, f"{exc.__class__.__name__}: {exc}", push_forward=True)
@@ -268,7 +272,11 @@ def _sweep(
         for item in overdue:
             try:
                 _flip(item, now, report)
+            except SoftTimeLimitExceeded:
+                raise
             except Exception as exc:  # one bad row is reported, never a crash loop
+                if not connection.is_usable():
+                    raise  # the database went away: every row would fail, none is to blame
                 # The flip's transaction rolled back; the connection is usable for the next row.
                 logger.exception("sweep could not flip workspace %s", item.row.id)
                 _skip(report, item.row.id, f"{exc.__class__.__name__}: {exc}", push_forward=True)

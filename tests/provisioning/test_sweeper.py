@@ -406,3 +406,20 @@ def test_manage_py_sweep_prints_what_it_flipped(make_row) -> None:
     assert f"flipped {old.id} (slow-one) template=hermes-default runtime=hermes" in text
     assert "timeout_secs=1800" in text
     assert "scanned 2 in flight, flipped 1" in text
+
+
+def test_a_time_limit_stops_the_sweep_without_blaming_a_row(make_row, monkeypatch) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    now = timezone.now()
+    row = make_row("shell-default", age=31 * MIN, now=now)
+
+    def out_of_time(*args: Any, **kwargs: Any) -> bool:
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(services, "fail_stuck_provisioning", out_of_time)
+    with pytest.raises(SoftTimeLimitExceeded):
+        sweeper.sweep(now=now)
+    assert get_redis().get(sweeper._poison_key(row.id)) is None  # not pushed forward
+    monkeypatch.undo()
+    assert [item.workspace_id for item in sweeper.sweep(now=now).flipped] == [row.id]
