@@ -196,6 +196,16 @@ RUNTIME_PROVISION_TIMEOUTS = env_int_map(
 )
 DEFAULT_PROVISION_TIMEOUT_SECONDS = 600
 
+# --- Stuck-provisioning sweeper (provisioning/sweeper.py) ---------------------------------------
+# Beat runs it every SWEEP_PROVISIONING_INTERVAL_SECONDS (above); `manage.py sweep_provisioning`
+# runs it once. In-flight rows are read in batches of this size (keyset over the partial index).
+SWEEP_PROVISIONING_BATCH_SIZE = env_int("SWEEP_PROVISIONING_BATCH_SIZE", 500, minimum=1)
+# A row whose flip raised is skipped by later sweeps for this long (a poison row is pushed
+# forward instead of failing every sweep).
+SWEEP_PROVISIONING_POISON_BACKOFF_SECONDS = env_int(
+    "SWEEP_PROVISIONING_POISON_BACKOFF_SECONDS", 300, minimum=1
+)
+
 # Docker backend.
 DOCKER_HOST = env_str("DOCKER_HOST", "")
 DOCKER_NETWORK_MODE = env_str("DOCKER_NETWORK_MODE", "host")

@@ -44,6 +44,8 @@ class Action(enum.StrEnum):
     RESTART = "restart"
     STOP = "stop"
     REMOVE = "remove"
+    # Stop what a failed workspace left running and keep it failed (after the sweep's flip).
+    REAP = "reap"
 
 
 def plan(workspace: Workspace) -> Action | None:
@@ -55,7 +57,9 @@ def plan(workspace: Workspace) -> Action | None:
     if not workspace.has_pending_intent:
         return None
     if workspace.desired_state == DesiredState.STOPPED:
-        return Action.STOP
+        # A failed row with "stopped" pending is what the stuck-provisioning sweep leaves: stop
+        # what is left, but keep the failure visible. A person's stop goes through `stopping`.
+        return Action.REAP if workspace.status == S.FAILED else Action.STOP
     if workspace.generation == 0:
         return Action.PROVISION
     if workspace.is_running or workspace.status in (S.ONLINE, S.DEGRADED, S.PROVISIONING):
@@ -401,10 +405,46 @@ def _remove_cycle(
     return True
 
 
+REAP_FAILED_SUFFIX = " (stopping what was left failed, will retry: "
+
+
+def _reap_cycle(
+    workspace: Workspace, action: Action, lease: gate.Lease, final_attempt: bool
+) -> bool:
+    """Stop whatever a failed cycle left running; the row stays ``failed``.
+
+    If the backend cannot stop it now, the intent stays pending and the redrive sweep brings
+    this cycle back: nothing may keep running that the database calls failed.
+    """
+    cycle = services.begin_reap(workspace.id)
+    if cycle is None:
+        return False
+    lease.set_generation(cycle.generation)
+    workspace, generation, seq = cycle.workspace, cycle.generation, cycle.seq
+    base_error = workspace.last_error.split(REAP_FAILED_SUFFIX)[0]
+    try:
+        backend = backend_for(workspace)
+        state = backend.stop(workspace.id, workspace.backend_state, settings.STOP_GRACE_SECONDS)
+    except BackendError as exc:
+        services.record_error(workspace.id, generation, f"{base_error}{REAP_FAILED_SUFFIX}{exc})")
+        if isinstance(exc, TransientBackendError) and not final_attempt:
+            raise
+        logger.warning("could not stop what failed workspace %s left: %s", workspace.id, exc)
+        return False
+    services.record_backend_facts(
+        workspace.id, generation, is_running=False, backend_state=state, handled_seq=seq
+    )
+    if base_error != workspace.last_error:
+        services.record_error(workspace.id, generation, base_error)
+    logger.info("stopped what failed workspace %s left running", workspace.id)
+    return True
+
+
 _CYCLES: dict[Action, Callable[[Workspace, Action, gate.Lease, bool], bool]] = {
     Action.PROVISION: _start_cycle,
     Action.START: _start_cycle,
     Action.RESTART: _start_cycle,
     Action.STOP: _stop_cycle,
     Action.REMOVE: _remove_cycle,
+    Action.REAP: _reap_cycle,
 }

@@ -174,6 +174,14 @@ class TemplateSet:
     def get(self, name: str) -> Template | None:
         return self.templates.get(name)
 
+    def errors_for(self, name: str) -> tuple[ManifestError, ...]:
+        """The errors of template ``name``'s own manifest (a broken template is left out)."""
+        return tuple(
+            error
+            for error in self.errors
+            if Path(error.path).name == MANIFEST_NAME and Path(error.path).parent.name == name
+        )
+
     def runtime_default(self, runtime: str) -> Template | None:
         """The recovery source of a runtime: the template named ``<runtime>-default``."""
         return self.templates.get(f"{runtime}-default")

@@ -109,3 +109,15 @@ def sweep_liveness() -> int:
     from provisioning.liveness import sweep_missed_heartbeats
 
     return len(sweep_missed_heartbeats())
+
+
+@shared_task(
+    name="provisioning.sweep_provisioning",
+    time_limit=settings.SWEEP_TIME_LIMIT_SECONDS,
+    soft_time_limit=max(settings.SWEEP_TIME_LIMIT_SECONDS - 5, 1),
+)
+def sweep_provisioning() -> dict[str, Any]:
+    """Fail workspaces stuck in provisioning past their deadline (run by beat; see sweeper)."""
+    from provisioning import sweeper
+
+    return sweeper.sweep().summary()

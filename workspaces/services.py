@@ -150,15 +150,25 @@ def transition(
     to: WorkspaceStatus,
     *,
     expect_generation: int | None = None,
+    expect_status: WorkspaceStatus | None = None,
+    expect: Mapping[str, Any] | None = None,
     when: Q | None = None,
     **fields: Any,
 ) -> bool:
-    """Move the workspace to ``to`` if its status allows it (and, when given, only if its
-    generation is still ``expect_generation`` and the row matches ``when``, e.g. a narrower set
-    of source statuses or the heartbeat a sweep saw). Returns whether the row changed."""
-    rows = Workspace.objects.filter(id=workspace_id, status__in=allowed_sources(to))
+    """Move the workspace to ``to`` if its status allows it and, when given, only if its
+    generation is still ``expect_generation``, its status is exactly ``expect_status``, the
+    columns in ``expect`` still hold those values and the row matches ``when`` (e.g. the
+    heartbeat a sweep saw). Returns whether the row changed."""
+    sources = allowed_sources(to)
+    if expect_status is not None:
+        if expect_status not in sources:
+            raise ValueError(f"{expect_status} -> {to} is not in the transition table")
+        sources = frozenset({expect_status})
+    rows = Workspace.objects.filter(id=workspace_id, status__in=sources)
     if expect_generation is not None:
         rows = rows.filter(generation=expect_generation)
+    if expect:
+        rows = rows.filter(**expect)
     if when is not None:
         rows = rows.filter(when)
     return rows.update(status=to, updated_at=timezone.now(), **fields) == 1
@@ -554,6 +564,98 @@ def fail_cycle(
     if changed:
         logger.warning("workspace %s failed (%s): %s", workspace_id, source.value, message)
     return changed
+
+
+def fail_stuck_provisioning(
+    workspace_id: UUID,
+    *,
+    generation: int,
+    started_at: datetime,
+    timeout_secs: int,
+    template: str,
+    runtime: str,
+) -> bool:
+    """The stuck-provisioning sweep's flip: ``provisioning`` -> ``failed``, by compare-and-set.
+
+    The UPDATE matches only while the row is still in the cycle the sweep read: status
+    ``provisioning``, the same ``generation`` and the same ``provisioning_started_at`` (hence the
+    same deadline). An agent that registered, a new cycle or a stop/delete request in between
+    makes it match nothing, and the row is left alone (returns False).
+
+    The flip runs outside the gate, so it must not touch the backend. It records the intent
+    "stopped" (``desired_state`` + ``requested_seq``) and enqueues a converge: the lifecycle then
+    stops whatever is left under the gate and keeps the row ``failed`` (``lifecycle.Action.REAP``);
+    the redrive sweep re-enqueues it if that message is ever lost. The failure is final until a
+    person asks again: a restart that was still queued behind the stuck cycle is superseded, so a
+    cycle that never finishes cannot be retried into a loop. The generation is not bumped (only
+    cycles do that, under the gate): a stuck holder that is still running sees ``failed`` with
+    the intent pending when it re-reads the row, and reaps under the gate it already holds.
+    """
+    message = f"provisioning did not finish within {timeout_secs} s; the sweep marked it failed"
+    with transaction.atomic():
+        changed = transition(
+            workspace_id,
+            S.FAILED,
+            expect_generation=generation,
+            expect_status=S.PROVISIONING,
+            expect={"provisioning_started_at": started_at},
+            last_error=message,
+            desired_state=DesiredState.STOPPED,
+            requested_seq=F("requested_seq") + 1,
+        )
+        if changed:
+            record_event(
+                workspace_id,
+                EventType.PROVISION_FAILED,
+                EventSource.PROVISION_TIMEOUT_SWEEP,
+                generation,
+                {
+                    "message": message,
+                    "runtime": runtime,
+                    "template": template,
+                    "timeout_secs": timeout_secs,
+                    "provisioning_started_at": started_at.isoformat(),
+                },
+            )
+            _enqueue_converge(workspace_id)
+    if changed:
+        logger.warning(
+            "workspace %s failed (%s): no registration within %s s (template %s, runtime %s)",
+            workspace_id,
+            EventSource.PROVISION_TIMEOUT_SWEEP.value,
+            timeout_secs,
+            template,
+            runtime,
+        )
+    return changed
+
+
+def begin_reap(workspace_id: UUID) -> CycleStart | None:
+    """Begin the cycle that stops what a failed workspace left running, keeping it ``failed``.
+
+    Only while the row is still ``failed`` with the intent "stopped" pending (what the sweep's
+    flip records); a start, stop or delete request in between wins and this returns None. Bumps
+    the generation like every cycle, so a holder of the stuck cycle whose lease expired can no
+    longer write.
+    """
+    with transaction.atomic():
+        workspace = _locked(workspace_id)
+        if (
+            workspace.status != S.FAILED
+            or workspace.desired_state != DesiredState.STOPPED
+            or not workspace.has_pending_intent
+        ):
+            return None
+        if not transition(
+            workspace_id,
+            S.FAILED,
+            expect_generation=workspace.generation,
+            expect_status=S.FAILED,
+            generation=workspace.generation + 1,
+        ):
+            return None
+        workspace.refresh_from_db()
+    return CycleStart(workspace, workspace.generation, workspace.requested_seq)
 
 
 def record_config_populated(workspace_id: UUID, generation: int) -> None:

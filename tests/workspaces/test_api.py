@@ -31,6 +31,7 @@ FIELDS = {
     "generation",
     "created_at",
     "updated_at",
+    "parent",
 }
 
 
