@@ -20,7 +20,7 @@ from django.utils import timezone
 from provisioning.backends.process import _alive
 from provisioning.manifests import invalidate_templates
 from tests.provisioning.conftest import write_templates
-from tests.support import REPO, Worker, service_env, wait_for
+from tests.support import REPO, Worker, lifecycle_queue, service_env, wait_for
 from workspaces.models import Workspace, WorkspaceEvent
 from workspaces.status import EventSource, EventType, WorkspaceStatus
 
@@ -34,12 +34,19 @@ def e2e_templates(tmp_path_factory: Any) -> Path:
     return write_templates(tmp_path_factory.mktemp("sweep-e2e") / "templates")
 
 
+# This module's worker and beat use queues of their own: a worker of another module (say the
+# session's e2e worker, with the shipped templates) must never run this module's tasks.
+LIFECYCLE_QUEUE = "lifecycle-sweep-e2e"
+SWEEP_QUEUE = "sweeps-sweep-e2e"
+
+
 @pytest.fixture(autouse=True)
 def _use_templates(e2e_templates: Path, settings: Any) -> Iterator[None]:
     settings.WORKSPACE_TEMPLATES_DIR = e2e_templates
     settings.PROVISION_TIMEOUT_SECONDS = None
     invalidate_templates()
-    yield
+    with lifecycle_queue(LIFECYCLE_QUEUE):
+        yield
     invalidate_templates()
 
 
@@ -51,12 +58,16 @@ def sweep_env(e2e_templates: Path, django_db_setup: Any, django_db_blocker: Any,
             WORKSPACE_TEMPLATES_DIR=str(e2e_templates),
             SWEEP_PROVISIONING_INTERVAL_SECONDS="1",
             LOG_LEVEL="DEBUG",
+            CELERY_LIFECYCLE_QUEUE=LIFECYCLE_QUEUE,
+            CELERY_SWEEP_QUEUE=SWEEP_QUEUE,
         )
 
 
 @pytest.fixture(scope="module")
 def sweep_worker(sweep_env: dict[str, str]) -> Iterator[Worker]:
-    worker = Worker(sweep_env, concurrency=2, name="sweep-e2e").start()
+    worker = Worker(
+        sweep_env, concurrency=2, name="sweep-e2e", queues=f"{LIFECYCLE_QUEUE},{SWEEP_QUEUE}"
+    ).start()
     yield worker
     worker.stop()
 
