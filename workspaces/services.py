@@ -349,12 +349,13 @@ def request_start(workspace_id: UUID) -> Workspace:
 def request_stop(workspace_id: UUID) -> Workspace:
     with transaction.atomic():
         workspace = _locked(workspace_id)
-        if workspace.status in (S.REMOVING, S.REMOVED):
+        if workspace.status == S.REMOVED:
             raise TransitionNotAllowed(f"workspace is {workspace.status}; it cannot be stopped")
-        already_stopped = (
+        # Accepted with nothing to do: a workspace being removed is stopped by its removal.
+        nothing_to_do = workspace.status == S.REMOVING or (
             workspace.status == S.STOPPED and workspace.desired_state == DesiredState.STOPPED
         )
-        if not already_stopped:
+        if not nothing_to_do:
             Workspace.objects.filter(id=workspace_id).update(
                 desired_state=DesiredState.STOPPED,
                 requested_seq=F("requested_seq") + 1,

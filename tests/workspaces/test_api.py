@@ -203,10 +203,15 @@ def test_stop_restart_delete_are_accepted_while_provisioning(api) -> None:
     assert delete.status_code == 202
     assert delete.json()["status"] == WorkspaceStatus.REMOVING
     # Nothing revives a workspace being removed.
-    for verb in ("start", "stop", "restart"):
+    for verb in ("start", "restart"):
         response = api.post(f"/api/workspaces/{workspace_id}/{verb}/")
         assert response.status_code == 409, verb
         assert "removing" in response.json()["detail"]
+    # Stop is accepted in every status but removed: here the removal itself stops it.
+    stop_while_removing = api.post(f"/api/workspaces/{workspace_id}/stop/")
+    assert stop_while_removing.status_code == 202
+    assert stop_while_removing.json()["status"] == WorkspaceStatus.REMOVING
+    assert stop_while_removing.json()["desired_state"] == DesiredState.REMOVED
     assert api.delete(f"/api/workspaces/{workspace_id}/").status_code == 202
 
 
