@@ -243,18 +243,9 @@ def _start_cycle(
             started=True,
             handled_seq=seq,
         )
-    except TransientBackendError as exc:
-        if not final_attempt:
-            raise  # the task retries with backoff; the next attempt is a new cycle
-        _fail(
-            workspace,
-            generation,
-            seq,
-            source=EventSource.BACKEND,
-            message=str(exc),
-            backend=backend,
-        )
     except BackendError as exc:
+        if isinstance(exc, TransientBackendError) and not final_attempt:
+            raise  # the task retries with backoff; the next attempt is a new cycle
         _fail(
             workspace,
             generation,
@@ -348,19 +339,9 @@ def _stop_cycle(
     try:
         lease.ensure()
         state = backend.stop(workspace.id, workspace.backend_state, settings.STOP_GRACE_SECONDS)
-    except TransientBackendError as exc:
-        if not final_attempt:
-            raise
-        _fail(
-            workspace,
-            generation,
-            seq,
-            source=EventSource.BACKEND,
-            message=str(exc),
-            payload={"action": "stop"},
-        )
-        return True
     except BackendError as exc:
+        if isinstance(exc, TransientBackendError) and not final_attempt:
+            raise
         _fail(
             workspace,
             generation,
