@@ -250,9 +250,11 @@ def test_orphans_removed_with_their_volumes_and_another_platform_untouched(
         assert _reconciler_events(kept) == []
         assert reconcile_once().repairs == []
     finally:
-        for container in foreign:
+        theirs: dict[str, Any] = {"label": f"{_label('platform')}={OTHER_PLATFORM}"}
+        for container in engine.containers.list(all=True, filters=theirs, sparse=True):
             container.remove(force=True)
-        foreign_volume.remove(force=True)
+        for volume in engine.volumes.list(filters=theirs):
+            volume.remove(force=True)
 
 
 def test_a_pass_costs_the_same_engine_calls_for_3_or_15_workspaces(user, engine, settings) -> None:
