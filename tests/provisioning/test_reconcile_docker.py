@@ -128,12 +128,19 @@ def _exited(container: Any) -> bool:
     return bool(container.status == "exited")
 
 
-def test_killed_container_fails_the_workspace_with_its_exit_code(
-    api, on_docker, engine, platform_url
+@pytest.mark.parametrize(
+    ("action", "status", "code", "event_type"),
+    [
+        ("kill", S.FAILED, 137, EventType.PROVISION_FAILED),  # SIGKILL: a crash, with its code
+        ("stop", S.OFFLINE, 0, EventType.OFFLINE),  # SIGTERM: the agent exits cleanly
+    ],
+)
+def test_container_killed_or_stopped_behind_the_platforms_back(
+    api, on_docker, engine, platform_url, action, status, code, event_type
 ) -> None:
-    workspace = _create_online(api, "killed")
+    workspace = _create_online(api, f"{action}ed")
     [container] = docker_containers(engine, str(workspace.id))
-    container.kill()  # SIGKILL through the engine; nothing tells the platform
+    getattr(container, action)()  # through the engine; nothing tells the platform
     wait_for(lambda: _exited(container), timeout=30, message="the container to exit")
     workspace.refresh_from_db()
     assert (workspace.status, workspace.is_running) == (S.ONLINE, True)
@@ -141,13 +148,15 @@ def test_killed_container_fails_the_workspace_with_its_exit_code(
     report = reconcile_once()
 
     workspace.refresh_from_db()
-    assert (workspace.status, workspace.is_running) == (S.FAILED, False)
-    assert "exit code 137" in workspace.last_error
+    assert (workspace.status, workspace.is_running) == (status, False)
     (event,) = _reconciler_events(workspace)
-    assert event.type == EventType.PROVISION_FAILED
-    assert event.payload["exit_code"] == 137
+    assert event.type == event_type
+    assert event.payload["exit_code"] == code
     assert event.payload["previous"] == S.ONLINE
-    assert "SIGKILL" in event.payload["detail"]
+    assert f"exited with code {code}" in event.payload["detail"]
+    if action == "kill":
+        assert "exit code 137" in workspace.last_error
+        assert "(SIGKILL)" in event.payload["detail"]
     assert _repairs_of(report, workspace.id) == [Drift.GONE]
     assert report.backend_calls["docker.list_instances"] == 1
     # A second pass has nothing left to repair; the container is still there, exited.
