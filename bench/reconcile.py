@@ -361,6 +361,7 @@ def run(repeats: int = 3) -> list[Figure]:
     # Before Django reads its settings: the engine to use, and a platform id of the bench's own,
     # because a pass removes every container labelled with its platform that has no row.
     os.environ["DOCKER_HOST"] = ensure_engine()
+    platform_id = os.environ.get("PLATFORM_ID")
     os.environ["PLATFORM_ID"] = f"bench-reconcile-{os.getpid()}"
     data_dir = tempfile.mkdtemp(prefix="bench-reconcile-")
     os.environ["WORKSPACE_DATA_DIR"] = data_dir
@@ -369,10 +370,19 @@ def run(repeats: int = 3) -> list[Figure]:
     from django.conf import settings
 
     # Settings may have been loaded already (python -m bench runs every module in one process).
+    previous = (settings.PLATFORM_ID, settings.WORKSPACE_BACKEND)
     settings.DOCKER_HOST = os.environ["DOCKER_HOST"]
     settings.PLATFORM_ID = os.environ["PLATFORM_ID"]
     settings.WORKSPACE_BACKEND = "process"
-    return _process_figures(repeats, data_dir) + _docker_figures(repeats)
+    try:
+        return _process_figures(repeats, data_dir) + _docker_figures(repeats)
+    finally:
+        # Later benchmarks in the same process see the platform they were configured with.
+        settings.PLATFORM_ID, settings.WORKSPACE_BACKEND = previous
+        if platform_id is None:
+            os.environ.pop("PLATFORM_ID", None)
+        else:
+            os.environ["PLATFORM_ID"] = platform_id
 
 
 if __name__ == "__main__":
