@@ -2,7 +2,8 @@
 
 * a provision cycle (``lifecycle.converge``: gate, fenced DB writes, token, prepare, config copy,
   start) vs the bare engine calls any such start needs (volume, create, put_archive, start);
-* ``list_instances()`` vs the bare list call it makes, with the cycle's containers present.
+* ``list_instances()`` vs the bare list calls it makes (containers, volumes), with the cycle's
+  containers present.
 
 Needs DOCKER_HOST and the agent image (``python manage.py build_agent_image``).
 Run: ``.venv/bin/python -m bench.docker_backend``.
@@ -83,10 +84,13 @@ def run(repeats: int) -> list[Figure]:
 
     backend = backend_for(made[0])
     listing = [timed(backend.list_instances) for _ in range(repeats * 3)]
-    bare_listing = [
-        timed(lambda: client.api.containers(all=True, filters={"label": platform_filter()}))
-        for _ in range(repeats * 3)
-    ]
+    labelled = {"label": platform_filter()}
+
+    def bare_list() -> None:
+        client.api.containers(all=True, filters=labelled)
+        client.api.volumes(filters=labelled)
+
+    bare_listing = [timed(bare_list) for _ in range(repeats * 3)]
 
     for workspace in made:
         backend.remove(workspace.id, {})
@@ -107,7 +111,7 @@ def run(repeats: int) -> list[Figure]:
             f"list_instances ({repeats} containers)",
             "s",
             listing,
-            floor_name="bare containers list call",
+            floor_name="bare containers + volumes list calls",
             floor_samples=bare_listing,
         ),
     ]

@@ -29,6 +29,18 @@ def _answers(host: str) -> bool:
         return False
 
 
+def _unmount_under(root: Path) -> None:
+    """dockerd leaves its network namespace bind-mounted under the exec root; without this the
+    temporary folder cannot be removed (the same cleanup as .ci/run)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return
+    inside = [line.split()[1] for line in mounts if len(line.split()) > 1]
+    for mountpoint in sorted((m for m in inside if m.startswith(f"{root}/")), reverse=True):
+        subprocess.run(["umount", mountpoint], capture_output=True, check=False)
+
+
 def ensure_engine() -> str:
     """Return a DOCKER_HOST that answers, starting a private dockerd when needed."""
     host = os.environ.get("DOCKER_HOST", "")
@@ -70,6 +82,7 @@ def ensure_engine() -> str:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+        _unmount_under(root)
         shutil.rmtree(root, ignore_errors=True)
 
     atexit.register(stop)

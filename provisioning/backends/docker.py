@@ -19,6 +19,7 @@ import logging
 import math
 import posixpath
 import re
+import signal
 import tarfile
 import threading
 import time
@@ -58,6 +59,10 @@ _PERMANENT_SERVER_ERRORS = re.compile(
     re.IGNORECASE,
 )
 _CREATE_ATTEMPTS = 3
+# States in which the container's processes exist: paused is silent (the liveness window's
+# business, like a SIGSTOPped process), not dead.
+_ALIVE = frozenset({"running", "paused"})
+_EXITED = re.compile(r"Exited \((-?\d+)\)")
 
 
 def _label(key: str) -> str:
@@ -425,20 +430,26 @@ class DockerBackend(WorkspaceBackend):
             return InstanceStatus(exists=False, running=False, detail="no container")
         status = container.status
         exit_code = None
+        detail = f"container {container.name} is {status}"
         if status in ("exited", "dead"):
-            exit_code = container.attrs.get("State", {}).get("ExitCode")
+            facts = container.attrs.get("State", {})
+            exit_code = facts.get("ExitCode")
+            detail = f"container {container.name} {_exit_reason(status, exit_code, facts)}"
         return InstanceStatus(
-            exists=True,
-            running=status == "running",
-            exit_code=exit_code,
-            detail=f"container {container.name} is {status}",
+            exists=True, running=status in _ALIVE, exit_code=exit_code, detail=detail
         )
 
     def list_instances(self) -> list[InstanceInfo]:
-        # One engine call: the list endpoint carries labels and state, no per-container inspect.
+        # Two engine calls whatever the number of workspaces: the container list carries labels,
+        # state and the exit code in its Status text (no per-container inspect), and the volume
+        # list finds config volumes whose container is gone (an interrupted removal), so orphan
+        # volumes are removed too.
+        labelled = {"label": platform_filter()}
         with engine_errors("listing containers"):
-            rows = self.client.api.containers(all=True, filters={"label": platform_filter()})
-        found = []
+            rows = self.client.api.containers(all=True, filters=labelled)
+        with engine_errors("listing volumes"):
+            volumes = self.client.api.volumes(filters=labelled).get("Volumes") or []
+        found: dict[str, InstanceInfo] = {}
         for row in rows:
             labels = row.get("Labels") or {}
             workspace_id = labels.get(_label("workspace-id"))
@@ -446,19 +457,64 @@ class DockerBackend(WorkspaceBackend):
                 continue
             generation = labels.get(_label("generation"), "")
             exit_code = None
-            match = re.match(r"Exited \((-?\d+)\)", row.get("Status") or "")
+            match = _EXITED.match(row.get("Status") or "")
             if match:
                 exit_code = int(match.group(1))
-            found.append(
-                InstanceInfo(
-                    workspace_id=workspace_id,
-                    running=row.get("State") == "running",
-                    generation=int(generation) if generation.isdigit() else None,
-                    ref=str(row.get("Id", ""))[:12],
-                    exit_code=exit_code,
-                )
+            info = InstanceInfo(
+                workspace_id=workspace_id,
+                running=row.get("State") in _ALIVE,
+                generation=int(generation) if generation.isdigit() else None,
+                ref=str(row.get("Id", "")),
+                exit_code=exit_code,
             )
-        return found
+            # Names are fixed (ws-<id>), so two containers for one id only exist when someone
+            # made one by hand with our labels; a running one is the one that matters.
+            if workspace_id not in found or info.running:
+                found[workspace_id] = info
+        for volume in volumes:
+            workspace_id = (volume.get("Labels") or {}).get(_label("workspace-id"))
+            if workspace_id and workspace_id not in found:
+                found[workspace_id] = InstanceInfo(
+                    workspace_id=workspace_id, running=False, ref=f"volume {volume.get('Name')}"
+                )
+        return list(found.values())
+
+    def remove_orphan(self, instance: InstanceInfo) -> None:
+        """Remove every container and volume of this platform labelled with the orphan's
+        workspace id, whatever their names: an orphan made by hand need not be called ws-<id>,
+        and a name alone could be another platform's object on a shared engine."""
+        labels = {"label": [platform_filter(), workspace_filter(instance.workspace_id)]}
+        with engine_errors(f"listing the containers of orphan {instance.workspace_id}"):
+            containers = self.client.api.containers(all=True, filters=labels)
+        for row in containers:
+            with (
+                engine_errors(f"removing orphan container {row.get('Id', '')[:12]}"),
+                contextlib.suppress(docker.errors.NotFound),
+            ):
+                self.client.api.remove_container(row["Id"], force=True)
+        # After the containers: a volume still mounted by one cannot be removed.
+        with engine_errors(f"listing the volumes of orphan {instance.workspace_id}"):
+            volumes = self.client.api.volumes(filters=labels).get("Volumes") or []
+        for volume in volumes:
+            with (
+                engine_errors(f"removing orphan volume {volume.get('Name')}"),
+                contextlib.suppress(docker.errors.NotFound),
+            ):
+                self.client.api.remove_volume(volume["Name"], force=True)
+
+
+def _exit_reason(status: str, exit_code: int | None, facts: Mapping[str, Any]) -> str:
+    """``exited with code 137 (SIGKILL; out of memory)``: what the reconciler records."""
+    reasons = []
+    if exit_code is not None and exit_code > 128:
+        with contextlib.suppress(ValueError):
+            reasons.append(signal.Signals(exit_code - 128).name)
+    if facts.get("OOMKilled"):
+        reasons.append("out of memory")
+    if facts.get("Error"):
+        reasons.append(str(facts["Error"]))
+    text = f"{status} with code {exit_code}"
+    return f"{text} ({'; '.join(reasons)})" if reasons else text
 
 
 # -- the agent image -----------------------------------------------------------------------------
