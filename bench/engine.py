@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import docker
+import docker.errors
 from docker.errors import DockerException
 
 
@@ -83,3 +84,20 @@ def ensure_engine() -> str:
         time.sleep(0.1)
     os.environ["DOCKER_HOST"] = host
     return host
+
+
+def ensure_agent_image() -> str:
+    """The agent image's tag, built on the engine if it is missing (needs Django set up)."""
+    from django.conf import settings
+
+    from provisioning.backends.docker import build_agent_image, make_client
+
+    tag = str(settings.DOCKER_AGENT_IMAGE)
+    client = make_client()
+    try:
+        client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        build_agent_image(tag)
+    finally:
+        client.close()
+    return tag
