@@ -83,6 +83,8 @@ def ensure_engine() -> str:
             )
         time.sleep(0.1)
     os.environ["DOCKER_HOST"] = host
+    # Children (benchmarks run in their own processes) find the daemon's processes by this path.
+    os.environ["BENCH_DOCKERD_ROOT"] = str(root)
     return host
 
 
@@ -101,3 +103,50 @@ def ensure_agent_image() -> str:
     finally:
         client.close()
     return tag
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _processes() -> dict[int, tuple[int, str, float]]:
+    """pid -> (parent pid, command line, CPU seconds used so far including reaped children)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        cpu = sum(int(value) for value in fields[11:15]) / _TICKS
+        found[int(entry.name)] = (int(fields[1]), cmdline, cpu)
+    return found
+
+
+def cpu_seconds(roots: list[int]) -> dict[str, float]:
+    """CPU seconds used so far by the private engine's processes (dockerd, containerd, shims and
+    what they reaped: runc, the engine's re-execs) when ``ensure_engine`` started it, and by the
+    process trees under ``roots`` (say, gunicorn and the Celery worker). Processes that exited and
+    were not reaped by one of these are not counted."""
+    processes = _processes()
+    engine_root = os.environ.get("BENCH_DOCKERD_ROOT", "")
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _, _) in processes.items():
+        children.setdefault(parent, []).append(pid)
+    tree: set[int] = set()
+    stack = [pid for pid in roots if pid in processes]
+    while stack:
+        pid = stack.pop()
+        if pid not in tree:
+            tree.add(pid)
+            stack.extend(children.get(pid, []))
+    return {
+        "engine": sum(
+            cpu for _, cmd, cpu in processes.values() if engine_root and engine_root in cmd
+        )
+        if engine_root
+        else float("nan"),
+        "platform": sum(processes[pid][2] for pid in tree),
+    }

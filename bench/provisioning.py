@@ -15,16 +15,44 @@ answering 200 to everything; per container, latency is the ``run`` call to the a
 writes no row: that is exactly what the ratio charges to the platform.
 
 Platform and floor alternate (which goes first flips every repeat); every container is removed
-between runs. The latency distribution is plotted in ``provisioning-latency.png``:
+between runs. The notes under the table split each workspace's latency into phases (from the
+POST, the ``WORKSPACE_PROVISIONING`` event, the row's ``last_started_at`` and the
+``WORKSPACE_ONLINE`` event) and give the CPU each side cost per workspace (read from ``/proc``
+when the run uses its private dockerd). The latency distribution is plotted in
+``provisioning-latency.png``:
 
 ![provisioning latency, platform against floor](provisioning-latency.png)
+
+**Where the time goes (N = 50).** On 2 cores the run is CPU-bound: the CDF of the platform is a
+straight line (a constant rate of workspaces coming up) and most of a workspace's latency is
+waiting for a worker; running more cycles at once (concurrency 8, 16, or two worker processes)
+only makes each cycle slower. The CPU per workspace, in the notes, is the cost: the engine spends
+more than twice the floor's, and the platform's own processes add a third of that again. A
+profile of the worker (every engine request timed, and each engine call's CPU measured alone on an
+idle engine) showed the engine cost is the config volume: ``put_archive`` into a created
+container costs the engine about 60 ms of CPU (it mounts the container's file systems and
+re-executes itself to unpack), mounting the volume adds about 25 ms to ``start``, while create is
+about 16 ms and an inspect, ping or volume create under 3 ms each. The platform copies the
+template's files into the volume so that a later start can tell an emptied volume and recover it
+(invariant 9): the floor has no volume.
+
+What was changed after profiling (the engine requests per first provision went from 14 to 9):
+the template files and the ``.provisioned`` marker go in one archive with the marker as its last
+entry (one ``put_archive`` instead of two; the engine unpacks in order, so an interrupted copy
+still leaves no marker); the first provision writes the config without reading the marker first
+(one ``get_archive`` less, about 30 ms of engine CPU); the config calls address the container by
+name instead of inspecting it first; the volume is created without looking it up (create is
+get-or-create on the engine). Side by side on this machine, with the same bench, the code before
+these changes took 6.4 s for N = 50 against a 2.2 s floor (ratio 2.8); see the table for now.
 
     .venv/bin/python -m bench.provisioning [repeats]
 """
 
 from __future__ import annotations
 
+import math
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -36,9 +64,21 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Figure, percentile, setup_django
+from bench.engine import cpu_seconds
 from bench.stack import BareEndpoint, Platform, platform, remove_labelled, wait_until
 
 SIZES = (1, 10, 50)
+PHASES = {
+    "platform": {
+        "queue": "POST sent -> cycle began (request, enqueue, waiting for a worker)",
+        "cycle": "cycle began -> container running (gate, rows, token, volume, config, start)",
+        "agent": "container running -> registered (agent boot, register call)",
+    },
+    "floor": {
+        "run": "containers.run() call (create + start)",
+        "agent": "run() returned -> first call arrived (agent boot, HTTP call)",
+    },
+}
 TIMEOUT = 300.0
 PLOT = "provisioning-latency.png"
 
@@ -47,6 +87,10 @@ PLOT = "provisioning-latency.png"
 class Run:
     total: float
     latencies: list[float] = field(default_factory=list)
+    # Per-workspace seconds spent in each phase, in order (see PHASES).
+    phases: dict[str, list[float]] = field(default_factory=dict)
+    # CPU seconds the run cost the engine and the platform's processes (bench.engine.cpu_seconds).
+    cpu: dict[str, float] = field(default_factory=dict)
 
     @property
     def p50(self) -> float:
@@ -69,6 +113,7 @@ def platform_run(stack: Platform, n: int) -> Run:
     from workspaces.status import EventType, WorkspaceStatus
 
     tag = uuid.uuid4().hex[:8]
+    cpu_before = cpu_seconds(stack.pids)
 
     def create(index: int, barrier: threading.Barrier) -> tuple[str, float]:
         barrier.wait()
@@ -91,19 +136,39 @@ def platform_run(stack: Platform, n: int) -> Run:
         return sum(status == WorkspaceStatus.ONLINE for status, _ in rows) == n
 
     wait_until(all_online, TIMEOUT, f"{n} workspaces online", interval=0.1)
-    online = dict(
-        WorkspaceEvent.objects.filter(workspace_id__in=ids, type=EventType.ONLINE)
-        # Newest first, so the dict keeps each workspace's first ONLINE event.
-        .order_by("-created_at")
-        .values_list("workspace_id", "created_at")
-    )
-    latencies = [online[uuid.UUID(i)].timestamp() - created[i] for i in ids]
-    first = min(created.values())
-    last = max(online[uuid.UUID(i)].timestamp() for i in ids)
-    return Run(last - first, latencies)
+    cpu_after = cpu_seconds(stack.pids)
+
+    def first_event(kind: str) -> dict[uuid.UUID, float]:
+        rows = (
+            WorkspaceEvent.objects.filter(workspace_id__in=ids, type=kind)
+            # Newest first, so the dict keeps each workspace's first event of the kind.
+            .order_by("-created_at")
+            .values_list("workspace_id", "created_at")
+        )
+        return {workspace_id: at.timestamp() for workspace_id, at in rows}
+
+    online, began = first_event(EventType.ONLINE), first_event(EventType.PROVISIONING)
+    running = {
+        workspace_id: at.timestamp()
+        for workspace_id, at in Workspace.objects.filter(id__in=ids).values_list(
+            "id", "last_started_at"
+        )
+    }
+    keys = [uuid.UUID(i) for i in ids]
+    latencies = [online[key] - created[str(key)] for key in keys]
+    phases = {
+        "queue": [began[key] - created[str(key)] for key in keys],
+        "cycle": [running[key] - began[key] for key in keys],
+        # Negative when the agent registered before the cycle recorded the start.
+        "agent": [online[key] - running[key] for key in keys],
+    }
+    cpu = {key: cpu_after[key] - cpu_before[key] for key in cpu_after}
+    return Run(max(online.values()) - min(created.values()), latencies, phases, cpu)
 
 
 def floor_run(client: Any, image: str, endpoint: BareEndpoint, label: str, n: int) -> Run:
+    returned: dict[str, float] = {}
+
     def start(index: int, barrier: threading.Barrier) -> tuple[str, float]:
         workspace_id = str(uuid.uuid4())
         barrier.wait()
@@ -120,17 +185,49 @@ def floor_run(client: Any, image: str, endpoint: BareEndpoint, label: str, n: in
             labels={label.split("=", 1)[0]: label.split("=", 1)[1]},
             network_mode="host",
         )
+        returned[workspace_id] = time.time()
         return workspace_id, sent
 
+    cpu_before = cpu_seconds([])
     started = dict(_together(n, start))
     wait_until(
         lambda: all(endpoint.arrived(i) is not None for i in started),
         TIMEOUT,
         f"{n} bare agents calling back",
     )
+    cpu_after = cpu_seconds([])
     arrivals = {i: endpoint.arrived(i) or 0.0 for i in started}
     latencies = [arrivals[i] - started[i] for i in started]
-    return Run(max(arrivals.values()) - min(started.values()), latencies)
+    phases = {
+        "run": [returned[i] - started[i] for i in started],
+        "agent": [arrivals[i] - returned[i] for i in started],
+    }
+    cpu = {"engine": cpu_after["engine"] - cpu_before["engine"]}
+    return Run(max(arrivals.values()) - min(started.values()), latencies, phases, cpu)
+
+
+def _phases(runs: list[Run], side: str) -> str:
+    """Median seconds per phase over every workspace of every run, as a sentence."""
+    parts = []
+    for phase, meaning in PHASES[side].items():
+        values = [x for run in runs for x in run.phases.get(phase, [])]
+        parts.append(f"{meaning} {statistics.median(values):.2f} s")
+    text = f"{side} per-workspace medians: " + ", ".join(parts)
+    n = len(runs[0].latencies)
+    cpu = {
+        key: statistics.median(run.cpu[key] for run in runs) / n * 1000
+        for key in runs[0].cpu
+        if not math.isnan(runs[0].cpu[key])
+    }
+    if cpu:
+        where = {
+            "engine": "the engine (dockerd, containerd, shims)",
+            "platform": "gunicorn + Celery",
+        }
+        text += "; CPU per workspace: " + ", ".join(
+            f"{where[key]} {value:.0f} ms" for key, value in cpu.items()
+        )
+    return text
 
 
 def _clean_platform(stack: Platform) -> None:
@@ -232,6 +329,9 @@ def run(repeats: int = 3, sizes: tuple[int, ...] = SIZES) -> list[Figure]:
                 "p50": "bare SDK per-container p50",
                 "p95": "bare SDK per-container p95",
             }[metric]
+            notes = ""
+            if metric == "total":
+                notes = f"{_phases(platform_runs, 'platform')}; {_phases(floor_runs, 'floor')}"
             figures.append(
                 Figure(
                     name=f"provision N={n}: {label}",
@@ -239,6 +339,7 @@ def run(repeats: int = 3, sizes: tuple[int, ...] = SIZES) -> list[Figure]:
                     samples=[getattr(r, metric) for r in platform_runs],
                     floor_name=floor_label_text,
                     floor_samples=[getattr(r, metric) for r in floor_runs],
+                    notes=notes,
                     extra={"n": n, "metric": metric},
                 )
             )

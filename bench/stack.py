@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,7 @@ class Platform:
     platform_id: str
     env: dict[str, str]
     log_dir: Path
+    pids: list[int] = field(default_factory=list)  # gunicorn and Celery worker main processes
 
     def request(
         self, method: str, path: str, body: dict[str, Any] | None = None
@@ -196,7 +197,7 @@ def platform(name: str, log_dir: Path) -> Iterator[Platform]:
                 f"worker {node}",
                 interval=0.2,
             )
-        yield Platform(url, port, token.key, platform_id, env, log_dir)
+        yield Platform(url, port, token.key, platform_id, env, log_dir, [p.pid for p in procs])
     finally:
         for proc in reversed(procs):
             _stop(proc)
