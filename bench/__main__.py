@@ -110,7 +110,7 @@ DOCKER_MODULES = {"docker_backend", "provisioning", "restart_storm"}
 def _module_env(name: str) -> dict[str, str]:
     """The child's environment: its own database when the caller named one."""
     env = dict(os.environ)
-    env.setdefault("LOG_LEVEL", "WARNING")  # the figures, not each event's log line
+    env.setdefault("LOG_LEVEL", "ERROR")  # the figures, not a log line per event or flip
     base = env.get("DATABASE_URL")
     if base:
         url = urlsplit(base)
