@@ -104,6 +104,13 @@ def table(figures: list[Figure]) -> list[str]:
     return lines
 
 
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 DOCKER_MODULES = {"docker_backend", "provisioning", "restart_storm"}
 
 
@@ -155,6 +162,7 @@ def main() -> int:
         return _child(args.child, args.repeats, args.json)
 
     started = time.time()
+    load_before = _load()
     names = args.only or MODULES
     if DOCKER_MODULES & set(names):
         # One engine for the whole run: children inherit DOCKER_HOST (and build the image once).
@@ -162,6 +170,7 @@ def main() -> int:
 
         ensure_engine()
     sections: list[str] = []
+    headlines: list[str] = []
     failed: list[str] = []
     for name in names:
         print(f"== {name}", flush=True)
@@ -173,6 +182,8 @@ def main() -> int:
         figures, doc = outcome
         for figure in figures:
             print(figure.line(), flush=True)
+            if figure.extra.get("headline"):
+                headlines.append(f"- {figure.extra['headline']}")
         sections += [f"## {name}", "", doc, "", *table(figures), ""]
         for figure in figures:
             if figure.notes:
@@ -190,7 +201,11 @@ def main() -> int:
         "is median / floor median.",
         "",
         *machine(),
+        f"- load: this machine is shared; other work was running during the run (load average "
+        f"{load_before} at the start, {_load()} at the end). Floors pay for it alike, so read "
+        "ratios rather than absolute numbers.",
         "",
+        *(["## Headlines", "", *headlines, ""] if headlines else []),
         *sections,
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -332,17 +332,23 @@ def run(repeats: int = 3, sizes: tuple[int, ...] = SIZES) -> list[Figure]:
             notes = ""
             if metric == "total":
                 notes = f"{_phases(platform_runs, 'platform')}; {_phases(floor_runs, 'floor')}"
-            figures.append(
-                Figure(
-                    name=f"provision N={n}: {label}",
-                    unit="s",
-                    samples=[getattr(r, metric) for r in platform_runs],
-                    floor_name=floor_label_text,
-                    floor_samples=[getattr(r, metric) for r in floor_runs],
-                    notes=notes,
-                    extra={"n": n, "metric": metric},
-                )
+            figure = Figure(
+                name=f"provision N={n}: {label}",
+                unit="s",
+                samples=[getattr(r, metric) for r in platform_runs],
+                floor_name=floor_label_text,
+                floor_samples=[getattr(r, metric) for r in floor_runs],
+                notes=notes,
+                extra={"n": n, "metric": metric},
             )
+            if n == max(sizes) and metric in ("total", "p50"):
+                what = "first POST to last online" if metric == "total" else "per-workspace p50"
+                figure.extra["headline"] = (
+                    f"Provisioning overhead over the bare engine, N = {n} at once, {what}: "
+                    f"**{figure.ratio:.2f}x** ({figure.stats['median']:.2f} s against "
+                    f"{(figure.floor_stats or {}).get('median', 0):.2f} s)"
+                )
+            figures.append(figure)
     return figures
 
 
