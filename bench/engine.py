@@ -30,6 +30,19 @@ def _answers(host: str) -> bool:
         return False
 
 
+def _unmount_under(root: Path) -> None:
+    """Unmount what the daemon left mounted under its root (its network namespace file stays
+    mounted after a clean shutdown), deepest first, so the folder can be removed."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return
+    prefix = f"{root}/"
+    points = [line.split()[1] for line in mounts if len(line.split()) > 1]
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", point], capture_output=True, check=False)
+
+
 def ensure_engine() -> str:
     """Return a DOCKER_HOST that answers, starting a private dockerd when needed."""
     host = os.environ.get("DOCKER_HOST", "")
@@ -71,6 +84,7 @@ def ensure_engine() -> str:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+        _unmount_under(root)
         shutil.rmtree(root, ignore_errors=True)
 
     atexit.register(stop)
