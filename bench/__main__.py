@@ -1,25 +1,44 @@
 """``python -m bench``: run every benchmark and write docs/benchmarks.md.
 
 Each module measures its figures side by side with their floors in the same run and returns
-``bench.common.Figure`` objects. The command exits non-zero only when a benchmark fails to run,
-never because a number is high.
+``bench.common.Figure`` objects. Every module runs in its own Python process (Django's settings
+are loaded once per process, and each module points them at its own database); the child sends
+its figures back as JSON. The command exits non-zero only when a benchmark fails to run, never
+because a number is high.
+
+When ``DATABASE_URL`` is set, module ``<name>`` gets ``<that database>_<name>``, so benches never
+share tables. The Docker benches use the engine in ``DOCKER_HOST``, or one private dockerd that
+the runner starts for the whole run and stops at the end (``bench.engine.ensure_engine``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import json
+import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
-import traceback
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from bench.common import Figure
 
-MODULES = ["gate", "sweeper", "api", "reconcile", "provisioning", "restart_storm"]
-OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+MODULES = [
+    "gate",
+    "sweeper",
+    "api",
+    "reconcile",
+    "docker_backend",
+    "provisioning",
+    "restart_storm",
+]
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "docs" / "benchmarks.md"
 
 
 def _cmd(args: list[str]) -> str:
@@ -85,29 +104,86 @@ def table(figures: list[Figure]) -> list[str]:
     return lines
 
 
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+DOCKER_MODULES = {"docker_backend", "provisioning", "restart_storm"}
+
+
+def _module_env(name: str) -> dict[str, str]:
+    """The child's environment: its own database when the caller named one."""
+    env = dict(os.environ)
+    env.setdefault("LOG_LEVEL", "ERROR")  # the figures, not a log line per event or flip
+    base = env.get("DATABASE_URL")
+    if base:
+        url = urlsplit(base)
+        database = url.path.lstrip("/") or "workspaces"
+        env["DATABASE_URL"] = urlunsplit(url._replace(path=f"/{database}_{name}"))
+        if name == "sweeper":
+            env.setdefault("SWEEPER_BENCH_DATABASE_URL", env["DATABASE_URL"])
+    return env
+
+
+def _run_child(name: str, repeats: int, out: Path) -> tuple[list[Figure], str] | None:
+    """Run one module in its own process; None when it failed (its output says why)."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as folder:
+        result = Path(folder) / "figures.json"
+        env = {**_module_env(name), "BENCH_OUT_DIR": str(out.parent)}
+        command = [sys.executable, "-m", "bench", "--child", name, "--repeats", str(repeats)]
+        code = subprocess.run([*command, "--json", str(result)], env=env, cwd=REPO).returncode
+        if code != 0 or not result.exists():
+            return None
+        data = json.loads(result.read_text())
+    return [Figure(**figure) for figure in data["figures"]], data["doc"]
+
+
+def _child(name: str, repeats: int, result: Path) -> int:
+    module = importlib.import_module(f"bench.{name}")
+    figures: list[Figure] = module.run(repeats)
+    doc = (module.__doc__ or "").strip()
+    payload = {"figures": [dataclasses.asdict(figure) for figure in figures], "doc": doc}
+    result.write_text(json.dumps(payload, default=str))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5, help="runs per figure (default 5)")
     parser.add_argument("--only", nargs="*", choices=MODULES, help="run only these benchmarks")
     parser.add_argument("--out", type=Path, default=OUT, help="the report to write")
+    parser.add_argument("--child", choices=MODULES, help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return _child(args.child, args.repeats, args.json)
 
     started = time.time()
+    load_before = _load()
+    names = args.only or MODULES
+    if DOCKER_MODULES & set(names):
+        # One engine for the whole run: children inherit DOCKER_HOST (and build the image once).
+        from bench.engine import ensure_engine
+
+        ensure_engine()
     sections: list[str] = []
+    headlines: list[str] = []
     failed: list[str] = []
-    for name in args.only or MODULES:
+    for name in names:
         print(f"== {name}", flush=True)
-        try:
-            module = importlib.import_module(f"bench.{name}")
-            figures: list[Figure] = module.run(args.repeats)
-        except Exception:  # a broken benchmark is reported and fails the command at the end
+        outcome = _run_child(name, args.repeats, args.out)
+        if outcome is None:
             failed.append(name)
-            traceback.print_exc()
             sections += [f"## {name}", "", "**failed to run** (see the command's output)", ""]
             continue
+        figures, doc = outcome
         for figure in figures:
             print(figure.line(), flush=True)
-        doc = (module.__doc__ or "").strip()
+            if figure.extra.get("headline"):
+                headlines.append(f"- {figure.extra['headline']}")
         sections += [f"## {name}", "", doc, "", *table(figures), ""]
         for figure in figures:
             if figure.notes:
@@ -125,7 +201,11 @@ def main() -> int:
         "is median / floor median.",
         "",
         *machine(),
+        f"- load: this machine is shared; other work was running during the run (load average "
+        f"{load_before} at the start, {_load()} at the end). Floors pay for it alike, so read "
+        "ratios rather than absolute numbers.",
         "",
+        *(["## Headlines", "", *headlines, ""] if headlines else []),
         *sections,
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,35 +1,39 @@
 """Docker backend overhead, each figure beside its floor on the same engine in the same run.
 
 * a provision cycle (``lifecycle.converge``: gate, fenced DB writes, token, prepare, config copy,
-  start) vs the bare engine calls any such start needs (volume, create, put_archive, start);
+  start) vs the bare engine calls any such start needs (volume, create, one put_archive of the
+  config files and marker, start, one inspect), called one after the other;
 * ``list_instances()`` vs the bare list calls it makes (containers, volumes), with the cycle's
   containers present.
 
-Needs DOCKER_HOST and the agent image (``python manage.py build_agent_image``).
-Run: ``.venv/bin/python -m bench.docker_backend``.
+Uses the engine in DOCKER_HOST, or a private dockerd (``bench.engine.ensure_engine``), and builds
+the agent image there when it is missing. Run: ``.venv/bin/python -m bench.docker_backend``.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import sys
 import tarfile
 import uuid
 
 from bench.common import Figure, setup_django, timed
 
 
-def _tar(name: str, data: bytes) -> bytes:
+def _tar(files: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        archive.addfile(info, io.BytesIO(data))
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
 
 
 def run(repeats: int) -> list[Figure]:
+    from bench.engine import ensure_agent_image, ensure_engine
+
+    ensure_engine()
     setup_django(database=os.environ.get("BENCH_DATABASE", "ws_docker_bench"), redis_db=5)
     from django.conf import settings
     from django.contrib.auth import get_user_model
@@ -40,8 +44,7 @@ def run(repeats: int) -> list[Figure]:
     from workspaces import services
     from workspaces.models import Workspace
 
-    if not settings.DOCKER_HOST:
-        sys.exit("bench.docker_backend needs DOCKER_HOST")
+    ensure_agent_image()
     # Agents must not register during the bench: nothing listens on this port.
     settings.PLATFORM_URL = "http://127.0.0.1:9"
     client = make_client()
@@ -75,8 +78,9 @@ def run(repeats: int) -> list[Figure]:
                 volumes={f"{name}-configs": {"bind": mount, "mode": "rw"}},
                 network_mode=settings.DOCKER_NETWORK_MODE,
             )
-            container.put_archive(mount, _tar("profile.sh", b"# profile\n"))
-            container.put_archive(mount, _tar(".provisioned", b"{}"))
+            container.put_archive(
+                mount, _tar({"profile.sh": b"# profile\n", ".provisioned": b"{}"})
+            )
             container.start()
             container.reload()
 
@@ -104,7 +108,7 @@ def run(repeats: int) -> list[Figure]:
             "docker provision cycle (converge to start)",
             "s",
             cycle,
-            floor_name="bare engine volume+create+2 put_archive+start",
+            floor_name="bare engine volume+create+put_archive+start+inspect",
             floor_samples=floor,
         ),
         Figure(

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import docker
+import docker.errors
 from docker.errors import DockerException
 
 
@@ -30,15 +31,16 @@ def _answers(host: str) -> bool:
 
 
 def _unmount_under(root: Path) -> None:
-    """dockerd leaves its network namespace bind-mounted under the exec root; without this the
-    temporary folder cannot be removed (the same cleanup as .ci/run)."""
+    """Unmount what the daemon left mounted under its root (its network namespace file stays
+    mounted after a clean shutdown), deepest first, so the folder can be removed."""
     try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
     except OSError:
         return
-    inside = [line.split()[1] for line in mounts if len(line.split()) > 1]
-    for mountpoint in sorted((m for m in inside if m.startswith(f"{root}/")), reverse=True):
-        subprocess.run(["umount", mountpoint], capture_output=True, check=False)
+    prefix = f"{root}/"
+    points = [line.split()[1] for line in mounts if len(line.split()) > 1]
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", point], capture_output=True, check=False)
 
 
 def ensure_engine() -> str:
@@ -95,4 +97,70 @@ def ensure_engine() -> str:
             )
         time.sleep(0.1)
     os.environ["DOCKER_HOST"] = host
+    # Children (benchmarks run in their own processes) find the daemon's processes by this path.
+    os.environ["BENCH_DOCKERD_ROOT"] = str(root)
     return host
+
+
+def ensure_agent_image() -> str:
+    """The agent image's tag, built on the engine if it is missing (needs Django set up)."""
+    from django.conf import settings
+
+    from provisioning.backends.docker import build_agent_image, make_client
+
+    tag = str(settings.DOCKER_AGENT_IMAGE)
+    client = make_client()
+    try:
+        client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        build_agent_image(tag)
+    finally:
+        client.close()
+    return tag
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _processes() -> dict[int, tuple[int, str, float]]:
+    """pid -> (parent pid, command line, CPU seconds used so far including reaped children)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        cpu = sum(int(value) for value in fields[11:15]) / _TICKS
+        found[int(entry.name)] = (int(fields[1]), cmdline, cpu)
+    return found
+
+
+def cpu_seconds(roots: list[int]) -> dict[str, float]:
+    """CPU seconds used so far by the private engine's processes (dockerd, containerd, shims and
+    what they reaped: runc, the engine's re-execs) when ``ensure_engine`` started it, and by the
+    process trees under ``roots`` (say, gunicorn and the Celery worker). Processes that exited and
+    were not reaped by one of these are not counted."""
+    processes = _processes()
+    engine_root = os.environ.get("BENCH_DOCKERD_ROOT", "")
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _, _) in processes.items():
+        children.setdefault(parent, []).append(pid)
+    tree: set[int] = set()
+    stack = [pid for pid in roots if pid in processes]
+    while stack:
+        pid = stack.pop()
+        if pid not in tree:
+            tree.add(pid)
+            stack.extend(children.get(pid, []))
+    return {
+        "engine": sum(
+            cpu for _, cmd, cpu in processes.values() if engine_root and engine_root in cmd
+        )
+        if engine_root
+        else float("nan"),
+        "platform": sum(processes[pid][2] for pid in tree),
+    }

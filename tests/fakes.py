@@ -55,6 +55,7 @@ class FakeBackend(WorkspaceBackend):
         return dict(state)
 
     def config_state(self, spec: LaunchSpec, state: State) -> ConfigState:
+        self._call("config_state", spec.workspace_id)
         files = self.configs.get(str(spec.workspace_id), {})
         return ConfigState.PROVISIONED if ".provisioned" in files else ConfigState.EMPTY
 

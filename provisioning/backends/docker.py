@@ -245,13 +245,10 @@ class DockerBackend(WorkspaceBackend):
 
     def _ensure_volume(self, spec: LaunchSpec) -> None:
         name = self.volume_name(spec.workspace_id)
-        volumes = self.client.volumes
         with engine_errors(f"creating volume {name}"):
-            try:
-                volumes.get(name)
-            except docker.errors.NotFound:
-                # Two creators racing both succeed: the engine returns the existing volume.
-                volumes.create(name=name, labels=self._labels(spec.workspace_id))
+            # Create is get-or-create on the engine: an existing volume of that name (an earlier
+            # cycle's, or a racing creator's) comes back as it is, contents and labels kept.
+            self.client.volumes.create(name=name, labels=self._labels(spec.workspace_id))
 
     def _create(self, spec: LaunchSpec) -> Container:
         mount = self._mount(spec)
@@ -293,9 +290,7 @@ class DockerBackend(WorkspaceBackend):
     def _container_for(self, spec: LaunchSpec) -> Container:
         container = self._find(spec.workspace_id)
         if container is None:
-            raise BackendError(
-                f"docker: container {spec.name} is gone; the next cycle recreates it"
-            )
+            raise self._gone(spec)
         return container
 
     @staticmethod
@@ -327,29 +322,38 @@ class DockerBackend(WorkspaceBackend):
             self._remove_container(container)
         return self._state(self._create(spec), spec.generation)
 
+    def _gone(self, spec: LaunchSpec) -> BackendError:
+        return BackendError(f"docker: container {spec.name} is gone; the next cycle recreates it")
+
     def config_state(self, spec: LaunchSpec, state: State) -> ConfigState:
-        container = self._container_for(spec)
         marker = posixpath.join(self._mount(spec), CONFIG_MARKER)
+        # By name, with no inspect first: a 404 means no marker or no container, told apart
+        # only on that (rare) path.
         with engine_errors(f"reading the config volume of {spec.name}"):
             try:
-                stream, _ = container.get_archive(marker)
+                stream, _ = self.client.api.get_archive(spec.name, marker)
             except docker.errors.NotFound:
+                self._container_for(spec)
                 return ConfigState.EMPTY
             for _chunk in stream:
                 pass
         return ConfigState.PROVISIONED
 
     def write_config(self, spec: LaunchSpec, state: State, files: Mapping[str, bytes]) -> None:
-        container = self._container_for(spec)
         mount = self._mount(spec)
-        now = time.time()
         marker = json.dumps({"template": spec.template.name, "generation": spec.generation})
+        payload = {name: data for name, data in files.items() if name != CONFIG_MARKER}
+        # One archive, the marker its last entry: the engine extracts entries in order, so an
+        # interrupted copy leaves no marker, reads as EMPTY and is redone. Each put_archive on a
+        # created container mounts its file systems, the costliest engine call of a cycle.
+        payload[CONFIG_MARKER] = marker.encode()
         with engine_errors(f"writing the config volume of {spec.name}"):
-            # Files first, the marker last: an interrupted copy reads as EMPTY and is redone.
-            if files and not container.put_archive(mount, _tar(files, now)):
-                raise BackendError(f"docker: the engine refused the config files for {spec.name}")
-            if not container.put_archive(mount, _tar({CONFIG_MARKER: marker.encode()}, now)):
-                raise BackendError(f"docker: the engine refused the config marker for {spec.name}")
+            try:
+                accepted = self.client.api.put_archive(spec.name, mount, _tar(payload, time.time()))
+            except docker.errors.NotFound as exc:
+                raise self._gone(spec) from exc
+        if not accepted:
+            raise BackendError(f"docker: the engine refused the config files for {spec.name}")
 
     def start(self, spec: LaunchSpec, state: State) -> State:
         container = self._find(spec.workspace_id)

@@ -188,6 +188,48 @@ def test_start_replaces_a_container_without_this_cycles_token(
     backend.remove(workspace_id, state)
 
 
+def test_config_is_one_archive_with_the_marker_last(backend: DockerBackend, docker_engine) -> None:
+    workspace_id = uuid.uuid4()
+    spec = _spec(workspace_id, 1)
+    state = backend.prepare(spec, {})
+    requests_made: list[str] = []
+
+    def count(response: Any, *args: Any, **kwargs: Any) -> None:
+        requests_made.append(f"{response.request.method} {response.request.path_url}")
+
+    hooks = backend.client.api.hooks["response"]
+    hooks.append(count)
+    try:
+        # A template file named like the marker never stands in for it.
+        backend.write_config(spec, state, {"a.txt": b"a", CONFIG_MARKER: b"not the marker"})
+    finally:
+        hooks.remove(count)
+    assert [line.split()[0] for line in requests_made] == ["PUT"], requests_made
+    assert backend.config_state(spec, state) is ConfigState.PROVISIONED
+    state = backend.start(spec, state)
+    mount = settings.DOCKER_CONFIG_MOUNT
+    name = f"ws-{workspace_id}"
+    assert _read(docker_engine, name, f"{mount}/a.txt") == "a"
+    assert '"generation": 1' in _read(docker_engine, name, f"{mount}/{CONFIG_MARKER}")
+    backend.remove(workspace_id, state)
+
+
+def test_config_calls_on_a_vanished_container_say_it_is_gone(
+    backend: DockerBackend, docker_engine
+) -> None:
+    workspace_id = uuid.uuid4()
+    spec = _spec(workspace_id, 1)
+    state = backend.prepare(spec, {})
+    docker_engine.containers.get(f"ws-{workspace_id}").remove(force=True)
+    for call in (
+        lambda: backend.config_state(spec, state),
+        lambda: backend.write_config(spec, state, {"a.txt": b"a"}),
+    ):
+        with pytest.raises(BackendError, match="is gone; the next cycle recreates it"):
+            call()
+    backend.remove(workspace_id, state)
+
+
 def test_list_instances_is_two_engine_calls_and_only_this_platform(
     backend: DockerBackend, docker_engine
 ) -> None:

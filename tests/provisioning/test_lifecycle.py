@@ -62,6 +62,32 @@ def test_config_volume_is_populated_on_first_provision(user, fake) -> None:
     assert not workspace.events.filter(type=EventType.CONFIG_RECOVERED).exists()
 
 
+def test_first_provision_writes_the_config_without_reading_it_and_restart_reads_it(
+    user, fake
+) -> None:
+    workspace = _create(user, template="hermes-default")
+    lifecycle.converge(workspace.id)
+    assert fake.calls_for(workspace.id) == ["prepare", "write_config", "start"]
+    services.request_restart(workspace.id)
+    fake.calls.clear()
+    assert lifecycle.converge(workspace.id) == ["restart"]
+    # Populated by a finished cycle: read, found provisioned, left alone.
+    assert fake.calls_for(workspace.id) == ["stop", "prepare", "config_state", "start"]
+    assert not workspace.events.filter(type=EventType.CONFIG_RECOVERED).exists()
+
+
+def test_first_provision_after_an_interrupted_one_rewrites_the_config(user, fake) -> None:
+    workspace = _create(user, template="hermes-default")
+    # What a cycle killed after writing some files (and no marker) leaves behind.
+    fake.configs[str(workspace.id)] = {"hermes.toml": b"half"}
+    lifecycle.converge(workspace.id)
+    files = fake.configs[str(workspace.id)]
+    assert files["hermes.toml"] != b"half" and ".provisioned" in files
+    workspace.refresh_from_db()
+    assert workspace.config_populated_at is not None
+    assert not workspace.events.filter(type=EventType.CONFIG_RECOVERED).exists()
+
+
 def test_restart_that_finds_the_volume_empty_recovers_it(user, fake) -> None:
     workspace = _create(user, template="hermes-default")
     lifecycle.converge(workspace.id)
