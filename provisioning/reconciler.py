@@ -225,11 +225,14 @@ class _Pass:
                 drift = assess(row, running=status.running)
                 if drift is None:
                     return  # a cycle or the agent wrote the truth since the listing
-                outcome = self._repair(backend, row, state, drift, status.exit_code, status.detail)
+                outcome = self._repair(
+                    backend, lease, row, state, drift, status.exit_code, status.detail
+                )
                 if outcome:
                     self.report.repairs.append(Repair(str(row.id), row.backend, drift, outcome))
-        except gate.GateBusy:
-            # A cycle runs now and writes what the backend says when it ends.
+        except (gate.GateBusy, services.LeaseLost):
+            # A cycle runs now (or took the gate while our lease lapsed) and writes what the
+            # backend says when it ends.
             self.report.skipped_busy.append(str(workspace_id))
         except BackendError as exc:
             self.report.errors.append(f"{workspace_id}: {exc}")
@@ -238,6 +241,7 @@ class _Pass:
     def _repair(
         self,
         backend: WorkspaceBackend,
+        lease: gate.Lease,
         row: Row,
         state: dict[str, Any],
         drift: Drift,
@@ -250,6 +254,9 @@ class _Pass:
             )
             return f"{row.status} -> {target} (not running)" if target else None
         if drift is Drift.UNWANTED:
+            # Like a cycle, touch the backend only while the gate is still ours: a holder whose
+            # lease lapsed could otherwise stop the instance a newer cycle just started.
+            lease.ensure()
             self.call(row.backend, "stop")
             state = backend.stop(row.id, state, settings.STOP_GRACE_SECONDS)
             if services.record_unwanted_instance_stopped(
@@ -275,15 +282,16 @@ class _Pass:
             )
             return
         try:
-            with gate.hold(workspace_id, _holder()):
+            with gate.hold(workspace_id, _holder()) as lease:
                 row = Workspace.objects.filter(id=workspace_id).values("status", "backend").first()
                 if row is not None and row["status"] != S.REMOVED and row["backend"] == name:
                     return  # created after the SELECT of this pass: not an orphan
+                lease.ensure()
                 self.call(name, "remove")
                 backend.remove_orphan(info)
                 if row is not None:
                     services.record_orphan_removed(workspace_id, backend=name, ref=info.ref)
-        except gate.GateBusy:
+        except (gate.GateBusy, services.LeaseLost):
             self.report.skipped_busy.append(str(workspace_id))
             return
         except BackendError as exc:

@@ -312,3 +312,27 @@ def test_manage_py_reconcile_prints_repairs(user, fake) -> None:
     text = out.getvalue()
     assert f"{workspace.id} [fake] instance_gone: online -> offline" in text
     assert "1 repairs" in text
+
+
+def test_a_repair_whose_lease_lapsed_leaves_the_instance_alone(user) -> None:
+    """Invariant 3 for the reconciler: a holder whose lease expired while it waited on the
+    backend must not stop an instance that a newer cycle may own now."""
+
+    class LeaseLapses(FakeBackend):
+        def status(self, workspace_id: uuid.UUID, state: State) -> InstanceStatus:
+            # The engine answered slowly: meanwhile the lease ran out and the gate was freed.
+            gate.get_redis().delete(gate.gate_key(workspace_id))
+            return super().status(workspace_id, state)
+
+    backend = LeaseLapses()
+    workspace = make_row(user, S.STOPPED)
+    backend.running[str(workspace.id)] = 1
+    report = reconcile_once(backends={"fake": backend})
+    assert report.disagreements == 1
+    assert report.repairs == []
+    assert report.skipped_busy == [str(workspace.id)]
+    assert "stop" not in backend.calls_for(workspace.id)
+    assert str(workspace.id) in backend.running
+    workspace.refresh_from_db()
+    assert workspace.status == S.STOPPED
+    assert not reconciler_events(workspace)
