@@ -60,13 +60,18 @@ def converge_workspace(self: Any, workspace_id: str, busy_retry: bool = False) -
     return done
 
 
-# Every sweep sets its soft limit with its hard one: the global soft limit (a cycle's) is longer
-# than a sweep's hard limit, and Celery refuses to send a task whose soft limit exceeds its hard.
-@shared_task(
-    name="provisioning.redrive_pending",
-    time_limit=settings.SWEEP_TIME_LIMIT_SECONDS,
-    soft_time_limit=settings.SWEEP_TIME_LIMIT_SECONDS - 5,
-)
+def _sweep_task(name: str) -> Any:
+    """A beat sweep's task: short limits of its own. The soft limit goes with the hard one, since
+    the global soft limit (a cycle's) is longer than a sweep's hard limit and Celery refuses to
+    send a task whose soft limit exceeds its hard one."""
+    return shared_task(
+        name=name,
+        time_limit=settings.SWEEP_TIME_LIMIT_SECONDS,
+        soft_time_limit=settings.SWEEP_SOFT_TIME_LIMIT_SECONDS,
+    )
+
+
+@_sweep_task("provisioning.redrive_pending")
 def redrive_pending() -> int:
     """Enqueue a converge for workspaces whose intent has waited too long with no gate held (for
     instance after a whole worker node died): a safety net, never the primary path."""
@@ -87,11 +92,7 @@ def redrive_pending() -> int:
     return count
 
 
-@shared_task(
-    name="provisioning.reconcile",
-    time_limit=settings.SWEEP_TIME_LIMIT_SECONDS,
-    soft_time_limit=settings.SWEEP_TIME_LIMIT_SECONDS - 5,
-)
+@_sweep_task("provisioning.reconcile")
 def reconcile() -> dict[str, Any]:
     """One reconciliation pass: the rows follow what the backends say; orphans are removed."""
     from provisioning.reconciler import reconcile_once
@@ -99,11 +100,7 @@ def reconcile() -> dict[str, Any]:
     return reconcile_once().summary()
 
 
-@shared_task(
-    name="provisioning.sweep_liveness",
-    time_limit=settings.SWEEP_TIME_LIMIT_SECONDS,
-    soft_time_limit=settings.SWEEP_TIME_LIMIT_SECONDS - 5,
-)
+@_sweep_task("provisioning.sweep_liveness")
 def sweep_liveness() -> int:
     """Online or degraded workspaces whose heartbeats stopped become offline."""
     from provisioning.liveness import sweep_missed_heartbeats
@@ -111,11 +108,7 @@ def sweep_liveness() -> int:
     return len(sweep_missed_heartbeats())
 
 
-@shared_task(
-    name="provisioning.sweep_provisioning",
-    time_limit=settings.SWEEP_TIME_LIMIT_SECONDS,
-    soft_time_limit=max(settings.SWEEP_TIME_LIMIT_SECONDS - 5, 1),
-)
+@_sweep_task("provisioning.sweep_provisioning")
 def sweep_provisioning() -> dict[str, Any]:
     """Fail workspaces stuck in provisioning past their deadline (run by beat; see sweeper)."""
     from provisioning import sweeper

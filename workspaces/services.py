@@ -22,7 +22,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from django.contrib.auth.models import User
@@ -38,6 +38,9 @@ from workspaces.status import (
     WorkspaceStatus,
     allowed_sources,
 )
+
+if TYPE_CHECKING:
+    from provisioning.manifests import Template
 
 logger = logging.getLogger(__name__)
 S = WorkspaceStatus
@@ -151,14 +154,13 @@ def transition(
     *,
     expect_generation: int | None = None,
     expect_status: WorkspaceStatus | None = None,
-    expect: Mapping[str, Any] | None = None,
     when: Q | None = None,
     **fields: Any,
 ) -> bool:
     """Move the workspace to ``to`` if its status allows it and, when given, only if its
-    generation is still ``expect_generation``, its status is exactly ``expect_status``, the
-    columns in ``expect`` still hold those values and the row matches ``when`` (e.g. the
-    heartbeat a sweep saw). Returns whether the row changed."""
+    generation is still ``expect_generation``, its status is exactly ``expect_status`` and the
+    row matches ``when`` (e.g. the heartbeat or the start time a sweep saw). Returns whether the
+    row changed."""
     sources = allowed_sources(to)
     if expect_status is not None:
         if expect_status not in sources:
@@ -167,15 +169,13 @@ def transition(
     rows = Workspace.objects.filter(id=workspace_id, status__in=sources)
     if expect_generation is not None:
         rows = rows.filter(generation=expect_generation)
-    if expect:
-        rows = rows.filter(**expect)
     if when is not None:
         rows = rows.filter(when)
     return rows.update(status=to, updated_at=timezone.now(), **fields) == 1
 
 
 # --- requests ------------------------------------------------------------------------------------
-def _template_for(template: Any) -> Any:
+def _template_for(template: Any) -> Template:
     from provisioning.manifests import templates
 
     manifest = templates().get(template) if isinstance(template, str) else None
@@ -188,7 +188,7 @@ def _insert_workspace(
     *,
     owner: User,
     name: str,
-    manifest: Any,
+    manifest: Template,
     env: dict[str, str],
     backend: str,
     parent: Workspace | None = None,
@@ -291,14 +291,10 @@ def create_team(
                 f"the member name {member_name!r} would be invalid: use a shorter team name",
             )
     template_set = templates()
-    member_manifests = [template_set.get(member) for member in manifest.members]
-    missing = [
-        member
-        for member, found in zip(manifest.members, member_manifests, strict=True)
-        if found is None
-    ]
+    missing = [member for member in manifest.members if template_set.get(member) is None]
     if missing:
         raise InvalidInput("template", f"member templates not found: {', '.join(missing)}")
+    member_manifests = [template_set.templates[member] for member in manifest.members]
     backend_name = backend or default_backend_name()
     with transaction.atomic():
         parent = _insert_workspace(
@@ -599,7 +595,7 @@ def fail_stuck_provisioning(
             S.FAILED,
             expect_generation=generation,
             expect_status=S.PROVISIONING,
-            expect={"provisioning_started_at": started_at},
+            when=Q(provisioning_started_at=started_at),
             last_error=message,
             desired_state=DesiredState.STOPPED,
             requested_seq=F("requested_seq") + 1,
@@ -812,7 +808,7 @@ def record_instance_gone(
             workspace_id,
             target,
             expect_generation=generation,
-            when=Q(status=previous),
+            expect_status=previous,
             **fields,
         ):
             return None
@@ -841,7 +837,7 @@ def record_unwanted_instance_stopped(
             workspace_id,
             previous,
             expect_generation=generation,
-            when=Q(status=previous),
+            expect_status=previous,
             is_running=False,
             backend_state=backend_state,
         ):
@@ -870,7 +866,8 @@ def record_instance_found_running(workspace_id: UUID, generation: int, *, detail
             workspace_id,
             S.OFFLINE,
             expect_generation=generation,
-            when=Q(status=S.OFFLINE, is_running=False),
+            expect_status=S.OFFLINE,
+            when=Q(is_running=False),
             is_running=True,
         )
         if changed:
@@ -909,7 +906,8 @@ def mark_missed_heartbeats(
             workspace_id,
             S.OFFLINE,
             expect_generation=generation,
-            when=Q(status=previous) & seen,
+            expect_status=previous,
+            when=seen,
         )
         if changed:
             record_event(
