@@ -36,6 +36,7 @@ from uuid import UUID
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import connection
+from django.db.models import QuerySet
 from django.utils import timezone
 from redis.exceptions import LockError, RedisError
 
@@ -126,6 +127,21 @@ class SweepReport:
 BetweenScanAndFlip = Callable[[Sequence[Overdue]], None]
 
 
+def in_flight_query(now: datetime, after: tuple[datetime, UUID] | None = None) -> QuerySet[Any]:
+    """The scan's query: rows in ``provisioning`` started by ``now``, after the keyset ``after``,
+    oldest first. A test checks that PostgreSQL serves it from ``ws_provisioning_inflight``."""
+    rows = Workspace.objects.filter(
+        status=WorkspaceStatus.PROVISIONING, provisioning_started_at__lte=now
+    )
+    if after is not None:
+        rows = rows.filter(provisioning_started_at__gte=after[0]).exclude(
+            provisioning_started_at=after[0], id__lte=after[1]
+        )
+    return rows.order_by("provisioning_started_at", "id").values_list(
+        "id", "name", "template", "runtime", "generation", "provisioning_started_at"
+    )
+
+
 def in_flight_rows(now: datetime, batch_size: int) -> Iterator[list[InFlight]]:
     """Batches of rows in ``provisioning``, oldest first, by keyset on (started_at, id).
 
@@ -135,19 +151,10 @@ def in_flight_rows(now: datetime, batch_size: int) -> Iterator[list[InFlight]]:
     """
     after: tuple[datetime, UUID] | None = None
     while True:
-        rows = Workspace.objects.filter(
-            status=WorkspaceStatus.PROVISIONING, provisioning_started_at__lte=now
-        )
-        if after is not None:
-            rows = rows.filter(provisioning_started_at__gte=after[0]).exclude(
-                provisioning_started_at=after[0], id__lte=after[1]
-            )
         batch = [
             InFlight(workspace_id, name, template, runtime, generation, started_at)
-            for workspace_id, name, template, runtime, generation, started_at in rows.order_by(
-                "provisioning_started_at", "id"
-            ).values_list(
-                "id", "name", "template", "runtime", "generation", "provisioning_started_at"
+            for workspace_id, name, template, runtime, generation, started_at in in_flight_query(
+                now, after
             )[:batch_size]
             if started_at is not None  # excluded by the filter; narrows the type
         ]

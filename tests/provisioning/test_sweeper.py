@@ -7,12 +7,13 @@ Deadlines are set in the database by the tests (``provisioning_started_at``), ne
 from __future__ import annotations
 
 import io
+import uuid
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.core.management import call_command
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from provisioning import lifecycle, sweeper
@@ -426,3 +427,16 @@ def test_a_time_limit_stops_the_sweep_without_blaming_a_row(make_row, monkeypatc
     assert get_redis().get(sweeper._poison_key(row.id)) is None  # not pushed forward
     monkeypatch.undo()
     assert [item.workspace_id for item in sweeper.sweep(now=now).flipped] == [row.id]
+
+
+@pytest.mark.parametrize("keyset", [False, True])
+def test_the_scan_is_served_by_the_partial_index_of_rows_in_flight(keyset: bool) -> None:
+    """Invariant 6: the sweep's cost follows the rows in flight, not the table. With sequential
+    scans ruled out, PostgreSQL must still find an index for the scan's exact query, and the one
+    it uses must be the partial index on in-flight rows."""
+    now = timezone.now()
+    after = (now - timedelta(minutes=5), uuid.uuid4()) if keyset else None
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        plan = sweeper.in_flight_query(now, after)[:500].explain()
+    assert "ws_provisioning_inflight" in plan, plan
