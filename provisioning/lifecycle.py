@@ -178,6 +178,7 @@ def _start_cycle(
             source=EventSource.PREFLIGHT,
             message=f"template {workspace.template!r} no longer exists and there is no "
             f"{workspace.runtime}-default template to fall back to",
+            backend=_select_quietly(workspace) if workspace.is_running else None,
         )
         return True
 
@@ -229,8 +230,7 @@ def _start_cycle(
             )
         lease.ensure()
         state = backend.prepare(spec, state)
-        if not _ensure_config(backend, spec, state, workspace, generation, seq):
-            return True
+        _ensure_config(backend, spec, state, workspace)
         # The last moment to find out that a newer holder owns the workspace: after this an
         # instance runs. The stop grace above may have taken a while; confirming also renews.
         lease.ensure()
@@ -274,44 +274,28 @@ def _select_quietly(workspace: Workspace) -> WorkspaceBackend | None:
 
 
 def _ensure_config(
-    backend: WorkspaceBackend,
-    spec: LaunchSpec,
-    state: dict,
-    workspace: Workspace,
-    generation: int,
-    seq: int,
-) -> bool:
+    backend: WorkspaceBackend, spec: LaunchSpec, state: dict, workspace: Workspace
+) -> None:
     """Populate the config volume on first provision; recover it when a later start finds it
-    empty. Returns False when the cycle failed (no template to recover from)."""
+    empty. The source is the template the cycle resolved (``spec.template``): the workspace's
+    own, or ``<runtime>-default`` when that is gone; with neither, the cycle failed before any
+    backend call."""
     # Never populated by a finished cycle: write it without reading it first (whatever an
     # interrupted earlier cycle left is overwritten; one engine round trip less per provision).
     first = workspace.config_populated_at is None
     if not first and backend.config_state(spec, state) is ConfigState.PROVISIONED:
-        return True
-    template_set = templates()
-    source = template_set.get(workspace.template) or template_set.runtime_default(workspace.runtime)
-    if source is None:
-        _fail(
-            workspace,
-            generation,
-            seq,
-            source=EventSource.LIFECYCLE,
-            message=f"the config volume is empty and neither template {workspace.template!r} nor "
-            f"{workspace.runtime}-default exists to recover it from",
-            backend=backend,
-        )
-        return False
+        return
+    source = spec.template
     backend.write_config(spec, state, source.config_files())
-    if workspace.config_populated_at is None:
-        services.record_config_populated(workspace.id, generation)
+    if first:
+        services.record_config_populated(workspace.id, spec.generation)
     else:
         services.record_config_recovered(
             workspace.id,
-            generation,
+            spec.generation,
             template=source.name,
             fallback=source.name != workspace.template,
         )
-    return True
 
 
 def _stop_cycle(

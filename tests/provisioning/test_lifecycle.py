@@ -239,3 +239,57 @@ def test_a_stale_cycle_writes_nothing(user, fake) -> None:
     assert workspace.status == WorkspaceStatus.PROVISIONING
     assert workspace.backend_state == {}
     assert not _failures(workspace)
+
+
+def test_an_emptied_volume_is_recovered_from_the_runtime_default_when_its_template_is_gone(
+    user, fake, templates_dir
+) -> None:
+    """Invariant 9: the workspace's own template first, then ``<runtime>-default``."""
+    import shutil
+
+    from provisioning.manifests import invalidate_templates
+
+    workspace = _create(user, template="claude-code-reviewer", env={"ANTHROPIC_API_KEY": "k"})
+    lifecycle.converge(workspace.id)
+    reviewer = fake.configs[str(workspace.id)]["settings.json"]
+    shutil.rmtree(templates_dir / "claude-code-reviewer")
+    invalidate_templates()
+    fake.configs[str(workspace.id)] = {}
+
+    services.request_restart(workspace.id)
+    assert lifecycle.converge(workspace.id) == ["restart"]
+    files = fake.configs[str(workspace.id)]
+    assert ".provisioned" in files
+    assert (
+        files["settings.json"] == (templates_dir / "claude-code-default/settings.json").read_bytes()
+    )
+    assert files["settings.json"] != reviewer
+    recovered = workspace.events.get(type=EventType.CONFIG_RECOVERED)
+    assert recovered.payload == {"template": "claude-code-default", "fallback": True}
+    assert not _failures(workspace)
+    assert fake.running == {str(workspace.id): 2}
+
+
+def test_with_no_template_left_the_restart_fails_saying_so_and_nothing_runs(
+    user, fake, templates_dir
+) -> None:
+    import shutil
+
+    from provisioning.manifests import invalidate_templates
+
+    workspace = _create(user, template="hermes-default")
+    lifecycle.converge(workspace.id)
+    assert str(workspace.id) in fake.running
+    shutil.rmtree(templates_dir / "hermes-default")
+    invalidate_templates()
+
+    services.request_restart(workspace.id)
+    lifecycle.converge(workspace.id)
+    workspace.refresh_from_db()
+    assert workspace.status == WorkspaceStatus.FAILED
+    assert "hermes-default" in workspace.last_error
+    assert "no longer exists" in workspace.last_error
+    # The old instance is not left running under a row that says failed and not running.
+    assert workspace.is_running is False
+    assert str(workspace.id) not in fake.running
+    assert fake.calls_for(workspace.id).count("start") == 1
