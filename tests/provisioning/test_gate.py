@@ -268,6 +268,21 @@ def test_stop_restart_and_delete_are_accepted_in_every_live_status(
     assert row.status == expected
 
 
+@pytest.mark.django_db
+def test_requests_answer_at_once_while_a_cycle_holds_the_gate(user: Any, api: APIClient) -> None:
+    """Invariant 2: the HTTP request never waits on the gate. A request path that took or
+    waited for the gate would hang or fail here; each records its intent and answers 202."""
+    workspace = _workspace(user, name="held")
+    with gate.hold(workspace.id, "a-running-cycle"):
+        for verb in ("restart", "stop", "start"):
+            response = api.post(f"/api/workspaces/{workspace.id}/{verb}/")
+            assert response.status_code == 202, (verb, response.content)
+        assert api.delete(f"/api/workspaces/{workspace.id}/").status_code == 202
+        assert gate.is_held(workspace.id)
+    row = Workspace.objects.get(id=workspace.id)
+    assert (row.status, row.requested_seq, row.generation) == (S.REMOVING, 5, 0)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_delete_is_accepted_again_while_removing(user: Any, api: APIClient) -> None:
     workspace = _workspace(user)
