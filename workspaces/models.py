@@ -12,8 +12,11 @@ from typing import Any
 from django.conf import settings
 from django.db import models
 from django.db.models import F, Q
+from django.utils import timezone
 
+from workspaces.fields import SealedEnvField
 from workspaces.status import (
+    IDLE_STOPPABLE_STATUSES,
     NOT_RUNNING_STATUSES,
     RUNNING_STATUSES,
     DesiredState,
@@ -47,6 +50,12 @@ class Workspace(models.Model):
     last_started_at = models.DateTimeField(null=True, blank=True)
     last_heartbeat_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True, default="")
+    # When ``status`` last took a different value (set by ``services.transition`` only): the
+    # admin's time-in-state column.
+    status_changed_at = models.DateTimeField(null=True, blank=True)
+    # Who made the latest request (``user:alice``, ``admin:bob``, ``manage.py``, ``beat``, ...):
+    # the events of the cycle that answers it carry this actor.
+    requested_by = models.CharField(max_length=150, blank=True, default="")
     # Fencing token: incremented under the gate when a cycle begins; every write of that cycle,
     # the agent token of that cycle and the sweeper's flip are conditioned on it.
     generation = models.BigIntegerField(default=0)
@@ -59,10 +68,33 @@ class Workspace(models.Model):
     provisioning_started_at = models.DateTimeField(null=True, blank=True)
     # When the config volume was first populated; an empty volume after this is a recovery.
     config_populated_at = models.DateTimeField(null=True, blank=True)
-    # Write-only: never serialized, never shown in the admin, never logged.
-    env = models.JSONField(default=dict, blank=True)
+    # Write-only: never serialized, never shown in the admin, never logged. Stored encrypted
+    # (a Fernet token, workspaces/crypto.py); only the start cycle decrypts it.
+    env = SealedEnvField()
+    # PATCH of env increments env_version; a start cycle records the version it launched with
+    # (read under the row lock with the env itself), so "the instance runs an older env" is exact.
+    env_version = models.BigIntegerField(default=0)
+    started_env_version = models.BigIntegerField(default=0)
+    # The last real activity (the agent's heartbeat says so, a request through the workspace's
+    # proxy route, a start / restart / edit through the API, a new cycle). The idle sweep stops a
+    # workspace whose template's idle timeout has passed since then.
+    last_activity_at = models.DateTimeField(default=timezone.now)
+    # Why the pending stop was asked for when no person asked (the idle policy); the stop cycle's
+    # WORKSPACE_STOPPED event carries it, then it is cleared. Any request clears it too.
+    stop_reason = models.JSONField(default=dict, blank=True)
+    # The port the workspace's app listens on (manifest ``app``; allocated from
+    # WORKSPACE_APP_PORTS unless the manifest fixes it), passed as WORKSPACE_APP_PORT. Null: the
+    # template declares no app, so the workspace has no route and no url.
+    app_port = models.IntegerField(null=True, blank=True)
+    # When the restart policy restarts the workspace (its instance died while wanted running);
+    # null when no restart is pending. Any request clears it.
+    restart_at = models.DateTimeField(null=True, blank=True)
     # Opaque to the platform: what the backend needs to find its instance again.
     backend_state = models.JSONField(default=dict, blank=True)
+    # The process backend's isolation: the uid (and gid) the workspace runs as, from
+    # WORKSPACE_UID_RANGE. Released when the row is removed (the unique constraint ignores
+    # removed rows), so two live workspaces never share one.
+    isolation_uid = models.PositiveIntegerField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -90,10 +122,22 @@ class Workspace(models.Model):
                 condition=Q(handled_seq__lte=F("requested_seq")),
                 name="workspace_handled_seq_not_ahead",
             ),
+            # While workspaces share the host's network (process backend, Docker host mode), two
+            # live apps on one port would collide: the database refuses the second.
+            models.UniqueConstraint(
+                fields=["app_port"],
+                condition=Q(app_port__isnull=False) & ~Q(status=WorkspaceStatus.REMOVED),
+                name="workspace_app_port_unique_live",
+            ),
             models.UniqueConstraint(
                 fields=["owner", "name"],
                 condition=~Q(status=WorkspaceStatus.REMOVED),
                 name="workspace_name_unique_per_owner",
+            ),
+            models.UniqueConstraint(
+                fields=["isolation_uid"],
+                condition=~Q(status=WorkspaceStatus.REMOVED) & Q(isolation_uid__isnull=False),
+                name="workspace_uid_unique_live",
             ),
         ]
         indexes = [
@@ -111,6 +155,23 @@ class Workspace(models.Model):
                 fields=["updated_at"],
                 condition=Q(requested_seq__gt=F("handled_seq")),
                 name="ws_pending_intent",
+            ),
+            # The idle sweep (provisioning/idle.py, idle_candidates_query):
+            #   SELECT ... FROM workspaces_workspace
+            #   WHERE status IN ('degraded', 'offline', 'online') AND last_activity_at <= %s
+            #   ORDER BY last_activity_at, id
+            # Only rows that can be running are in it, and the cutoff (the shortest idle timeout
+            # of any template) keeps the scan to rows that are idle already.
+            models.Index(
+                fields=["last_activity_at", "id"],
+                condition=Q(status__in=sorted(IDLE_STOPPABLE_STATUSES)),
+                name="ws_idle_candidates",
+            ),
+            # The redrive sweep's second query: WHERE restart_at <= now (a restart that is due).
+            models.Index(
+                fields=["restart_at"],
+                condition=Q(restart_at__isnull=False),
+                name="ws_restart_pending",
             ),
             models.Index(fields=["owner", "-created_at"], name="ws_owner_created"),
             models.Index(fields=["status"], name="ws_status"),
@@ -130,6 +191,8 @@ class WorkspaceEvent(models.Model):
     source = models.CharField(max_length=32, choices=EventSource.choices)
     generation = models.BigIntegerField()
     payload = models.JSONField(default=dict, blank=True)
+    # Who asked for what this event records (see ``workspaces.audit``).
+    actor = models.CharField(max_length=150, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -169,6 +232,27 @@ class AgentToken(models.Model):
 
     def __str__(self) -> str:
         return f"token for {self.workspace_id} gen {self.generation}"
+
+
+class ApiToken(models.Model):
+    """A user's API token (``Authorization: Token <key>``), stored as its SHA-256 only.
+
+    The key is 160 random bits, so a plain SHA-256 is as good as a slow hash here and lets the
+    lookup be one indexed equality. The key is shown once, when it is issued.
+    """
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
+    )
+    digest = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        # A fingerprint of the digest, never the key.
+        return f"token {self.digest[:8]}… of user {self.user_id}"
 
 
 def event_payload(**values: Any) -> dict[str, Any]:

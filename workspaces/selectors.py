@@ -5,30 +5,64 @@ from __future__ import annotations
 from uuid import UUID
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import QuerySet
+from django.db.models import Prefetch, QuerySet
 
-from workspaces.models import Workspace, WorkspaceEvent
+from provisioning.backends.base import WorkspaceBackend
+from workspaces.crypto import token_digest
+from workspaces.models import ApiToken, Workspace, WorkspaceEvent
 from workspaces.status import WorkspaceStatus
 
 
-def visible_workspaces(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Workspace]:
-    """The caller's workspaces; staff see everyone's. Others' rows are simply absent (404)."""
+def visible_workspaces(user: AbstractBaseUser | AnonymousUser | None) -> QuerySet[Workspace]:
+    """The caller's workspaces; staff see everyone's. Others' rows are simply absent (404).
+    ``None`` is an operator on the command line: everyone's."""
     # Reads never need the write-only env or the backend's opaque state: not loading them keeps
     # secrets out of read paths and saves decoding two JSON columns per row.
-    rows = Workspace.objects.defer("env", "backend_state")
-    if not getattr(user, "is_staff", False):
+    rows = (
+        Workspace.objects.select_related("owner")
+        .defer("env", "backend_state")
+        .prefetch_related(
+            # A team's members on its parent: one query per page, not one per row.
+            Prefetch(
+                "members", queryset=Workspace.objects.only("id", "name", "status", "parent_id")
+            )
+        )
+    )
+    if user is not None and not getattr(user, "is_staff", False):
         rows = rows.filter(owner_id=user.pk)
     return rows
 
 
+# ?ordering= values: each may be prefixed with "-" for descending.
+ORDERING_FIELDS = ("name", "created_at", "updated_at", "status", "template", "runtime", "owner")
+
+
 def list_workspaces(
-    user: AbstractBaseUser | AnonymousUser, *, status: WorkspaceStatus | None = None
+    user: AbstractBaseUser | AnonymousUser | None,
+    *,
+    status: WorkspaceStatus | None = None,
+    owner: str | None = None,
+    name: str | None = None,
+    template: str | None = None,
+    runtime: str | None = None,
+    backend: str | None = None,
+    ordering: str | None = None,
 ) -> QuerySet[Workspace]:
-    rows = visible_workspaces(user)
+    """The caller's workspaces (staff: everyone's), filtered by exact values. Removed workspaces
+    appear only when asked for with ``status=removed``."""
+    rows = visible_workspaces(user).select_related("owner")
     if status is not None:
         rows = rows.filter(status=status)
     else:
         rows = rows.exclude(status=WorkspaceStatus.REMOVED)
+    exact = {"owner__username": owner, "name": name, "template": template, "runtime": runtime}
+    rows = rows.filter(**{key: value for key, value in exact.items() if value is not None})
+    if backend is not None:
+        rows = rows.filter(backend=backend)
+    if ordering:
+        field = ordering.lstrip("-")
+        column = "owner__username" if field == "owner" else field
+        return rows.order_by(("-" if ordering.startswith("-") else "") + column, "id")
     return rows.order_by("-created_at", "id")
 
 
@@ -48,3 +82,32 @@ def events_visible_to(
     if not getattr(user, "is_staff", False):
         events = events.filter(workspace__owner_id=user.pk)
     return events.order_by("id")
+
+
+def workspace_logs(workspace: Workspace, tail: int) -> str:
+    """The last ``tail`` lines of the workspace's instance output, from its backend (bounded by
+    ``LOGS_MAX_BYTES``). Raises ``BackendError`` when the backend cannot be asked."""
+    from django.conf import settings
+
+    from provisioning.backends import backend_for
+
+    backend = backend_for(workspace, check=False)
+    return backend.logs(
+        workspace.id, {}, min(tail, settings.LOGS_MAX_TAIL), settings.LOGS_MAX_BYTES
+    )
+
+
+def logs_backend(workspace: Workspace) -> WorkspaceBackend:
+    """The backend to follow ``workspace``'s output on, once a one-line read showed it answers
+    (``check_available`` is not that probe: it may set a backend up, e.g. a firewall). Raises
+    ``BackendError`` when it cannot be asked."""
+    from provisioning.backends import backend_for
+
+    backend = backend_for(workspace, check=False)
+    backend.logs(workspace.id, {}, 1, 1024)
+    return backend
+
+
+def api_token(key: str) -> ApiToken | None:
+    """The user API token whose key this is (looked up by its SHA-256), with its user."""
+    return ApiToken.objects.select_related("user").filter(digest=token_digest(key)).first()

@@ -49,6 +49,8 @@ class EventSource(models.TextChoices):
     PROVISION_TIMEOUT_SWEEP = "provision_timeout_sweep", "Provision timeout sweep"
     LIVENESS = "liveness", "Liveness"
     RECONCILER = "reconciler", "Reconciler"
+    # The idle auto-stop policy (provisioning/idle.py): the template's idle timeout passed.
+    IDLE_STOP = "idle_stop", "Idle stop"
 
 
 S = WorkspaceStatus
@@ -94,6 +96,9 @@ RUNNING_STATUSES = frozenset({S.ONLINE, S.DEGRADED})
 # A stopped or removed workspace never has a running instance (a CHECK constraint says so).
 NOT_RUNNING_STATUSES = frozenset({S.STOPPED, S.REMOVED})
 TERMINAL_STATUSES = frozenset({S.REMOVED})
+# Statuses the idle sweep may stop: an instance runs, or was meant to (offline). A workspace still
+# provisioning is the stuck-provisioning sweep's business, not the idle policy's.
+IDLE_STOPPABLE_STATUSES = frozenset({S.ONLINE, S.DEGRADED, S.OFFLINE})
 
 
 def allowed_sources(target: WorkspaceStatus) -> frozenset[WorkspaceStatus]:

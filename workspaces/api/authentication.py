@@ -1,13 +1,15 @@
-"""Agents authenticate with ``Authorization: Bearer <workspace token>``."""
+"""Agents authenticate with ``Authorization: Bearer <workspace token>``; users with
+``Authorization: Token <key>``, looked up by the key's SHA-256 (``ApiToken``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
-from workspaces import services
+from workspaces import selectors, services
 from workspaces.models import AgentToken
 
 
@@ -37,3 +39,16 @@ class AgentTokenAuthentication(authentication.BaseAuthentication):
 
     def authenticate_header(self, request: Request) -> str:
         return self.keyword
+
+
+class ApiTokenAuthentication(authentication.TokenAuthentication):
+    """DRF's ``Token <key>`` scheme over hashed keys: the header, the 401 with
+    ``WWW-Authenticate: Token`` and the messages are DRF's; only the lookup differs."""
+
+    def authenticate_credentials(self, key: str) -> tuple[Any, Any]:
+        token = selectors.api_token(key)
+        if token is None:
+            raise exceptions.AuthenticationFailed("Invalid token.")
+        if not token.user.is_active:
+            raise exceptions.AuthenticationFailed("User inactive or deleted.")
+        return token.user, token

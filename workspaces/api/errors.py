@@ -35,6 +35,12 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         exc = exceptions.ValidationError({exc.field: [exc.message]})
     elif isinstance(exc, services.TransitionNotAllowed):
         return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+    elif isinstance(exc, services.LimitExceeded):
+        return Response(
+            {"detail": str(exc)},
+            status=status.HTTP_429_TOO_MANY_REQUESTS,
+            headers={"Retry-After": str(exc.retry_after)},
+        )
     elif isinstance(exc, services.AgentAuthError):
         return Response(
             {"detail": str(exc)},

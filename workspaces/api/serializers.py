@@ -2,12 +2,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from provisioning.idle import idle_deadline
 from provisioning.manifests import Template
-from provisioning.timeouts import provision_timeout_seconds
-from workspaces import services
+from provisioning.routes import workspace_url
+from provisioning.timeouts import idle_timeout_seconds, provision_timeout_seconds
+from workspaces import selectors, services
 from workspaces.models import Workspace, WorkspaceEvent
 from workspaces.status import WorkspaceStatus
 
@@ -26,9 +29,44 @@ class StrictStringMapField(serializers.Field):
         return {}
 
 
+# PostgreSQL's bigint: ids above it are a 400, not an out-of-range error from the database.
+MAX_ID = 2**63 - 1
+
+
+@extend_schema_field(
+    {"type": "string", "pattern": services.NAME_RE.pattern, "minLength": 1, "maxLength": 63}
+)
+class NameField(serializers.CharField):
+    """A workspace name; the schema carries its pattern."""
+
+
 class WorkspaceCreateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=63)
+    name = NameField(max_length=63)
     template = serializers.CharField(max_length=100)
+    env = extend_schema_field(
+        {
+            "type": "object",
+            "maxProperties": services.MAX_ENV_VARS,
+            "additionalProperties": {"type": "string"},
+            "description": "write-only; names match `[A-Za-z_][A-Za-z0-9_]*`; at most "
+            f"{services.MAX_ENV_VARS} variables, each value "
+            f"at most {services.MAX_ENV_VALUE_BYTES} bytes, names and values together at most "
+            f"{services.MAX_ENV_TOTAL_BYTES} bytes (UTF-8)",
+        }
+    )(StrictStringMapField)(required=False, write_only=True)
+
+    def validate_name(self, value: str) -> str:
+        try:
+            return services.validate_name(value)
+        except services.InvalidInput as exc:
+            raise serializers.ValidationError(exc.message) from None
+
+
+class WorkspaceUpdateSerializer(serializers.Serializer):
+    """``PATCH /api/workspaces/{id}/``: ``name`` and/or ``env`` (write-only; replaces the whole
+    map). The env reaches the instance at its next start or restart (``pending_changes``)."""
+
+    name = serializers.CharField(max_length=63, required=False)
     env = extend_schema_field({"type": "object", "additionalProperties": {"type": "string"}})(
         StrictStringMapField
     )(required=False, write_only=True)
@@ -40,25 +78,44 @@ class WorkspaceCreateSerializer(serializers.Serializer):
             raise serializers.ValidationError(exc.message) from None
 
 
+class TeamMemberSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Workspace
+        fields = ["id", "name", "status"]
+        read_only_fields = fields
+
+
 class WorkspaceSerializer(serializers.ModelSerializer):
     provision_timeout_ms = serializers.SerializerMethodField()
+    idle_stop_at = serializers.SerializerMethodField()
+    pending_changes = serializers.SerializerMethodField()
+    members = TeamMemberSerializer(many=True, read_only=True)
+    # The owner's username: staff see everyone's workspaces and need to tell them apart.
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    url = serializers.SerializerMethodField()
 
     class Meta:
         model = Workspace
         fields = [
             "id",
             "name",
+            "owner",
             "template",
             "runtime",
             "backend",
             "parent",
+            "members",
             "status",
             "desired_state",
             "is_running",
             "last_started_at",
             "last_heartbeat_at",
+            "last_activity_at",
+            "idle_stop_at",
+            "pending_changes",
             "last_error",
             "provision_timeout_ms",
+            "url",
             "generation",
             "created_at",
             "updated_at",
@@ -67,6 +124,29 @@ class WorkspaceSerializer(serializers.ModelSerializer):
 
     def get_provision_timeout_ms(self, workspace: Workspace) -> int:
         return provision_timeout_seconds(workspace.template, workspace.runtime) * 1000
+
+    @extend_schema_field({"type": "string", "format": "date-time", "nullable": True})
+    def get_idle_stop_at(self, workspace: Workspace) -> str | None:
+        _, stop_at = idle_deadline(
+            status=workspace.status,
+            desired_state=workspace.desired_state,
+            template=workspace.template,
+            runtime=workspace.runtime,
+            last_activity_at=workspace.last_activity_at,
+        )
+        return serializers.DateTimeField().to_representation(stop_at) if stop_at else None
+
+    @extend_schema_field({"type": "array", "items": {"type": "string", "enum": ["env"]}})
+    def get_pending_changes(self, workspace: Workspace) -> list[str]:
+        """Fields changed since the current (or last) instance was launched: they take effect
+        on the next start or restart."""
+        return ["env"] if workspace.env_version > workspace.started_env_version else []
+
+    @extend_schema_field({"type": "string", "format": "uri", "nullable": True})
+    def get_url(self, workspace: Workspace) -> str | None:
+        """Where the owner opens the workspace's app through the proxy; null while it has none
+        (no app in its template, or not online/degraded/offline)."""
+        return workspace_url(workspace)
 
 
 class TeamCreateSerializer(WorkspaceCreateSerializer):
@@ -82,7 +162,7 @@ class TeamSerializer(serializers.Serializer):
 class WorkspaceEventSerializer(serializers.ModelSerializer):
     class Meta:
         model = WorkspaceEvent
-        fields = ["id", "type", "source", "generation", "payload", "created_at"]
+        fields = ["id", "type", "source", "actor", "generation", "payload", "created_at"]
         read_only_fields = fields
 
 
@@ -92,21 +172,65 @@ class LiveEventSerializer(WorkspaceEventSerializer):
     workspace_id = serializers.UUIDField(read_only=True)
 
     class Meta(WorkspaceEventSerializer.Meta):
-        fields = ["id", "workspace_id", "type", "source", "generation", "payload", "created_at"]
+        fields = [
+            "id",
+            "workspace_id",
+            "type",
+            "source",
+            "actor",
+            "generation",
+            "payload",
+            "created_at",
+        ]
         read_only_fields = fields
 
 
 class EventStreamFilterSerializer(serializers.Serializer):
     # Also accepted as the Last-Event-ID header, which EventSource sends when it reconnects.
-    after = serializers.IntegerField(required=False, min_value=0)
+    after = serializers.IntegerField(required=False, min_value=0, max_value=MAX_ID)
 
 
 class StatusFilterSerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=WorkspaceStatus.choices, required=False)
 
 
+class WorkspaceListFilterSerializer(StatusFilterSerializer):
+    """``GET /api/workspaces/`` filters (exact values) and ``ordering``."""
+
+    owner = serializers.CharField(required=False, help_text="the owner's username (staff)")
+    name = serializers.CharField(required=False)
+    template = serializers.CharField(required=False)
+    runtime = serializers.CharField(required=False)
+    backend = serializers.CharField(required=False)
+    ordering = serializers.ChoiceField(
+        choices=[prefix + field for field in selectors.ORDERING_FIELDS for prefix in ("", "-")],
+        required=False,
+        help_text="a field, '-' first for descending; default -created_at",
+    )
+
+
+class LogsFilterSerializer(serializers.Serializer):
+    tail = serializers.IntegerField(required=False, min_value=0)
+
+    def validate_tail(self, value: int) -> int:
+        if value > settings.LOGS_MAX_TAIL:
+            raise serializers.ValidationError(f"must be at most {settings.LOGS_MAX_TAIL}")
+        return value
+
+
+class WorkspaceLogsSerializer(serializers.Serializer):
+    workspace_id = serializers.UUIDField()
+    name = serializers.CharField()
+    owner = serializers.CharField()
+    status = serializers.CharField()
+    tail = serializers.IntegerField()
+    lines = serializers.ListField(child=serializers.CharField(allow_blank=True))
+
+
 class EventsFilterSerializer(serializers.Serializer):
-    after = serializers.IntegerField(required=False, min_value=0)
+    after = serializers.IntegerField(
+        required=False, min_value=0, max_value=MAX_ID, help_text="only events with a larger id"
+    )
 
 
 class TemplateSerializer(serializers.Serializer):
@@ -115,14 +239,20 @@ class TemplateSerializer(serializers.Serializer):
     provision_timeout_seconds = serializers.SerializerMethodField()
     required_env = serializers.ListField(child=serializers.CharField())
     members = serializers.ListField(child=serializers.CharField())
+    idle_timeout_seconds = serializers.SerializerMethodField()
 
     def get_provision_timeout_seconds(self, template: Template) -> int:
         return provision_timeout_seconds(template.name, template.runtime)
+
+    def get_idle_timeout_seconds(self, template: Template) -> int:
+        return idle_timeout_seconds(template.name, template.runtime)
 
 
 class AgentCallSerializer(serializers.Serializer):
     workspace_id = serializers.UUIDField()
     healthy = serializers.BooleanField(required=False, default=True)
+    # Heartbeats only: the agent saw activity in the workspace since its previous heartbeat.
+    active = serializers.BooleanField(required=False, default=False)
 
 
 class AgentResponseSerializer(serializers.Serializer):

@@ -8,6 +8,12 @@ router.include_root_view = False
 router.register("workspaces", views.WorkspaceViewSet, basename="workspace")
 
 urlpatterns = [
+    # Before the router: its detail routes would not match this path, but keep the order obvious.
+    path(
+        "workspaces/<uuid:id>/logs/stream/",
+        views.WorkspaceLogStreamView.as_view(),
+        name="workspace-logs-stream",
+    ),
     path("", include(router.urls)),
     path("teams/", views.TeamCreateView.as_view(), name="teams"),
     path("templates/", views.TemplateListView.as_view(), name="templates"),

@@ -1,0 +1,100 @@
+"""The OpenAPI schema documents every error an operation can answer, with one error shape:
+
+* every operation: 400 (a NUL in a header or query parameter is refused before any view; most
+  operations also validate a body or parameters), 401 (no or a bad token) and 413 (a body above
+  ``API_MAX_BODY_BYTES``, refused whatever the operation);
+* operations with a body: 415 (JSON only);
+* operations on ``/{id}/``: 404 (unknown, or another owner's workspace); paginated lists: 404
+  (no such page);
+* what a view declares in ``error_responses`` (by action or method): 409, 429, 503, ...
+
+429 carries ``Retry-After``. Agents' operations carry the Bearer scheme (an extension below)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular import openapi
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.plumbing import build_bearer_security_scheme_object
+from rest_framework import serializers
+
+DESCRIPTIONS = {
+    400: "Bad request: a field, parameter or header is invalid; `errors` names it.",
+    401: "No credentials, or credentials that are unknown or revoked.",
+    404: "No such workspace (or it belongs to someone else), or no such page.",
+    409: "The workspace's current status forbids the request; `detail` says why.",
+    413: "The request body is larger than API_MAX_BODY_BYTES.",
+    415: "The body is not JSON (application/json is the only accepted type).",
+    429: "A limit refused the request (workspace quota, provisioning concurrency, open "
+    "streams per user); nothing "
+    "was written. Retry after `Retry-After` seconds.",
+    503: "A service this operation needs cannot be reached (the workspace's backend, or Redis "
+    "for live events); `detail` names it. Nothing was written.",
+}
+
+
+class ErrorSerializer(serializers.Serializer):
+    """Every error response: a human-readable `detail`; a validation error (400) also has
+    `errors`, a list of messages per field, parameter or header name."""
+
+    detail = serializers.CharField()
+    # A field, not the Serializer.errors property: the serializer metaclass takes it off the class.
+    errors = serializers.DictField(  # type: ignore[assignment]
+        child=serializers.ListField(child=serializers.CharField()), required=False
+    )
+
+    class Meta:
+        ref_name = "Error"
+
+
+class AutoSchema(openapi.AutoSchema):
+    def _error_codes(self) -> set[int]:
+        codes = {400, 413}
+        if self.get_auth():
+            codes.add(401)
+        # A paginated list answers 404 to a page that does not exist (``?page=99``).
+        if "{id}" in self.path or (self._is_list_view() and self._get_paginator()):
+            codes.add(404)
+        if self.method in ("POST", "PUT", "PATCH") and self.get_request_serializer() is not None:
+            codes.add(415)
+        declared: dict[str, tuple[int, ...]] = getattr(self.view, "error_responses", {})
+        key = getattr(self.view, "action", None) or self.method.lower()
+        codes.update(declared.get(key, ()))
+        return codes
+
+    def _get_response_bodies(self, direction: Any = "response") -> Any:
+        responses = super()._get_response_bodies(direction)
+        if direction != "response":
+            return responses
+        for code in sorted(self._error_codes()):
+            if str(code) in responses:
+                continue
+            response = self._get_response_for_code(
+                ErrorSerializer, str(code), media_types=["application/json"], direction=direction
+            )
+            response["description"] = DESCRIPTIONS[code]
+            if code == 429:
+                response["headers"] = {
+                    "Retry-After": {
+                        "schema": {"type": "integer", "minimum": 0},
+                        "required": True,
+                        "description": "seconds to wait before asking again",
+                    }
+                }
+            responses[str(code)] = response
+        return responses
+
+
+class AgentTokenScheme(OpenApiAuthenticationExtension):
+    """``Authorization: Bearer <workspace token>`` on the agents' registry endpoints."""
+
+    target_class = "workspaces.api.authentication.AgentTokenAuthentication"
+    name = "workspaceToken"
+
+    def get_security_definition(self, auto_schema: Any) -> dict[str, Any]:
+        scheme: dict[str, Any] = build_bearer_security_scheme_object(
+            header_name="Authorization", token_prefix="Bearer"
+        )
+        scheme["description"] = "The workspace token the platform gives each cycle's agent."
+        return scheme

@@ -1,0 +1,122 @@
+"""The agent's writes: registration and heartbeats, authenticated by a token of one
+workspace and one generation."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from uuid import UUID
+
+from django.db import transaction
+from django.utils import timezone
+
+from project import metrics
+from workspaces.crypto import token_digest
+from workspaces.models import AgentToken, Workspace, event_payload
+from workspaces.services.common import (
+    AgentAuthError,
+    TransitionNotAllowed,
+    _enqueue_route_sync,
+    _fenced,
+    _locked,
+    record_event,
+    transition,
+)
+from workspaces.status import (
+    EventSource,
+    EventType,
+    WorkspaceStatus,
+    allowed_sources,
+)
+
+S = WorkspaceStatus
+
+
+# --- the agent -------------------------------------------------------------------------------
+def authenticate_agent(raw_token: str) -> AgentToken | None:
+    return (
+        AgentToken.objects.select_related("workspace")
+        .filter(token_hash=token_digest(raw_token))
+        .first()
+    )
+
+
+def _agent_workspace(token: AgentToken, workspace_id: UUID) -> Workspace:
+    if token.workspace_id != workspace_id:
+        raise AgentAuthError("this token does not belong to that workspace")
+    workspace = _locked(workspace_id)
+    if workspace.status == S.REMOVED:
+        raise AgentAuthError("the workspace has been removed")
+    if workspace.generation != token.generation:
+        raise AgentAuthError(
+            f"token of cycle {token.generation} is stale; the workspace is at cycle "
+            f"{workspace.generation}"
+        )
+    return workspace
+
+
+def register_agent(token: AgentToken, workspace_id: UUID) -> Workspace:
+    """The agent of the current cycle says the workspace is up: ``provisioning`` -> ``online``."""
+    now = timezone.now()
+    with transaction.atomic():
+        workspace = _agent_workspace(token, workspace_id)
+        if workspace.status == S.ONLINE:
+            return workspace  # a retried registration: nothing to do
+        if workspace.status not in allowed_sources(S.ONLINE):
+            raise TransitionNotAllowed(f"workspace is {workspace.status}; registration refused")
+        # online always comes with is_running and last_started_at (a CHECK constraint agrees).
+        changed = transition(
+            workspace_id,
+            S.ONLINE,
+            expect_generation=token.generation,
+            is_running=True,
+            last_started_at=workspace.last_started_at if workspace.is_running else now,
+            last_heartbeat_at=now,
+            last_error="",
+        )
+        if not changed:
+            raise AgentAuthError("the workspace moved to a newer cycle")
+        record_event(workspace_id, EventType.ONLINE, EventSource.AGENT, token.generation)
+        if workspace.status == S.PROVISIONING and workspace.provisioning_started_at is not None:
+            seconds = (now - workspace.provisioning_started_at).total_seconds()
+            transaction.on_commit(
+                lambda: metrics.PROVISION_TO_ONLINE.labels(
+                    runtime=workspace.runtime, backend=workspace.backend
+                ).observe(seconds)
+            )
+        if workspace.app_port is not None:
+            _enqueue_route_sync(workspace_id)  # the app answers: the proxy may serve it now
+    workspace.refresh_from_db()
+    return workspace
+
+
+def record_heartbeat(
+    token: AgentToken, workspace_id: UUID, *, healthy: bool = True, active: bool = False
+) -> Workspace:
+    """``active``: the agent saw activity in the workspace since its previous heartbeat; the
+    idle clock restarts (in the heartbeat's own UPDATE: no extra write)."""
+    now = timezone.now()
+    with transaction.atomic():
+        workspace = _agent_workspace(token, workspace_id)
+        seen: dict[str, datetime] = {"last_heartbeat_at": now}
+        if active:
+            seen["last_activity_at"] = now
+        _fenced(workspace_id, token.generation).update(**seen)
+        target = S.ONLINE if healthy else S.DEGRADED
+        if workspace.status in (S.ONLINE, S.DEGRADED, S.OFFLINE) and workspace.status != target:
+            last_started: datetime | None = workspace.last_started_at or now
+            if transition(
+                workspace_id,
+                target,
+                expect_generation=token.generation,
+                is_running=True,
+                last_started_at=last_started,
+            ):
+                record_event(
+                    workspace_id,
+                    EventType.ONLINE if healthy else EventType.DEGRADED,
+                    EventSource.AGENT,
+                    token.generation,
+                    event_payload(previous=workspace.status),
+                )
+    workspace.refresh_from_db()
+    return workspace
