@@ -14,3 +14,20 @@ def check_template_manifests(app_configs: Any = None, **kwargs: Any) -> list[Che
         Error(f"{error.field}: {error.message}", obj=error.path, id="provisioning.E001")
         for error in templates().errors
     ]
+
+
+@register("provisioning")
+def check_process_isolation(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Start-up refuses the process backend when it cannot isolate workspaces (not root) and
+    nobody said that unisolated single-user development is what they want."""
+    import os
+
+    from django.conf import settings
+
+    if settings.WORKSPACE_BACKEND != "process" or settings.WORKSPACE_PROCESS_ISOLATION != "uid":
+        return []
+    if os.geteuid() == 0:
+        return []
+    from provisioning.backends.process import NOT_ROOT
+
+    return [Error(NOT_ROOT, obj="WORKSPACE_PROCESS_ISOLATION", id="provisioning.E002")]

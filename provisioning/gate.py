@@ -152,7 +152,9 @@ def hold(workspace_id: UUID | str, holder: str | None = None) -> Iterator[Lease]
         gate_key(workspace_id), timeout=lease_seconds, blocking=False, thread_local=False
     )
     if not lock.acquire(blocking=False):
+        _note_waiting(workspace_id, lease_seconds)
         raise GateBusy(str(workspace_id))
+    _observe_wait(workspace_id)
     lease = Lease(str(workspace_id), holder or default_holder(), lock, lease_seconds)
     _record_held(lease)
     renewer = threading.Thread(
@@ -170,6 +172,47 @@ def hold(workspace_id: UUID | str, holder: str | None = None) -> Iterator[Lease]
         except LockError:
             # Expired and possibly taken by someone else: theirs now, not ours to release.
             logger.warning("gate for %s expired before release", workspace_id)
+
+
+# --- Gate waits (the workspace_gate_wait_seconds histogram) -----------------------------------
+# Nobody blocks on the gate: a caller that finds it held comes back later. The wait is from the
+# first time a caller found it held to the next time anyone takes it, measured on Redis's clock
+# (callers may run on different hosts). The mark outlives no more than a few leases.
+_TAKE_WAIT = """
+local started = redis.call('GET', KEYS[1])
+if not started then return -1 end
+redis.call('DEL', KEYS[1])
+local t = redis.call('TIME')
+return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(started)
+"""
+_MARK_WAIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('SET', KEYS[1], now, 'NX', 'PX', ARGV[1])
+"""
+
+
+def _waiting_key(workspace_id: UUID | str) -> str:
+    return f"{settings.GATE_KEY_PREFIX}:waiting:{workspace_id}"
+
+
+def _note_waiting(workspace_id: UUID | str, lease_seconds: int) -> None:
+    try:
+        get_redis().eval(_MARK_WAIT, 1, _waiting_key(workspace_id), str(4 * lease_seconds * 1000))
+    except RedisError as exc:  # a metric: never in the way of the gate
+        logger.warning("could not note a gate wait for %s: %s", workspace_id, exc)
+
+
+def _observe_wait(workspace_id: UUID | str) -> None:
+    from project import metrics
+
+    try:
+        waited_ms: Any = get_redis().eval(_TAKE_WAIT, 1, _waiting_key(workspace_id))
+    except RedisError as exc:
+        logger.warning("could not read a gate wait for %s: %s", workspace_id, exc)
+        return
+    if int(waited_ms) >= 0:
+        metrics.GATE_WAIT.observe(int(waited_ms) / 1000)
 
 
 def is_held(workspace_id: UUID | str) -> bool:
@@ -194,6 +237,36 @@ def claim_retry(workspace_id: UUID | str, countdown: float) -> bool:
 def release_retry(workspace_id: UUID | str) -> None:
     """The scheduled retry is running: the next one that finds the gate busy may schedule again."""
     get_redis().delete(_retry_key(workspace_id))
+
+
+def retry_scheduled(workspace_id: UUID | str) -> bool:
+    """Whether a busy-gate retry of this workspace's converge is on its way."""
+    return bool(get_redis().exists(_retry_key(workspace_id)))
+
+
+# How many redrive passes a redriven workspace's mark outlives (see claim_redrive).
+REDRIVE_CLAIM_PASSES = 5
+
+
+def _redrive_key(workspace_id: UUID | str) -> str:
+    return f"{settings.GATE_KEY_PREFIX}:redrive:{workspace_id}"
+
+
+def claim_redrive(workspace_id: UUID | str) -> bool:
+    """Mark the workspace as redriven; False if a redriven task of it is still queued.
+
+    The converge task clears the mark when it starts, so the redrive sweep enqueues a workspace
+    at most once while its task waits in the queue, instead of once per pass. The mark expires
+    after REDRIVE_CLAIM_PASSES sweep intervals: a task that was reserved by a worker killed
+    before it started comes back only after the broker's visibility timeout, and the intent
+    should not wait that long. (Redis restarted empty loses the mark with the queue.)
+    """
+    ttl = REDRIVE_CLAIM_PASSES * int(settings.REDRIVE_INTERVAL_SECONDS)
+    return bool(get_redis().set(_redrive_key(workspace_id), b"1", nx=True, ex=ttl))
+
+
+def release_redrive(workspace_id: UUID | str) -> None:
+    get_redis().delete(_redrive_key(workspace_id))
 
 
 def gates_held_by(holder: str) -> list[dict[str, Any]]:

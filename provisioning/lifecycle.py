@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import Callable
+from typing import Any, TypeVar
 from uuid import UUID
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
-from provisioning import gate
+from project import metrics
+from provisioning import gate, routes
 from provisioning.backends import backend_for
 from provisioning.backends.base import (
     BackendError,
@@ -30,11 +33,13 @@ from provisioning.backends.base import (
 )
 from provisioning.manifests import Template, templates
 from workspaces import services
+from workspaces.crypto import EnvDecryptionError
 from workspaces.models import Workspace
 from workspaces.status import DesiredState, EventSource, WorkspaceStatus
 
 logger = logging.getLogger(__name__)
 S = WorkspaceStatus
+T = TypeVar("T")
 MAX_CYCLES_PER_HOLD = 3
 
 
@@ -77,20 +82,35 @@ def converge(
     lost = False
     with gate.hold(workspace_id, holder) as lease:
         for _ in range(MAX_CYCLES_PER_HOLD):
-            workspace = Workspace.objects.filter(id=workspace_id).first()
+            workspace = Workspace.objects.select_related("owner").filter(id=workspace_id).first()
             if workspace is None:
                 break
             action = plan(workspace)
             if action is None:
                 break
             cycle = _CYCLES[action]
+            began = time.monotonic()
+            outcome = "error"
             try:
                 ran = cycle(workspace, action, lease, final_attempt)
+                outcome = "done"
             except services.LeaseLost as exc:
                 # A newer cycle took over (our lease expired): it owns the workspace now.
-                logger.warning("cycle %s for %s abandoned: %s", action, workspace_id, exc)
+                logger.warning(
+                    "cycle %s for %s/%s (%s) abandoned: %s",
+                    action,
+                    workspace.owner.username,
+                    workspace.name,
+                    workspace_id,
+                    exc,
+                )
+                outcome = "abandoned"
                 lost = True
                 break
+            finally:
+                metrics.CYCLE_DURATION.labels(action=action.value, outcome=outcome).observe(
+                    time.monotonic() - began
+                )
             if not ran:
                 break
             done.append(action.value)
@@ -102,18 +122,50 @@ def converge(
     return done
 
 
-def launch_env(workspace: Workspace, template: Template, generation: int) -> dict[str, str]:
-    return {
+def launch_env(
+    workspace: Workspace, env: dict[str, str], template: Template, generation: int
+) -> dict[str, str]:
+    launched = {
         **template.env,
-        **workspace.env,
+        **env,
         "WORKSPACE_ID": str(workspace.id),
         "WORKSPACE_GENERATION": str(generation),
         "PLATFORM_URL": settings.PLATFORM_URL,
     }
+    if template.app is not None and workspace.app_port is not None:
+        # The agent starts the app (or serves its own page) on this port and registers only
+        # once the health path answers.
+        launched["WORKSPACE_APP_PORT"] = str(workspace.app_port)
+        launched["WORKSPACE_APP_HEALTH_PATH"] = template.app.health_path
+        if template.app.command:
+            launched["WORKSPACE_APP_COMMAND"] = template.app.command
+    return launched
 
 
-def missing_required_env(workspace: Workspace, template: Template) -> list[str]:
-    return [name for name in template.required_env if not workspace.env.get(name)]
+def missing_required_env(env: dict[str, str], template: Template) -> list[str]:
+    return [name for name in template.required_env if not env.get(name)]
+
+
+def _confirmed(lease: gate.Lease, call: Callable[..., T], *args: Any) -> T:
+    """Run one backend call between two lease confirmations.
+
+    Before: a holder whose lease lapsed (paused, or a slow earlier step) must not touch the
+    backend of a workspace that a newer holder may own. After: the call itself may have outlasted
+    the lease (a stop's grace period, a slow engine); the holder learns it before it writes what
+    the backend said or makes the next call. ``LeaseExpired`` is a ``LeaseLost``: the cycle ends.
+    """
+    lease.ensure()
+    result = call(*args)
+    lease.ensure()
+    return result
+
+
+def _backend_failure(exc: BackendError) -> str:
+    """The failure message: the backend's own, and for a transient error that it outlasted the
+    task's retries (the cycle reaches here with one only on its final attempt)."""
+    if isinstance(exc, TransientBackendError):
+        return f"{exc} (a transient backend error, still failing on the final attempt)"
+    return str(exc)
 
 
 def _leftover_possible(workspace: Workspace) -> bool:
@@ -127,23 +179,28 @@ def _fail(
     *,
     source: EventSource,
     message: str,
+    lease: gate.Lease,
     backend: WorkspaceBackend | None = None,
     payload: dict | None = None,
 ) -> None:
-    """Fail the cycle; first stop whatever runs, so nothing runs that the database calls failed."""
+    """Fail the cycle; first stop whatever runs, so nothing runs that the database calls failed.
+    A holder that lost its lease fails nothing (``LeaseExpired``): the newer holder decides."""
     is_running = False
     if backend is not None:
+        grace = settings.STOP_GRACE_SECONDS
         try:
-            state = backend.stop(workspace.id, workspace.backend_state, settings.STOP_GRACE_SECONDS)
+            state = _confirmed(lease, backend.stop, workspace.id, workspace.backend_state, grace)
             services.record_backend_facts(
                 workspace.id, generation, is_running=False, backend_state=state
             )
         except BackendError as exc:
             try:
-                is_running = backend.status(workspace.id, workspace.backend_state).running
+                status = _confirmed(lease, backend.status, workspace.id, workspace.backend_state)
+                is_running = status.running
             except BackendError:
                 is_running = workspace.is_running  # unknown: keep what we last knew
             message = f"{message} (stopping what was left also failed: {exc})"
+    lease.ensure()  # also when no backend was called: the failure is the current holder's to write
     services.fail_cycle(
         workspace.id,
         generation,
@@ -165,6 +222,9 @@ def _start_cycle(
         return False
     lease.set_generation(cycle.generation)
     workspace, generation, seq = cycle.workspace, cycle.generation, cycle.seq
+    if workspace.app_port is not None:
+        # The row left the routable statuses: the old instance's app is going away.
+        routes.remove(workspace.id, lease)
 
     template_set = templates()
     template = template_set.get(workspace.template) or template_set.runtime_default(
@@ -175,6 +235,7 @@ def _start_cycle(
             workspace,
             generation,
             seq,
+            lease=lease,
             source=EventSource.PREFLIGHT,
             message=f"template {workspace.template!r} no longer exists and there is no "
             f"{workspace.runtime}-default template to fall back to",
@@ -182,14 +243,29 @@ def _start_cycle(
         )
         return True
 
+    # The only place a workspace's env is decrypted: the cycle that launches its instance.
+    try:
+        env = workspace.env.reveal()
+    except EnvDecryptionError as exc:
+        _fail(
+            workspace,
+            generation,
+            seq,
+            lease=lease,
+            source=EventSource.PREFLIGHT,
+            message=str(exc),
+            backend=_select_quietly(workspace) if workspace.is_running else None,
+        )
+        return True
     # Preflight: before any backend call, so a missing key fails in a second, not a timeout.
-    missing = missing_required_env(workspace, template)
+    missing = missing_required_env(env, template)
     if missing:
         leftover = _select_quietly(workspace) if workspace.is_running else None
         _fail(
             workspace,
             generation,
             seq,
+            lease=lease,
             source=EventSource.PREFLIGHT,
             message=f"missing required environment variables: {', '.join(missing)}",
             backend=leftover,
@@ -198,12 +274,13 @@ def _start_cycle(
         return True
 
     try:
-        backend = backend_for(workspace)
+        backend = _confirmed(lease, backend_for, workspace)  # it pings the backend
     except BackendUnavailable as exc:
         _fail(
             workspace,
             generation,
             seq,
+            lease=lease,
             source=EventSource.BACKEND,
             message=str(exc),
             payload={"backend": exc.backend},
@@ -214,27 +291,32 @@ def _start_cycle(
         # The token comes before prepare: a backend whose instance's environment is fixed when
         # it is created (a Docker container) creates it there, with the token, once per cycle.
         token = services.issue_agent_token(workspace.id, generation)
+        uid = None
+        if services.uid_isolation_applies(backend.name):
+            try:
+                uid = services.ensure_isolation_uid(workspace.id, generation)
+            except services.IsolationRefused as exc:
+                raise BackendError(str(exc)) from exc
         spec = LaunchSpec(
             workspace.id,
             generation,
             template,
-            {**launch_env(workspace, template, generation), "WORKSPACE_TOKEN": token},
+            {**launch_env(workspace, env, template, generation), "WORKSPACE_TOKEN": token},
+            uid=uid,
         )
         state = dict(workspace.backend_state)
         if _leftover_possible(workspace):
             # Replace whatever runs (an earlier cycle's, or a killed worker's) before the new one.
-            lease.ensure()
-            state = backend.stop(workspace.id, state, settings.STOP_GRACE_SECONDS)
+            grace = settings.STOP_GRACE_SECONDS
+            state = _confirmed(lease, backend.stop, workspace.id, state, grace)
             services.record_backend_facts(
                 workspace.id, generation, is_running=False, backend_state=state
             )
-        lease.ensure()
-        state = backend.prepare(spec, state)
-        _ensure_config(backend, spec, state, workspace)
-        # The last moment to find out that a newer holder owns the workspace: after this an
-        # instance runs. The stop grace above may have taken a while; confirming also renews.
-        lease.ensure()
-        state = backend.start(spec, state)
+        state = _confirmed(lease, backend.prepare, spec, state)
+        _ensure_config(backend, spec, state, workspace, lease)
+        # The confirmation before start is the last moment to find out that a newer holder owns
+        # the workspace before an instance runs; confirming also renews the lease.
+        state = _confirmed(lease, backend.start, spec, state)
         services.record_backend_facts(
             workspace.id,
             generation,
@@ -250,15 +332,18 @@ def _start_cycle(
             workspace,
             generation,
             seq,
+            lease=lease,
             source=EventSource.BACKEND,
-            message=str(exc),
+            message=_backend_failure(exc),
             backend=backend,
+            payload={"transient": isinstance(exc, TransientBackendError)},
         )
     except SoftTimeLimitExceeded:
         _fail(
             workspace,
             generation,
             seq,
+            lease=lease,
             source=EventSource.LIFECYCLE,
             message=f"the {action.value} cycle exceeded {settings.CYCLE_SOFT_TIME_LIMIT_SECONDS} s",
             backend=backend,
@@ -274,7 +359,11 @@ def _select_quietly(workspace: Workspace) -> WorkspaceBackend | None:
 
 
 def _ensure_config(
-    backend: WorkspaceBackend, spec: LaunchSpec, state: dict, workspace: Workspace
+    backend: WorkspaceBackend,
+    spec: LaunchSpec,
+    state: dict,
+    workspace: Workspace,
+    lease: gate.Lease,
 ) -> None:
     """Populate the config volume on first provision; recover it when a later start finds it
     empty. The source is the template the cycle resolved (``spec.template``): the workspace's
@@ -283,10 +372,13 @@ def _ensure_config(
     # Never populated by a finished cycle: write it without reading it first (whatever an
     # interrupted earlier cycle left is overwritten; one engine round trip less per provision).
     first = workspace.config_populated_at is None
-    if not first and backend.config_state(spec, state) is ConfigState.PROVISIONED:
+    if (
+        not first
+        and _confirmed(lease, backend.config_state, spec, state) is ConfigState.PROVISIONED
+    ):
         return
     source = spec.template
-    backend.write_config(spec, state, source.config_files())
+    _confirmed(lease, backend.write_config, spec, state, source.config_files())
     if first:
         services.record_config_populated(workspace.id, spec.generation)
     else:
@@ -308,6 +400,8 @@ def _stop_cycle(
         return False
     lease.set_generation(cycle.generation)
     workspace, generation, seq = cycle.workspace, cycle.generation, cycle.seq
+    if workspace.app_port is not None:
+        routes.remove(workspace.id, lease)  # the route goes before the app does
     try:
         backend = backend_for(workspace)
     except BackendUnavailable as exc:
@@ -316,6 +410,7 @@ def _stop_cycle(
                 workspace,
                 generation,
                 seq,
+                lease=lease,
                 source=EventSource.BACKEND,
                 message=str(exc),
                 payload={"backend": exc.backend, "action": "stop"},
@@ -324,8 +419,8 @@ def _stop_cycle(
             services.complete_stop(workspace.id, generation, seq, dict(workspace.backend_state))
         return True
     try:
-        lease.ensure()
-        state = backend.stop(workspace.id, workspace.backend_state, settings.STOP_GRACE_SECONDS)
+        grace = settings.STOP_GRACE_SECONDS
+        state = _confirmed(lease, backend.stop, workspace.id, workspace.backend_state, grace)
     except BackendError as exc:
         if isinstance(exc, TransientBackendError) and not final_attempt:
             raise
@@ -333,9 +428,10 @@ def _stop_cycle(
             workspace,
             generation,
             seq,
+            lease=lease,
             source=EventSource.BACKEND,
-            message=str(exc),
-            payload={"action": "stop"},
+            message=_backend_failure(exc),
+            payload={"action": "stop", "transient": isinstance(exc, TransientBackendError)},
         )
         return True
     services.complete_stop(workspace.id, generation, seq, state)
@@ -352,6 +448,8 @@ def _remove_cycle(
         return False
     lease.set_generation(cycle.generation)
     workspace, generation = cycle.workspace, cycle.generation
+    if workspace.app_port is not None:
+        routes.remove(workspace.id, lease)
     try:
         backend = backend_for(workspace)
     except BackendUnavailable as exc:
@@ -362,9 +460,9 @@ def _remove_cycle(
         services.record_error(workspace.id, generation, f"removal waits: {exc}")
         return False
     try:
-        lease.ensure()
-        backend.remove(workspace.id, workspace.backend_state)
+        _confirmed(lease, backend.remove, workspace.id, workspace.backend_state)
     except BackendError as exc:
+        lease.ensure()
         services.record_error(workspace.id, generation, f"removal failed, will retry: {exc}")
         if isinstance(exc, TransientBackendError) and not final_attempt:
             raise
@@ -384,7 +482,7 @@ def _reap_cycle(
     If the backend cannot stop it now, the intent stays pending and the redrive sweep brings
     this cycle back: nothing may keep running that the database calls failed.
     """
-    cycle = services.begin_reap(workspace.id)
+    cycle = services.begin_reap(workspace.id, still_owner=lease.confirm)
     if cycle is None:
         return False
     lease.set_generation(cycle.generation)
@@ -392,8 +490,10 @@ def _reap_cycle(
     base_error = workspace.last_error.split(REAP_FAILED_SUFFIX)[0]
     try:
         backend = backend_for(workspace)
-        state = backend.stop(workspace.id, workspace.backend_state, settings.STOP_GRACE_SECONDS)
+        grace = settings.STOP_GRACE_SECONDS
+        state = _confirmed(lease, backend.stop, workspace.id, workspace.backend_state, grace)
     except BackendError as exc:
+        lease.ensure()
         services.record_error(workspace.id, generation, f"{base_error}{REAP_FAILED_SUFFIX}{exc})")
         if isinstance(exc, TransientBackendError) and not final_attempt:
             raise

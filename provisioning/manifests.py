@@ -25,10 +25,35 @@ RUNTIME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Keys a template or a user may not set: the platform owns them.
 RESERVED_ENV = frozenset(
-    {"WORKSPACE_ID", "WORKSPACE_TOKEN", "PLATFORM_URL", "WORKSPACE_GENERATION"}
+    {
+        "WORKSPACE_ID",
+        "WORKSPACE_TOKEN",
+        "PLATFORM_URL",
+        "WORKSPACE_GENERATION",
+        "WORKSPACE_APP_PORT",
+        "WORKSPACE_APP_HEALTH_PATH",
+        "WORKSPACE_APP_COMMAND",
+        "WORKSPACE_APP_HOST",
+    }
 )
-_KNOWN_KEYS = {"runtime", "image", "command", "env", "config_mount", "members", "runtime_config"}
-_KNOWN_RUNTIME_KEYS = {"provision_timeout_seconds", "required_env"}
+_KNOWN_KEYS = {
+    "runtime",
+    "image",
+    "command",
+    "env",
+    "config_mount",
+    "members",
+    "runtime_config",
+    "resources",
+    "app",
+    "restart",
+    "placement",
+}
+_KNOWN_RESOURCE_KEYS = {"memory", "cpus", "pids"}
+MEMORY_RE = re.compile(r"^[1-9][0-9]*[bkmg]?$")
+_KNOWN_RUNTIME_KEYS = {"provision_timeout_seconds", "required_env", "idle_timeout_seconds"}
+_KNOWN_APP_KEYS = {"port", "health_path", "command"}
+RESTART_POLICIES = ("on-failure", "never")
 
 
 @dataclass(frozen=True)
@@ -39,6 +64,29 @@ class ManifestError:
 
     def __str__(self) -> str:
         return f"{self.path}: {self.field}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """A container's limits (Docker backend). None: the DOCKER_DEFAULT_* setting applies."""
+
+    memory: str | None = None  # "512m", "2g": as `docker run --memory`
+    cpus: float | None = None
+    pids: int | None = None
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    """The web application a workspace serves through the proxy (manifest ``app`` block).
+
+    ``port`` None means the platform allocates one (``port: auto``, the default) and passes it
+    in ``WORKSPACE_APP_PORT``; ``command`` (run with ``sh -c`` by the agent; ``{python}`` is the
+    platform's interpreter on the process backend) None means the agent serves a small page
+    itself. The workspace is online only once ``health_path`` answers below 400."""
+
+    port: int | None = None
+    health_path: str = "/"
+    command: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +101,13 @@ class Template:
     members: tuple[str, ...] = ()
     provision_timeout_seconds: int | None = None
     required_env: tuple[str, ...] = ()
+    # None: the manifest does not say (IDLE_TIMEOUT_SECONDS applies); 0: never stopped for idling.
+    idle_timeout_seconds: int | None = None
+    resources: Resources = field(default_factory=Resources)
+    app: AppSpec | None = None
+    restart: str = "on-failure"
+    # Swarm placement constraints (``node.labels.zone==a``); other backends ignore them.
+    placement: tuple[str, ...] = ()
 
     @property
     def is_team(self) -> bool:
@@ -85,6 +140,46 @@ def _str_list(path: Path, name: str, value: Any, pattern: re.Pattern[str] | None
             if not pattern.match(item):
                 raise _fail(path, name, f"{item!r} is not a valid name")
     return tuple(value)
+
+
+PLACEMENT_RE = re.compile(r"^[A-Za-z0-9_.\-]+ *(==|!=) *[^\s].*$")
+
+
+def _placement(path: Path, value: Any) -> tuple[str, ...]:
+    """``placement: {constraints: ["node.labels.zone==a"]}``: Swarm constraints, as given."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or set(value) - {"constraints"}:
+        raise _fail(path, "placement", "must be a mapping with one key, constraints")
+    constraints = value.get("constraints") or []
+    if not isinstance(constraints, list):
+        raise _fail(path, "placement.constraints", "must be a list of strings")
+    for item in constraints:
+        if not isinstance(item, str) or not PLACEMENT_RE.match(item):
+            raise _fail(path, "placement.constraints", f"{item!r} is not like 'node.labels.x==y'")
+    return tuple(constraints)
+
+
+def _resources(path: Path, value: Any) -> Resources:
+    if value is None:
+        return Resources()
+    if not isinstance(value, dict):
+        raise _fail(path, "resources", "must be a mapping (memory, cpus, pids)")
+    unknown = sorted(set(value) - _KNOWN_RESOURCE_KEYS)
+    if unknown:
+        raise _fail(path, f"resources.{unknown[0]}", "unknown key")
+    memory = value.get("memory")
+    if memory is not None and (not isinstance(memory, str) or not MEMORY_RE.match(memory)):
+        raise _fail(path, "resources.memory", "must be a size like '512m' or '2g'")
+    cpus = value.get("cpus")
+    if cpus is not None and (
+        isinstance(cpus, bool) or not isinstance(cpus, int | float) or cpus <= 0
+    ):
+        raise _fail(path, "resources.cpus", "must be a positive number")
+    pids = value.get("pids")
+    if pids is not None and (isinstance(pids, bool) or not isinstance(pids, int) or pids <= 0):
+        raise _fail(path, "resources.pids", "must be a positive integer")
+    return Resources(memory=memory, cpus=float(cpus) if cpus is not None else None, pids=pids)
 
 
 def parse_manifest(name: str, manifest_path: Path) -> Template:
@@ -127,6 +222,9 @@ def parse_manifest(name: str, manifest_path: Path) -> Template:
         not isinstance(config_mount, str) or not config_mount.startswith("/")
     ):
         raise _fail(manifest_path, "config_mount", "must be an absolute path")
+    restart = data.get("restart", "on-failure")
+    if restart not in RESTART_POLICIES:
+        raise _fail(manifest_path, "restart", f"must be one of: {', '.join(RESTART_POLICIES)}")
     members = data.get("members")
     members = () if members is None else _str_list(manifest_path, "members", members, NAME_RE)
 
@@ -145,15 +243,26 @@ def parse_manifest(name: str, manifest_path: Path) -> Template:
             "runtime_config.provision_timeout_seconds",
             "must be a positive integer (seconds)",
         )
+    idle = runtime_config.get("idle_timeout_seconds")
+    if idle is not None and (isinstance(idle, bool) or not isinstance(idle, int) or idle < 0):
+        raise _fail(
+            manifest_path,
+            "runtime_config.idle_timeout_seconds",
+            "must be a non-negative integer (seconds; 0 = never stop for idling)",
+        )
     required = runtime_config.get("required_env")
     required = (
         ()
         if required is None
         else _str_list(manifest_path, "runtime_config.required_env", required, ENV_NAME_RE)
     )
+    resources = _resources(manifest_path, data.get("resources"))
     return Template(
+        placement=_placement(manifest_path, data.get("placement")),
+        app=_app(manifest_path, data.get("app")),
         name=name,
         path=manifest_path.parent,
+        resources=resources,
         runtime=runtime,
         image=image,
         command=command,
@@ -162,7 +271,31 @@ def parse_manifest(name: str, manifest_path: Path) -> Template:
         members=members,
         provision_timeout_seconds=timeout,
         required_env=required,
+        idle_timeout_seconds=idle,
+        restart=restart,
     )
+
+
+def _app(path: Path, value: Any) -> AppSpec | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _fail(path, "app", "must be a mapping with port, health_path and command")
+    unknown = sorted(set(value) - _KNOWN_APP_KEYS)
+    if unknown:
+        raise _fail(path, f"app.{unknown[0]}", "unknown key")
+    port = value.get("port", "auto")
+    if port == "auto":
+        port = None
+    elif isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise _fail(path, "app.port", "must be 'auto' or a port number (1-65535)")
+    health_path = value.get("health_path", "/")
+    if not isinstance(health_path, str) or not health_path.startswith("/"):
+        raise _fail(path, "app.health_path", "must be a path starting with '/'")
+    command = value.get("command")
+    if command is not None and (not isinstance(command, str) or not command.strip()):
+        raise _fail(path, "app.command", "must be a non-empty shell command string")
+    return AppSpec(port=port, health_path=health_path, command=command)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ One pass, batched so its cost in backend calls does not grow with the number of 
    backend about that one instance (``status``), and repair through a fenced service in
    ``workspaces.services`` only if they still disagree;
 5. instances labelled for a workspace that is removed or unknown (orphans): removed, under the
-   gate of that id, with a log line (and an event when the workspace row still exists).
+   gate of that id, with a log line (and an event when the workspace row still exists);
+6. the proxy's routes against the rows (``provisioning.routes.reconcile``: one listing, one
+   SELECT, fixes under each workspace's gate), after the repairs above changed what they would.
 
 Why the listing comes before the SELECT: a workspace's row is committed before its first cycle is
 enqueued, so an instance seen in the listing always has its row visible to the later SELECT; an
@@ -38,9 +40,14 @@ from uuid import UUID
 
 from django.conf import settings
 
-from provisioning import gate
+from provisioning import gate, routes
 from provisioning.backends import backend_named, default_backend_name
-from provisioning.backends.base import BackendError, InstanceInfo, WorkspaceBackend
+from provisioning.backends.base import (
+    BackendError,
+    InstanceInfo,
+    InstanceStatus,
+    WorkspaceBackend,
+)
 from workspaces import services
 from workspaces.models import Workspace
 from workspaces.status import WorkspaceStatus
@@ -128,6 +135,7 @@ class PassReport:
     skipped_busy: list[str] = field(default_factory=list)
     unavailable: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    routes: routes.RoutesReport = field(default_factory=routes.RoutesReport)
 
     @property
     def total_backend_calls(self) -> int:
@@ -143,6 +151,13 @@ class PassReport:
             "backend_calls": dict(self.backend_calls),
             "unavailable": self.unavailable,
             "errors": len(self.errors),
+            "routes": {
+                "listed": self.routes.routes,
+                "wanted": self.routes.wanted,
+                "repaired": len(self.routes.repaired),
+                "server_restored": self.routes.server_restored,
+                "error": self.routes.error,
+            },
         }
 
 
@@ -205,6 +220,7 @@ class _Pass:
             for workspace_id, info in listing.items():
                 if workspace_id not in known[name]:
                     self._remove_orphan(name, backends[name], info)
+        self.report.routes = routes.reconcile(_holder())
         return self.report
 
     def _confirm_and_repair(self, backend: WorkspaceBackend, workspace_id: UUID) -> None:
@@ -225,9 +241,7 @@ class _Pass:
                 drift = assess(row, running=status.running)
                 if drift is None:
                     return  # a cycle or the agent wrote the truth since the listing
-                outcome = self._repair(
-                    backend, lease, row, state, drift, status.exit_code, status.detail
-                )
+                outcome = self._repair(backend, lease, row, state, drift, status)
                 if outcome:
                     self.report.repairs.append(Repair(str(row.id), row.backend, drift, outcome))
         except (gate.GateBusy, services.LeaseLost):
@@ -245,12 +259,16 @@ class _Pass:
         row: Row,
         state: dict[str, Any],
         drift: Drift,
-        exit_code: int | None,
-        detail: str,
+        status: InstanceStatus,
     ) -> str | None:
+        detail = status.detail
         if drift is Drift.GONE:
             target = services.record_instance_gone(
-                row.id, row.generation, exit_code=exit_code, detail=detail
+                row.id,
+                row.generation,
+                exit_code=status.exit_code,
+                detail=detail,
+                output_tail=status.output_tail,
             )
             return f"{row.status} -> {target} (not running)" if target else None
         if drift is Drift.UNWANTED:
@@ -318,6 +336,6 @@ def reconcile_once(backends: Mapping[str, WorkspaceBackend] | None = None) -> Pa
     Safe to run concurrently with cycles, the sweeps and another pass: every repair takes the
     workspace's gate without waiting and writes by compare-and-set on the generation."""
     report = _Pass(backends).run()
-    if report.repairs or report.errors:
+    if report.repairs or report.errors or report.routes.repaired:
         logger.info("reconcile pass: %s", report.summary())
     return report

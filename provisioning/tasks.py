@@ -9,27 +9,35 @@ from uuid import UUID
 
 from celery import shared_task
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
 from django.db.models import F
 from django.utils import timezone
+from redis.exceptions import RedisError
 
-from provisioning import gate, lifecycle
+from project import metrics
+from provisioning import gate, lifecycle, proxy, routes
 from provisioning.backends.base import TransientBackendError
+from workspaces import services
 from workspaces.models import Workspace
 from workspaces.status import WorkspaceStatus
 
 logger = logging.getLogger(__name__)
-CONVERGE_MAX_RETRIES = 5
+# A lost PostgreSQL connection (a restart, a failover, a killed backend) or Redis blip fails the
+# attempt, not the intent: the task retries with backoff on a fresh connection (Celery's Django
+# fixup closes unusable connections between tasks), and past its retries the row still holds the
+# intent for the redrive sweep.
+TRANSIENT_SERVICE_ERRORS = (OperationalError, InterfaceError, RedisError)
 
 
 @shared_task(
     bind=True,
     name="provisioning.converge",
     acks_late=True,
-    autoretry_for=(TransientBackendError,),
-    retry_backoff=2,
+    autoretry_for=(TransientBackendError, *TRANSIENT_SERVICE_ERRORS),
+    retry_backoff=settings.CONVERGE_RETRY_BACKOFF_SECONDS,
     retry_backoff_max=60,
     retry_jitter=True,
-    max_retries=CONVERGE_MAX_RETRIES,
+    max_retries=settings.CONVERGE_MAX_RETRIES,
     time_limit=settings.CYCLE_TIME_LIMIT_SECONDS,
     soft_time_limit=settings.CYCLE_SOFT_TIME_LIMIT_SECONDS,
 )
@@ -38,12 +46,14 @@ def converge_workspace(self: Any, workspace_id: str, busy_retry: bool = False) -
     remove), under its gate. Safe to run any number of times, in any order."""
     if busy_retry:
         gate.release_retry(workspace_id)
-    final_attempt = self.request.retries >= CONVERGE_MAX_RETRIES
+    gate.release_redrive(workspace_id)
+    final_attempt = self.request.retries >= settings.CONVERGE_MAX_RETRIES
     try:
         done = lifecycle.converge(
             UUID(workspace_id), holder=self.request.hostname, final_attempt=final_attempt
         )
     except gate.GateBusy:
+        metrics.GATE_BUSY.inc()
         # A cycle runs now. Its loop re-reads the intent when it finishes; one retry comes back
         # shortly in case the holder read the row before this request or died (its lease then
         # expires). Requests that find a retry already scheduled leave it at that: coalescing.
@@ -60,6 +70,30 @@ def converge_workspace(self: Any, workspace_id: str, busy_retry: bool = False) -
     return done
 
 
+@shared_task(
+    bind=True,
+    name="provisioning.sync_route",
+    acks_late=True,
+    # Busy: a cycle (often the start cycle still finishing as its agent registers) holds the
+    # gate; proxy unreachable: it may be restarting. Either way come back; the reconciler
+    # covers what the retries do not.
+    autoretry_for=(gate.GateBusy, proxy.ProxyError),
+    retry_backoff=1,
+    retry_backoff_max=30,
+    retry_jitter=True,
+    max_retries=8,
+    time_limit=60,
+    soft_time_limit=50,
+)
+def sync_route(self: Any, workspace_id: str) -> str:
+    """Make the proxy serve what the workspace's row says now, under its gate."""
+    try:
+        with gate.hold(UUID(workspace_id), self.request.hostname) as lease:
+            return routes.sync(UUID(workspace_id), lease)
+    except gate.LeaseExpired as exc:
+        raise gate.GateBusy(workspace_id) from exc
+
+
 def _sweep_task(name: str) -> Any:
     """A beat sweep's task: short limits of its own. The soft limit goes with the hard one, since
     the global soft limit (a cycle's) is longer than a sweep's hard limit and Celery refuses to
@@ -73,8 +107,10 @@ def _sweep_task(name: str) -> Any:
 
 @_sweep_task("provisioning.redrive_pending")
 def redrive_pending() -> int:
-    """Enqueue a converge for workspaces whose intent has waited too long with no gate held (for
-    instance after a whole worker node died): a safety net, never the primary path."""
+    """Enqueue a converge for workspaces whose intent has waited too long with no gate held (a
+    whole worker node died, or the broker was down when the request committed: the row is the
+    outbox), and act on the restart policy's restarts that are due. A workspace is redriven at
+    most once while its task waits in the queue (``gate.claim_redrive``)."""
     cutoff = timezone.now() - timedelta(seconds=settings.REDRIVE_INTERVAL_SECONDS)
     # Served by the partial index ws_pending_intent (requested_seq > handled_seq).
     pending = (
@@ -84,12 +120,33 @@ def redrive_pending() -> int:
     )
     count = 0
     for workspace_id in pending:
-        if not gate.is_held(workspace_id):
-            converge_workspace.delay(str(workspace_id))
-            count += 1
-    if count:
-        logger.info("redrove %d workspaces with pending intents", count)
-    return count
+        if not gate.is_held(workspace_id) and gate.claim_redrive(workspace_id):
+            if services.send_converge(workspace_id):
+                count += 1
+            else:
+                gate.release_redrive(workspace_id)
+    # Served by the partial index ws_restart_pending (restart_at IS NOT NULL).
+    due = Workspace.objects.filter(restart_at__lte=timezone.now()).values_list("id", flat=True)
+    restarted = sum(services.restart_due(workspace_id) for workspace_id in due[:1000])
+    if count or restarted:
+        logger.info("redrove %d workspaces with pending intents, %d due restarts", count, restarted)
+    metrics.record_sweep("redrive", {"redriven": count, "restarted": restarted})
+    return count + restarted
+
+
+@shared_task(
+    name="provisioning.restart_due",
+    acks_late=True,
+    autoretry_for=TRANSIENT_SERVICE_ERRORS,
+    retry_backoff=2,
+    retry_backoff_max=60,
+    max_retries=settings.CONVERGE_MAX_RETRIES,
+    time_limit=settings.SWEEP_TIME_LIMIT_SECONDS,
+    soft_time_limit=settings.SWEEP_SOFT_TIME_LIMIT_SECONDS,
+)
+def restart_due(workspace_id: str) -> bool:
+    """The restart policy's backoff has passed: restart the workspace if still wanted."""
+    return services.restart_due(UUID(workspace_id))
 
 
 @_sweep_task("provisioning.reconcile")
@@ -97,7 +154,9 @@ def reconcile() -> dict[str, Any]:
     """One reconciliation pass: the rows follow what the backends say; orphans are removed."""
     from provisioning.reconciler import reconcile_once
 
-    return reconcile_once().summary()
+    summary = reconcile_once().summary()
+    metrics.record_reconcile(summary)
+    return summary
 
 
 @_sweep_task("provisioning.sweep_liveness")
@@ -105,7 +164,9 @@ def sweep_liveness() -> int:
     """Online or degraded workspaces whose heartbeats stopped become offline."""
     from provisioning.liveness import sweep_missed_heartbeats
 
-    return len(sweep_missed_heartbeats())
+    count = len(sweep_missed_heartbeats())
+    metrics.record_sweep("liveness", {"offline": count})
+    return count
 
 
 @_sweep_task("provisioning.sweep_provisioning")
@@ -113,4 +174,25 @@ def sweep_provisioning() -> dict[str, Any]:
     """Fail workspaces stuck in provisioning past their deadline (run by beat; see sweeper)."""
     from provisioning import sweeper
 
-    return sweeper.sweep().summary()
+    summary = sweeper.sweep().summary()
+    metrics.record_sweep(
+        "provisioning",
+        {
+            key: (int(value) if isinstance(value, bool) else len(value))
+            for key, value in summary.items()
+            if key in ("flipped", "left_alone", "skipped", "deferred", "overlapped")
+        },
+    )
+    return summary
+
+
+@_sweep_task("provisioning.sweep_idle")
+def sweep_idle() -> dict[str, Any]:
+    """Stop workspaces idle longer than their template's idle timeout (see provisioning.idle)."""
+    from provisioning import idle
+
+    summary = idle.sweep_idle().summary()
+    metrics.record_sweep(
+        "idle", {key: len(summary[key]) for key in ("stopped", "left_alone", "skipped")}
+    )
+    return summary

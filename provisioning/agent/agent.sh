@@ -7,6 +7,15 @@
 # AGENT_HEARTBEAT_SECONDS (default 5), AGENT_BOOT_DELAY_SECONDS (a slow runtime's boot),
 # AGENT_IGNORE_SIGTERM=1 (for testing slow stops).
 #
+# Activity (the idle auto-stop policy): a heartbeat carries "active": true when the file
+# AGENT_ACTIVITY_FILE (default $WORKSPACE_CONFIG_DIR/.activity) was touched since the previous
+# heartbeat; anything in the workspace may touch it to say "in use".
+#
+# The app: with WORKSPACE_APP_PORT set, runs WORKSPACE_APP_COMMAND (sh -c) or, without one,
+# busybox httpd serving /www on that port (on WORKSPACE_APP_HOST, default 127.0.0.1); registers only once
+# http://127.0.0.1:$WORKSPACE_APP_PORT$WORKSPACE_APP_HEALTH_PATH answers, and reports each
+# heartbeat healthy only while it still does (the platform shows degraded otherwise).
+#
 # Exit codes: 0 on SIGTERM; 3 when the platform rejects the token (401/403/404/410: a newer
 # cycle replaced this one, or the workspace is gone), so a stale instance never lingers.
 # The token travels only in the Authorization header, never in a log line.
@@ -17,6 +26,7 @@ interval=${AGENT_HEARTBEAT_SECONDS:-5}
 boot_delay=${AGENT_BOOT_DELAY_SECONDS:-0}
 tmp=${TMPDIR:-/tmp}/agent.$$
 child=""
+app_pid=""
 
 log() {
   echo "$(date +%Y-%m-%dT%H:%M:%S) agent: $*"
@@ -25,6 +35,7 @@ log() {
 on_term() {
   log "SIGTERM received, exiting"
   [ -n "$child" ] && kill "$child" 2>/dev/null
+  [ -n "$app_pid" ] && kill "$app_pid" 2>/dev/null
   rm -f "$tmp.out" "$tmp.err"
   exit 0
 }
@@ -55,13 +66,37 @@ pause() {
   child=""
 }
 
-# post PATH: POST {"workspace_id": ...} with the bearer token. Sets $reply (body or error) and
+start_app() {
+  [ -n "${WORKSPACE_APP_PORT:-}" ] || return 0
+  if [ -n "${WORKSPACE_APP_COMMAND:-}" ]; then
+    log "starting the app on port $WORKSPACE_APP_PORT"
+    sh -c "$WORKSPACE_APP_COMMAND" &
+  else
+    log "serving /www on port $WORKSPACE_APP_PORT"
+    httpd -f -p "${WORKSPACE_APP_HOST:-127.0.0.1}:$WORKSPACE_APP_PORT" -h /www &
+  fi
+  app_pid=$!
+}
+
+# app_answers: 0 when there is no app or its health path answers below 400.
+app_answers() {
+  [ -n "${WORKSPACE_APP_PORT:-}" ] || return 0
+  timeout 5 wget -q -O /dev/null \
+    "http://127.0.0.1:$WORKSPACE_APP_PORT${WORKSPACE_APP_HEALTH_PATH:-/}" 2>/dev/null &
+  child=$!
+  wait "$child"
+  rc=$?
+  child=""
+  return "$rc"
+}
+
+# post PATH [EXTRA]: POST {"workspace_id": ...EXTRA} with the bearer token. Sets $reply (body or error) and
 # returns 0 when accepted, 1 when rejected (stop for good), 2 when worth retrying.
 post() {
   timeout 10 wget -q -O "$tmp.out" \
     --header "Authorization: Bearer $WORKSPACE_TOKEN" \
     --header "Content-Type: application/json" \
-    --post-data "{\"workspace_id\": \"$WORKSPACE_ID\"}" \
+    --post-data "{\"workspace_id\": \"$WORKSPACE_ID\"${2:-}}" \
     "$base$1" 2>"$tmp.err" &
   child=$!
   wait "$child"
@@ -84,6 +119,12 @@ if [ "$boot_delay" != 0 ]; then
   pause "$boot_delay"
 fi
 
+start_app
+# Online means the app answers too: register only once its health path does.
+while ! app_answers; do
+  pause 0.5
+done
+
 # Register with exponential backoff: 0.2 s doubling to 5 s, until accepted or rejected.
 delay_ms=200
 while :; do
@@ -104,9 +145,25 @@ while :; do
   [ "$delay_ms" -gt 5000 ] && delay_ms=5000
 done
 
+activity_file=${AGENT_ACTIVITY_FILE:-}
+if [ -z "$activity_file" ] && [ -n "${WORKSPACE_CONFIG_DIR:-}" ]; then
+  activity_file="$WORKSPACE_CONFIG_DIR/.activity"
+fi
+# The file's modification time to the nanosecond; empty when there is no such file.
+activity_mark() {
+  [ -n "$activity_file" ] && stat -c %y "$activity_file" 2>/dev/null
+}
+activity_seen=$(activity_mark)
+
 while :; do
   pause "$interval"
-  post /api/registry/heartbeat
+  healthy=true
+  app_answers || healthy=false
+  mark=$(activity_mark)
+  active=false
+  if [ -n "$mark" ] && [ "$mark" != "$activity_seen" ]; then active=true; fi
+  activity_seen=$mark
+  post /api/registry/heartbeat ", \"healthy\": $healthy, \"active\": $active"
   case $? in
     1)
       log "heartbeat rejected: $reply"

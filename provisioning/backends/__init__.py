@@ -6,6 +6,7 @@ import functools
 from collections.abc import Callable
 
 from django.conf import settings
+from django.utils.module_loading import import_string
 
 from provisioning.backends.base import BackendUnavailable, WorkspaceBackend
 from workspaces.models import Workspace
@@ -23,8 +24,18 @@ def _docker() -> WorkspaceBackend:
     return DockerBackend()
 
 
+def _swarm() -> WorkspaceBackend:
+    from provisioning.backends.swarm import SwarmBackend
+
+    return SwarmBackend()
+
+
 # name -> factory. Tests may register a fake backend here (it must implement the contract).
-FACTORIES: dict[str, Callable[[], WorkspaceBackend]] = {"process": _process, "docker": _docker}
+FACTORIES: dict[str, Callable[[], WorkspaceBackend]] = {
+    "process": _process,
+    "docker": _docker,
+    "swarm": _swarm,
+}
 
 
 def default_backend_name() -> str:
@@ -35,6 +46,8 @@ def default_backend_name() -> str:
 @functools.cache
 def _construct(name: str) -> WorkspaceBackend:
     factory = FACTORIES.get(name)
+    if factory is None and name in settings.EXTRA_BACKEND_FACTORIES:
+        factory = import_string(settings.EXTRA_BACKEND_FACTORIES[name])
     if factory is None:
         raise BackendUnavailable(name, f"unknown backend (known: {', '.join(sorted(FACTORIES))})")
     return factory()

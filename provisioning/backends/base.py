@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from uuid import UUID
@@ -39,6 +39,84 @@ class BackendUnavailable(BackendError):
         self.reason = reason
 
 
+def last_lines(data: bytes, tail: int, max_bytes: int) -> str:
+    """The last ``tail`` lines of ``data``, cut to its last ``max_bytes``, decoded leniently."""
+    if tail <= 0:
+        return ""
+    data = data[-max_bytes:]
+    lines = data.decode(errors="replace").splitlines()
+    return "\n".join(lines[-tail:])
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One line of a followed instance's output, without its newline; ``truncated`` when it was
+    longer than the follower's ``max_line_bytes`` (the rest of the line is dropped)."""
+
+    text: str
+    truncated: bool = False
+
+
+class InstanceChange(enum.Enum):
+    """What a follower reports about the instance it follows, between lines."""
+
+    STARTED = "started"  # an instance appeared (there was none when following began or since)
+    RESTARTED = "restarted"  # a new instance (or the same one started again) replaced the old
+    EXITED = "exited"  # the instance stopped; the follower waits for the next one
+    GONE = "gone"  # no instance (removed, or never created); the follower waits for one
+    TRUNCATED = "truncated"  # the output was cut or rotated under the follower
+    SKIPPED = "skipped"  # output arrived faster than the follower's per-read bound; some dropped
+
+
+@dataclass(frozen=True)
+class InstanceNotice:
+    change: InstanceChange
+    detail: str = ""
+
+
+LogItem = LogLine | InstanceNotice
+
+
+class LineSplitter:
+    """Bytes in, complete lines out, each cut to ``max_line_bytes`` (the rest of an overlong
+    line is dropped up to its newline, so memory stays bounded whatever the instance writes)."""
+
+    def __init__(self, max_line_bytes: int) -> None:
+        self.max_line_bytes = max(1, max_line_bytes)
+        self._partial = bytearray()
+        self._overlong = False
+
+    def feed(self, data: bytes) -> list[LogLine]:
+        lines: list[LogLine] = []
+        start = 0
+        while start < len(data):
+            newline = data.find(b"\n", start)
+            end = len(data) if newline < 0 else newline
+            room = self.max_line_bytes - len(self._partial)
+            piece = data[start:end]
+            if len(piece) > room:
+                self._partial += piece[: max(0, room)]
+                self._overlong = True
+            else:
+                self._partial += piece
+            if newline < 0:
+                break
+            lines.append(self._take())
+            start = newline + 1
+        return lines
+
+    def flush(self) -> list[LogLine]:
+        """The last line when it had no newline (the instance ended mid-line)."""
+        return [self._take()] if self._partial or self._overlong else []
+
+    def _take(self) -> LogLine:
+        raw = bytes(self._partial).rstrip(b"\r")
+        line = LogLine(raw.decode(errors="replace"), truncated=self._overlong)
+        self._partial.clear()
+        self._overlong = False
+        return line
+
+
 class ConfigState(enum.Enum):
     EMPTY = "empty"  # no .provisioned marker: nothing, or a half-written copy
     PROVISIONED = "provisioned"
@@ -52,6 +130,8 @@ class LaunchSpec:
     generation: int
     template: Template
     env: Mapping[str, str] = field(repr=False)
+    # The process backend's isolation uid (and gid); None where it does not apply.
+    uid: int | None = None
 
     @property
     def name(self) -> str:
@@ -64,6 +144,8 @@ class InstanceStatus:
     running: bool
     exit_code: int | None = None
     detail: str = ""
+    # The last lines of the instance's output when it is not running (for death events).
+    output_tail: str = ""
 
 
 @dataclass(frozen=True)
@@ -124,6 +206,45 @@ class WorkspaceBackend(ABC):
         or as few as possible: the reconciler calls it once per pass, whatever the number of
         workspaces. ``InstanceInfo.workspace_id`` is the id the instance is labelled with; it may
         name a workspace the platform no longer knows (an orphan)."""
+
+    @abstractmethod
+    def logs(self, workspace_id: UUID, state: State, tail: int, max_bytes: int) -> str:
+        """The last ``tail`` lines the workspace's instance wrote (stdout and stderr together),
+        oldest first, and never more than ``max_bytes`` (the oldest part is cut). The output of
+        an exited instance is still returned until the instance is removed; ``""`` when there is
+        no instance or no output. Read-only: safe to call from a web request."""
+
+    @abstractmethod
+    def follow_logs(
+        self,
+        workspace_id: UUID,
+        state: State,
+        *,
+        tail: int,
+        max_bytes: int,
+        max_line_bytes: int,
+        poll_seconds: float,
+    ) -> AsyncIterator[LogItem]:
+        """Follow the workspace's output: first its last ``tail`` lines (as ``logs`` would give
+        them, at most ``max_bytes``), then each new line as the instance writes it, as
+        ``LogLine`` (cut to ``max_line_bytes``). Between lines, an ``InstanceNotice`` says when
+        the instance exits, goes away, is replaced or restarted, or its output is cut; the
+        follower then keeps following (the next instance's output included) and never ends by
+        itself: the caller bounds it and cancels it (closing the generator).
+
+        An async generator: waiting for output is a coroutine (an open follower holds no
+        thread), and anything blocking (reading a file, a Docker SDK call) runs briefly in the
+        loop's executor. ``poll_seconds`` is how often a backend that must poll looks again.
+        Raises ``BackendError`` (before the first item) when the backend cannot be asked."""
+
+    def app_address(self, workspace_id: UUID, state: State, port: int) -> str:
+        """``host:port`` where the proxy reaches the workspace's app listening on ``port``.
+
+        The one place a workspace's upstream is resolved; it reads ``state`` only (no backend
+        call), so the reconciler can compute every route in memory. The default is the host's
+        loopback (process backend; Docker with host networking). A backend that gives each
+        instance its own address records it in its state and overrides this."""
+        return f"127.0.0.1:{port}"
 
     def remove_orphan(self, instance: InstanceInfo) -> None:
         """Delete an instance labelled for a workspace that is removed or unknown, and its config

@@ -8,6 +8,17 @@ created a container whose state was never saved) and never touches another platf
 
 The engine is reached with ``DOCKER_HOST`` (unix or tcp) and no registry: images are built
 locally (``manage.py build_agent_image``) and never pulled.
+
+Isolation: each workspace gets its own internal bridge network ``ws-<id>-net`` (labelled like
+the container, removed with it and by orphan removal), so workspaces cannot reach one another and
+nothing outside the host. Of the host, only the registry listener's port at the network's gateway
+address (``PLATFORM_URL``'s host is replaced by the gateway): the network's bridge is named
+``DOCKER_BRIDGE_PREFIX`` + the id's start, and the host firewall (``firewall.bridge_rules``,
+``DOCKER_HOST_FIREWALL``) refuses everything else that comes in from such a bridge, so a service
+listening on all the host's addresses is not reachable either.
+Containers run as ``DOCKER_WORKSPACE_USER`` with ``no-new-privileges``, every
+capability dropped and the manifest's ``resources`` (or the ``DOCKER_DEFAULT_*`` limits).
+``DOCKER_NETWORK_MODE=host`` is the documented opt-out.
 """
 
 from __future__ import annotations
@@ -23,9 +34,10 @@ import signal
 import tarfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlparse, urlunparse
 from uuid import UUID
 
 import docker
@@ -35,7 +47,7 @@ from django.conf import settings
 from docker.models.containers import Container
 from docker.types import Mount
 
-from provisioning.agent import AGENT_SCRIPT
+from provisioning.backends import firewall, follow
 from provisioning.backends.base import (
     CONFIG_MARKER,
     BackendError,
@@ -44,14 +56,15 @@ from provisioning.backends.base import (
     InstanceInfo,
     InstanceStatus,
     LaunchSpec,
+    LogItem,
     State,
     TransientBackendError,
     WorkspaceBackend,
+    last_lines,
 )
 
 logger = logging.getLogger(__name__)
 
-AGENT_SH = AGENT_SCRIPT.with_name("agent.sh")
 # Engine errors in the 5xx range that retrying cannot fix (a bad image command, a bad mount).
 _PERMANENT_SERVER_ERRORS = re.compile(
     r"OCI runtime|executable file not found|no such file or directory|invalid mount|"
@@ -59,6 +72,19 @@ _PERMANENT_SERVER_ERRORS = re.compile(
     re.IGNORECASE,
 )
 _CREATE_ATTEMPTS = 3
+# The label the engine puts on the container of a Swarm task.
+_SWARM_TASK_LABEL = "com.docker.swarm.task.id"
+# The bridge driver's option naming the network's Linux bridge.
+_BRIDGE_OPTION = "com.docker.network.bridge.name"
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning("%s", message)
+
+
 # States in which the container's processes exist: paused is silent (the liveness window's
 # business, like a SIGSTOPped process), not dead.
 _ALIVE = frozenset({"running", "paused"})
@@ -78,14 +104,17 @@ def workspace_filter(workspace_id: UUID | str) -> str:
     return f"{_label('workspace-id')}={workspace_id}"
 
 
-def engine_url() -> str:
-    return str(settings.DOCKER_HOST or "the default socket (unix:///var/run/docker.sock)")
+def engine_url(host: str | None = None) -> str:
+    host = settings.DOCKER_HOST if host is None else host
+    return str(host or "the default socket (unix:///var/run/docker.sock)")
 
 
-def make_client() -> docker.DockerClient:
-    """A client for the configured engine. Only this module constructs one (a test checks)."""
+def make_client(host: str | None = None) -> docker.DockerClient:
+    """A client for the engine at ``host`` (default DOCKER_HOST). Only this module constructs
+    one (a test checks)."""
+    host = settings.DOCKER_HOST if host is None else host
     return docker.DockerClient(
-        base_url=settings.DOCKER_HOST or None,
+        base_url=host or None,
         version=settings.DOCKER_API_VERSION,
         timeout=settings.DOCKER_TIMEOUT_SECONDS,
     )
@@ -120,9 +149,10 @@ def _explain(exc: docker.errors.APIError) -> str:
 
 
 @contextlib.contextmanager
-def engine_errors(doing: str) -> Iterator[None]:
+def engine_errors(doing: str, host: str | None = None) -> Iterator[None]:
     """Turn engine failures into user-facing backend errors. Connection failures, timeouts and
-    engine 5xx answers are transient (the task retries with a limit); the rest are not."""
+    engine 5xx answers are transient (the task retries with a limit); the rest are not.
+    ``host`` is the engine named in the message (default DOCKER_HOST)."""
     try:
         yield
     except docker.errors.ImageNotFound as exc:
@@ -137,7 +167,7 @@ def engine_errors(doing: str) -> Iterator[None]:
         raise BackendError(message) from exc
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
         raise TransientBackendError(
-            f"docker: {doing}: cannot reach the engine at {engine_url()}: {_root_cause(exc)}"
+            f"docker: {doing}: cannot reach the engine at {engine_url(host)}: {_root_cause(exc)}"
         ) from exc
     except docker.errors.DockerException as exc:
         raise BackendError(f"docker: {doing}: {_root_cause(exc)}") from exc
@@ -150,7 +180,21 @@ def _safe_relative(path: str) -> str:
     return pure.as_posix()
 
 
+def workspace_user_ids() -> tuple[int, int]:
+    """DOCKER_WORKSPACE_USER as numbers (``uid[:gid]``): the owner of the config files the
+    platform writes, so the non-root agent can use (and change) them."""
+    user, _, group = str(settings.DOCKER_WORKSPACE_USER).partition(":")
+    try:
+        uid = int(user)
+        return uid, int(group) if group else uid
+    except ValueError:
+        raise BackendError(
+            f"DOCKER_WORKSPACE_USER={settings.DOCKER_WORKSPACE_USER!r} must be numeric uid[:gid]"
+        ) from None
+
+
 def _tar(files: Mapping[str, bytes], mtime: float) -> bytes:
+    owner = workspace_user_ids()
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
         directories: set[str] = set()
@@ -162,10 +206,12 @@ def _tar(files: Mapping[str, bytes], mtime: float) -> bytes:
                 directories.add(parent)
                 info = tarfile.TarInfo(parent)
                 info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, int(mtime)
+                info.uid, info.gid = owner
                 archive.addfile(info)
                 parent = posixpath.dirname(parent)
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(content), 0o644, int(mtime)
+            info.uid, info.gid = owner
             archive.addfile(info, io.BytesIO(content))
     return buffer.getvalue()
 
@@ -178,6 +224,10 @@ class DockerBackend(WorkspaceBackend):
         self._client: docker.DockerClient | None = None
 
     # -- the engine ----------------------------------------------------------------------------
+    def engine_host(self) -> str:
+        """The engine this backend talks to (DOCKER_HOST; the Swarm backend: its manager)."""
+        return str(settings.DOCKER_HOST)
+
     @property
     def client(self) -> docker.DockerClient:
         with self._lock:
@@ -185,13 +235,19 @@ class DockerBackend(WorkspaceBackend):
                 # Construction may ask the engine for its API version. Unreachable is
                 # BackendUnavailable in check_available and transient mid-cycle, like any
                 # connection failure.
+                host = self.engine_host()
                 try:
-                    self._client = make_client()
+                    self._client = make_client(host)
                 except (docker.errors.DockerException, requests.RequestException) as exc:
                     raise TransientBackendError(
-                        f"docker: cannot reach the engine at {engine_url()}: {_root_cause(exc)}"
+                        f"docker: cannot reach the engine at {engine_url(host)}: {_root_cause(exc)}"
                     ) from exc
             return self._client
+
+    def app_address(self, workspace_id: UUID, state: State, port: int) -> str:
+        # With host networking the app listens on the host's loopback; a container on a network
+        # of the platform's making is reached at the address recorded in its state.
+        return f"{state.get('address') or settings.DOCKER_APP_HOST}:{port}"
 
     def check_available(self) -> None:
         try:
@@ -199,7 +255,9 @@ class DockerBackend(WorkspaceBackend):
         except (BackendError, docker.errors.DockerException, requests.RequestException) as exc:
             cause = exc.__cause__ if isinstance(exc, BackendError) and exc.__cause__ else exc
             raise BackendUnavailable(
-                self.name, f"cannot reach the Docker engine at {engine_url()}: {_root_cause(cause)}"
+                self.name,
+                f"cannot reach the Docker engine at {engine_url(self.engine_host())}: "
+                f"{_root_cause(cause)}",
             ) from exc
 
     # -- names and labels ----------------------------------------------------------------------
@@ -220,6 +278,126 @@ class DockerBackend(WorkspaceBackend):
         if generation is not None:
             labels[_label("generation")] = str(generation)
         return labels
+
+    @classmethod
+    def network_name(cls, workspace_id: UUID | str) -> str:
+        return f"{cls.container_name(workspace_id)}-net"
+
+    @staticmethod
+    def bridge_name(workspace_id: UUID | str) -> str:
+        """The Linux bridge of the workspace's network: ``DOCKER_BRIDGE_PREFIX`` and the start
+        of the id, 15 characters (the kernel's limit), matched by the host firewall's wildcard."""
+        prefix = settings.DOCKER_BRIDGE_PREFIX
+        return prefix + str(workspace_id).replace("-", "")[: 15 - len(prefix)]
+
+    @staticmethod
+    def _own_network() -> bool:
+        return bool(settings.DOCKER_NETWORK_MODE == "workspace")
+
+    def _ensure_network(self, spec: LaunchSpec) -> dict[str, Any]:
+        """Get or create the workspace's internal network; returns its engine attributes."""
+        name = self.network_name(spec.workspace_id)
+        labels = {"label": [platform_filter(), workspace_filter(spec.workspace_id)]}
+        for _attempt in range(_CREATE_ATTEMPTS):
+            with engine_errors(f"listing networks for {name}"):
+                found = self.client.api.networks(names=[name], filters=labels)
+            for network in found:
+                if network.get("Name") == name:
+                    with engine_errors(f"inspecting network {name}"):
+                        return dict(self.client.api.inspect_network(network["Id"]))
+            with engine_errors(f"creating network {name}"):
+                try:
+                    created = self.client.api.create_network(
+                        name,
+                        driver="bridge",
+                        internal=True,
+                        options={_BRIDGE_OPTION: self.bridge_name(spec.workspace_id)},
+                        labels=self._labels(spec.workspace_id),
+                        check_duplicate=True,
+                    )
+                except docker.errors.APIError as exc:
+                    if exc.status_code != 409:
+                        raise
+                    continue  # a racing cycle created it: list again
+                return dict(self.client.api.inspect_network(created["Id"]))
+        raise BackendError(f"docker: could not create network {name}")
+
+    def _remove_networks(self, workspace_id: UUID | str) -> None:
+        labels = {"label": [platform_filter(), workspace_filter(workspace_id)]}
+        with engine_errors(f"listing the networks of {workspace_id}"):
+            networks = self.client.api.networks(filters=labels)
+        for network in networks:
+            with (
+                engine_errors(f"removing network {network.get('Name')}"),
+                contextlib.suppress(docker.errors.NotFound),
+            ):
+                self.client.api.remove_network(network["Id"])
+
+    @staticmethod
+    def ensure_bridge_firewall(network: Mapping[str, Any], platform_url: str) -> None:
+        """Confirm the host firewall covers the workspace's bridge (``DOCKER_HOST_FIREWALL``):
+        from the bridge, only the port of ``platform_url`` on the host's addresses."""
+        mode = settings.DOCKER_HOST_FIREWALL
+        if mode == "off":
+            return
+        bridge = (network.get("Options") or {}).get(_BRIDGE_OPTION) or ""
+        if (
+            not bridge.startswith(settings.DOCKER_BRIDGE_PREFIX)
+            or not Path("/sys/class/net", bridge).exists()
+        ):
+            where = (
+                f"network {network.get('Name')}'s bridge {bridge or '(unnamed)'} is not on this "
+                "host (a remote engine?)"
+            )
+            if mode == "on":
+                raise BackendError(
+                    f"docker: {where}; DOCKER_HOST_FIREWALL=on needs the engine on this host"
+                )
+            _warn_once(
+                "docker: workspace bridges are not on this host (a remote engine?): its host "
+                "must refuse what they send except the registry port (README, Workspace isolation)"
+            )
+            return
+        parsed = urlparse(platform_url)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            firewall.ensure_bridge_firewall(port)
+        except firewall.FirewallError as exc:
+            raise BackendError(
+                f"docker: cannot install the workspace bridge firewall (chain "
+                f"{firewall.bridge_chain(settings.WORKSPACE_FIREWALL_CHAIN)}): {exc}; without it "
+                "workspaces reach every host service listening on all addresses. "
+                "DOCKER_HOST_FIREWALL=off if the engine's host is firewalled otherwise"
+            ) from exc
+
+    @staticmethod
+    def _gateway(network: Mapping[str, Any]) -> str:
+        for config in (network.get("IPAM") or {}).get("Config") or []:
+            if config.get("Gateway"):
+                return str(config["Gateway"])
+        raise BackendError(
+            f"docker: network {network.get('Name')} has no gateway address; the agent could not "
+            "reach the platform"
+        )
+
+    @staticmethod
+    def platform_url_via(url: str, gateway: str) -> str:
+        """PLATFORM_URL as a workspace on that network sees it: the host part replaced by the
+        network's gateway (the host's address on the bridge), the port and path kept."""
+        parsed = urlparse(url)
+        port = f":{parsed.port}" if parsed.port else ""
+        host = f"[{gateway}]" if ":" in gateway else gateway
+        return urlunparse(parsed._replace(netloc=f"{host}{port}"))
+
+    @staticmethod
+    def _limits(spec: LaunchSpec) -> dict[str, Any]:
+        resources = spec.template.resources
+        cpus = resources.cpus or settings.DOCKER_DEFAULT_CPUS
+        return {
+            "mem_limit": resources.memory or settings.DOCKER_DEFAULT_MEMORY,
+            "nano_cpus": int(cpus * 1e9),
+            "pids_limit": resources.pids or settings.DOCKER_DEFAULT_PIDS,
+        }
 
     @staticmethod
     def _mount(spec: LaunchSpec) -> str:
@@ -250,9 +428,25 @@ class DockerBackend(WorkspaceBackend):
             # cycle's, or a racing creator's) comes back as it is, contents and labels kept.
             self.client.volumes.create(name=name, labels=self._labels(spec.workspace_id))
 
+    def _environment(self, spec: LaunchSpec, *, host_net: bool) -> dict[str, str]:
+        """The instance's environment: the spec's, where its config is mounted, and where its
+        app listens. On the host's network the app must listen on loopback only, or it would be
+        reachable around the proxy; an instance with an address of its own is reached there."""
+        environment = {**spec.env, "WORKSPACE_CONFIG_DIR": self._mount(spec)}
+        if "WORKSPACE_APP_PORT" in spec.env:
+            environment["WORKSPACE_APP_HOST"] = "127.0.0.1" if host_net else "0.0.0.0"
+        return environment
+
     def _create(self, spec: LaunchSpec) -> Container:
         mount = self._mount(spec)
-        environment = {**spec.env, "WORKSPACE_CONFIG_DIR": mount}
+        environment = self._environment(spec, host_net=not self._own_network())
+        network: dict[str, Any] = {"network_mode": "host"}
+        if self._own_network():
+            attrs = self._ensure_network(spec)
+            platform_url = spec.env.get("PLATFORM_URL") or settings.PLATFORM_URL
+            self.ensure_bridge_firewall(attrs, platform_url)
+            environment["PLATFORM_URL"] = self.platform_url_via(platform_url, self._gateway(attrs))
+            network = {"network": self.network_name(spec.workspace_id)}
         kwargs: dict[str, Any] = {
             "name": spec.name,
             "labels": {
@@ -263,7 +457,13 @@ class DockerBackend(WorkspaceBackend):
             "mounts": [
                 Mount(target=mount, source=self.volume_name(spec.workspace_id), type="volume")
             ],
-            "network_mode": settings.DOCKER_NETWORK_MODE,
+            **network,
+            # Least privilege: a non-root user, no setuid gains, no capabilities at all (the
+            # agent needs none), and bounded memory, CPU and processes.
+            "user": settings.DOCKER_WORKSPACE_USER,
+            "security_opt": ["no-new-privileges:true"],
+            "cap_drop": ["ALL"],
+            **self._limits(spec),
             "stop_signal": "SIGTERM",
             "detach": True,
         }
@@ -304,7 +504,10 @@ class DockerBackend(WorkspaceBackend):
 
     def _env_matches(self, container: Container, spec: LaunchSpec) -> bool:
         current = set(container.attrs.get("Config", {}).get("Env") or [])
-        return all(f"{key}={value}" in current for key, value in spec.env.items())
+        # PLATFORM_URL is rewritten per network (its gateway), so it is not compared.
+        return all(
+            f"{key}={value}" in current for key, value in spec.env.items() if key != "PLATFORM_URL"
+        )
 
     # -- contract ------------------------------------------------------------------------------
     def prepare(self, spec: LaunchSpec, state: State) -> State:
@@ -380,7 +583,11 @@ class DockerBackend(WorkspaceBackend):
                 container.reload()
             status = container.status
             if status == "running":
-                return {**self._state(container, spec.generation), "started_at": time.time()}
+                return {
+                    **self._state(container, spec.generation),
+                    **self._address(container, spec),
+                    "started_at": time.time(),
+                }
             if status in ("exited", "dead"):
                 code = container.attrs.get("State", {}).get("ExitCode")
                 raise BackendError(
@@ -394,6 +601,16 @@ class DockerBackend(WorkspaceBackend):
                 )
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
+
+    def _address(self, container: Container, spec: LaunchSpec) -> State:
+        """Where the container's ports are reached from the host: its address on its network
+        (the reverse proxy routes there); none with host networking (127.0.0.1 then)."""
+        if not self._own_network():
+            return {"network": "host", "address": "127.0.0.1"}
+        name = self.network_name(spec.workspace_id)
+        networks = container.attrs.get("NetworkSettings", {}).get("Networks") or {}
+        address = (networks.get(name) or {}).get("IPAddress") or ""
+        return {"network": name, "address": address}
 
     @staticmethod
     def _tail(container: Container, lines: int = 5) -> str:
@@ -427,6 +644,8 @@ class DockerBackend(WorkspaceBackend):
             contextlib.suppress(docker.errors.NotFound),
         ):
             self.client.volumes.get(name).remove(force=True)
+        # After the container: a network with an endpoint attached cannot be removed.
+        self._remove_networks(workspace_id)
 
     def status(self, workspace_id: UUID, state: State) -> InstanceStatus:
         container = self._find(workspace_id)
@@ -435,13 +654,75 @@ class DockerBackend(WorkspaceBackend):
         status = container.status
         exit_code = None
         detail = f"container {container.name} is {status}"
+        tail = ""
         if status in ("exited", "dead"):
             facts = container.attrs.get("State", {})
             exit_code = facts.get("ExitCode")
             detail = f"container {container.name} {_exit_reason(status, exit_code, facts)}"
+            tail = self._output_tail(container)
         return InstanceStatus(
-            exists=True, running=status in _ALIVE, exit_code=exit_code, detail=detail
+            exists=True,
+            running=status in _ALIVE,
+            exit_code=exit_code,
+            detail=detail,
+            output_tail=tail,
         )
+
+    def logs(self, workspace_id: UUID, state: State, tail: int, max_bytes: int) -> str:
+        container = self._find(workspace_id)
+        if container is None or tail <= 0:
+            return ""
+        with engine_errors(f"reading the logs of {container.name}"):
+            try:
+                data = container.logs(stdout=True, stderr=True, tail=tail)
+            except docker.errors.NotFound:
+                return ""
+        return last_lines(data, tail, max_bytes)
+
+    def follow_logs(
+        self,
+        workspace_id: UUID,
+        state: State,
+        *,
+        tail: int,
+        max_bytes: int,
+        max_line_bytes: int,
+        poll_seconds: float,
+    ) -> AsyncIterator[LogItem]:
+        name = self.container_name(workspace_id)
+
+        def look() -> follow.Seen:
+            container = self._find(workspace_id)
+            if container is None:
+                return follow.Seen(None, False, "no container")
+            facts = container.attrs.get("State", {})
+            # A restart in place keeps the id and changes StartedAt: both name one run.
+            key = (container.id, facts.get("StartedAt"))
+            if container.status in _ALIVE:
+                return follow.Seen(key, True, f"container {name} is {container.status}")
+            reason = _exit_reason(container.status, facts.get("ExitCode"), facts)
+            return follow.Seen(key, False, f"container {name} {reason}")
+
+        return follow.follow_engine(
+            self.engine_host(),
+            look,
+            lambda count, since: follow.log_path("containers", name, tail=count, since=since),
+            tail=tail,
+            max_bytes=max_bytes,
+            max_line_bytes=max_line_bytes,
+            poll_seconds=poll_seconds,
+        )
+
+    def _output_tail(self, container: Any) -> str:
+        """The last lines of the container's output, for death events; empty if unreadable."""
+        lines = settings.DEATH_OUTPUT_LINES
+        if lines <= 0:
+            return ""
+        try:
+            raw = container.logs(tail=lines, stdout=True, stderr=True)
+        except (docker.errors.DockerException, requests.RequestException):
+            return ""
+        return bytes(raw).decode(errors="replace").rstrip("\n")
 
     def list_instances(self) -> list[InstanceInfo]:
         # Two engine calls whatever the number of workspaces: the container list carries labels,
@@ -457,7 +738,9 @@ class DockerBackend(WorkspaceBackend):
         for row in rows:
             labels = row.get("Labels") or {}
             workspace_id = labels.get(_label("workspace-id"))
-            if not workspace_id:
+            # A Swarm task's container carries its service's labels: it is the Swarm backend's
+            # (the same engine may be a manager), never a Docker orphan to remove.
+            if not workspace_id or _SWARM_TASK_LABEL in labels:
                 continue
             generation = labels.get(_label("generation"), "")
             exit_code = None
@@ -480,6 +763,15 @@ class DockerBackend(WorkspaceBackend):
             if workspace_id and workspace_id not in found:
                 found[workspace_id] = InstanceInfo(
                     workspace_id=workspace_id, running=False, ref=f"volume {volume.get('Name')}"
+                )
+        # Networks left by an interrupted removal are orphans too (a third call, same reason).
+        with engine_errors("listing networks"):
+            networks = self.client.api.networks(filters=labelled)
+        for network in networks:
+            workspace_id = (network.get("Labels") or {}).get(_label("workspace-id"))
+            if workspace_id and workspace_id not in found:
+                found[workspace_id] = InstanceInfo(
+                    workspace_id=workspace_id, running=False, ref=f"network {network.get('Name')}"
                 )
         return list(found.values())
 
@@ -505,6 +797,7 @@ class DockerBackend(WorkspaceBackend):
                 contextlib.suppress(docker.errors.NotFound),
             ):
                 self.client.api.remove_volume(volume["Name"], force=True)
+        self._remove_networks(instance.workspace_id)
 
 
 def _exit_reason(status: str, exit_code: int | None, facts: Mapping[str, Any]) -> str:
@@ -519,98 +812,3 @@ def _exit_reason(status: str, exit_code: int | None, facts: Mapping[str, Any]) -
         reasons.append(str(facts["Error"]))
     text = f"{status} with code {exit_code}"
     return f"{text} ({'; '.join(reasons)})" if reasons else text
-
-
-# -- the agent image -----------------------------------------------------------------------------
-AGENT_DOCKERFILE = """\
-FROM scratch
-COPY rootfs/ /
-ENV PATH=/bin
-LABEL {label}=agent
-ENTRYPOINT ["/bin/sh", "/agent.sh"]
-"""
-# Applets linked even when `busybox --list` is unavailable: what agent.sh and tests use.
-_APPLETS: tuple[str, ...] = (
-    "sh",
-    "cat",
-    "date",
-    "echo",
-    "env",
-    "kill",
-    "ls",
-    "mkdir",
-    "printf",
-    "ps",
-    "rm",
-)
-_APPLETS += ("sleep", "test", "timeout", "wget", "[", "[[", "true", "false")
-
-
-def _applets(busybox: Path) -> list[str]:
-    import subprocess
-
-    try:
-        listed = subprocess.run(
-            [str(busybox), "--list"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        listed = []
-    return sorted(set(listed) | set(_APPLETS))
-
-
-def agent_image_context(busybox: Path | None = None) -> bytes:
-    """The build context of the agent image: a Dockerfile, Debian's static busybox with a link
-    per applet, and the agent script. No base image, so no registry is needed."""
-    binary = Path(busybox or settings.DOCKER_AGENT_BUSYBOX)
-    if not binary.is_file():
-        raise BackendError(
-            f"{binary} not found: install Debian's busybox-static (apt-get install busybox-static) "
-            "or set DOCKER_AGENT_BUSYBOX"
-        )
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-
-        def add(name: str, data: bytes, mode: int = 0o644) -> None:
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), mode
-            archive.addfile(info, io.BytesIO(data))
-
-        def folder(name: str, mode: int = 0o755) -> None:
-            info = tarfile.TarInfo(name)
-            info.type, info.mode = tarfile.DIRTYPE, mode
-            archive.addfile(info)
-
-        add("Dockerfile", AGENT_DOCKERFILE.format(label=_label("image")).encode())
-        for name in ("rootfs", "rootfs/bin", "rootfs/workspace"):
-            folder(name)
-        folder("rootfs/tmp", 0o1777)
-        add("rootfs/bin/busybox", binary.read_bytes(), 0o755)
-        for applet in _applets(binary):
-            if "/" in applet or applet == "busybox":
-                continue
-            link = tarfile.TarInfo(f"rootfs/bin/{applet}")
-            link.type, link.linkname = tarfile.SYMTYPE, "busybox"
-            archive.addfile(link)
-        add("rootfs/agent.sh", AGENT_SH.read_bytes(), 0o755)
-    return buffer.getvalue()
-
-
-def build_agent_image(tag: str | None = None, busybox: Path | None = None) -> str:
-    """Build the default agent image on the configured engine; returns the image id."""
-    tag = tag or settings.DOCKER_AGENT_IMAGE
-    context = agent_image_context(busybox)
-    with engine_errors("connecting"):
-        client = make_client()
-    with engine_errors(f"building image {tag}"):
-        try:
-            image, _ = client.images.build(
-                fileobj=io.BytesIO(context), custom_context=True, tag=tag, rm=True, forcerm=True
-            )
-        except docker.errors.BuildError as exc:
-            log = "".join(
-                str(line.get("stream") or line.get("error") or "") for line in exc.build_log
-            )
-            raise BackendError(f"docker: building image {tag} failed: {exc.msg}\n{log}") from exc
-        finally:
-            client.close()
-    return str(image.id)

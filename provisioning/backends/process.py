@@ -1,9 +1,19 @@
 """The process backend: each workspace is a detached local process (single-host deployments).
 
-Layout under ``WORKSPACE_DATA_DIR/<workspace id>/``: ``configs/`` (the config volume),
-``instance.json`` (pid, process start time, generation) and ``agent.log``. The process runs in its
-own session, so it outlives the worker that started it; a later worker finds it again by the pid
-file, and the start time read from ``/proc`` guards against a recycled pid.
+Layout under ``WORKSPACE_DATA_DIR/<workspace id>/`` (owned by the platform, mode 0711):
+``configs/`` (the config volume) and ``home/`` (the workspace's home and working folder), both
+owned by the workspace's uid with mode 0700; ``instance.json`` (pid, process start time,
+generation, uid) and ``agent.log``, owned by the platform, so a workspace can neither forge the
+pid the platform signals nor rewrite its own log. The process runs in its own session, so it
+outlives the worker that started it; a later worker finds it again by the pid file, and the start
+time read from ``/proc`` guards against a recycled pid.
+
+Isolation (``WORKSPACE_PROCESS_ISOLATION=uid``, the default): the launcher runs as root, moves
+into a private mount namespace where ``WORKSPACE_HIDDEN_PATHS`` (PostgreSQL's, Redis's and the
+engine's unix sockets) are covered up, then drops to the workspace's uid and gid with no
+supplementary groups before exec. ``provisioning.backends.firewall`` keeps those uids off the
+host's ports except the registry's. Stopping kills every process of the uid, so nothing a
+workspace daemonized survives into the next holder of that uid.
 """
 
 from __future__ import annotations
@@ -16,14 +26,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from django.conf import settings
 
-from provisioning.agent import AGENT_SCRIPT
+from provisioning.agent import AGENT_PAGE, AGENT_SCRIPT
 from provisioning.backends.base import (
     CONFIG_MARKER,
     BackendError,
@@ -32,34 +42,124 @@ from provisioning.backends.base import (
     InstanceInfo,
     InstanceStatus,
     LaunchSpec,
+    LogItem,
     State,
     WorkspaceBackend,
+    last_lines,
 )
+from provisioning.backends.firewall import (
+    FirewallError,
+    allow_own_app,
+    ensure_workspace_firewall,
+    revoke_own_app,
+)
+from provisioning.backends.follow import Seen, follow_file
 
-# Runs the instance in a new session and exits at once, so the instance is re-parented away from
-# the worker (no zombies in the worker) and survives the worker. The environment arrives on
-# stdin, never in argv where `ps` would show secrets. The launcher, not the worker, records the
-# pid file: a worker killed right after the launch would otherwise leave a running instance no
-# later cycle can find, and the next start would run a second one.
+NOT_ROOT = (
+    "WORKSPACE_PROCESS_ISOLATION=uid (the default) runs each workspace as its own uid, which "
+    "needs the platform to run as root; set WORKSPACE_PROCESS_ISOLATION=none only for "
+    "single-user development (workspaces then run unisolated, as the platform's user)"
+)
+WORKSPACE_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+# Starts the instance under a small monitor and exits at once. The monitor (a forked child that
+# leads its own session) is the instance's parent: it waits for the instance and records its exit
+# code in exit.json, which the worker could not see otherwise (the instance is not its child).
+# Both outlive the worker that started them; the instance runs in a session of its own, so a stop
+# signals its process group and not the monitor. The environment arrives on stdin, never in argv
+# where `ps` would show secrets. The monitor, not the worker, records the pid file: a worker
+# killed right after the launch would otherwise leave a running instance no later cycle can find,
+# and the next start would run a second one.
+#
+# With a uid, the monitor first hides WORKSPACE_HIDDEN_PATHS in a private mount namespace (unix
+# sockets are out of the firewall's reach) and sets no_new_privs (a setuid binary cannot give the
+# workspace root back, nor sockets the firewall's owner match would miss), then the child drops
+# to the uid and gid with no supplementary groups and a 077 umask before exec.
 _LAUNCHER = """
-import json, os, subprocess, sys
+import ctypes, json, os, subprocess, sys
 spec = json.load(sys.stdin)
-log = open(spec["log"], "ab")
-proc = subprocess.Popen(spec["argv"], env=spec["env"], cwd=spec["cwd"],
-                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                        start_new_session=True, close_fds=True)
-try:
-    with open(f"/proc/{proc.pid}/stat") as handle:
-        stat = handle.read()
-    start_time = int(stat[stat.rfind(")") + 2:].split()[19])
-except (OSError, ValueError, IndexError):
-    start_time = None
-instance = {"pid": proc.pid, "start_time": start_time, "generation": spec["generation"]}
-tmp = spec["instance_file"] + ".tmp"
-with open(tmp, "w") as handle:
-    json.dump(instance, handle)
-os.replace(tmp, spec["instance_file"])
-print(json.dumps(instance))
+os.umask(0o077)  # the log, the pid file and the exit file are the platform's alone
+uid = spec.get("uid")
+
+
+def isolate():
+    # In the monitor, before the instance is forked: hide the sockets, no new privileges;
+    # returns what Popen needs to drop to the workspace's uid.
+    if uid is None:
+        return {}
+    libc = ctypes.CDLL(None, use_errno=True)
+    def check(result, what):
+        if result != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"{what}: {os.strerror(errno)}")
+    check(libc.unshare(0x20000), "unshare(CLONE_NEWNS)")
+    check(libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None), "make / private")
+    for path in sorted({os.path.realpath(p) for p in spec["hidden"]}):
+        if os.path.isdir(path):
+            check(libc.mount(b"tmpfs", path.encode(), b"tmpfs", 2 | 4 | 8,
+                             b"size=4k,mode=000"), f"hide {path}")
+        elif os.path.exists(path):
+            check(libc.mount(b"/dev/null", path.encode(), None, 0x1000, None), f"hide {path}")
+    check(libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    return {"user": uid, "group": uid, "extra_groups": [], "umask": 0o077}
+
+
+def start_instance():
+    drop = isolate()
+    log = open(spec["log"], "ab")
+    return subprocess.Popen(spec["argv"], env=spec["env"], cwd=spec["cwd"],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, close_fds=True, **drop)
+
+
+def write_json(path, data):
+    with open(path + ".tmp", "w") as handle:
+        json.dump(data, handle)
+    os.replace(path + ".tmp", path)
+
+
+def monitor(report):
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):  # let go of the worker's pipes: it reads them to their end
+        os.dup2(devnull, fd)
+    try:
+        proc = start_instance()
+    except OSError as exc:
+        os.write(report, json.dumps({"error": str(exc)}).encode())
+        return
+    try:
+        with open(f"/proc/{proc.pid}/stat") as handle:
+            stat = handle.read()
+        start_time = int(stat[stat.rfind(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        start_time = None
+    instance = {"pid": proc.pid, "start_time": start_time, "generation": spec["generation"],
+                "monitor_pid": os.getpid(), "uid": uid}
+    write_json(spec["instance_file"], instance)
+    os.write(report, json.dumps(instance).encode())
+    os.close(report)
+    code = proc.wait()
+    write_json(spec["exit_file"], {"pid": proc.pid, "start_time": start_time,
+                                   "generation": spec["generation"], "exit_code": code})
+
+
+read_end, write_end = os.pipe()
+if os.fork() == 0:
+    os.close(read_end)
+    try:
+        monitor(write_end)
+    finally:
+        os._exit(0)
+os.close(write_end)
+with os.fdopen(read_end, "rb") as report:
+    reported = report.read()
+if not reported:
+    sys.exit("the monitor exited before starting the workspace process")
+result = json.loads(reported)
+if "error" in result:
+    sys.exit(f"could not start the workspace process: {result['error']}")
+print(json.dumps(result))
 """
 
 
@@ -76,6 +176,37 @@ def _proc_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def _uid_processes(uid: int) -> list[int]:
+    """Every live process whose real uid is ``uid`` (a workspace's, daemonized ones included)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        # A zombie is dead already: only its parent's wait() removes it.
+        if fields.get("State", "").split()[:1] == ["Z"]:
+            continue
+        uids = fields.get("Uid", "").split()
+        if uids and int(uids[0]) == uid:
+            found.append(int(entry.name))
+    return found
+
+
+def _isolated() -> bool:
+    return settings.WORKSPACE_PROCESS_ISOLATION == "uid"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
 def _alive(pid: int | None, start_time: int | None) -> bool:
     if not pid:
         return False
@@ -83,11 +214,28 @@ def _alive(pid: int | None, start_time: int | None) -> bool:
     return current is not None and (start_time is None or current == start_time)
 
 
+def _closed_ancestor(path: Path) -> Path | None:
+    """The first folder on the way to ``path`` that others cannot traverse, if any."""
+    for folder in [*reversed(path.resolve().parents), path.resolve()]:
+        try:
+            if not folder.stat().st_mode & 0o001:
+                return folder
+        except OSError:
+            return folder
+    return None
+
+
+def _exited(pid: int, exit_code: int | None) -> str:
+    ending = f" with code {exit_code}" if exit_code is not None else ""
+    return f"process {pid} has exited{ending}"
+
+
 class ProcessBackend(WorkspaceBackend):
     name = "process"
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root or settings.WORKSPACE_DATA_DIR)
+        self._agent_copied = False
 
     # -- paths ---------------------------------------------------------------------------------
     def _dir(self, workspace_id: UUID | str) -> Path:
@@ -96,14 +244,70 @@ class ProcessBackend(WorkspaceBackend):
     def _configs(self, workspace_id: UUID | str) -> Path:
         return self._dir(workspace_id) / "configs"
 
+    def _home(self, workspace_id: UUID | str) -> Path:
+        return self._dir(workspace_id) / "home"
+
+    def _make_dirs(self, spec: LaunchSpec) -> None:
+        """The platform's 0711 folder, and the workspace's own 0700 ``configs`` and ``home``."""
+        directory = self._dir(spec.workspace_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        owned = (self._configs(spec.workspace_id), self._home(spec.workspace_id))
+        for folder in owned:
+            folder.mkdir(exist_ok=True)
+        if not _isolated():
+            return
+        uid = self._uid(spec)
+        os.chown(directory, 0, 0)
+        directory.chmod(0o711)
+        for folder in owned:
+            os.chown(folder, uid, uid)
+            folder.chmod(0o700)
+
+    @staticmethod
+    def _uid(spec: LaunchSpec) -> int:
+        if spec.uid is None:
+            raise BackendError(
+                "the workspace has no isolation uid (WORKSPACE_PROCESS_ISOLATION=uid needs one)"
+            )
+        return spec.uid
+
     def _instance_file(self, workspace_id: UUID | str) -> Path:
         return self._dir(workspace_id) / "instance.json"
 
+    def _exit_file(self, workspace_id: UUID | str) -> Path:
+        return self._dir(workspace_id) / "exit.json"
+
     def _read_instance(self, workspace_id: UUID | str) -> dict[str, Any]:
+        return _read_json(self._instance_file(workspace_id))
+
+    def _exit_code(self, workspace_id: UUID | str, pid: int, start_time: int | None) -> int | None:
+        """The exit code the monitor recorded for this instance (pid and start time), waiting a
+        moment for a monitor that is still writing it; None when it is unknown (the monitor was
+        killed too)."""
+        instance = self._read_instance(workspace_id)
+        monitor = instance.get("monitor_pid") if instance.get("pid") == pid else None
+        deadline = time.monotonic() + 1.0
+        while True:
+            recorded = _read_json(self._exit_file(workspace_id))
+            if recorded.get("pid") == pid and recorded.get("start_time") == start_time:
+                code = recorded.get("exit_code")
+                return int(code) if isinstance(code, int) else None
+            if not monitor or not _alive(monitor, None) or time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
+
+    def output_tail(self, workspace_id: UUID | str, lines: int) -> str:
+        """The last ``lines`` lines of the workspace's output (its agent.log)."""
+        if lines <= 0:
+            return ""
         try:
-            return dict(json.loads(self._instance_file(workspace_id).read_text()))
-        except (OSError, ValueError):
-            return {}
+            with open(self._dir(workspace_id) / "agent.log", "rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                handle.seek(max(0, handle.tell() - 16 * 1024))
+                data = handle.read()
+        except OSError:
+            return ""
+        return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
     # -- contract ------------------------------------------------------------------------------
     def check_available(self) -> None:
@@ -113,9 +317,30 @@ class ProcessBackend(WorkspaceBackend):
             raise BackendUnavailable(self.name, f"cannot create {self.root}: {exc}") from exc
         if not os.access(self.root, os.W_OK):
             raise BackendUnavailable(self.name, f"{self.root} is not writable")
+        if not _isolated():
+            return
+        if os.geteuid() != 0:
+            raise BackendUnavailable(self.name, NOT_ROOT)
+        try:
+            ensure_workspace_firewall()
+        except FirewallError as exc:
+            raise BackendUnavailable(
+                self.name,
+                f"cannot install the workspace firewall (chain {settings.WORKSPACE_FIREWALL_CHAIN}"
+                f" for WORKSPACE_UID_RANGE): {exc}; without it workspaces could reach "
+                "PostgreSQL and Redis. WORKSPACE_PROCESS_ISOLATION=none runs unisolated "
+                "(single-user development only)",
+            ) from exc
+        closed = _closed_ancestor(self.root)
+        if closed is not None:
+            raise BackendUnavailable(
+                self.name,
+                f"WORKSPACE_DATA_DIR {self.root} is inside {closed}, which workspace uids cannot "
+                "enter (it needs o+x): choose a data folder outside it",
+            )
 
     def prepare(self, spec: LaunchSpec, state: State) -> State:
-        self._configs(spec.workspace_id).mkdir(parents=True, exist_ok=True)
+        self._make_dirs(spec)
         return dict(state)
 
     def config_state(self, spec: LaunchSpec, state: State) -> ConfigState:
@@ -133,32 +358,80 @@ class ProcessBackend(WorkspaceBackend):
             target.write_bytes(content)
         marker = {"template": spec.template.name, "generation": spec.generation, "at": time.time()}
         (configs / CONFIG_MARKER).write_text(json.dumps(marker))
+        if _isolated():
+            # Written by the platform, used (and maybe changed) by the workspace: hand them over.
+            uid = self._uid(spec)
+            for path in [configs, *configs.rglob("*")]:
+                if not path.is_symlink():
+                    os.chown(path, uid, uid)
+
+    def _agent(self) -> Path:
+        """The agent script (and its page) copied under the data folder, which workspace uids
+        can traverse: the platform's checkout may sit in a folder they cannot enter."""
+        if not _isolated():
+            return AGENT_SCRIPT
+        copied = self.root / ".agent" / AGENT_SCRIPT.name
+        if self._agent_copied and copied.is_file():
+            return copied  # once per process: the files only change with a new release
+        folder = self.root / ".agent"
+        folder.mkdir(exist_ok=True)
+        folder.chmod(0o755)
+        for source in (AGENT_SCRIPT, AGENT_PAGE):
+            target = folder / source.name
+            content = source.read_bytes()
+            if not target.is_file() or target.read_bytes() != content:
+                partial = target.with_suffix(".tmp")
+                partial.write_bytes(content)
+                partial.chmod(0o644)
+                os.replace(partial, target)
+        self._agent_copied = True
+        return copied
 
     def _argv(self, spec: LaunchSpec) -> list[str]:
+        python = settings.WORKSPACE_PYTHON
+        agent = str(self._agent())
         if spec.template.command:
             return [
-                part.replace("{python}", sys.executable).replace("{agent}", str(AGENT_SCRIPT))
+                part.replace("{python}", python).replace("{agent}", agent)
                 for part in spec.template.command
             ]
-        return [sys.executable, str(AGENT_SCRIPT)]
+        return [python, agent]
 
     def start(self, spec: LaunchSpec, state: State) -> State:
         # Replace, never duplicate: whatever an earlier (possibly killed) cycle left goes first.
         self.stop(spec.workspace_id, state, grace_seconds=settings.STOP_GRACE_SECONDS)
         directory = self._dir(spec.workspace_id)
-        self._configs(spec.workspace_id).mkdir(parents=True, exist_ok=True)
+        self._make_dirs(spec)
+        isolated = _isolated()
         env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "PATH": WORKSPACE_PATH if isolated else os.environ.get("PATH", "/usr/bin:/bin"),
             "PYTHONUNBUFFERED": "1",
             **spec.env,
+            "HOME": str(self._home(spec.workspace_id)),
             "WORKSPACE_CONFIG_DIR": str(self._configs(spec.workspace_id)),
         }
+        if "WORKSPACE_APP_COMMAND" in env:
+            # An app's Python: the platform's own (with the `apps` group) when workspaces run as
+            # the platform's user; WORKSPACE_APPS_PYTHON, which workspace uids can run, otherwise.
+            apps_python = settings.WORKSPACE_APPS_PYTHON if isolated else sys.executable
+            env["WORKSPACE_APP_COMMAND"] = env["WORKSPACE_APP_COMMAND"].replace(
+                "{python}", apps_python
+            )
+        if isolated and spec.env.get("WORKSPACE_APP_PORT", "").isdigit():
+            # The agent, as the workspace's uid, checks that its own app answers.
+            try:
+                allow_own_app(self._uid(spec), int(spec.env["WORKSPACE_APP_PORT"]))
+            except FirewallError as exc:
+                raise BackendError(f"cannot open the workspace's app port to it: {exc}") from exc
         payload = {
             "argv": self._argv(spec),
             "env": env,
-            "cwd": str(directory),
+            "uid": self._uid(spec) if isolated else None,
+            "hidden": list(settings.WORKSPACE_HIDDEN_PATHS),
+            "cwd": str(self._home(spec.workspace_id)),
             "log": str(directory / "agent.log"),
             "instance_file": str(self._instance_file(spec.workspace_id)),
+            "exit_file": str(self._exit_file(spec.workspace_id)),
             "generation": spec.generation,
         }
         try:
@@ -178,7 +451,9 @@ class ProcessBackend(WorkspaceBackend):
         pid = int(instance["pid"])
         if instance.get("start_time") is None or _proc_start_time(pid) is None:
             raise BackendError(f"the workspace process (pid {pid}) exited at once; see agent.log")
-        return {**instance, "started_at": time.time()}
+        # The proxy (the platform's user, which the firewall does not restrict) reaches the
+        # workspace's ports on loopback.
+        return {**instance, "address": "127.0.0.1", "started_at": time.time()}
 
     def _find(self, workspace_id: UUID | str, state: State) -> tuple[int | None, int | None]:
         instance = self._read_instance(workspace_id) or state
@@ -186,6 +461,27 @@ class ProcessBackend(WorkspaceBackend):
         return (int(pid) if pid else None, instance.get("start_time"))
 
     def stop(self, workspace_id: UUID, state: State, grace_seconds: float) -> State:
+        uid = (self._read_instance(workspace_id) or state).get("uid")
+        self._stop_leader(workspace_id, state, grace_seconds)
+        if isinstance(uid, int) and uid > 0:
+            self._kill_uid(uid)
+        self._instance_file(workspace_id).unlink(missing_ok=True)
+        return {}
+
+    @staticmethod
+    def _kill_uid(uid: int) -> None:
+        """SIGKILL whatever the workspace's uid still runs outside its process group (a daemon
+        it forked into a session of its own), so the uid is free when it is handed out again."""
+        deadline = time.monotonic() + 5
+        while (pids := _uid_processes(uid)) and time.monotonic() < deadline:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.02)
+        if _uid_processes(uid):
+            raise BackendError(f"processes of workspace uid {uid} survived SIGKILL")
+
+    def _stop_leader(self, workspace_id: UUID, state: State, grace_seconds: float) -> None:
         pid, start_time = self._find(workspace_id, state)
         if pid and _alive(pid, start_time):
             self._signal(pid, signal.SIGTERM)
@@ -199,8 +495,6 @@ class ProcessBackend(WorkspaceBackend):
                     time.sleep(0.02)
             if _alive(pid, start_time):
                 raise BackendError(f"workspace process {pid} survived SIGKILL")
-        self._instance_file(workspace_id).unlink(missing_ok=True)
-        return {}
 
     @staticmethod
     def _signal(pid: int, signum: signal.Signals) -> None:
@@ -214,7 +508,13 @@ class ProcessBackend(WorkspaceBackend):
                 os.kill(pid, signum)
 
     def remove(self, workspace_id: UUID, state: State) -> None:
+        uid = (self._read_instance(workspace_id) or state).get("uid")
         self.stop(workspace_id, state, grace_seconds=settings.STOP_GRACE_SECONDS)
+        if isinstance(uid, int) and uid > 0 and _isolated():
+            # Before the uid can be handed to another workspace (its first start replaces any
+            # rule of its uid anyway).
+            with contextlib.suppress(FirewallError):
+                revoke_own_app(uid)
         shutil.rmtree(self._dir(workspace_id), ignore_errors=True)
 
     def status(self, workspace_id: UUID, state: State) -> InstanceStatus:
@@ -223,7 +523,67 @@ class ProcessBackend(WorkspaceBackend):
             return InstanceStatus(exists=False, running=False, detail="no process recorded")
         if _alive(pid, start_time):
             return InstanceStatus(exists=True, running=True, detail=f"process {pid} is running")
-        return InstanceStatus(exists=False, running=False, detail=f"process {pid} has exited")
+        exit_code = self._exit_code(workspace_id, pid, start_time)
+        return InstanceStatus(
+            exists=False,
+            running=False,
+            exit_code=exit_code,
+            detail=_exited(pid, exit_code),
+            output_tail=self.output_tail(workspace_id, settings.DEATH_OUTPUT_LINES),
+        )
+
+    def logs(self, workspace_id: UUID, state: State, tail: int, max_bytes: int) -> str:
+        # Read only the file's end: an instance may have written gigabytes.
+        try:
+            with open(self._dir(workspace_id) / "agent.log", "rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                size = handle.tell()
+                handle.seek(max(0, size - max_bytes))
+                data = handle.read(max_bytes)
+        except OSError:
+            return ""
+        return last_lines(data, tail, max_bytes)
+
+    def follow_logs(
+        self,
+        workspace_id: UUID,
+        state: State,
+        *,
+        tail: int,
+        max_bytes: int,
+        max_line_bytes: int,
+        poll_seconds: float,
+    ) -> AsyncIterator[LogItem]:
+        # Every cycle's instance appends to the same agent.log; the pid file says which
+        # instance is writing (a new pid and start time: a new instance).
+        def look() -> Seen:
+            pid, start_time = self._find(workspace_id, {})
+            if not pid:
+                # A stop removes the pid file; the monitor's exit file still names the instance
+                # (the same key: an exit, not a new instance) and how it ended.
+                ended = _read_json(self._exit_file(workspace_id))
+                if not ended.get("pid"):
+                    return Seen(None, False, "no process recorded")
+                code = ended.get("exit_code")
+                return Seen(
+                    (ended["pid"], ended.get("start_time")),
+                    False,
+                    _exited(ended["pid"], code if isinstance(code, int) else None),
+                )
+            if _alive(pid, start_time):
+                return Seen((pid, start_time), True, f"process {pid} is running")
+            # Only the exit code (status() would also read the output's tail, every poll).
+            code = self._exit_code(workspace_id, pid, start_time)
+            return Seen((pid, start_time), False, _exited(pid, code))
+
+        return follow_file(
+            self._dir(workspace_id) / "agent.log",
+            look,
+            tail=tail,
+            max_bytes=max_bytes,
+            max_line_bytes=max_line_bytes,
+            poll_seconds=poll_seconds,
+        )
 
     def list_instances(self) -> list[InstanceInfo]:
         if not self.root.is_dir():

@@ -9,8 +9,9 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from provisioning.backends.agent_image import build_agent_image
 from provisioning.backends.base import BackendError
-from provisioning.backends.docker import build_agent_image, engine_url
+from provisioning.backends.docker import engine_url
 
 
 class Command(BaseCommand):
@@ -30,14 +31,23 @@ class Command(BaseCommand):
             type=Path,
             help=f"static busybox binary to copy (default {settings.DOCKER_AGENT_BUSYBOX})",
         )
+        parser.add_argument(
+            "--host",
+            action="append",
+            default=None,
+            help="engine to build on (repeat for each node of a swarm; default DOCKER_HOST)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         tag = options["tag"] or settings.DOCKER_AGENT_IMAGE
-        started = time.monotonic()
-        try:
-            image_id = build_agent_image(tag, options["busybox"])
-        except BackendError as exc:
-            raise CommandError(str(exc)) from exc
-        self.stdout.write(
-            f"built {tag} ({image_id[:19]}) on {engine_url()} in {time.monotonic() - started:.1f} s"
-        )
+        # A swarm never pulls the agent image: it must exist on every node's engine.
+        for host in options["host"] or [None]:
+            started = time.monotonic()
+            try:
+                image_id = build_agent_image(tag, options["busybox"], host)
+            except BackendError as exc:
+                raise CommandError(str(exc)) from exc
+            elapsed = time.monotonic() - started
+            self.stdout.write(
+                f"built {tag} ({image_id[:19]}) on {engine_url(host)} in {elapsed:.1f} s"
+            )
