@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from celery.worker.control import inspect_command
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+
+logger = logging.getLogger(__name__)
 
 app = Celery("project")
 app.config_from_object("django.conf:settings", namespace="CELERY")
@@ -25,6 +28,7 @@ def _configure_routes_and_beat(sender: Celery, **_: Any) -> None:
         "provisioning.redrive_pending": {"queue": sweep_queue},
         "provisioning.reconcile": {"queue": sweep_queue},
         "provisioning.sweep_liveness": {"queue": sweep_queue},
+        "provisioning.sweep_idle": {"queue": sweep_queue},
     }
     sender.conf.beat_schedule = {
         "sweep-stuck-provisioning": {
@@ -53,6 +57,11 @@ def _configure_routes_and_beat(sender: Celery, **_: Any) -> None:
                 "expires": settings.LIVENESS_SWEEP_INTERVAL_SECONDS,
             },
         },
+        "sweep-idle": {
+            "task": "provisioning.sweep_idle",
+            "schedule": float(settings.IDLE_SWEEP_INTERVAL_SECONDS),
+            "options": {"queue": sweep_queue, "expires": settings.IDLE_SWEEP_INTERVAL_SECONDS},
+        },
     }
 
 
@@ -67,3 +76,21 @@ def workspace_gates(state: Any) -> dict[str, Any]:
 
     hostname = state.consumer.hostname if state and state.consumer else ""
     return {"gates": gates_held_by(hostname)}
+
+
+# Readiness: the beat process records each task it sends, so /readyz can tell a beat that stopped
+# ticking (provisioning/readiness.py). Only beat connects the hook.
+@signals.beat_init.connect
+def _beat_records_ticks(sender: Any = None, **_: Any) -> None:
+    signals.before_task_publish.connect(_beat_tick, weak=False)
+
+
+def _beat_tick(sender: Any = None, **_: Any) -> None:
+    from redis.exceptions import RedisError
+
+    from provisioning.readiness import record_beat_tick
+
+    try:
+        record_beat_tick()
+    except RedisError as exc:  # a Redis hiccup must never stop beat from sending its sweeps
+        logger.warning("could not record beat's tick for /readyz: %s", exc)

@@ -77,6 +77,45 @@ def env_choice(
     return value
 
 
+def env_float(name: str, default: float, *, environ: Mapping[str, str] | None = None) -> float:
+    value = _raw(name, None, environ)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is not a number") from None
+    if not number > 0:
+        raise ImproperlyConfigured(f"{name}={value!r} must be positive")
+    return number
+
+
+def env_int_range(
+    name: str,
+    default: tuple[int, int],
+    *,
+    minimum: int = 0,
+    maximum: int | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[int, int]:
+    """Parse ``first-last`` (inclusive), e.g. ``200000-200999``."""
+    value = _raw(name, None, environ)
+    if value is None or value == "":
+        return default
+    first, sep, last = value.partition("-")
+    try:
+        low, high = int(first), int(last)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is not of the form first-last") from None
+    if not sep or low > high or low < minimum:
+        raise ImproperlyConfigured(
+            f"{name}={value!r} must be first-last with first <= last and first >= {minimum}"
+        )
+    if maximum is not None and high > maximum:
+        raise ImproperlyConfigured(f"{name}={value!r}: last must be at most {maximum}")
+    return low, high
+
+
 def env_list(name: str, default: list[str], environ: Mapping[str, str] | None = None) -> list[str]:
     value = _raw(name, None, environ)
     if value is None:
@@ -145,6 +184,27 @@ def env_redis_url(name: str, default: str, environ: Mapping[str, str] | None = N
     except ValueError:
         raise ImproperlyConfigured(f"{name}={url!r} has a malformed port") from None
     return url
+
+
+def env_fernet_keys(
+    name: str, default: list[str], environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """Comma-separated Fernet keys (32 url-safe base64-encoded bytes each), newest first."""
+    from cryptography.fernet import Fernet
+
+    keys = env_list(name, default, environ)
+    if not keys:
+        raise ImproperlyConfigured(f"{name} is empty: give at least one Fernet key")
+    for position, key in enumerate(keys, start=1):
+        try:
+            Fernet(key)
+        except (ValueError, TypeError):
+            # Never echo the value: it is a secret.
+            raise ImproperlyConfigured(
+                f"{name}: key {position} is not a Fernet key (32 url-safe base64-encoded bytes; "
+                "make one with `python manage.py rotate_env_key --generate`)"
+            ) from None
+    return keys
 
 
 def env_url(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:

@@ -6,6 +6,7 @@ value stops start-up with a message naming the variable (see ``project.env``).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -15,8 +16,11 @@ from project.env import (
     env_bool,
     env_choice,
     env_database,
+    env_fernet_keys,
+    env_float,
     env_int,
     env_int_map,
+    env_int_range,
     env_list,
     env_optional_int,
     env_redis_url,
@@ -30,7 +34,20 @@ DEBUG = env_bool("DJANGO_DEBUG", False)
 SECRET_KEY = env_str("SECRET_KEY", "dev-only-insecure-secret-key-change-me")
 if not DEBUG and SECRET_KEY.startswith("dev-only") and env_bool("REQUIRE_SECRET_KEY", False):
     raise ImproperlyConfigured("SECRET_KEY must be set when REQUIRE_SECRET_KEY is true")
-ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
+# Workspace env values are encrypted at rest with these Fernet keys (comma-separated): the first
+# encrypts, every one decrypts, so a new key is put first, `manage.py rotate_env_key` re-encrypts
+# every row with it, and then the old key is dropped. The default is a public development key.
+DEV_ENV_ENCRYPTION_KEY = "ZGV2LW9ubHktaW5zZWN1cmUtZW52LWtleS0wMDAwMDA="
+ENV_ENCRYPTION_KEYS = env_fernet_keys("ENV_ENCRYPTION_KEYS", [DEV_ENV_ENCRYPTION_KEY])
+if (
+    not DEBUG
+    and DEV_ENV_ENCRYPTION_KEY in ENV_ENCRYPTION_KEYS
+    and env_bool("REQUIRE_SECRET_KEY", False)
+):
+    raise ImproperlyConfigured(
+        "ENV_ENCRYPTION_KEYS must be set to keys of your own when REQUIRE_SECRET_KEY is true"
+    )
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
@@ -41,7 +58,6 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "workspaces",
@@ -49,6 +65,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: an oversized body or a NUL in a header or query parameter is refused before
+    # anything else reads the request.
+    "workspaces.api.middleware.RequestGuardMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -57,10 +76,16 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Innermost, so it sees the view's exceptions: a lost database or Redis is a 503.
+    "workspaces.api.middleware.ServiceUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "project.urls"
 WSGI_APPLICATION = "project.wsgi.application"
+# project/asgi.py (what gunicorn serves, with uvicorn workers): the API's ordinary requests run in
+# a fixed pool of this many threads per process (each keeps its database connection, as gunicorn's
+# --threads would), while event streams run on the event loop and hold no thread.
+WEB_THREADS = env_int("WEB_THREADS", 4, minimum=1)
 
 TEMPLATES = [
     {
@@ -89,10 +114,15 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
 ]
 
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
+
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
+FORMAT_MODULE_PATH = ["project.formats"]  # timestamps with seconds (project/formats/en)
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "var" / "static"
@@ -106,12 +136,17 @@ WHITENOISE_USE_FINDERS = True
 REST_FRAMEWORK = {
     # Token first: an anonymous call gets 401 with a WWW-Authenticate header, not 403.
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "workspaces.api.authentication.ApiTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PAGINATION_CLASS": "workspaces.api.pagination.WorkspacePagination",
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "workspaces.api.schema.AutoSchema",
+    # JSON only: a form or multipart body cannot carry ``env`` (a map), so none is accepted (415).
+    "DEFAULT_PARSER_CLASSES": ["workspaces.api.parsers.JSONParser"],
+    "TEST_REQUEST_DEFAULT_FORMAT": "json",
+    # Escape non-ASCII in responses: an error that echoes input can never fail to encode.
+    "UNICODE_JSON": False,
     "EXCEPTION_HANDLER": "workspaces.api.errors.exception_handler",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
@@ -126,6 +161,20 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
 }
+
+# --- Limits (README "Limits") --------------------------------------------------------------------
+# Largest request body (413 above it). The default fits the largest valid env (MAX_ENV_TOTAL_BYTES,
+# 256 KiB, even at JSON's worst escaping) with room to spare; Django's own form limit follows it.
+API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", 2 * 1024 * 1024, minimum=64 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
+# Workspaces (any status but removed) one non-staff owner may have; a team counts its parent and
+# every member. 0: no quota. Over it: 429 with Retry-After.
+WORKSPACE_QUOTA_PER_USER = env_int("WORKSPACE_QUOTA_PER_USER", 100, minimum=0)
+WORKSPACE_QUOTA_RETRY_AFTER_SECONDS = env_int("WORKSPACE_QUOTA_RETRY_AFTER_SECONDS", 60, minimum=1)
+# Cycles in flight platform-wide (requested and not finished, or provisioning until the agent
+# registers) above which create, start and restart answer 429. 0: no cap.
+PROVISIONING_CONCURRENCY_LIMIT = env_int("PROVISIONING_CONCURRENCY_LIMIT", 100, minimum=0)
+PROVISIONING_RETRY_AFTER_SECONDS = env_int("PROVISIONING_RETRY_AFTER_SECONDS", 10, minimum=1)
 
 # --- Redis and Celery -------------------------------------------------------------------------
 REDIS_URL = env_redis_url("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -162,6 +211,21 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "socket_timeout": 10,
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# On a broker connection loss, terminate the running late-ack tasks and leave their messages
+# unacked (they are redelivered; the redrive sweep re-enqueues their intents from the rows): their
+# gate lease lived in the same Redis and is lost anyway, and a task acking after the reconnect
+# would ack on the channel of the connection that was dropped. Celery 6 makes True the default.
+# (The worker's death on a Redis restart, AttributeError("'NoneType' object has no attribute
+# 'hostname'"), is Celery 5.7.0's: see the pin in pyproject.toml and docs/faults.md.)
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
+# A request enqueues after its commit; with the broker down it must not hang the request: try a
+# few times quickly, then leave the intent to the redrive sweep (the row is the outbox).
+CELERY_TASK_PUBLISH_RETRY_POLICY = {
+    "max_retries": env_int("ENQUEUE_MAX_RETRIES", 2, minimum=0),
+    "interval_start": 0,
+    "interval_step": 0.2,
+    "interval_max": 0.5,
+}
 CELERY_WORKER_SEND_TASK_EVENTS = False
 CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_LIFECYCLE_QUEUE", "lifecycle")
 CELERY_SWEEP_QUEUE = env_str("CELERY_SWEEP_QUEUE", "sweeps")
@@ -169,6 +233,14 @@ CELERY_SWEEP_QUEUE = env_str("CELERY_SWEEP_QUEUE", "sweeps")
 # Beat intervals (seconds). Exactly one beat process must run; sweeps are also safe to overlap.
 SWEEP_PROVISIONING_INTERVAL_SECONDS = env_int("SWEEP_PROVISIONING_INTERVAL_SECONDS", 30, minimum=1)
 REDRIVE_INTERVAL_SECONDS = env_int("REDRIVE_INTERVAL_SECONDS", 30, minimum=1)
+
+# Transient backend errors (engine unreachable, timeouts, 5xx) retry the converge task with
+# exponential backoff (1, 2, 4 ... times this, jittered, at most 60 s apart); the attempt after
+# the last retry fails the workspace with the engine's message.
+CONVERGE_MAX_RETRIES = env_int("CONVERGE_MAX_RETRIES", 5, minimum=0)
+CONVERGE_RETRY_BACKOFF_SECONDS = env_int("CONVERGE_RETRY_BACKOFF_SECONDS", 2, minimum=1)
+# What a 503 (the database or the broker is unreachable) tells clients to wait before retrying.
+RETRY_AFTER_SECONDS = env_int("RETRY_AFTER_SECONDS", 5, minimum=1)
 
 # --- The gate (per-workspace Redis lock) ------------------------------------------------------
 # A holder renews its lease every GATE_LEASE_SECONDS / 3; a dead holder frees the gate within
@@ -179,16 +251,57 @@ GATE_KEY_PREFIX = env_str("GATE_KEY_PREFIX", "wsgate")
 GATE_BUSY_RETRY_SECONDS = env_int("GATE_BUSY_RETRY_SECONDS", 2, minimum=1)
 
 # --- Workspaces --------------------------------------------------------------------------------
-WORKSPACE_BACKENDS = ("docker", "process")
+WORKSPACE_BACKENDS = ("docker", "process", "swarm")
 WORKSPACE_BACKEND = env_choice("WORKSPACE_BACKEND", "process", WORKSPACE_BACKENDS)
+# Backends registered by dotted path, name -> factory. Never read from the environment: only the
+# test settings register one (a scripted backend that runs inside real worker processes).
+EXTRA_BACKEND_FACTORIES: dict[str, str] = {}
 WORKSPACE_TEMPLATES_DIR = Path(
     env_str("WORKSPACE_TEMPLATES_DIR", str(BASE_DIR / "workspace_templates"))
 ).resolve()
 WORKSPACE_DEFAULT_TEMPLATE = env_str("WORKSPACE_DEFAULT_TEMPLATE", "shell-default")
-PLATFORM_URL = env_url("PLATFORM_URL", "http://127.0.0.1:8000")
+# What agents call back: the registry listener (project/registry_wsgi.py, `registry` in the
+# Procfile), which serves /api/registry/* alone. On the Docker backend its host part is replaced
+# by each workspace network's gateway address.
+PLATFORM_URL = env_url("PLATFORM_URL", "http://127.0.0.1:8001")
 # Where the process backend keeps each workspace's config directory, pid file and log.
 WORKSPACE_DATA_DIR = Path(env_str("WORKSPACE_DATA_DIR", str(BASE_DIR / "var" / "workspaces")))
 STOP_GRACE_SECONDS = env_int("STOP_GRACE_SECONDS", 10, minimum=0)
+
+# --- Workspace isolation (README "Workspace isolation"; docs/architecture.md threat model) ------
+# Process backend: "uid" runs each workspace as its own unprivileged uid/gid from
+# WORKSPACE_UID_RANGE behind a firewall; "none" runs workspaces as the platform's own user, for
+# single-user development only (then only one owner may have workspaces on this backend).
+WORKSPACE_PROCESS_ISOLATION = env_choice("WORKSPACE_PROCESS_ISOLATION", "uid", ("uid", "none"))
+WORKSPACE_UID_RANGE = env_int_range("WORKSPACE_UID_RANGE", (200000, 200999), minimum=1000)
+# The Python that runs the platform's agent (and `{python}` in a manifest's command) on the
+# process backend. Workspace uids must be able to run it: the platform's own virtualenv may sit
+# in a folder they cannot enter. The agent needs only the standard library.
+WORKSPACE_PYTHON = env_str("WORKSPACE_PYTHON", "/usr/bin/python3")
+# The Python of `{python}` in a template's app command (e.g. JupyterLab) when workspaces run
+# under their own uids: a virtualenv they can run, holding the `apps` dependency group
+# (`bin/apps-venv` makes it). Without isolation the platform's own interpreter is used.
+WORKSPACE_APPS_PYTHON = env_str("WORKSPACE_APPS_PYTHON", "/opt/workspace-apps/bin/python")
+# The iptables/ip6tables chain (hooked into OUTPUT) that lets workspace uids reach only the
+# registry port on the host's own addresses; ``<chain>-BRIDGE`` (hooked into INPUT and FORWARD)
+# does the same for what comes in from Docker workspace networks.
+WORKSPACE_FIREWALL_CHAIN = env_str("WORKSPACE_FIREWALL_CHAIN", "WS-ISOLATION")
+# The one host port workspace uids may connect to: the registry listener's. Unset: the port of
+# PLATFORM_URL. Every platform process of a host must agree on it (they share the chain).
+WORKSPACE_REGISTRY_PORT = env_optional_int("WORKSPACE_REGISTRY_PORT", minimum=1)
+# Unix sockets a workspace must not reach (they bypass the firewall): hidden from workspace
+# processes by a private mount namespace (an empty tmpfs over folders, /dev/null over files).
+WORKSPACE_HIDDEN_PATHS = env_list(
+    "WORKSPACE_HIDDEN_PATHS",
+    [
+        "/var/run/postgresql",
+        "/run/postgresql",
+        "/var/run/redis",
+        "/run/redis",
+        "/var/run/docker.sock",
+        "/run/docker.sock",
+    ],
+)
 
 # Provisioning timeouts: PROVISION_TIMEOUT_SECONDS > manifest > per-runtime default > 600 s.
 PROVISION_TIMEOUT_SECONDS = env_optional_int("PROVISION_TIMEOUT_SECONDS", minimum=1)
@@ -207,9 +320,47 @@ SWEEP_PROVISIONING_POISON_BACKOFF_SECONDS = env_int(
     "SWEEP_PROVISIONING_POISON_BACKOFF_SECONDS", 300, minimum=1
 )
 
+# --- Idle auto-stop (provisioning/idle.py) -----------------------------------------------------
+# A workspace idle longer than its template's runtime_config.idle_timeout_seconds (or this, for
+# templates that do not say; 0 = never) is stopped by the idle sweep.
+IDLE_TIMEOUT_SECONDS = env_int("IDLE_TIMEOUT_SECONDS", 0, minimum=0)
+IDLE_SWEEP_INTERVAL_SECONDS = env_int("IDLE_SWEEP_INTERVAL_SECONDS", 60, minimum=1)
+IDLE_SWEEP_BATCH_SIZE = env_int("IDLE_SWEEP_BATCH_SIZE", 500, minimum=1)
+# services.record_activity (the proxy's per-request signal) writes a workspace's row at most once
+# per this many seconds. An idle timeout shorter than this counts as this long, so an activity
+# skipped by the rate limit can never be the one whose absence stops a workspace.
+ACTIVITY_WRITE_INTERVAL_SECONDS = env_int("ACTIVITY_WRITE_INTERVAL_SECONDS", 30, minimum=1)
+
 # Docker backend.
 DOCKER_HOST = env_str("DOCKER_HOST", "")
-DOCKER_NETWORK_MODE = env_str("DOCKER_NETWORK_MODE", "host")
+# "workspace" (default): one internal bridge network per workspace, made and removed by the
+# platform. "host": the host's network stack, an opt-in that lets workspaces reach every service
+# listening on the host (README "Workspace isolation").
+DOCKER_NETWORK_MODE = env_choice("DOCKER_NETWORK_MODE", "workspace", ("workspace", "host"))
+# A workspace network's bridge is named this prefix + the start of the workspace id (15
+# characters in all), so the host firewall matches every workspace bridge with one wildcard.
+DOCKER_BRIDGE_PREFIX = env_str("DOCKER_BRIDGE_PREFIX", "wsbr")
+if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", DOCKER_BRIDGE_PREFIX):
+    raise ImproperlyConfigured(
+        "DOCKER_BRIDGE_PREFIX must be 1 to 6 lowercase letters or digits, starting with a letter"
+    )
+# The host firewall for workspace bridges (<WORKSPACE_FIREWALL_CHAIN>-BRIDGE): without it, a
+# workspace reaches every host service listening on all addresses (PostgreSQL, sshd, ...) at its
+# gateway. "auto": installed whenever the workspace's bridge is in this host's network namespace
+# (the engine runs here), and a launch fails naming the error when it cannot be; a bridge
+# elsewhere (a remote engine) is logged: its host needs the same rules. "on": as auto, and a
+# bridge that is not here fails the launch. "off": never installed (the engine's host is
+# firewalled by other means).
+DOCKER_HOST_FIREWALL = env_choice("DOCKER_HOST_FIREWALL", "auto", ("auto", "on", "off"))
+# The non-root user containers run as, and their default limits (a manifest's `resources`
+# block overrides them).
+DOCKER_WORKSPACE_USER = env_str("DOCKER_WORKSPACE_USER", "10001:10001")
+DOCKER_DEFAULT_MEMORY = env_str("DOCKER_DEFAULT_MEMORY", "512m")
+DOCKER_DEFAULT_CPUS = env_float("DOCKER_DEFAULT_CPUS", 1.0)
+DOCKER_DEFAULT_PIDS = env_int("DOCKER_DEFAULT_PIDS", 256, minimum=1)
+# Where the proxy reaches a host-networked container's app (compose: the host's gateway); a
+# container with an address of its own is reached there instead.
+DOCKER_APP_HOST = env_str("DOCKER_APP_HOST", "127.0.0.1")
 DOCKER_AGENT_IMAGE = env_str("DOCKER_AGENT_IMAGE", "workspace-agent:dev")
 DOCKER_CONFIG_MOUNT = env_str("DOCKER_CONFIG_MOUNT", "/workspace/config")
 DOCKER_TIMEOUT_SECONDS = env_int("DOCKER_TIMEOUT_SECONDS", 30, minimum=1)
@@ -227,6 +378,40 @@ DOCKER_START_WAIT_SECONDS = env_int("DOCKER_START_WAIT_SECONDS", 20, minimum=1)
 # busybox-static package installs it at /bin/busybox).
 DOCKER_AGENT_BUSYBOX = env_str("DOCKER_AGENT_BUSYBOX", "/bin/busybox")
 
+# Swarm backend (WORKSPACE_BACKEND=swarm): a manager's engine (unix or tcp); empty means
+# DOCKER_HOST. The Docker backend's image, user, limits, labels and config mount apply.
+SWARM_MANAGER_HOST = env_str("SWARM_MANAGER_HOST", "")
+
+# --- Workspace apps and the proxy (provisioning/proxy.py, provisioning/routes.py) -------------
+# Caddy serves every workspace's app at http://<name>--<owner>.<WORKSPACE_DOMAIN>:<port>/ (one
+# browser origin per workspace); the platform writes its routes through Caddy's admin API.
+PROXY_BIND = env_str("PROXY_BIND", "127.0.0.1:8080")
+PROXY_ADMIN = env_str("PROXY_ADMIN", "127.0.0.1:2019")
+# Where the proxy reaches the platform for its forward_auth check (host:port); by default the
+# host and port of PLATFORM_PUBLIC_URL (the web process, never the registry-only listener that
+# PLATFORM_URL names for agents).
+PROXY_AUTH_UPSTREAM = env_str("PROXY_AUTH_UPSTREAM", "")
+# Browsers resolve *.localhost to the loopback address, so the default needs no DNS.
+WORKSPACE_DOMAIN = env_str("WORKSPACE_DOMAIN", "localhost")
+WORKSPACE_URL_SCHEME = env_choice("WORKSPACE_URL_SCHEME", "http", ("http", "https"))
+# The port in workspace URLs (0: the port of PROXY_BIND; the scheme's default port is omitted).
+WORKSPACE_PUBLIC_PORT = env_int("WORKSPACE_PUBLIC_PORT", 0, minimum=0)
+# Where browsers and API clients reach the platform's web process (login, authorize, the
+# proxy's forward_auth): bin/run's web process by default. PLATFORM_URL is what agents call (the
+# registry-only listener), a different listener.
+PLATFORM_PUBLIC_URL = env_url("PLATFORM_PUBLIC_URL", "http://127.0.0.1:8000")
+# Ports the platform allocates to workspace apps (manifest `app: {port: auto}`), "low-high".
+WORKSPACE_APP_PORT_RANGE = env_int_range(
+    "WORKSPACE_APP_PORTS", (20000, 29999), minimum=1024, maximum=65535
+)
+# The signed, host-only cookie that lets a browser into one workspace, and its lifetime.
+WORKSPACE_COOKIE_NAME = env_str("WORKSPACE_COOKIE_NAME", "workspace_session")
+WORKSPACE_COOKIE_MAX_AGE_SECONDS = env_int(
+    "WORKSPACE_COOKIE_MAX_AGE_SECONDS", 12 * 3600, minimum=60
+)
+# A ticket (platform -> workspace host redirect) is valid this long and once.
+WORKSPACE_TICKET_MAX_AGE_SECONDS = env_int("WORKSPACE_TICKET_MAX_AGE_SECONDS", 60, minimum=5)
+
 # --- Reconciliation, liveness and live events ---------------------------------------------------
 # One reconciliation pass compares every non-removed workspace with its backend (one
 # list_instances() call per backend) and repairs drift; see provisioning/reconciler.py.
@@ -235,10 +420,15 @@ RECONCILE_INTERVAL_SECONDS = env_int("RECONCILE_INTERVAL_SECONDS", 60, minimum=1
 # several agent heartbeat intervals (AGENT_HEARTBEAT_SECONDS, default 5) long.
 LIVENESS_WINDOW_SECONDS = env_int("LIVENESS_WINDOW_SECONDS", 30, minimum=1)
 LIVENESS_SWEEP_INTERVAL_SECONDS = env_int("LIVENESS_SWEEP_INTERVAL_SECONDS", 10, minimum=1)
-# Server-Sent Events: each open stream holds one web thread (gunicorn --threads) for at most
-# EVENTS_STREAM_MAX_SECONDS; then it ends and the client reconnects with Last-Event-ID.
+# Server-Sent Events: under the ASGI server (project/asgi.py) an open stream holds no thread; a
+# stream lasts at most EVENTS_STREAM_MAX_SECONDS, then the client reconnects with Last-Event-ID.
 EVENTS_STREAM_MAX_SECONDS = env_int("EVENTS_STREAM_MAX_SECONDS", 300, minimum=1)
 EVENTS_STREAM_KEEPALIVE_SECONDS = env_int("EVENTS_STREAM_KEEPALIVE_SECONDS", 15, minimum=1)
+# At most this many open streams per user, across every web process (counted in Redis); one more
+# is a 429 with Retry-After. A stream renews its place every EVENTS_STREAM_LEASE_SECONDS / 3; the
+# place of a stream whose process died is free again after EVENTS_STREAM_LEASE_SECONDS.
+EVENTS_STREAMS_PER_USER = env_int("EVENTS_STREAMS_PER_USER", 10, minimum=1)
+EVENTS_STREAM_LEASE_SECONDS = env_int("EVENTS_STREAM_LEASE_SECONDS", 30, minimum=3)
 # What the stream tells EventSource clients to wait before reconnecting.
 EVENTS_STREAM_RETRY_MS = env_int("EVENTS_STREAM_RETRY_MS", 2000, minimum=0)
 # Redis pub/sub channels are shared by every database of a Redis server, so the default prefix
@@ -248,6 +438,42 @@ _redis_db = parse_qs(_redis_url.query).get("db", [""])[0] or (
     _redis_url.path.strip("/") if _redis_url.scheme != "unix" else ""
 )
 EVENTS_CHANNEL_PREFIX = env_str("EVENTS_CHANNEL_PREFIX", f"wsevents:{_redis_db or '0'}")
+
+# --- Observability (logs, metrics, readiness) -----------------------------------------------------
+# GET /api/workspaces/{id}/logs/?tail=N: N defaults to LOGS_DEFAULT_TAIL and may not exceed
+# LOGS_MAX_TAIL; at most LOGS_MAX_BYTES of the instance's output are read, whatever N.
+LOGS_DEFAULT_TAIL = env_int("LOGS_DEFAULT_TAIL", 100, minimum=1)
+LOGS_MAX_TAIL = env_int("LOGS_MAX_TAIL", 2000, minimum=1)
+LOGS_MAX_BYTES = env_int("LOGS_MAX_BYTES", 256 * 1024, minimum=1024)
+# GET /api/workspaces/{id}/logs/stream/: the last lines, then new ones as Server-Sent Events. A
+# stream lasts at most LOGS_STREAM_MAX_SECONDS (the client opens a new one with tail=0); a user
+# holds at most LOGS_STREAMS_PER_USER at once (429 beyond, counted in Redis like the event
+# streams' places); a line longer than LOGS_STREAM_MAX_LINE_BYTES is cut; the follower looks at
+# the output and the instance every LOGS_FOLLOW_POLL_MS.
+LOGS_STREAM_MAX_SECONDS = env_int("LOGS_STREAM_MAX_SECONDS", 300, minimum=1)
+LOGS_STREAMS_PER_USER = env_int("LOGS_STREAMS_PER_USER", 5, minimum=1)
+LOGS_STREAM_MAX_LINE_BYTES = env_int("LOGS_STREAM_MAX_LINE_BYTES", 8192, minimum=64)
+LOGS_FOLLOW_POLL_MS = env_int("LOGS_FOLLOW_POLL_MS", 1000, minimum=50)
+# /readyz asks the workers for a ping at most once per READYZ_CACHE_SECONDS (the answer is kept in
+# Redis, shared by every web process), waiting READYZ_PING_TIMEOUT_MS for replies.
+READYZ_CACHE_SECONDS = env_int("READYZ_CACHE_SECONDS", 15, minimum=1)
+READYZ_PING_TIMEOUT_MS = env_int("READYZ_PING_TIMEOUT_MS", 1000, minimum=50)
+# Beat counts as alive when it sent a task within its shortest interval times this factor
+# (plus READYZ_CACHE_SECONDS of slack).
+READYZ_BEAT_GRACE_FACTOR = env_int("READYZ_BEAT_GRACE_FACTOR", 3, minimum=1)
+# Set to false to make /readyz check only PostgreSQL and Redis (a web-only deployment whose
+# workers are monitored elsewhere).
+READYZ_REQUIRE_WORKERS = env_bool("READYZ_REQUIRE_WORKERS", True)
+# --- Restart policy (manifest `restart: on-failure | never`) ------------------------------------
+# A workspace whose instance dies while wanted running is restarted after
+# min(RESTART_BACKOFF_BASE_SECONDS * 2 ** (deaths in the window - 1), RESTART_BACKOFF_MAX_SECONDS);
+# the RESTART_MAX_FAILURES-th death within RESTART_FAILURE_WINDOW_SECONDS makes it `failed`.
+RESTART_BACKOFF_BASE_SECONDS = env_int("RESTART_BACKOFF_BASE_SECONDS", 5, minimum=1)
+RESTART_BACKOFF_MAX_SECONDS = env_int("RESTART_BACKOFF_MAX_SECONDS", 300, minimum=1)
+RESTART_MAX_FAILURES = env_int("RESTART_MAX_FAILURES", 5, minimum=1)
+RESTART_FAILURE_WINDOW_SECONDS = env_int("RESTART_FAILURE_WINDOW_SECONDS", 900, minimum=1)
+# How many of the last lines of a workspace's output a death event and last_error carry.
+DEATH_OUTPUT_LINES = env_int("DEATH_OUTPUT_LINES", 20, minimum=0)
 
 # --- Logging -------------------------------------------------------------------------------------
 LOG_LEVEL = env_choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
