@@ -10,11 +10,31 @@ from typing import Any
 import pytest
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from project.env import env_bool
 from provisioning.redis_client import get_redis
-from tests.support import Worker, kill_all_instances, lifecycle_queue, service_env
+from tests.support import (
+    Caddy,
+    RegistryListener,
+    Worker,
+    kill_all_instances,
+    lifecycle_queue,
+    service_env,
+)
+
+# Tests that need any of these are slow by nature: real workers, a real engine, a live server.
+SLOW_FIXTURES = {"celery_worker", "docker_engine", "docker_worker", "live_server", "platform_url"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark slow what starts processes or an engine, so ``bin/test -m 'not slow'`` is the quick
+    loop; heavy tests that need none of these carry ``@pytest.mark.slow`` themselves."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        marked = item.get_closest_marker("e2e") or item.get_closest_marker("docker")
+        if marked or fixtures & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -27,6 +47,7 @@ def _clean_services() -> Iterator[None]:
     yield
     kill_all_instances()
     shutil.rmtree(data, ignore_errors=True)
+    shutil.rmtree(os.environ.get("PROMETHEUS_MULTIPROC_DIR", data), ignore_errors=True)
 
 
 @pytest.fixture
@@ -49,10 +70,16 @@ def other_user(make_user: Any) -> Any:
     return make_user("mallory")
 
 
+def api_key_for(user: Any) -> str:
+    """A new API token for ``user`` (stored hashed): the raw key, as a client holds it."""
+    from workspaces import services
+
+    return services.issue_api_token(user)
+
+
 def client_for(user: Any) -> APIClient:
-    token, _ = Token.objects.get_or_create(user=user)
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {api_key_for(user)}")
     return client
 
 
@@ -76,9 +103,20 @@ def instances() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def worker_env(django_db_setup: Any, django_db_blocker: Any, live_server: Any) -> dict[str, str]:
+def session_templates(tmp_path_factory: Any) -> Path:
+    """The shipped templates plus the tests' own (agent settings such as fast heartbeats come
+    from a manifest: users cannot set AGENT_* env). The session's workers load this folder."""
+    from tests.provisioning.conftest import write_templates
+
+    return write_templates(tmp_path_factory.mktemp("session") / "templates")
+
+
+@pytest.fixture(scope="session")
+def worker_env(
+    django_db_setup: Any, django_db_blocker: Any, live_server: Any, session_templates: Path
+) -> dict[str, str]:
     with django_db_blocker.unblock():
-        return service_env(live_server.url)
+        return service_env(live_server.url, WORKSPACE_TEMPLATES_DIR=str(session_templates))
 
 
 @pytest.fixture(scope="session")
@@ -91,6 +129,17 @@ def celery_worker(worker_env: dict[str, str]) -> Iterator[Worker]:
     shutil.copy(worker.log_path, Path(tempfile.gettempdir()) / "e2e-worker.log")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def caddy() -> Iterator[Caddy]:
+    """The session's real proxy, on its own admin and listen ports (tests/settings.py). Always
+    on: workers write a route after every registration of a workspace with an app, and a proxy
+    that is missing would make them retry (each retry briefly holding the workspace's gate)."""
+    proxy = Caddy(Path(tempfile.gettempdir()) / f"ws-test-caddy-{os.getpid()}").start()
+    yield proxy
+    proxy.stop()
+    shutil.rmtree(proxy.directory, ignore_errors=True)
+
+
 # --- Docker ------------------------------------------------------------------------------------
 DOCKER_QUEUE = "lifecycle-docker"
 
@@ -99,15 +148,17 @@ DOCKER_QUEUE = "lifecycle-docker"
 def docker_engine() -> Iterator[Any]:
     """A client for the real engine at DOCKER_HOST, with the agent image built on it.
 
-    Skips only when no DOCKER_HOST is configured and REQUIRE_DOCKER is unset; CI sets
-    REQUIRE_DOCKER=1, so there a missing or unreachable engine fails instead of skipping.
+    Skips only when no DOCKER_HOST is configured and REQUIRE_DOCKER is false or unset (a bare
+    ``pytest`` run, or ``bin/test --no-docker``, which says so loudly). ``bin/test`` otherwise
+    sets REQUIRE_DOCKER=1, so a missing or unreachable engine fails instead of skipping.
     At the end, removes every container and volume labelled with this session's PLATFORM_ID.
     """
     if not settings.DOCKER_HOST:
-        if os.environ.get("REQUIRE_DOCKER"):
+        if env_bool("REQUIRE_DOCKER", False):
             pytest.fail("REQUIRE_DOCKER is set but DOCKER_HOST is not: start dockerd, export it")
-        pytest.skip("no Docker engine configured (set DOCKER_HOST; CI sets REQUIRE_DOCKER=1)")
-    from provisioning.backends.docker import build_agent_image, make_client, platform_filter
+        pytest.skip("no Docker engine configured (set DOCKER_HOST, or run bin/test)")
+    from provisioning.backends.agent_image import build_agent_image
+    from provisioning.backends.docker import make_client, platform_filter
 
     client = make_client()
     client.ping()  # an unreachable configured engine is an error, never a skip
@@ -118,13 +169,34 @@ def docker_engine() -> Iterator[Any]:
         container.remove(force=True)
     for volume in client.volumes.list(filters=labelled):
         volume.remove(force=True)
+    for network in client.networks.list(filters=labelled):
+        network.remove()
     client.close()
 
 
 @pytest.fixture(scope="session")
-def docker_worker(docker_engine: Any, worker_env: dict[str, str]) -> Iterator[Worker]:
-    """A real Celery worker on the Docker backend, alone on its own lifecycle queue."""
-    env = {**worker_env, "WORKSPACE_BACKEND": "docker", "CELERY_LIFECYCLE_QUEUE": DOCKER_QUEUE}
+def registry_listener(worker_env: dict[str, str]) -> Iterator[RegistryListener]:
+    """The registry listener as a real process, where Docker workspaces reach it (their
+    network's gateway): what agents on the Docker backend call."""
+    # Only Docker workspaces call it, so what registration enqueues (the route write) goes to
+    # the queue the Docker worker consumes.
+    listener = RegistryListener({**worker_env, "CELERY_LIFECYCLE_QUEUE": DOCKER_QUEUE}).start()
+    yield listener
+    listener.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_worker(
+    docker_engine: Any, worker_env: dict[str, str], registry_listener: RegistryListener
+) -> Iterator[Worker]:
+    """A real Celery worker on the Docker backend, alone on its own lifecycle queue. Its agents
+    call the registry listener (PLATFORM_URL's host becomes each network's gateway)."""
+    env = {
+        **worker_env,
+        "WORKSPACE_BACKEND": "docker",
+        "CELERY_LIFECYCLE_QUEUE": DOCKER_QUEUE,
+        "PLATFORM_URL": registry_listener.url,
+    }
     worker = Worker(env, concurrency=3, name="docker", queues=DOCKER_QUEUE).start()
     yield worker
     worker.stop()

@@ -18,6 +18,53 @@ os.environ.setdefault(
     "WORKSPACE_DATA_DIR", os.path.join(tempfile.gettempdir(), f"ws-test-data-{os.getpid()}")
 )
 
-from project.settings import *  # noqa: F403
+# Metrics from every process of the session (this one, its live server, the Celery workers it
+# starts) are summed from one folder, as gunicorn workers and Celery children are in production.
+os.environ.setdefault(
+    "PROMETHEUS_MULTIPROC_DIR",
+    os.path.join(tempfile.gettempdir(), f"ws-test-metrics-{os.getpid()}"),
+)
+# One live-server address for the session and every process it starts (workers inherit it), so
+# they agree on the registry port the workspace firewall lets through: agents call the live
+# server (tests that want them to register point PLATFORM_URL at it, see `platform_url`).
+if "DJANGO_LIVE_TEST_SERVER_ADDRESS" not in os.environ:
+    import socket
+
+    with socket.socket() as _probe:
+        _probe.bind(("127.0.0.1", 0))
+        _port = _probe.getsockname()[1]
+    os.environ["DJANGO_LIVE_TEST_SERVER_ADDRESS"] = f"127.0.0.1:{_port}"
+os.environ.setdefault(
+    "WORKSPACE_REGISTRY_PORT", os.environ["DJANGO_LIVE_TEST_SERVER_ADDRESS"].rsplit(":", 1)[1]
+)
+# The live server is the session's web process: browsers, API clients and the proxy's
+# forward_auth reach the platform there (PLATFORM_URL is what agents call).
+os.environ.setdefault(
+    "PLATFORM_PUBLIC_URL", f"http://{os.environ['DJANGO_LIVE_TEST_SERVER_ADDRESS']}"
+)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# The session's own proxy (tests/conftest.py starts Caddy on these when a test asks for it), so
+# no test ever writes routes into another proxy on this machine.
+os.environ.setdefault("PROXY_ADMIN", f"127.0.0.1:{_free_port()}")
+os.environ.setdefault("PROXY_BIND", f"127.0.0.1:{_free_port()}")
+
+from project.settings import *  # noqa: E402, F403
+
+os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
+# Django's test client sends Host: testserver; only the test settings accept it.
+ALLOWED_HOSTS = [*ALLOWED_HOSTS, "testserver"]  # noqa: F405
+
+# A scripted fake backend that real worker processes can run (tests/fakes.py).
+EXTRA_BACKEND_FACTORIES = {"scripted": "tests.fakes.scripted_backend"}
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

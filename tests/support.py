@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -36,6 +37,19 @@ def wait_for(
         time.sleep(interval)
 
 
+_backend_uids = itertools.count()
+
+
+def next_backend_uid() -> int:
+    """A uid for a test that drives a backend directly (no row, so no allocation): taken from
+    the top of WORKSPACE_UID_RANGE down, never reused in a session, so it never meets a uid the
+    database hands out from the bottom."""
+    low, high = settings.WORKSPACE_UID_RANGE
+    uid = high - next(_backend_uids)
+    assert uid >= low, "WORKSPACE_UID_RANGE is too small for the suite"
+    return uid
+
+
 def database_url() -> str:
     db = connection.settings_dict
     auth = db["USER"] or "postgres"
@@ -59,12 +73,66 @@ def service_env(platform_url: str, **extra: str) -> dict[str, str]:
         GATE_LEASE_SECONDS=str(settings.GATE_LEASE_SECONDS),
         STOP_GRACE_SECONDS=str(settings.STOP_GRACE_SECONDS),
         PLATFORM_URL=platform_url,
+        PROXY_ADMIN=settings.PROXY_ADMIN,
+        PROXY_BIND=settings.PROXY_BIND,
         PYTHONUNBUFFERED="1",
     )
     if settings.DOCKER_HOST:
         env["DOCKER_HOST"] = settings.DOCKER_HOST
     env.update(extra)
     return env
+
+
+def spawn_logged(
+    argv: list[str], log_path: Path, env: dict[str, str], cwd: Path | None = REPO
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` as the leader of its own process group, its output appended to
+    ``log_path`` (the log stays open as long as the process lives)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
+    return subprocess.Popen(
+        argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stop_group(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """SIGTERM the process group ``proc`` leads, SIGKILL it if it outlives ``timeout``."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+class Beat:
+    """A real ``celery beat`` with the project's schedule, its own schedule file in
+    ``directory`` and its output in ``directory/beat.log``; ``max_interval`` (seconds) makes it
+    look at the schedule that often (sweeps every second in tests)."""
+
+    def __init__(
+        self, env: dict[str, str], directory: Path, *, max_interval: float | None = None
+    ) -> None:
+        self.env = env
+        self.directory = directory
+        self.log_path = directory / "beat.log"
+        self.max_interval = max_interval
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Beat:
+        argv = [
+            *(sys.executable, "-m", "celery", "-A", "project", "beat", "-l", "INFO"),
+            *("--schedule", str(self.directory / f"beat-{uuid.uuid4().hex[:6]}")),
+        ]
+        if self.max_interval is not None:
+            argv += ["--max-interval", str(self.max_interval)]
+        self.proc = spawn_logged(argv, self.log_path, self.env)
+        return self
+
+    def stop(self) -> None:
+        stop_group(self.proc, 20)
 
 
 class Worker:
@@ -78,8 +146,10 @@ class Worker:
         name: str | None = None,
         log_dir: Path | None = None,
         queues: str | None = None,
+        loglevel: str = "INFO",
     ) -> None:
         self.name = f"{name or 'w' + uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+        self.loglevel = loglevel
         self.env = env
         self.concurrency = concurrency
         self.log_path = (log_dir or Path(settings.WORKSPACE_DATA_DIR)) / f"{self.name}.log"
@@ -91,9 +161,7 @@ class Worker:
     def start(self, timeout: float = 60.0) -> Worker:
         from project.celery import app
 
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the worker
-        self.proc = subprocess.Popen(
+        self.proc = spawn_logged(
             [
                 sys.executable,
                 "-m",
@@ -102,7 +170,7 @@ class Worker:
                 "project",
                 "worker",
                 "-l",
-                "INFO",
+                self.loglevel,
                 "-P",
                 "prefork",
                 "-c",
@@ -115,11 +183,8 @@ class Worker:
                 "--without-mingle",
                 "--without-heartbeat",
             ],
-            cwd=REPO,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            self.log_path,
+            self.env,
         )
 
         def ready() -> bool:
@@ -137,14 +202,7 @@ class Worker:
         return [int(pid) for pid in out.stdout.split()]
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        stop_group(self.proc, timeout)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -164,18 +222,27 @@ def kill_all_instances() -> None:
         backend.stop(uuid.UUID(info.workspace_id), {}, grace_seconds=0.5)
 
 
+def set_celery_conf(key: str, value: Any) -> Any:
+    """Change a Celery setting of this process at run time; returns the previous value. The app
+    reads Django's ``CELERY_*`` settings and Celery 5.6 looks the namespaced key up first, so an
+    assignment to ``app.conf.<key>`` alone is shadowed: both keys are set."""
+    from project.celery import app
+
+    previous = getattr(app.conf, key)
+    app.conf[key] = value
+    app.conf[f"CELERY_{key.upper()}"] = value
+    return previous
+
+
 @contextlib.contextmanager
 def lifecycle_queue(name: str) -> Iterator[None]:
     """Publish this process's lifecycle tasks to queue ``name`` for the block, so only the worker
     consuming it (say, one whose DOCKER_HOST points at a dead engine) runs them."""
-    from project.celery import app
-
-    previous = app.conf.task_default_queue
-    app.conf.task_default_queue = name
+    previous = set_celery_conf("task_default_queue", name)
     try:
         yield
     finally:
-        app.conf.task_default_queue = previous
+        set_celery_conf("task_default_queue", previous)
 
 
 def api_events(api: Any, workspace_id: str) -> list[dict]:
@@ -190,3 +257,260 @@ def docker_containers(engine: Any, workspace_id: str) -> list[Any]:
 
     labels = [platform_filter(), workspace_filter(workspace_id)]
     return list(engine.containers.list(all=True, filters={"label": labels}))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RegistryListener:
+    """The real registry listener (``gunicorn project.registry_wsgi``) on the test's database,
+    bound to every host address so workspaces on Docker networks reach it at their gateway."""
+
+    def __init__(self, env: dict[str, str], *, bind_host: str = "0.0.0.0") -> None:
+        self.port = free_port()
+        self.bind = f"{bind_host}:{self.port}"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = env
+        self.log_path = Path(settings.WORKSPACE_DATA_DIR) / f"registry-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> RegistryListener:
+        import urllib.error
+        import urllib.request
+
+        self.proc = spawn_logged(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "project.registry_wsgi",
+                "--bind",
+                self.bind,
+                "--workers",
+                "1",
+                "--threads",
+                "4",
+            ],
+            self.log_path,
+            self.env,
+        )
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"registry exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(f"{self.url}/healthz", timeout=1)
+            except urllib.error.HTTPError as exc:
+                return exc.code == 404  # answering, and refusing what is not /api/registry/
+            except OSError:
+                return False
+            return False
+
+        wait_for(ready, timeout=timeout, interval=0.2, message="registry listener ready")
+        return self
+
+    def stop(self) -> None:
+        stop_group(self.proc, 20)
+
+
+class Caddy:
+    """A real Caddy (Debian's package) whose admin API listens on ``PROXY_ADMIN``, started with
+    only its admin listener: the platform loads the rest (``provisioning.proxy.ensure_server``).
+    ``restart()`` gives a proxy that forgot every route."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Caddy:
+        import json
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        config = self.directory / "caddy.json"
+        config.write_text(json.dumps({"admin": {"listen": settings.PROXY_ADMIN}}))
+        env = {
+            **os.environ,
+            "HOME": str(self.directory),
+            "XDG_CONFIG_HOME": str(self.directory),
+            "XDG_DATA_HOME": str(self.directory),
+        }
+        self.proc = spawn_logged(
+            ["caddy", "run", "--config", str(config)], self.directory / "caddy.log", env, None
+        )
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"caddy exited: {self.log()[-2000:]}")
+            try:
+                with socket.create_connection(_host_port(settings.PROXY_ADMIN), timeout=0.5):
+                    return True
+            except OSError:
+                return False
+
+        wait_for(ready, timeout=20, message="caddy admin API")
+        return self
+
+    def stop(self) -> None:
+        stop_group(self.proc, 10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log(self) -> str:
+        path = self.directory / "caddy.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, port = address.rsplit(":", 1)
+    return host, int(port)
+
+
+def wait_route_written(workspace_id: Any, timeout: float = 30.0) -> None:
+    """After registration a worker writes the workspace's route under its gate: wait until the
+    route is there and the gate is free again, for tests that need the gate right after."""
+    from provisioning import gate, proxy
+    from workspaces.models import Workspace
+
+    if Workspace.objects.filter(id=workspace_id, app_port__isnull=True).exists():
+        return  # its template declares no app: no route is ever written
+    wait_for(
+        lambda: proxy.route_id(workspace_id) in proxy.list_routes(),
+        timeout=timeout,
+        message="route",
+    )
+    wait_for(lambda: not gate.is_held(workspace_id), timeout=timeout, message="gate released")
+
+
+def settled(workspace_id: Any, *statuses: str) -> Any:
+    """The workspace row if its cycles are done: status among ``statuses`` (any if none given),
+    every request handled (``handled_seq == requested_seq``), its gate free and no busy-gate
+    retry scheduled; else None.
+
+    Checking the status alone races with the end of the cycle: a row can read ``online`` while
+    the cycle that started it still holds the gate or another request is pending, and then a
+    reconciler pass or a new request meets a busy workspace."""
+    from provisioning import gate
+    from workspaces.models import Workspace
+
+    row = Workspace.objects.filter(id=workspace_id).first()
+    if row is None or (statuses and row.status not in statuses):
+        return None
+    if row.handled_seq != row.requested_seq or gate.is_held(workspace_id):
+        return None
+    if gate.retry_scheduled(workspace_id):  # a converge that will take the gate is on its way
+        return None
+    return row
+
+
+def wait_settled(workspace_id: Any, *statuses: str, timeout: float = 60.0) -> Any:
+    """Wait until ``settled(workspace_id, *statuses)``; return the row."""
+    return wait_for(
+        lambda: settled(workspace_id, *statuses),
+        timeout=timeout,
+        message=f"workspace {workspace_id} settled in {statuses or 'any status'}",
+    )
+
+
+class WebServer:
+    """The web process as ``bin/run`` starts it (gunicorn, uvicorn workers, ``project.asgi``) on
+    the test's database and Redis, on a free port. ``env`` adds or overrides settings."""
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        *,
+        workers: int = 1,
+        name: str | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
+        self.env = env
+        self.workers = workers
+        self.name = name or f"web-{uuid.uuid4().hex[:6]}"
+        self.log_path = (log_dir or Path(settings.WORKSPACE_DATA_DIR)) / f"{self.name}.log"
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> WebServer:
+        import http.client
+
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "project.asgi:application",
+                "--worker-class",
+                "uvicorn_worker.UvicornWorker",
+                "--bind",
+                f"127.0.0.1:{self.port}",
+                "--workers",
+                str(self.workers),
+                "--graceful-timeout",
+                "3",
+                "--access-logfile",
+                "-",
+            ],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def answers() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"web server exited: {self.log()[-3000:]}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/healthz")
+                return conn.getresponse().status == 200
+            except OSError:
+                return False
+
+        wait_for(answers, timeout=timeout, interval=0.2, message=f"{self.name} to answer")
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the whole server (master and workers): no clean-up code runs."""
+        if self.proc is not None and self.proc.poll() is None:
+            for child in _children(self.proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found

@@ -17,6 +17,8 @@ from django.db import connection
 from bench.__main__ import _module_env
 from tests.support import REPO, database_url
 
+pytestmark = pytest.mark.slow  # runs benchmark processes
+
 
 def _drop(name: str) -> None:
     db = connection.settings_dict

@@ -108,6 +108,26 @@ def test_missing_required_env_fails_at_once_naming_it(api, celery_worker) -> Non
 
 
 def test_unknown_workspace_id_task_is_harmless(celery_worker) -> None:
+    """A converge for an id with no row (deleted meanwhile, or never there) succeeds doing
+    nothing: no row appears, no gate stays held, and the worker is not harmed."""
+    from provisioning import gate
     from provisioning.tasks import converge_workspace
 
-    converge_workspace.delay(str(uuid.uuid4()))
+    workspace_id = str(uuid.uuid4())
+    sent = converge_workspace.delay(workspace_id)
+    finished = wait_for(
+        lambda: next(
+            (
+                line
+                for line in celery_worker.log().splitlines()
+                if f"provisioning.converge[{sent.id}]" in line
+                and ("succeeded" in line or "raised" in line)
+            ),
+            None,
+        ),
+        message="the worker to finish the task",
+    )
+    assert "succeeded" in finished and finished.rstrip().endswith(": []"), finished
+    assert not Workspace.objects.filter(id=workspace_id).exists()
+    assert not gate.is_held(workspace_id)
+    assert celery_worker.proc is not None and celery_worker.proc.poll() is None

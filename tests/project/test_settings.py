@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
@@ -55,6 +56,8 @@ def test_typed_readers_parse_good_values() -> None:
         (lambda e: env.env_database("X", "", environ=e), "postgres://host/"),
         (lambda e: env.env_redis_url("X", "", environ=e), "http://redis"),
         (lambda e: env.env_url("X", "", environ=e), "platform:8000"),
+        (lambda e: env.env_int_range("X", (1, 2), environ=e), "9-1"),
+        (lambda e: env.env_int_range("X", (1, 2), maximum=65535, environ=e), "20000-70000"),
     ],
 )
 def test_malformed_values_name_the_variable(reader, value) -> None:
@@ -69,8 +72,10 @@ def test_malformed_values_name_the_variable(reader, value) -> None:
         ("WORKSPACE_BACKEND", "kubernetes"),
         ("DATABASE_URL", "sqlite:///db.sqlite3"),
         ("PLATFORM_URL", "localhost"),
+        ("WORKSPACE_APP_PORTS", "20000-70000"),
     ],
 )
+@pytest.mark.slow
 def test_start_up_stops_on_a_malformed_value(variable, value) -> None:
     environment = {**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings", variable: value}
     result = subprocess.run(
@@ -99,7 +104,39 @@ def test_celery_settings_that_matter() -> None:
     assert conf.task_soft_time_limit < conf.task_time_limit
     assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit
     assert conf.broker_transport_options["visibility_timeout"] > settings.SWEEP_TIME_LIMIT_SECONDS
-    from provisioning.tasks import converge_workspace
+    from provisioning.backends.base import TransientBackendError
+    from provisioning.tasks import TRANSIENT_SERVICE_ERRORS, converge_workspace
 
-    assert converge_workspace.max_retries is not None
+    assert converge_workspace.max_retries == settings.CONVERGE_MAX_RETRIES == 5
+    task: Any = converge_workspace  # the options autoretry reads are not in the type stubs
+    assert task.retry_backoff == settings.CONVERGE_RETRY_BACKOFF_SECONDS == 2
+    # Transient engine errors and lost database or Redis connections retry; nothing else.
+    assert task.autoretry_for == (TransientBackendError, *TRANSIENT_SERVICE_ERRORS)
+    assert converge_workspace.soft_time_limit == settings.CYCLE_SOFT_TIME_LIMIT_SECONDS
+    # tests/provisioning/test_retries_e2e.py proves in a real worker that these act.
     assert converge_workspace.time_limit == settings.CYCLE_TIME_LIMIT_SECONDS
+
+
+@pytest.mark.slow
+def test_production_settings_do_not_accept_the_test_clients_host() -> None:
+    """``testserver`` (Django's test client) is accepted by the test settings only."""
+    from django.conf import settings
+
+    assert "testserver" in settings.ALLOWED_HOSTS
+    environment = {**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings"}
+    environment.pop("ALLOWED_HOSTS", None)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import django; django.setup(); "
+            "from django.conf import settings; print(','.join(settings.ALLOWED_HOSTS))",
+        ],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "localhost,127.0.0.1,[::1]"

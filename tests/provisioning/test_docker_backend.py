@@ -80,7 +80,18 @@ def test_full_round_trip_names_labels_volume_env(backend: DockerBackend, docker_
     assert labels[_label("platform")] == settings.PLATFORM_ID
     volume = docker_engine.volumes.get(f"{name}-configs")
     assert volume.attrs["Labels"][_label("workspace-id")] == str(workspace_id)
-    assert container.attrs["HostConfig"]["NetworkMode"] == settings.DOCKER_NETWORK_MODE
+    # Its own internal network, non-root, no capabilities, no privilege gains, limits applied.
+    host_config = container.attrs["HostConfig"]
+    assert host_config["NetworkMode"] == f"{name}-net"
+    network = docker_engine.networks.get(f"{name}-net")
+    assert network.attrs["Internal"] is True
+    assert network.attrs["Labels"][_label("workspace-id")] == str(workspace_id)
+    assert container.attrs["Config"]["User"] == settings.DOCKER_WORKSPACE_USER
+    assert host_config["CapDrop"] == ["ALL"]
+    assert host_config["SecurityOpt"] == ["no-new-privileges:true"]
+    assert host_config["Memory"] == 512 * 1024 * 1024
+    assert host_config["NanoCpus"] == 1_000_000_000
+    assert host_config["PidsLimit"] == settings.DOCKER_DEFAULT_PIDS
     assert container.image.tags == [settings.DOCKER_AGENT_IMAGE]
 
     assert backend.config_state(spec, state) is ConfigState.EMPTY
@@ -89,6 +100,11 @@ def test_full_round_trip_names_labels_volume_env(backend: DockerBackend, docker_
 
     state = backend.start(spec, state)
     assert "secret-token" not in str(state)
+    # Where the reverse proxy reaches the container: its address on its own network.
+    network.reload()
+    [endpoint] = network.attrs["Containers"].values()
+    assert state["network"] == f"{name}-net"
+    assert state["address"] == endpoint["IPv4Address"].split("/")[0]
     status = backend.status(workspace_id, state)
     assert status.exists and status.running
     mount = settings.DOCKER_CONFIG_MOUNT
@@ -113,6 +129,7 @@ def test_full_round_trip_names_labels_volume_env(backend: DockerBackend, docker_
     backend.remove(workspace_id, state)
     assert _containers(docker_engine, workspace_id) == []
     assert docker_engine.volumes.list(filters={"name": f"{name}-configs"}) == []
+    assert docker_engine.networks.list(names=[f"{name}-net"]) == []
     backend.remove(workspace_id, state)  # not found means done
     assert backend.status(workspace_id, {}).exists is False
 
@@ -230,7 +247,7 @@ def test_config_calls_on_a_vanished_container_say_it_is_gone(
     backend.remove(workspace_id, state)
 
 
-def test_list_instances_is_two_engine_calls_and_only_this_platform(
+def test_list_instances_is_three_engine_calls_and_only_this_platform(
     backend: DockerBackend, docker_engine
 ) -> None:
     ours = [uuid.uuid4() for _ in range(3)]
@@ -254,8 +271,8 @@ def test_list_instances_is_two_engine_calls_and_only_this_platform(
         listed = {info.workspace_id for info in backend.list_instances()}
     finally:
         hooks.remove(count)
-    # One containers list and one volumes list, whatever the number of workspaces.
-    assert len(requests_made) == 2, requests_made
+    # One containers, one volumes and one networks list, whatever the number of workspaces.
+    assert len(requests_made) == 3, requests_made
     assert {str(workspace_id) for workspace_id in ours} <= listed
     assert str(foreign_id) not in listed
     foreign.remove(force=True)
@@ -310,10 +327,12 @@ def test_a_command_missing_from_the_image_is_a_permanent_error(
 
 
 def test_agent_exits_nonzero_when_the_platform_rejects_its_token(
-    backend: DockerBackend, docker_engine, live_server, transactional_db
+    backend: DockerBackend, docker_engine, registry_listener, transactional_db
 ) -> None:
     workspace_id = uuid.uuid4()
-    spec = _spec(workspace_id, 1, PLATFORM_URL=live_server.url)
+    # The boot delay keeps the agent up until start() has seen it running: the registry
+    # answers fast, and an agent rejected before that would read as "exited at once".
+    spec = _spec(workspace_id, 1, PLATFORM_URL=registry_listener.url, AGENT_BOOT_DELAY_SECONDS="1")
     state = backend.start(spec, backend.prepare(spec, {}))
     container = docker_engine.containers.get(f"ws-{workspace_id}")
 
@@ -337,3 +356,26 @@ def test_build_agent_image_command_builds_the_image(docker_engine) -> None:
     assert image.attrs["Config"]["Entrypoint"] == ["/bin/sh", "/agent.sh"]
     assert image.attrs["Size"] < 10_000_000
     docker_engine.images.remove("workspace-agent:test-build")
+
+
+def test_logs_are_the_containers_output_tail_bounded(backend: DockerBackend) -> None:
+    workspace_id = uuid.uuid4()
+    assert backend.logs(workspace_id, {}, 10, 4096) == ""  # no container: no output
+    spec = _spec(workspace_id, 1)
+    state = backend.prepare(spec, {})
+    backend.start(spec, state)
+    try:
+        # The agent keeps retrying registration against a closed port and says so.
+        output = wait_for(
+            lambda: backend.logs(workspace_id, {}, 50, 64 * 1024), message="agent output"
+        )
+        assert "agent:" in output
+        wait_for(lambda: len(backend.logs(workspace_id, {}, 50, 64 * 1024).splitlines()) >= 2)
+        assert len(backend.logs(workspace_id, {}, 1, 64 * 1024).splitlines()) == 1
+        assert len(backend.logs(workspace_id, {}, 50, 1024).encode()) <= 1024
+        backend.stop(workspace_id, {}, grace_seconds=1)
+        # An exited container's output is still there until it is removed.
+        assert "agent:" in backend.logs(workspace_id, {}, 50, 64 * 1024)
+    finally:
+        backend.remove(workspace_id, {})
+    assert backend.logs(workspace_id, {}, 10, 4096) == ""

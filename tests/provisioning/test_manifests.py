@@ -35,6 +35,11 @@ BAD_MANIFESTS = {
     "bad-key": ("runtime: shell\nimagee: typo\n", "imagee"),
     "bad-yaml": ("runtime: [unclosed\n", "(yaml)"),
     "bad-env": ("runtime: shell\nenv:\n  WORKSPACE_TOKEN: x\n", "env.WORKSPACE_TOKEN"),
+    "bad-placement": ("runtime: shell\nplacement: [node.role==worker]\n", "placement"),
+    "bad-constraint": (
+        "runtime: shell\nplacement:\n  constraints: ['node.role worker']\n",
+        "placement.constraints",
+    ),
 }
 
 
@@ -54,6 +59,8 @@ def test_each_malformed_manifest_is_reported_with_its_path_and_field(tmp_path) -
         assert loaded.errors_for(name)
     assert loaded.get("shell-default") is not None  # the good ones still load
     assert loaded.errors_for("shell-default") == ()
+    zone = loaded.get("swarm-zone-a")
+    assert zone is not None and zone.placement == ("node.labels.ws-zone==a",)
 
 
 def test_manage_py_check_names_path_and_field(tmp_path, settings) -> None:
@@ -73,9 +80,13 @@ def test_manage_py_check_names_path_and_field(tmp_path, settings) -> None:
 
 
 def test_manage_py_check_passes_on_the_shipped_templates() -> None:
-    call_command("check")
+    loaded = load_templates(REPO / "workspace_templates")
+    assert loaded.errors == ()
+    assert {"shell-default", "hermes-default", "claude-code-default"} <= set(loaded.templates)
+    call_command("check")  # raises SystemCheckError on any error
 
 
+@pytest.mark.slow
 def test_manage_py_check_subprocess_exit_status_and_output(tmp_path) -> None:
     directory = _bad_dir(tmp_path)
     env = service_env("http://127.0.0.1:1", WORKSPACE_TEMPLATES_DIR=str(directory))
@@ -95,16 +106,31 @@ def test_manage_py_check_subprocess_exit_status_and_output(tmp_path) -> None:
 
 
 @pytest.mark.django_db
-def test_sweeper_with_malformed_manifests_does_not_crash(tmp_path, settings) -> None:
+def test_sweeper_skips_a_row_whose_manifest_is_malformed_and_flips_the_others(
+    tmp_path, settings, make_row
+) -> None:
+    """A broken manifest makes its rows' deadlines unknowable: those rows are reported and left
+    alone (never flipped on a guessed default), and the sweep goes on with the others."""
+    from datetime import timedelta
+
     from provisioning import sweeper
+    from workspaces.models import Workspace
+    from workspaces.status import WorkspaceStatus
 
     settings.WORKSPACE_TEMPLATES_DIR = _bad_dir(tmp_path)
+    settings.PROVISION_TIMEOUT_SECONDS = None
     invalidate_templates()
     try:
+        broken = make_row("bad-timeout", runtime="shell", age=timedelta(days=1))
+        healthy = make_row("shell-default", age=timedelta(days=1))
         report = sweeper.sweep(use_lock=False)
     finally:
         invalidate_templates()
-    assert report.skipped == [] and report.flipped == []
+    assert [item.workspace_id for item in report.flipped] == [healthy.id]
+    assert [item.workspace_id for item in report.skipped] == [broken.id]
+    assert "runtime_config.provision_timeout_seconds" in report.skipped[0].reason
+    assert Workspace.objects.get(id=broken.id).status == WorkspaceStatus.PROVISIONING
+    assert Workspace.objects.get(id=healthy.id).status == WorkspaceStatus.FAILED
 
 
 def test_registry_is_cached_and_reloads_when_a_file_changes(

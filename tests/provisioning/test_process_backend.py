@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
-import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,15 +16,20 @@ import pytest
 from provisioning.backends.base import CONFIG_MARKER, ConfigState, LaunchSpec
 from provisioning.backends.process import ProcessBackend, _alive
 from provisioning.manifests import Template
-from tests.support import wait_for
+from tests.support import next_backend_uid, wait_for
 
 
 @pytest.fixture
 def backend(tmp_path: Path) -> Iterator[ProcessBackend]:
-    backend = ProcessBackend(tmp_path / "data")
+    # Workspace uids must be able to enter the data folder (pytest's own temporary folders are
+    # closed to other users), as in a deployment.
+    data = Path(tempfile.mkdtemp(prefix="ws-backend-test-"))
+    data.chmod(0o755)
+    backend = ProcessBackend(data)
     yield backend
     for info in backend.list_instances():
         backend.stop(uuid.UUID(info.workspace_id), {}, grace_seconds=0.2)
+    shutil.rmtree(data, ignore_errors=True)
 
 
 def _spec(tmp_path: Path, command: tuple[str, ...] | None = None, **env: str) -> LaunchSpec:
@@ -34,15 +40,25 @@ def _spec(tmp_path: Path, command: tuple[str, ...] | None = None, **env: str) ->
         1,
         template,
         {"WORKSPACE_ID": str(workspace_id), "WORKSPACE_TOKEN": "tok", **env},
+        uid=next_backend_uid(),
     )
 
 
-SLEEPER = (sys.executable, "-c", "import time; time.sleep(600)")
+SLEEPER = ("{python}", "-c", "import time; time.sleep(600)")
+# Survives SIGTERM, saying so: only SIGKILL ends it. Says "ready" once its handler is in place.
 STUBBORN = (
-    sys.executable,
+    "{python}",
     "-c",
-    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)",
+    "import signal, time\n"
+    "signal.signal(signal.SIGTERM, lambda *_: print('TERM ignored', flush=True))\n"
+    "print('ready', flush=True)\n"
+    "while True: time.sleep(600)",
 )
+
+
+def _log_of(backend: ProcessBackend, spec: LaunchSpec) -> str:
+    path = backend.root / str(spec.workspace_id) / "agent.log"
+    return path.read_text() if path.exists() else ""
 
 
 def test_start_runs_a_detached_process_with_the_env(backend, tmp_path) -> None:
@@ -73,11 +89,12 @@ def test_start_replaces_an_earlier_instance_never_duplicates(backend, tmp_path) 
 def test_stop_sends_sigterm_then_sigkill_after_the_grace(backend, tmp_path) -> None:
     spec = _spec(tmp_path, STUBBORN)
     state = backend.start(spec, {})
-    time.sleep(0.3)  # let the child install its SIGTERM handler
+    wait_for(lambda: "ready" in _log_of(backend, spec), timeout=30, message="its TERM handler")
     started = time.monotonic()
     assert backend.stop(spec.workspace_id, state, grace_seconds=0.5) == {}
-    assert time.monotonic() - started >= 0.5
-    assert not _alive(state["pid"], state["start_time"])
+    assert time.monotonic() - started >= 0.5  # a lower bound: the grace was given in full
+    assert "TERM ignored" in _log_of(backend, spec)  # SIGTERM came first and was survived ...
+    assert not _alive(state["pid"], state["start_time"])  # ... so SIGKILL ended it
     assert not backend.status(spec.workspace_id, state).running
 
 
@@ -141,7 +158,28 @@ def test_the_agent_exits_cleanly_on_sigterm(backend, tmp_path) -> None:
     # No platform is listening: the agent keeps retrying registration until told to stop.
     spec = _spec(tmp_path, None, PLATFORM_URL="http://127.0.0.1:9")
     state = backend.start(spec, {})
-    time.sleep(0.5)
-    backend.stop(spec.workspace_id, state, grace_seconds=5)
-    log = (backend.root / str(spec.workspace_id) / "agent.log").read_text()
-    assert "SIGTERM received" in log
+    # Its handler is installed before its first registration attempt.
+    wait_for(
+        lambda: "registration not accepted yet" in _log_of(backend, spec),
+        timeout=30,
+        message="the agent's first registration attempt",
+    )
+    backend.stop(spec.workspace_id, state, grace_seconds=30)
+    assert not _alive(state["pid"], state["start_time"])
+    assert "SIGTERM received" in _log_of(backend, spec)
+
+
+def test_logs_tail_the_output_file_and_stay_bounded(tmp_path) -> None:
+    backend = ProcessBackend(tmp_path)
+    workspace_id = uuid.uuid4()
+    assert backend.logs(workspace_id, {}, 10, 4096) == ""  # no instance, no file
+    folder = tmp_path / str(workspace_id)
+    folder.mkdir()
+    lines = [f"line {n} " + "x" * 50 for n in range(10_000)]
+    (folder / "agent.log").write_text("\n".join(lines) + "\n")
+    assert backend.logs(workspace_id, {}, 3, 64 * 1024).splitlines() == lines[-3:]
+    # max_bytes bounds what is read, whatever the tail asked for.
+    bounded = backend.logs(workspace_id, {}, 10_000, 4096)
+    assert len(bounded.encode()) <= 4096
+    assert bounded.splitlines()[-1] == lines[-1]
+    assert backend.logs(workspace_id, {}, 0, 4096) == ""

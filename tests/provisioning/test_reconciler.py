@@ -63,6 +63,7 @@ def make_row(
     generation: int = 1,
     backend: str = "fake",
     name: str | None = None,
+    template: str = "shell-default",
 ) -> Workspace:
     running = status in (S.ONLINE, S.DEGRADED) if is_running is None else is_running
     desired = {
@@ -74,7 +75,7 @@ def make_row(
     return Workspace.objects.create(
         owner=owner,
         name=name or f"ws-{uuid.uuid4().hex[:8]}",
-        template="shell-default",
+        template=template,
         runtime="shell",
         backend=backend,
         status=status,
@@ -159,9 +160,13 @@ def test_one_list_call_for_many_workspaces_and_only_drift_is_touched(user, fake)
         assert not reconciler_events(workspace)
 
 
-def test_known_nonzero_exit_code_fails_the_workspace(user) -> None:
+def test_known_nonzero_exit_code_fails_the_workspace_with_restart_never(
+    user, templates_dir
+) -> None:
+    # restart: never keeps a crash visible as a failure; on-failure (the default) restarts it,
+    # see test_restart_policy.py.
     backend = ExitingFakeBackend()
-    workspace = make_row(user, S.ONLINE)
+    workspace = make_row(user, S.ONLINE, template="no-restart")
     backend.exited[str(workspace.id)] = 137
     report = reconcile_once(backends={"fake": backend})
     workspace.refresh_from_db()

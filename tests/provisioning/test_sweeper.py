@@ -18,7 +18,6 @@ from django.utils import timezone
 
 from provisioning import lifecycle, sweeper
 from provisioning.redis_client import get_redis
-from provisioning.tasks import converge_workspace
 from tests.fakes import fake_backend
 from workspaces import services
 from workspaces.models import Workspace, WorkspaceEvent
@@ -192,7 +191,7 @@ def test_flip_records_one_failure_the_stop_intent_and_enqueues_a_converge(
     assert flipped.is_running  # unknown until the backend is asked, under the gate
     assert "600 s" in flipped.last_error
     # One converge enqueued after commit (the other callbacks publish the event live).
-    converges = [cb for cb in callbacks if getattr(cb, "func", None) == converge_workspace.delay]
+    converges = [cb for cb in callbacks if getattr(cb, "func", None) == services.send_converge]
     assert len(converges) == 1
     failures = WorkspaceEvent.objects.filter(workspace=row, type=EventType.PROVISION_FAILED)
     assert [(event.source, event.payload["timeout_secs"]) for event in failures] == [

@@ -3,10 +3,6 @@ stops the stuck workspace's real process under the gate, and the row stays ``fai
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +16,7 @@ from django.utils import timezone
 from provisioning.backends.process import _alive
 from provisioning.manifests import invalidate_templates
 from tests.provisioning.conftest import write_templates
-from tests.support import REPO, Worker, lifecycle_queue, service_env, wait_for
+from tests.support import Beat, Worker, lifecycle_queue, service_env, wait_for
 from workspaces.models import Workspace, WorkspaceEvent
 from workspaces.status import EventSource, EventType, WorkspaceStatus
 
@@ -73,39 +69,11 @@ def sweep_worker(sweep_env: dict[str, str]) -> Iterator[Worker]:
 
 
 @pytest.fixture(scope="module")
-def beat(sweep_env: dict[str, str], tmp_path_factory: Any) -> Iterator[subprocess.Popen[bytes]]:
+def beat(sweep_env: dict[str, str], tmp_path_factory: Any) -> Iterator[Beat]:
     """Exactly one ``celery beat``, with the project's schedule (the sweep every second here)."""
-    folder = tmp_path_factory.mktemp("beat")
-    log = open(folder / "beat.log", "ab")  # noqa: SIM115 - lives as long as beat
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "project",
-            "beat",
-            "-l",
-            "INFO",
-            "-s",
-            str(folder / "schedule"),
-            "--max-interval",
-            "1",
-        ],
-        cwd=REPO,
-        env=sweep_env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    yield proc
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    log.close()
+    process = Beat(sweep_env, tmp_path_factory.mktemp("beat"), max_interval=1).start()
+    yield process
+    process.stop()
 
 
 def _sweeps_succeeded(worker: Worker) -> int:

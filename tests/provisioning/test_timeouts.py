@@ -96,21 +96,70 @@ def test_expected_values_under_defaults(templates_dir) -> None:
     assert provision_timeout_seconds("gone", "hermes") == 1800
 
 
+TIMEOUT_NAMES = {
+    "PROVISION_TIMEOUT_SECONDS",
+    "RUNTIME_PROVISION_TIMEOUTS",
+    "DEFAULT_PROVISION_TIMEOUT_SECONDS",
+    "provision_timeout_seconds",
+}
+
+
+def timeout_reads(source: str) -> list[str]:
+    """Where ``source`` reads a timeout setting or the manifest's timeout itself: an attribute
+    (``settings.PROVISION_TIMEOUT_SECONDS``, ``template.provision_timeout_seconds``) or the name
+    as a string, which covers ``getattr(settings, "…")``, ``os.environ["…"]``,
+    ``os.environ.get("…")``, ``os.getenv("…")`` and ``manifest["runtime_config"]["…"]``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr in TIMEOUT_NAMES:
+            found.append(f"{node.lineno} .{node.attr}")
+        elif isinstance(node, ast.Constant) and node.value in TIMEOUT_NAMES:
+            found.append(f"{node.lineno} {node.value!r}")
+    return found
+
+
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "settings.PROVISION_TIMEOUT_SECONDS",
+        "template.provision_timeout_seconds",
+        'getattr(settings, "RUNTIME_PROVISION_TIMEOUTS")',
+        'getattr(settings, "DEFAULT_PROVISION_TIMEOUT_SECONDS", 600)',
+        'os.environ["PROVISION_TIMEOUT_SECONDS"]',
+        'os.environ.get("PROVISION_TIMEOUT_SECONDS", "600")',
+        'os.getenv("PROVISION_TIMEOUT_SECONDS")',
+        'manifest["runtime_config"]["provision_timeout_seconds"]',
+        'raw.get("runtime_config", {}).get("provision_timeout_seconds")',
+    ],
+)
+def test_the_accessor_guard_catches_every_way_of_reading_a_timeout(snippet: str) -> None:
+    assert timeout_reads(f"x = {snippet}\n"), snippet
+
+
+def test_the_accessor_guard_passes_the_accessor_call() -> None:
+    source = "from provisioning.timeouts import provision_timeout_seconds as t\nt('a', 'b')\n"
+    assert timeout_reads("x = settings.GATE_LEASE_SECONDS\n") == []
+    assert timeout_reads(source) == []
+
+
 def test_nothing_but_the_accessor_reads_the_timeout_settings() -> None:
     """Every caller goes through provisioning.timeouts; nothing re-implements the order."""
-    names = {"PROVISION_TIMEOUT_SECONDS", "RUNTIME_PROVISION_TIMEOUTS"}
-    names.add("DEFAULT_PROVISION_TIMEOUT_SECONDS")
-    allowed = {ROOT / "provisioning" / "timeouts.py", ROOT / "project" / "settings.py"}
+    allowed = {
+        ROOT / "provisioning" / "timeouts.py",
+        ROOT / "project" / "settings.py",
+        # The manifest parser reads the manifest's own field; the accessor is its only reader.
+        ROOT / "provisioning" / "manifests.py",
+    }
     offenders = []
+    scanned = 0
     for package in ("workspaces", "provisioning", "project"):
         for path in (ROOT / package).rglob("*.py"):
             if path in allowed or "migrations" in path.parts:
                 continue
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Attribute) and (
-                    node.attr in names or node.attr == "provision_timeout_seconds"
-                ):
-                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}")
+            scanned += 1
+            for where in timeout_reads(path.read_text()):
+                offenders.append(f"{path.relative_to(ROOT)}:{where}")
+    assert scanned > 20
     assert not offenders, "timeouts resolved outside provisioning.timeouts: " + ", ".join(offenders)
 
     for module in ("provisioning/sweeper.py", "workspaces/api/serializers.py"):

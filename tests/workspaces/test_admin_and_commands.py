@@ -58,7 +58,18 @@ def test_admin_actions_call_the_services(staff_client, workspace) -> None:
     staff_client.post(url, {"action": "restart_selected", "_selected_action": [str(workspace.id)]})
     workspace.refresh_from_db()
     assert workspace.desired_state == DesiredState.RUNNING
-    staff_client.post(url, {"action": "remove_selected", "_selected_action": [str(workspace.id)]})
+    # Remove asks first: the first POST shows a confirmation page and changes nothing.
+    asked = staff_client.post(
+        url, {"action": "remove_selected", "_selected_action": [str(workspace.id)]}
+    )
+    assert asked.status_code == 200
+    assert b"Yes, remove" in asked.content
+    workspace.refresh_from_db()
+    assert workspace.status == WorkspaceStatus.STOPPING
+    staff_client.post(
+        url,
+        {"action": "remove_selected", "_selected_action": [str(workspace.id)], "confirm": "yes"},
+    )
     workspace.refresh_from_db()
     assert workspace.status == WorkspaceStatus.REMOVING
     refused = staff_client.post(

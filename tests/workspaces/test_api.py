@@ -26,12 +26,18 @@ FIELDS = {
     "is_running",
     "last_started_at",
     "last_heartbeat_at",
+    "last_activity_at",
+    "idle_stop_at",
+    "pending_changes",
+    "members",
     "last_error",
     "provision_timeout_ms",
+    "url",
     "generation",
     "created_at",
     "updated_at",
     "parent",
+    "owner",
 }
 
 
@@ -49,13 +55,14 @@ def test_create_returns_201_in_provisioning_with_the_full_shape(api) -> None:
     body = response.json()
     assert set(body) == FIELDS
     assert body["status"] == WorkspaceStatus.PROVISIONING
+    assert body["url"] is None  # no route until the app answers
     assert body["runtime"] == "shell"
     assert body["backend"] == "process"
     assert body["is_running"] is False
     assert body["provision_timeout_ms"] == 600_000
     assert "s3cret-value" not in response.content.decode()
     workspace = Workspace.objects.get(id=body["id"])
-    assert workspace.env == {"TOKEN_FOR_SERVICE": "s3cret-value"}
+    assert workspace.env.reveal() == {"TOKEN_FOR_SERVICE": "s3cret-value"}
 
 
 def test_create_enqueues_only_after_commit(api, django_capture_on_commit_callbacks) -> None:
@@ -244,7 +251,16 @@ def test_events_are_oldest_first_and_filter_after(api) -> None:
     ]
     events = api.get(f"/api/workspaces/{workspace_id}/events/").json()["results"]
     assert [event["id"] for event in events] == ids
-    assert set(events[0]) == {"id", "type", "source", "generation", "payload", "created_at"}
+    assert set(events[0]) == {
+        "id",
+        "type",
+        "source",
+        "actor",
+        "generation",
+        "payload",
+        "created_at",
+    }
+    assert [event["actor"] for event in events] == ["user:alice", "agent", "user:alice"]
     after = api.get(f"/api/workspaces/{workspace_id}/events/?after={ids[0]}").json()["results"]
     assert [event["id"] for event in after] == ids[1:]
     assert api.get(f"/api/workspaces/{workspace_id}/events/?after=x").status_code == 400
@@ -270,8 +286,11 @@ def test_unknown_routes_and_bad_ids_are_json_404(api) -> None:
 def test_health_schema_and_docs(client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
-    assert ready.status_code == 200
-    assert ready.json()["checks"] == {"database": "ok", "redis": "ok"}
+    # No worker or beat runs here: ready only with both (tests/project/test_readiness.py).
+    assert ready.status_code == 503
+    checks = ready.json()["checks"]
+    assert checks["database"] == "ok"
+    assert checks["redis"] == "ok"
     schema = client.get("/api/schema/", HTTP_ACCEPT="application/json")
     assert schema.status_code == 200
     assert "/api/workspaces/{id}/restart/" in schema.json()["paths"]

@@ -15,7 +15,6 @@ from urllib.parse import urlparse
 
 import pytest
 from django.db import transaction
-from rest_framework.authtoken.models import Token
 
 from provisioning.redis_client import get_redis
 from tests.conftest import client_for
@@ -153,7 +152,7 @@ class StreamReader:
 
 
 def _token(user: Any) -> str:
-    return Token.objects.get_or_create(user=user)[0].key
+    return services.issue_api_token(user)
 
 
 def _create(api: Any, name: str) -> str:

@@ -119,7 +119,7 @@ def test_a_removed_workspace_is_never_revived(workspace) -> None:
     workspace.refresh_from_db()
     assert workspace.status == WorkspaceStatus.REMOVED
     assert workspace.is_running is False
-    assert workspace.env == {}
+    assert workspace.env.reveal() == {}
 
 
 def test_registration_while_stopping_is_refused(workspace) -> None:

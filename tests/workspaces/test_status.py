@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import uuid
+from pathlib import Path
 
 import pytest
 from django.db import IntegrityError, connection, transaction
@@ -41,34 +43,75 @@ def test_transition_table_covers_exactly_the_enum() -> None:
     assert TRANSITIONS[WorkspaceStatus.REMOVED] == {WorkspaceStatus.REMOVING}
 
 
-def test_no_status_string_literals_outside_the_enum() -> None:
-    """Status strings live in status.py only: a literal compared with, or assigned to, a status
-    elsewhere in the code is drift waiting to happen."""
-    import ast
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
+def status_literals(source: str) -> list[str]:
+    """Where ``source`` compares a status with, or passes a status keyword, a string literal that
+    is a status value: ``status == "online"``, ``status in ("online", …)``,
+    ``filter(status="online")``, ``filter(status__in=["online", …])`` (list, tuple or set)."""
     values = set(WorkspaceStatus.values)
 
     def is_status_literal(node: ast.AST) -> bool:
         return isinstance(node, ast.Constant) and node.value in values
 
+    def with_elements(nodes: list[ast.AST]) -> list[ast.AST]:
+        return [
+            *nodes,
+            *(
+                element
+                for node in nodes
+                if isinstance(node, (ast.Tuple, ast.List, ast.Set))
+                for element in node.elts
+            ),
+        ]
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        suspects: list[ast.AST] = []
+        if isinstance(node, ast.Compare):
+            suspects = with_elements([node.left, *node.comparators])
+        elif isinstance(node, ast.keyword) and (node.arg or "").startswith("status"):
+            suspects = with_elements([node.value])
+        if any(is_status_literal(item) for item in suspects):
+            found.append(str(getattr(node, "lineno", "?")))
+    return found
+
+
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        'row.status == "online"',
+        '"failed" != row.status',
+        'row.status in ("online", "degraded")',
+        'row.status not in ["stopped"]',
+        'row.status in {"removed"}',
+        'Workspace.objects.filter(status="online")',
+        'Workspace.objects.filter(status__in=["online", "degraded"])',
+        'Workspace.objects.exclude(status__in=("removed",))',
+        'transition(status_to="stopping")',
+    ],
+)
+def test_the_literal_guard_catches_every_form(snippet: str) -> None:
+    assert status_literals(f"x = {snippet}\n"), snippet
+
+
+def test_the_literal_guard_passes_the_enum() -> None:
+    source = "x = Workspace.objects.filter(status__in=[S.ONLINE, S.DEGRADED], name='online')\n"
+    assert status_literals(source) == []
+
+
+def test_no_status_string_literals_outside_the_enum() -> None:
+    """Status strings live in status.py only: a literal compared with, or assigned to, a status
+    elsewhere in the code is drift waiting to happen."""
+    root = Path(__file__).resolve().parents[2]
     offenders = []
+    scanned = 0
     for package in ("workspaces", "provisioning", "project"):
         for path in (root / package).rglob("*.py"):
             if path.name == "status.py" or "migrations" in path.parts:
                 continue
-            for node in ast.walk(ast.parse(path.read_text())):
-                suspects: list[ast.AST] = []
-                if isinstance(node, ast.Compare):
-                    suspects = [node.left, *node.comparators]
-                    for side in list(suspects):
-                        if isinstance(side, (ast.Tuple, ast.List, ast.Set)):
-                            suspects.extend(side.elts)
-                elif isinstance(node, ast.keyword) and (node.arg or "").startswith("status"):
-                    suspects = [node.value]
-                if any(is_status_literal(item) for item in suspects):
-                    offenders.append(f"{path.relative_to(root)}:{getattr(node, 'lineno', '?')}")
+            scanned += 1
+            for line in status_literals(path.read_text()):
+                offenders.append(f"{path.relative_to(root)}:{line}")
+    assert scanned > 20
     assert not offenders, "status literals outside workspaces/status.py: " + ", ".join(offenders)
 
 

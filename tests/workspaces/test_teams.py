@@ -60,7 +60,7 @@ def test_post_team_creates_parent_and_members_in_one_response(api, user) -> None
     assert "env" not in parent and all("env" not in m for m in members)
     rows = Workspace.objects.filter(owner=user)
     assert rows.count() == 1 + len(_members())
-    assert all(row.env == KEY for row in rows)  # the team's env reaches every member
+    assert all(row.env.reveal() == KEY for row in rows)  # the team's env reaches every member
     children = rows.get(id=parent["id"]).members.values_list("id", flat=True)
     assert {str(child) for child in children} == {m["id"] for m in members}
 

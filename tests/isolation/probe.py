@@ -1,0 +1,78 @@
+"""Run inside a workspace (as its uid, in its namespaces): try to cross the boundary and print
+what happened as JSON. Standard library only. Argument: a JSON object with the targets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+
+
+def connect(host: str, port: int) -> str:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(3)
+            sock.connect((host, port))
+        return "connected"
+    except OSError as exc:
+        return f"refused: {exc.__class__.__name__}"
+
+
+def connect_unix(path: str) -> str:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(3)
+            sock.connect(path)
+        return "connected"
+    except OSError as exc:
+        return f"refused: {exc.__class__.__name__}"
+
+
+def read(path: str) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.read()
+        return "read"
+    except OSError as exc:
+        return f"refused: {exc.__class__.__name__}"
+
+
+def listdir(path: str) -> str:
+    try:
+        os.listdir(path)
+        return "listed"
+    except OSError as exc:
+        return f"refused: {exc.__class__.__name__}"
+
+
+def kill(pid: int) -> str:
+    try:
+        os.kill(pid, signal.SIGCONT)  # harmless if it were allowed
+        return "signalled"
+    except OSError as exc:
+        return f"refused: {exc.__class__.__name__}"
+
+
+def main() -> None:
+    targets = json.loads(sys.argv[1])
+    with open("/proc/self/status") as handle:
+        status = dict(line.split(":", 1) for line in handle.read().splitlines() if ":" in line)
+    result: dict[str, object] = {
+        "uid": os.getuid(),
+        "groups": os.getgroups(),
+        "no_new_privs": status.get("NoNewPrivs", "").strip(),
+        "cap_eff": status.get("CapEff", "").strip(),
+    }
+    result["tcp"] = {f"{h}:{p}": connect(h, p) for h, p in targets.get("tcp", [])}
+    result["unix"] = {path: connect_unix(path) for path in targets.get("unix", [])}
+    result["read"] = {path: read(path) for path in targets.get("read", [])}
+    result["list"] = {path: listdir(path) for path in targets.get("list", [])}
+    result["kill"] = {str(pid): kill(pid) for pid in targets.get("kill", [])}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Workspace isolation on the Docker backend, tried from inside a real container made through the
+API by a real worker on a real engine: each workspace sits on an internal network of its own,
+as a non-root user with no capabilities, and reaches only the registry listener."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+
+from provisioning.backends import docker as docker_backend
+from provisioning.backends.base import BackendError
+from provisioning.backends.docker import DockerBackend
+from provisioning.backends.firewall import bridge_chain, bridge_ports, bridge_rules
+from provisioning.manifests import invalidate_templates
+from tests.isolation import create_online
+from tests.support import RegistryListener, docker_containers, wait_for
+from workspaces.models import Workspace
+from workspaces.status import WorkspaceStatus
+
+pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.django_db(transaction=True)]
+S = WorkspaceStatus
+SECRET = "b-docker-secret-7d2a"
+APP_PORT = 8080
+
+
+@pytest.fixture(autouse=True)
+def _session_templates(session_templates: Path, settings: Any) -> Iterator[None]:
+    settings.WORKSPACE_TEMPLATES_DIR = session_templates
+    invalidate_templates()
+    yield
+    invalidate_templates()
+
+
+def _connect_from(container: Any, host: str, port: int) -> str:
+    """Open a TCP connection from inside the container (busybox nc): "connected" or why not."""
+    result = container.exec_run(
+        ["sh", "-c", f"nc -w 2 {host} {port} </dev/null >/dev/null; echo rc=$?"], demux=True
+    )
+    out = (result.output[0] or b"").decode()
+    err = (result.output[1] or b"").decode()
+    return "connected" if "rc=0" in out else f"refused: {err.strip() or out.strip()}"
+
+
+def _host_connect(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def host_service() -> Iterator[int]:
+    """A TCP service on every host address (as PostgreSQL or sshd often are), accepting and
+    closing connections; its port."""
+    server = socket.create_server(("0.0.0.0", 0))
+    server.settimeout(0.5)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                client, _ = server.accept()
+            except OSError:
+                continue
+            client.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield int(server.getsockname()[1])
+    done.set()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    server.close()
+
+
+def _iptables(tool: str, *args: str) -> str:
+    return subprocess.run([tool, "-w", *args], capture_output=True, text=True, check=True).stdout
+
+
+def test_a_container_reaches_only_the_registry(
+    api, on_docker, docker_engine, registry_listener: RegistryListener, host_service: int
+) -> None:
+    b = create_online(api, "b", "docker-listener", {"B_SECRET": SECRET}, timeout=90)
+    # A's agent registered: A is online.
+    a = create_online(api, "a", "shell-default", {}, timeout=90)
+    [a_container] = docker_containers(docker_engine, str(a.id))
+    [b_container] = docker_containers(docker_engine, str(b.id))
+    b_address = b.backend_state["address"]
+    a_network = docker_engine.networks.get(a.backend_state["network"])
+    [a_ipam] = a_network.attrs["IPAM"]["Config"]
+    gateway = a_ipam["Gateway"]
+    assert a.backend_state["network"] != b.backend_state["network"]
+    assert a_network.attrs["Internal"] is True
+    # The network's bridge carries the prefix the host firewall matches, and the firewall is
+    # there with the port agents call (the registry listener's).
+    bridge = a_network.attrs["Options"]["com.docker.network.bridge.name"]
+    assert bridge == DockerBackend.bridge_name(a.id) and Path("/sys/class/net", bridge).exists()
+    chain, prefix = settings.WORKSPACE_FIREWALL_CHAIN, settings.DOCKER_BRIDGE_PREFIX
+    for tool in ("iptables", "ip6tables"):
+        listed = _iptables(tool, "-S", bridge_chain(chain))
+        ports = bridge_ports(listed, chain, prefix)
+        assert registry_listener.port in ports
+        assert listed.splitlines()[1:] == bridge_rules(
+            chain, prefix, ports, ipv6=tool == "ip6tables"
+        )
+        assert f"-A INPUT -j {bridge_chain(chain)}" in _iptables(tool, "-S", "INPUT")
+
+    # Controls: B's app answers the host (that is how the proxy reaches it), and the probe
+    # does connect where it is allowed to, so the refusals below are the boundary's doing.
+    wait_for(lambda: _host_connect(b_address, APP_PORT), timeout=30, message="B's app")
+    assert _host_connect(gateway, host_service)  # the service listens on the gateway address
+    assert _connect_from(a_container, gateway, registry_listener.port) == "connected"
+
+    redis_port = int(settings.REDIS_URL.split(":")[-1].split("/")[0])
+    for host, port in [
+        ("127.0.0.1", 5432),
+        ("127.0.0.1", redis_port),
+        (gateway, 5432),
+        (gateway, redis_port),
+        (b_address, APP_PORT),
+        (gateway, host_service),  # what listens on every host address is not reachable
+    ]:
+        assert _connect_from(a_container, host, port).startswith("refused"), (host, port)
+
+    # Not root, no capabilities, no privilege gains; B's env is nowhere in A's view.
+    ident = a_container.exec_run(["id", "-u"]).output.decode().strip()
+    assert ident == settings.DOCKER_WORKSPACE_USER.split(":")[0]
+    status = a_container.exec_run(["cat", "/proc/1/status"]).output.decode()
+    caps = {line.split(":")[0]: line.split()[1] for line in status.splitlines() if "Cap" in line}
+    assert caps["CapEff"] == caps["CapPrm"] == "0000000000000000"
+    assert "NoNewPrivs:\t1" in status
+    environs = a_container.exec_run(["sh", "-c", "cat /proc/[0-9]*/environ"]).output
+    assert SECRET.encode() not in environs
+    assert b"B_SECRET" in b_container.exec_run(["cat", "/proc/1/environ"]).output
+
+    # Removal takes the network with it.
+    assert api.delete(f"/api/workspaces/{b.id}/").status_code == 202
+    wait_for(
+        lambda: Workspace.objects.get(id=b.id).status == S.REMOVED, timeout=60, message="removed"
+    )
+    assert docker_engine.networks.list(names=[b.backend_state["network"]]) == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "bridge", "refused"),
+    [
+        ("on", "wsbr0000notthere", "needs the engine on this host"),
+        ("on", "", "needs the engine on this host"),
+        ("auto", "wsbr0000notthere", None),
+        ("off", "wsbr0000notthere", None),
+    ],
+)
+def test_a_bridge_the_firewall_cannot_cover_fails_the_launch_when_required(
+    settings: Any, caplog: Any, monkeypatch: Any, mode: str, bridge: str, refused: str | None
+) -> None:
+    settings.DOCKER_HOST_FIREWALL = mode
+    monkeypatch.setattr(docker_backend, "_warned", set())  # warned once per process
+    network = {"Name": "ws-x-net", "Options": {"com.docker.network.bridge.name": bridge}}
+    if refused:
+        with pytest.raises(BackendError, match=refused):
+            DockerBackend.ensure_bridge_firewall(network, "http://127.0.0.1:8001")
+        return
+    DockerBackend.ensure_bridge_firewall(network, "http://127.0.0.1:8001")
+    warned = "must refuse what they send" in caplog.text
+    assert warned == (mode == "auto")

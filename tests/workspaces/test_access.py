@@ -1,0 +1,168 @@
+"""The platform's side of proxy access: the forward_auth answer, tickets, the workspace cookie,
+and app ports (tests/test_proxy_e2e.py runs the same through a real Caddy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.test import Client
+from rest_framework.test import APIClient
+
+from provisioning.manifests import InvalidManifest, parse_manifest
+from tests.conftest import client_for
+from workspaces import access, services
+from workspaces.models import Workspace
+from workspaces.status import WorkspaceStatus
+
+pytestmark = pytest.mark.django_db
+
+
+def _workspace(owner: Any, name: str = "app") -> Workspace:
+    return services.create_workspace(owner=owner, name=name, template="shell-default")
+
+
+def _auth(client: Any, workspace: Workspace, **headers: str) -> Any:
+    return client.get("/api/proxy/auth", HTTP_X_WORKSPACE_ID=str(workspace.id), **headers)
+
+
+def test_forward_auth_owner_staff_other_anonymous(user, other_user, make_user) -> None:
+    workspace = _workspace(user)
+    assert _auth(client_for(user), workspace).status_code == 204
+    assert _auth(client_for(make_user("root", staff=True)), workspace).status_code == 204
+    other = _auth(client_for(other_user), workspace)
+    assert other.status_code == 403
+    assert other.json()["detail"]
+    anonymous = _auth(APIClient(), workspace)
+    assert anonymous.status_code == 401
+    assert anonymous.headers["WWW-Authenticate"] == "Token"
+    browser = _auth(
+        APIClient(), workspace, HTTP_ACCEPT="text/html,*/*", HTTP_X_FORWARDED_URI="/lab?x=1"
+    )
+    assert browser.status_code == 302
+    assert browser.headers["Location"] == (
+        f"{settings.PLATFORM_PUBLIC_URL}/workspaces/{workspace.id}/open?next=%2Flab%3Fx%3D1"
+    )
+
+
+def test_a_request_let_through_is_activity_and_a_refused_one_is_not(
+    user, other_user, settings: Any
+) -> None:
+    """Requests through the workspace's route keep it from the idle auto-stop (rate-limited:
+    one write per ACTIVITY_WRITE_INTERVAL_SECONDS)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from provisioning.redis_client import get_redis
+    from workspaces.services.activity import _activity_key
+
+    workspace = _workspace(user)
+    long_ago = timezone.now() - timedelta(hours=2)
+    Workspace.objects.filter(id=workspace.id).update(last_activity_at=long_ago)
+    get_redis().delete(_activity_key(workspace.id))
+    assert _auth(client_for(other_user), workspace).status_code == 403
+    assert Workspace.objects.get(id=workspace.id).last_activity_at == long_ago
+    assert _auth(client_for(user), workspace).status_code == 204
+    assert Workspace.objects.get(id=workspace.id).last_activity_at > long_ago
+
+
+def test_forward_auth_without_a_known_workspace_is_404(user) -> None:
+    api = client_for(user)
+    assert api.get("/api/proxy/auth").status_code == 404
+    assert api.get("/api/proxy/auth", HTTP_X_WORKSPACE_ID="nope").status_code == 404
+
+
+def test_the_cookie_opens_only_its_own_workspace_for_its_user(user) -> None:
+    mine, second = _workspace(user, "one"), _workspace(user, "two")
+    client = APIClient()
+    client.cookies[settings.WORKSPACE_COOKIE_NAME] = access.cookie_value(user, mine)
+    assert _auth(client, mine).status_code == 204
+    assert _auth(client, second).status_code == 401  # another host, another cookie
+    user.set_password("a-new-password-456")
+    user.save()
+    assert _auth(client, mine).status_code == 401  # a password change ends it
+
+
+def test_a_ticket_is_accepted_once_and_only_for_its_workspace(user, other_user) -> None:
+    mine, theirs = _workspace(user, "one"), _workspace(other_user, "two")
+    ticket = access.issue_ticket(user, mine)
+    assert access.redeem_ticket(ticket, theirs) is None
+    assert access.redeem_ticket(ticket, mine) == user
+    assert access.redeem_ticket(ticket, mine) is None
+    assert access.redeem_ticket("forged", mine) is None
+
+
+def test_the_handshake_sets_a_host_only_cookie(user) -> None:
+    workspace = _workspace(user)
+    ticket = access.issue_ticket(user, workspace)
+    response = Client().get(
+        "/_platform/session",
+        {"ticket": ticket, "next": "//evil.example/"},
+        HTTP_X_WORKSPACE_ID=str(workspace.id),
+    )
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/"  # never another host
+    cookie = response.cookies[settings.WORKSPACE_COOKIE_NAME]
+    assert cookie["httponly"] and cookie["samesite"] == "Lax" and not cookie["domain"]
+
+
+def test_open_needs_a_login_and_hides_other_owners_workspaces(user, other_user) -> None:
+    workspace = _workspace(user)
+    anonymous = Client().get(f"/workspaces/{workspace.id}/open")
+    assert anonymous.status_code == 302
+    assert anonymous.headers["Location"].startswith(settings.LOGIN_URL)
+    other = Client()
+    other.force_login(other_user)
+    assert other.get(f"/workspaces/{workspace.id}/open").status_code == 404
+    owner = Client()
+    owner.force_login(user)
+    # Provisioning: no url yet, so nothing to open.
+    assert owner.get(f"/workspaces/{workspace.id}/open").status_code == 409
+
+
+def test_app_ports_are_allocated_unique_and_freed_on_removal(user) -> None:
+    low, high = settings.WORKSPACE_APP_PORT_RANGE
+    ports = [_workspace(user, f"w{n}").app_port for n in range(5)]
+    assert all(port is not None and low <= port <= high for port in ports)
+    assert len(set(ports)) == 5
+    first, second = (Workspace.objects.get(app_port=port) for port in ports[:2])
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Workspace.objects.filter(id=second.id).update(app_port=ports[0])
+    Workspace.objects.filter(id=first.id).update(status=WorkspaceStatus.REMOVED)
+    # A removed workspace's port may be taken again.
+    assert Workspace.objects.filter(id=second.id).update(app_port=ports[0]) == 1
+
+
+def test_a_fixed_app_port_serves_one_live_workspace(user, tmp_path: Path, settings: Any) -> None:
+    folder = tmp_path / "fixed"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("runtime: shell\napp:\n  port: 28080\n")
+    settings.WORKSPACE_TEMPLATES_DIR = tmp_path
+    assert services.create_workspace(owner=user, name="a", template="fixed").app_port == 28080
+    with pytest.raises(services.InvalidInput) as refused:
+        services.create_workspace(owner=user, name="b", template="fixed")
+    assert refused.value.field == "template"
+    assert "28080" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("app", "field"),
+    [
+        ("app: 8080", "app"),
+        ("app:\n  port: 0", "app.port"),
+        ("app:\n  port: web", "app.port"),
+        ("app:\n  health_path: health", "app.health_path"),
+        ("app:\n  command: ['a']", "app.command"),
+        ("app:\n  bogus: 1", "app.bogus"),
+    ],
+)
+def test_a_bad_app_block_names_its_field(tmp_path: Path, app: str, field: str) -> None:
+    manifest = tmp_path / "config.yaml"
+    manifest.write_text(f"runtime: shell\n{app}\n")
+    with pytest.raises(InvalidManifest) as error:
+        parse_manifest("bad", manifest)
+    assert error.value.error.field == field

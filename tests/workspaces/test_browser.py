@@ -1,0 +1,228 @@
+"""The dashboard and the admin in a real browser: Debian's chromium, headless, driven by
+selenium, against the live server, a real Celery worker and real agents.
+
+Screenshots are kept as test artifacts in ``SCREENSHOT_DIR`` (default ``var/screenshots``).
+Needs ``chromium`` and ``chromium-driver`` (apt); skips without them unless ``REQUIRE_BROWSER``
+is set (CI sets it), then it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import REPO, wait_for
+from workspaces import services
+from workspaces.models import Workspace
+from workspaces.status import EventSource, WorkspaceStatus
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+SCREENSHOTS = Path(os.environ.get("SCREENSHOT_DIR", REPO / "var" / "screenshots"))
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        if os.environ.get("REQUIRE_BROWSER"):
+            pytest.fail("REQUIRE_BROWSER is set but chromium / chromium-driver are missing")
+        pytest.skip("no chromium (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="ws-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _log_in(driver: Any, base: str, path: str, username: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(base + path)
+    driver.find_element(By.NAME, "username").send_keys(username)
+    driver.find_element(By.NAME, "password").send_keys("x-password-123")
+    driver.find_element(By.CSS_SELECTOR, "form [type=submit]").click()
+
+
+def _text(driver: Any, selector: str) -> str:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    try:
+        return "\n".join(el.text for el in driver.find_elements(By.CSS_SELECTOR, selector))
+    except StaleElementReferenceException:
+        return ""
+
+
+def _badge(driver: Any, workspace_id: Any) -> str:
+    return _text(driver, f'[data-workspace="{workspace_id}"] [data-field="status"]')
+
+
+def _same_origin_only(driver: Any, base: str) -> None:
+    """No CDN: every resource the page loaded came from the platform itself."""
+    urls = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert urls, "the page loaded no resources"
+    assert all(url.startswith(base) for url in urls), urls
+
+
+def test_dashboard_in_a_real_browser(
+    browser, live_server, platform_url, celery_worker, instances, user, settings
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    settings.EVENTS_STREAM_MAX_SECONDS = 20  # each stream frees its server thread soon
+    settings.LOGS_STREAM_MAX_SECONDS = 20  # the page opens the next one (tail=0) by itself
+    base = live_server.url
+    driver = browser
+    _log_in(driver, base, "/", "alice")
+    assert "No workspaces yet" in driver.page_source
+
+    # Create through the form, with a template choice and env.
+    driver.find_element(By.NAME, "name").send_keys("demo")
+    Select(driver.find_element(By.NAME, "template")).select_by_value("shell-default")
+    driver.find_element(By.NAME, "env").send_keys("GREETING=hello")
+    driver.find_element(By.CSS_SELECTOR, ".create [type=submit]").click()
+    demo = wait_for(lambda: Workspace.objects.filter(name="demo").first(), message="created")
+    assert demo.env.reveal() == {"GREETING": "hello"}
+    wait_for(lambda: f"/w/{demo.id}/" in driver.current_url, message="the workspace page")
+
+    # The status turns online on the open page, from the event stream (no reload).
+    wait_for(lambda: _badge(driver, demo.id) == "online", timeout=60, message="online, live")
+    # The log tail shows the agent's own output.
+    wait_for(
+        lambda: f"registered workspace {demo.id}" in _text(driver, "#log"),
+        timeout=30,
+        message="the agent's output in the log tail",
+    )
+    wait_for(lambda: "ONLINE" in _text(driver, "#events"), message="the ONLINE event, live")
+    assert "user:alice" in _text(driver, "#events")
+    # The tail is followed on the log stream (no polling): a line the instance's output gets
+    # now shows on the open page.
+    log = driver.find_element(By.ID, "log")
+    assert log.get_attribute("data-mode") == "stream"
+    output = Path(settings.WORKSPACE_DATA_DIR) / str(demo.id) / "agent.log"
+    with open(output, "a") as handle:
+        handle.write("a line written while the page is open\n")
+    wait_for(
+        lambda: "a line written while the page is open" in _text(driver, "#log"),
+        message="a new line on the log stream",
+    )
+    assert log.get_attribute("data-mode") == "stream"
+    _same_origin_only(driver, base)
+    driver.save_screenshot(str(SCREENSHOTS / "workspace.png"))
+
+    # A second workspace and a failing one, so the list shows more than one status.
+    services.create_workspace(owner=user, name="notebook", template="shell-default")
+    failing = services.create_workspace(
+        owner=user, name="assistant", template="claude-code-default"
+    )
+    driver.get(base + "/")
+    wait_for(lambda: _badge(driver, failing.id) == "failed", timeout=60, message="preflight")
+    assert "ANTHROPIC_API_KEY" in _text(driver, f'[data-workspace="{failing.id}"]')
+    notebook = Workspace.objects.get(name="notebook")
+    wait_for(lambda: _badge(driver, notebook.id) == "online", timeout=60, message="notebook")
+    # Buttons follow the status: an online workspace cannot be started again.
+    start = driver.find_element(By.CSS_SELECTOR, f'[data-workspace="{demo.id}"] [data-verb=start]')
+    assert not start.is_enabled()
+    _same_origin_only(driver, base)
+    driver.save_screenshot(str(SCREENSHOTS / "dashboard.png"))
+
+    # No log stream to be had (every place taken): the page falls back to polling the tail.
+    settings.LOGS_STREAMS_PER_USER = 0
+    driver.get(f"{base}/w/{notebook.id}/")
+    wait_for(
+        lambda: driver.find_element(By.ID, "log").get_attribute("data-mode") == "poll",
+        message="the log tail falls back to polling",
+    )
+    wait_for(lambda: "registered workspace" in _text(driver, "#log"), message="polled tail")
+    assert "polling" in _text(driver, "#log-state")
+    settings.LOGS_STREAMS_PER_USER = 5
+    driver.get(base + "/")
+
+    # Stop from the list; the badge follows to stopped.
+    driver.find_element(By.CSS_SELECTOR, f'[data-workspace="{demo.id}"] [data-verb=stop]').click()
+    wait_for(lambda: _badge(driver, demo.id) == "stopped", timeout=60, message="stopped, live")
+
+    # Delete asks first; confirming removes it.
+    driver.find_element(By.CSS_SELECTOR, f'[data-workspace="{demo.id}"] [data-verb=remove]').click()
+    assert "cannot be undone" in driver.page_source
+    assert Workspace.objects.get(id=demo.id).status == WorkspaceStatus.STOPPED
+    driver.find_element(By.ID, "confirm-remove").click()
+    wait_for(
+        lambda: Workspace.objects.get(id=demo.id).status == WorkspaceStatus.REMOVED,
+        timeout=60,
+        message="removed",
+    )
+
+
+def test_admin_is_readable_at_1400px(browser, live_server, make_user, user) -> None:
+    from selenium.webdriver.common.by import By
+
+    operator = make_user("operator", staff=True)
+    operator.is_superuser = True
+    operator.save()
+    team = services.create_team(owner=user, name="crew", template="team-default")
+    failed = services.create_workspace(owner=user, name="assistant", template="shell-default")
+    services.fail_cycle(
+        failed.id,
+        0,
+        source=EventSource.BACKEND,
+        message="the instance exited with code 1: FATAL: could not load model weights",
+    )
+    driver = browser
+    _log_in(driver, live_server.url, "/admin/login/?next=/admin/workspaces/workspace/", "operator")
+    wait_for(lambda: "Select workspace" in driver.title, message="the changelist")
+    # Readable at 1400 px: neither the page nor the results table scrolls sideways.
+    width = driver.execute_script("return document.documentElement.scrollWidth")
+    assert width <= 1400, width
+    overflow = driver.execute_script(
+        "const r = document.querySelector('#changelist .results');"
+        "return r.scrollWidth - r.clientWidth"
+    )
+    assert overflow <= 0, f"the results table is {overflow}px wider than its box"
+    assert "FATAL: could not load model weights" in driver.page_source
+    driver.save_screenshot(str(SCREENSHOTS / "admin-list.png"))
+    driver.get(f"{live_server.url}/admin/workspaces/workspace/{team.parent.id}/change/")
+    assert "team members" in driver.page_source.lower()
+    assert not driver.find_elements(By.NAME, "_save")
+    assert driver.find_elements(By.CSS_SELECTOR, "input[name=_restart]")
+    driver.save_screenshot(str(SCREENSHOTS / "admin-detail.png"))
+    driver.get(f"{live_server.url}/admin/workspaces/workspaceevent/")
+    assert "PROVISION_FAILED" in driver.page_source
+    overflow = driver.execute_script(
+        "const r = document.querySelector('#changelist .results');"
+        "return r.scrollWidth - r.clientWidth"
+    )
+    assert overflow <= 0, f"the events table is {overflow}px wider than its box"
+    driver.save_screenshot(str(SCREENSHOTS / "admin-events.png"))
