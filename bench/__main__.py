@@ -6,6 +6,10 @@ are loaded once per process, and each module points them at its own database); t
 its figures back as JSON. The command exits non-zero only when a benchmark fails to run, never
 because a number is high.
 
+``python -m bench peer [options]`` runs the JupyterHub comparison instead (``bench.peer``: an
+optional dependency group, not part of the default run); the default run keeps its section of
+the report.
+
 When ``DATABASE_URL`` is set, module ``<name>`` gets ``<that database>_<name>``, so benches never
 share tables. The Docker benches use the engine in ``DOCKER_HOST``, or one private dockerd that
 the runner starts for the whole run and stops at the end (``bench.engine.ensure_engine``).
@@ -30,12 +34,16 @@ from bench.common import Figure
 
 MODULES = [
     "gate",
+    "activity",
     "sweeper",
     "api",
+    "streams",
     "reconcile",
     "docker_backend",
     "provisioning",
     "restart_storm",
+    "proxy",
+    "swarm_backend",
 ]
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "docs" / "benchmarks.md"
@@ -150,7 +158,22 @@ def _child(name: str, repeats: int, result: Path) -> int:
     return 0
 
 
+def _kept_sections(path: Path) -> list[str]:
+    """The peer blocks of the existing report (``bench.peer`` writes them between markers)."""
+    from bench.peer import MARKERS
+
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    return [match.group(0).rstrip("\n") + "\n" for match in MARKERS.finditer(text)]
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["peer"]:
+        from bench.peer import main as peer
+
+        return peer(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5, help="runs per figure (default 5)")
     parser.add_argument("--only", nargs="*", choices=MODULES, help="run only these benchmarks")
@@ -207,6 +230,7 @@ def main() -> int:
         "",
         *(["## Headlines", "", *headlines, ""] if headlines else []),
         *sections,
+        *_kept_sections(args.out),
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(report) + "\n")

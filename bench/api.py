@@ -27,7 +27,6 @@ def _free_port() -> int:
 
 def _seed() -> tuple[str, str]:
     from django.contrib.auth import get_user_model
-    from rest_framework.authtoken.models import Token
 
     from workspaces.models import Workspace
     from workspaces.status import WorkspaceStatus
@@ -51,11 +50,13 @@ def _seed() -> tuple[str, str]:
             ],
             batch_size=2000,
         )
-    token, _ = Token.objects.get_or_create(user=user)
+    from workspaces import services
+
+    token = services.issue_api_token(user)
     sample = (
         Workspace.objects.filter(owner=user).order_by("id").values_list("id", flat=True)[ROWS // 2]
     )
-    return token.key, str(sample)
+    return token, str(sample)
 
 
 def _queries_per_list(token: str) -> dict[int, int]:

@@ -106,7 +106,8 @@ def ensure_agent_image() -> str:
     """The agent image's tag, built on the engine if it is missing (needs Django set up)."""
     from django.conf import settings
 
-    from provisioning.backends.docker import build_agent_image, make_client
+    from provisioning.backends.agent_image import build_agent_image
+    from provisioning.backends.docker import make_client
 
     tag = str(settings.DOCKER_AGENT_IMAGE)
     client = make_client()

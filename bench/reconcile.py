@@ -290,10 +290,10 @@ def _docker_figures(repeats: int, containers: int = DOCKER_CONTAINERS) -> list[F
     from django.conf import settings
 
     from provisioning.backends import backend_named, reset_backends
+    from provisioning.backends.agent_image import build_agent_image
     from provisioning.backends.docker import (
         DockerBackend,
         _label,
-        build_agent_image,
         make_client,
         platform_filter,
     )

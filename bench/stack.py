@@ -1,5 +1,7 @@
-"""The platform as users run it, for the Docker benchmarks: gunicorn, Celery workers, a Docker
-engine, and a bare HTTP endpoint for the floor runs.
+"""The platform as users run it, for the Docker benchmarks: gunicorn (the API), the registry
+listener agents call back (``project.registry_wsgi``, bound to every host address so workspaces on
+their own Docker networks reach it at their network's gateway), Celery workers, optionally Caddy
+as the proxy, a Docker engine, and a bare HTTP endpoint for the floor runs.
 
 Everything started here is a child process of the bench (stopped by its pid when the block ends);
 containers carry a per-run ``PLATFORM_ID`` label, so cleanup touches nothing else on the engine.
@@ -8,6 +10,7 @@ containers carry a per-run ``PLATFORM_ID`` label, so cleanup touches nothing els
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -73,7 +76,8 @@ class Platform:
     platform_id: str
     env: dict[str, str]
     log_dir: Path
-    pids: list[int] = field(default_factory=list)  # gunicorn and Celery worker main processes
+    # gunicorn (API and registry), Celery worker and Caddy main processes
+    pids: list[int] = field(default_factory=list)
 
     def request(
         self, method: str, path: str, body: dict[str, Any] | None = None
@@ -94,16 +98,28 @@ class Platform:
 
 
 @contextlib.contextmanager
-def platform(name: str, log_dir: Path) -> Iterator[Platform]:
-    """gunicorn + Celery worker(s) on the Docker backend, with this process's database and Redis.
-    Django must be set up (setup_django) and DOCKER_HOST must point at a running engine."""
+def platform(
+    name: str,
+    log_dir: Path,
+    backend: str = "docker",
+    extra_env: dict[str, str] | None = None,
+    *,
+    proxy: bool = False,
+) -> Iterator[Platform]:
+    """gunicorn (API and registry listener) + Celery worker(s) on ``backend`` (the one new
+    workspaces are recorded on), with this process's database and Redis, and Debian's Caddy as
+    the proxy when ``proxy`` (else routes go to an admin port nothing listens on, and route syncs
+    fail fast); ``extra_env`` is added to their environment (say, a Celery queue of their own so
+    that two platforms can run side by side). Django must be set up
+    (setup_django) and DOCKER_HOST must point at a running engine."""
     from django.conf import settings
     from django.contrib.auth import get_user_model
-    from rest_framework.authtoken.models import Token
+
+    from workspaces import services
 
     user, _ = get_user_model().objects.get_or_create(username=f"bench-{name}")
-    token, _ = Token.objects.get_or_create(user=user)
-    port = free_port()
+    token = services.issue_api_token(user)
+    port, registry_port, admin_port, proxy_port = free_port(), free_port(), free_port(), free_port()
     platform_id = f"bench-{name}-{uuid.uuid4().hex[:8]}"
     url = f"http://127.0.0.1:{port}"
     env = {
@@ -111,20 +127,32 @@ def platform(name: str, log_dir: Path) -> Iterator[Platform]:
         "DJANGO_SETTINGS_MODULE": "project.settings",
         "DATABASE_URL": os.environ["DATABASE_URL"],
         "REDIS_URL": settings.REDIS_URL,
-        "WORKSPACE_BACKEND": "docker",
+        "WORKSPACE_BACKEND": backend,
         "DOCKER_HOST": str(settings.DOCKER_HOST),
-        "PLATFORM_URL": url,
+        # Agents call the registry listener; on a workspace network the host part becomes the
+        # network's gateway (the backend rewrites it).
+        "PLATFORM_URL": f"http://127.0.0.1:{registry_port}",
+        "PLATFORM_PUBLIC_URL": url,
+        "PROXY_ADMIN": f"127.0.0.1:{admin_port}",
+        "PROXY_BIND": f"127.0.0.1:{proxy_port}",
         "PLATFORM_ID": platform_id,
         "LOG_LEVEL": "WARNING",
         "PYTHONUNBUFFERED": "1",
+        # The benchmarks measure cycles, not admission: no quota or cap refuses their batches.
+        "WORKSPACE_QUOTA_PER_USER": "0",
+        "PROVISIONING_CONCURRENCY_LIMIT": "0",
+        # No beat and no sweep worker run here, and the bench pings its own workers below:
+        # /readyz answers once the web process reaches PostgreSQL and Redis.
+        "READYZ_REQUIRE_WORKERS": "false",
+        **(extra_env or {}),
     }
     log_dir.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+    def spawn(args: list[str], log_name: str, python: bool = True) -> subprocess.Popen[bytes]:
         log = open(log_dir / log_name, "ab")  # noqa: SIM115 - lives as long as the process
         proc = subprocess.Popen(
-            [sys.executable, "-m", *args],
+            [sys.executable, "-m", *args] if python else args,
             cwd=REPO,
             env=env,
             stdout=log,
@@ -135,6 +163,25 @@ def platform(name: str, log_dir: Path) -> Iterator[Platform]:
         return proc
 
     try:
+        if proxy:
+            config = log_dir / "caddy.json"
+            config.write_text(json.dumps({"admin": {"listen": env["PROXY_ADMIN"]}}))
+            spawn(["caddy", "run", "--config", str(config)], "caddy.log", python=False)
+        registry = spawn(
+            [
+                "gunicorn",
+                "project.registry_wsgi",
+                "--bind",
+                f"0.0.0.0:{registry_port}",
+                "--workers",
+                "1",
+                "--threads",
+                "4",
+                "--log-level",
+                "warning",
+            ],
+            "registry.log",
+        )
         web = spawn(
             [
                 "gunicorn",
@@ -169,7 +216,7 @@ def platform(name: str, log_dir: Path) -> Iterator[Platform]:
                     "-n",
                     node,
                     "-Q",
-                    str(settings.CELERY_TASK_DEFAULT_QUEUE),
+                    env.get("CELERY_LIFECYCLE_QUEUE") or str(settings.CELERY_TASK_DEFAULT_QUEUE),
                     "--without-gossip",
                     "--without-mingle",
                     "--without-heartbeat",
@@ -188,23 +235,34 @@ def platform(name: str, log_dir: Path) -> Iterator[Platform]:
                 return False
 
         wait_until(web_ready, 60, "gunicorn", interval=0.2)
+
+        def registry_ready() -> bool:
+            if registry.poll() is not None:
+                raise RuntimeError(f"registry exited; see {log_dir / 'registry.log'}")
+            try:
+                probe = http.client.HTTPConnection("127.0.0.1", registry_port, timeout=2)
+                probe.request("GET", "/healthz")
+                return probe.getresponse().status == 404  # answers, and only /api/registry/
+            except OSError:
+                return False
+
+        wait_until(registry_ready, 60, "registry listener", interval=0.2)
         from project.celery import app
 
+        def answers(node: str) -> bool:
+            return bool(app.control.ping(destination=[node], timeout=0.5))
+
         for node in names:
-            wait_until(
-                lambda node=node: app.control.ping(destination=[node], timeout=0.5),
-                60,
-                f"worker {node}",
-                interval=0.2,
-            )
-        yield Platform(url, port, token.key, platform_id, env, log_dir, [p.pid for p in procs])
+            wait_until(functools.partial(answers, node), 60, f"worker {node}", interval=0.2)
+        yield Platform(url, port, token, platform_id, env, log_dir, [p.pid for p in procs])
     finally:
         for proc in reversed(procs):
             _stop(proc)
 
 
 def remove_labelled(label: str) -> None:
-    """Force-remove every container and volume carrying ``label`` (key=value), in parallel."""
+    """Force-remove every container, volume and network carrying ``label`` (key=value), in
+    parallel."""
     from provisioning.backends.docker import make_client
 
     client = make_client()
@@ -215,6 +273,14 @@ def remove_labelled(label: str) -> None:
         for volume in client.volumes.list(filters={"label": label}):
             with contextlib.suppress(Exception):
                 volume.remove(force=True)
+
+        def remove_network(network: Any) -> None:
+            with contextlib.suppress(Exception):
+                network.remove()
+
+        networks = client.networks.list(filters={"label": label})
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(remove_network, networks))
     finally:
         client.close()
 
