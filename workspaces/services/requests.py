@@ -14,7 +14,7 @@ from uuid import UUID
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, prefetch_related_objects
 from django.utils import timezone
 
 from workspaces import audit
@@ -46,6 +46,14 @@ APP_PORT_ATTEMPTS = 5
 
 
 # --- requests ------------------------------------------------------------------------------------
+def _answerable(*workspaces: Workspace) -> None:
+    """Load what the API's answer reads of these rows (owner, team members) before the commit:
+    once the intent is committed, nothing may touch the database again and turn a recorded
+    request into an error response (a lost connection there would be a 503 for a request that
+    took effect, and the client's retry a different answer)."""
+    prefetch_related_objects(list(workspaces), "owner", "members")
+
+
 def _template_for(template: Any) -> Template:
     from provisioning.manifests import templates
 
@@ -152,7 +160,7 @@ def create_workspace(
     with transaction.atomic():
         check_quota(owner, adding=1)
         check_concurrency(adding=1)
-        return _insert_workspace(
+        workspace = _insert_workspace(
             owner=owner,
             name=name,
             manifest=manifest,
@@ -160,6 +168,8 @@ def create_workspace(
             backend=backend or default_backend_name(),
             actor=actor or audit.user(owner),
         )
+        _answerable(workspace)
+        return workspace
 
 
 def team_member_names(team_name: str, members: tuple[str, ...]) -> list[str]:
@@ -241,12 +251,15 @@ def create_team(
             )
             for member_name, member_manifest in zip(member_names, member_manifests, strict=True)
         ]
+        _answerable(parent, *members)
     logger.info("team %s (%s) created with %d members", name, parent.id, len(members))
     return Team(parent, members)
 
 
 def _requested(workspace: Workspace, verb: str, actor: str) -> Workspace:
+    """Read the row back, with what the answer shows, inside the caller's transaction."""
     workspace.refresh_from_db()
+    _answerable(workspace)
     logger.info(
         "workspace %s/%s (%s) %s requested by %s: status %s",
         workspace.owner.username,
@@ -410,6 +423,7 @@ def update_workspace(
         if workspace.status in (S.REMOVING, S.REMOVED):
             raise TransitionNotAllowed(f"workspace is {workspace.status}; it cannot be changed")
         if not values:
+            _answerable(workspace)
             return workspace
         now = timezone.now()
         updates: dict[str, Any] = {"updated_at": now, "last_activity_at": now}
@@ -427,4 +441,6 @@ def update_workspace(
                     "name", f"you already have a workspace named {values['name']!r}"
                 ) from None
             raise
-    return _requested(workspace, f"update of {', '.join(sorted(values))}", actor)
+        # Read back before the commit: nothing after it may fail and turn the recorded change
+        # into an error response.
+        return _requested(workspace, f"update of {', '.join(sorted(values))}", actor)
