@@ -79,6 +79,10 @@ _BRIDGE_OPTION = "com.docker.network.bridge.name"
 _warned: set[str] = set()
 
 
+class _NameTaken(Exception):
+    """The engine refused a create: a container of that name exists."""
+
+
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
@@ -222,6 +226,10 @@ class DockerBackend(WorkspaceBackend):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._client: docker.DockerClient | None = None
+        # Containers this process's prepare made or adopted, by id: the fingerprint of the env
+        # they carry (in memory only, never saved). start() starts such a container by id with
+        # no lookup when its spec carries the same env.
+        self._prepared: dict[str, int] = {}
 
     # -- the engine ----------------------------------------------------------------------------
     def engine_host(self) -> str:
@@ -294,17 +302,24 @@ class DockerBackend(WorkspaceBackend):
     def _own_network() -> bool:
         return bool(settings.DOCKER_NETWORK_MODE == "workspace")
 
-    def _ensure_network(self, spec: LaunchSpec) -> dict[str, Any]:
-        """Get or create the workspace's internal network; returns its engine attributes."""
+    def _ensure_network(self, spec: LaunchSpec, *, known: bool) -> dict[str, Any]:
+        """Get or create the workspace's internal network; returns its engine attributes. One
+        engine call when an earlier instance used it (``known``: inspected by name), two on a
+        first provision (created, then inspected; the engine refuses a duplicate name: 409)."""
         name = self.network_name(spec.workspace_id)
         labels = {"label": [platform_filter(), workspace_filter(spec.workspace_id)]}
+        if known:
+            with engine_errors(f"inspecting network {name}"):
+                try:
+                    attrs = dict(self.client.api.inspect_network(name))
+                except docker.errors.NotFound:
+                    attrs = {}
+            mine = attrs.get("Labels") or {}
+            if attrs.get("Name") == name and all(
+                mine.get(key) == value for key, value in self._labels(spec.workspace_id).items()
+            ):
+                return attrs
         for _attempt in range(_CREATE_ATTEMPTS):
-            with engine_errors(f"listing networks for {name}"):
-                found = self.client.api.networks(names=[name], filters=labels)
-            for network in found:
-                if network.get("Name") == name:
-                    with engine_errors(f"inspecting network {name}"):
-                        return dict(self.client.api.inspect_network(network["Id"]))
             with engine_errors(f"creating network {name}"):
                 try:
                     created = self.client.api.create_network(
@@ -315,11 +330,20 @@ class DockerBackend(WorkspaceBackend):
                         labels=self._labels(spec.workspace_id),
                         check_duplicate=True,
                     )
+                    return dict(self.client.api.inspect_network(created["Id"]))
                 except docker.errors.APIError as exc:
                     if exc.status_code != 409:
                         raise
-                    continue  # a racing cycle created it: list again
-                return dict(self.client.api.inspect_network(created["Id"]))
+            # An earlier cycle's (or a racing cycle's) network of that name.
+            with engine_errors(f"listing networks for {name}"):
+                found = self.client.api.networks(names=[name], filters=labels)
+            for network in found:
+                if network.get("Name") == name:
+                    with engine_errors(f"inspecting network {name}"):
+                        try:
+                            return dict(self.client.api.inspect_network(network["Id"]))
+                        except docker.errors.NotFound:
+                            break  # removed meanwhile: create again
         raise BackendError(f"docker: could not create network {name}")
 
     def _remove_networks(self, workspace_id: UUID | str) -> None:
@@ -421,13 +445,6 @@ class DockerBackend(WorkspaceBackend):
         ):
             container.remove(force=True)
 
-    def _ensure_volume(self, spec: LaunchSpec) -> None:
-        name = self.volume_name(spec.workspace_id)
-        with engine_errors(f"creating volume {name}"):
-            # Create is get-or-create on the engine: an existing volume of that name (an earlier
-            # cycle's, or a racing creator's) comes back as it is, contents and labels kept.
-            self.client.volumes.create(name=name, labels=self._labels(spec.workspace_id))
-
     def _environment(self, spec: LaunchSpec, *, host_net: bool) -> dict[str, str]:
         """The instance's environment: the spec's, where its config is mounted, and where its
         app listens. On the host's network the app must listen on loopback only, or it would be
@@ -437,55 +454,59 @@ class DockerBackend(WorkspaceBackend):
             environment["WORKSPACE_APP_HOST"] = "127.0.0.1" if host_net else "0.0.0.0"
         return environment
 
-    def _create(self, spec: LaunchSpec) -> Container:
+    def _create(self, spec: LaunchSpec, *, network_known: bool = False) -> str:
+        """Create the container; returns its id. Through the engine API's create alone (the
+        SDK's ``containers.create`` inspects the new container after it: one call more)."""
         mount = self._mount(spec)
         environment = self._environment(spec, host_net=not self._own_network())
-        network: dict[str, Any] = {"network_mode": "host"}
+        network_mode = "host"
         if self._own_network():
-            attrs = self._ensure_network(spec)
+            attrs = self._ensure_network(spec, known=network_known)
             platform_url = spec.env.get("PLATFORM_URL") or settings.PLATFORM_URL
             self.ensure_bridge_firewall(attrs, platform_url)
             environment["PLATFORM_URL"] = self.platform_url_via(platform_url, self._gateway(attrs))
-            network = {"network": self.network_name(spec.workspace_id)}
-        kwargs: dict[str, Any] = {
-            "name": spec.name,
-            "labels": {
-                **self._labels(spec.workspace_id, spec.generation),
-                _label("template"): spec.template.name,
-            },
-            "environment": environment,
-            "mounts": [
-                Mount(target=mount, source=self.volume_name(spec.workspace_id), type="volume")
+            network_mode = self.network_name(spec.workspace_id)
+        host_config = self.client.api.create_host_config(
+            # The engine creates the config volume with the container (with these labels; a new
+            # volume takes the owner and mode of the image's folder) or mounts the existing one,
+            # contents kept: no engine call of its own.
+            mounts=[
+                Mount(
+                    target=mount,
+                    source=self.volume_name(spec.workspace_id),
+                    type="volume",
+                    labels=self._labels(spec.workspace_id),
+                )
             ],
-            **network,
+            network_mode=network_mode,
             # Least privilege: a non-root user, no setuid gains, no capabilities at all (the
             # agent needs none), and bounded memory, CPU and processes.
-            "user": settings.DOCKER_WORKSPACE_USER,
-            "security_opt": ["no-new-privileges:true"],
-            "cap_drop": ["ALL"],
+            security_opt=["no-new-privileges:true"],
+            cap_drop=["ALL"],
             **self._limits(spec),
-            "stop_signal": "SIGTERM",
-            "detach": True,
-        }
-        if spec.template.command:
-            # The template's command runs instead of the platform's agent (the image's entrypoint).
-            kwargs["entrypoint"] = list(spec.template.command)
-        for attempt in range(_CREATE_ATTEMPTS):
+        )
+        with engine_errors(f"creating container {spec.name} from {self._image(spec)}"):
             try:
-                with engine_errors(f"creating container {spec.name} from {self._image(spec)}"):
-                    return self.client.containers.create(self._image(spec), **kwargs)
-            except BackendError as exc:
-                conflict = isinstance(exc.__cause__, docker.errors.APIError) and (
-                    exc.__cause__.status_code == 409
+                created = self.client.api.create_container(
+                    self._image(spec),
+                    name=spec.name,
+                    labels={
+                        **self._labels(spec.workspace_id, spec.generation),
+                        _label("template"): spec.template.name,
+                    },
+                    environment=environment,
+                    user=settings.DOCKER_WORKSPACE_USER,
+                    stop_signal="SIGTERM",
+                    # The template's command runs instead of the platform's agent (the image's
+                    # entrypoint).
+                    entrypoint=list(spec.template.command) if spec.template.command else None,
+                    host_config=host_config,
                 )
-                if not conflict or attempt == _CREATE_ATTEMPTS - 1:
-                    raise
-            # A container of that name appeared after we looked (a killed cycle's create
-            # finishing late): it belongs to an older generation, so replace it.
-            leftover = self._find(spec.workspace_id)
-            if leftover is not None:
-                self._remove_container(leftover)
-        raise BackendError(f"docker: could not create container {spec.name}")  # pragma: no cover
+            except docker.errors.APIError as exc:
+                if exc.status_code == 409:
+                    raise _NameTaken(spec.name) from exc
+                raise
+        return str(created["Id"])
 
     def _container_for(self, spec: LaunchSpec) -> Container:
         container = self._find(spec.workspace_id)
@@ -502,6 +523,16 @@ class DockerBackend(WorkspaceBackend):
         value = (container.labels or {}).get(_label("generation"))
         return int(value) if value and value.isdigit() else None
 
+    @staticmethod
+    def _fingerprint(spec: LaunchSpec) -> int:
+        return hash((spec.generation, frozenset(spec.env.items())))
+
+    def _prepared_as(self, container_id: str, spec: LaunchSpec) -> State:
+        if len(self._prepared) > 1024:  # cycles that never reached start (failed, killed)
+            self._prepared.clear()
+        self._prepared[container_id] = self._fingerprint(spec)
+        return {"container_id": container_id, "generation": spec.generation}
+
     def _env_matches(self, container: Container, spec: LaunchSpec) -> bool:
         current = set(container.attrs.get("Config", {}).get("Env") or [])
         # PLATFORM_URL is rewritten per network (its gateway), so it is not compared.
@@ -511,19 +542,36 @@ class DockerBackend(WorkspaceBackend):
 
     # -- contract ------------------------------------------------------------------------------
     def prepare(self, spec: LaunchSpec, state: State) -> State:
-        self._ensure_volume(spec)
-        container = self._find(spec.workspace_id)
-        if container is not None:
+        """Create this generation's container (and with it, the config volume). The one a
+        previous cycle recorded in ``state`` is removed by id first (a restart: one call, no
+        lookup); a container found under the name afterwards (a killed cycle's, never recorded)
+        is adopted when it is this generation's and unstarted with this env, else replaced."""
+        previous = state.get("container_id")
+        if previous and state.get("generation") != spec.generation:
+            with (
+                engine_errors(f"removing container {spec.name}"),
+                contextlib.suppress(docker.errors.NotFound),
+            ):
+                self.client.api.remove_container(previous, force=True)
+        for _attempt in range(_CREATE_ATTEMPTS):
+            try:
+                created = self._create(spec, network_known=bool(state.get("network")))
+                return self._prepared_as(created, spec)
+            except _NameTaken:
+                pass
+            container = self._find(spec.workspace_id)
+            if container is None:
+                continue  # removed meanwhile: create again
             adoptable = (
                 self._generation_of(container) == spec.generation
                 and container.status == "created"
                 and self._env_matches(container, spec)
             )
             if adoptable:
-                return self._state(container, spec.generation)
+                return self._prepared_as(str(container.id), spec)
             # An earlier (or killed) cycle's container: replaced, never a name conflict.
             self._remove_container(container)
-        return self._state(self._create(spec), spec.generation)
+        raise BackendError(f"docker: could not create container {spec.name}")
 
     def _gone(self, spec: LaunchSpec) -> BackendError:
         return BackendError(f"docker: container {spec.name} is gone; the next cycle recreates it")
@@ -559,6 +607,19 @@ class DockerBackend(WorkspaceBackend):
             raise BackendError(f"docker: the engine refused the config files for {spec.name}")
 
     def start(self, spec: LaunchSpec, state: State) -> State:
+        container_id = str(state.get("container_id") or "")
+        made = self._prepared.pop(container_id, None)
+        if made is not None and made == self._fingerprint(spec):
+            # This process's prepare made (or adopted) it for this generation with this env and
+            # token (ids are never reused): start it by id; the inspect that follows confirms it.
+            with engine_errors(f"starting container {spec.name}"):
+                try:
+                    self.client.api.start(container_id)
+                    container = self.client.containers.get(container_id)
+                except docker.errors.NotFound:
+                    container = None
+            if container is not None and self._generation_of(container) == spec.generation:
+                return self._wait_running(container, spec, reloaded=True)
         container = self._find(spec.workspace_id)
         current = (
             container is not None
@@ -575,12 +636,16 @@ class DockerBackend(WorkspaceBackend):
                 container.start()
         return self._wait_running(container, spec)
 
-    def _wait_running(self, container: Container, spec: LaunchSpec) -> State:
+    def _wait_running(
+        self, container: Container, spec: LaunchSpec, *, reloaded: bool = False
+    ) -> State:
         deadline = time.monotonic() + settings.DOCKER_START_WAIT_SECONDS
         delay = 0.05
         while True:
-            with engine_errors(f"inspecting container {spec.name}"):
-                container.reload()
+            if not reloaded:
+                with engine_errors(f"inspecting container {spec.name}"):
+                    container.reload()
+            reloaded = False
             status = container.status
             if status == "running":
                 return {

@@ -6,7 +6,9 @@ fixture). Workspaces here are only ids; the e2e tests drive the backend through 
 
 from __future__ import annotations
 
+import re
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -186,8 +188,9 @@ def test_leftover_of_a_killed_cycle_is_replaced_never_a_conflict(
     state = backend.prepare(again, backend.stop(workspace_id, state, 1))
     created = docker_engine.containers.get(f"ws-{workspace_id}")
     assert backend.prepare(again, state)["container_id"] == created.id
-    # A create that races a leftover of the same name (409) removes it and retries.
-    assert backend._create(again).id != created.id
+    # A later generation whose create meets that container (409; no state names it) removes
+    # it and creates its own.
+    assert backend.prepare(_spec(workspace_id, 6), {})["container_id"] != created.id
     assert len(_containers(docker_engine, workspace_id)) == 1
     backend.remove(workspace_id, state)
 
@@ -379,3 +382,65 @@ def test_logs_are_the_containers_output_tail_bounded(backend: DockerBackend) -> 
     finally:
         backend.remove(workspace_id, {})
     assert backend.logs(workspace_id, {}, 10, 4096) == ""
+
+
+def _engine_calls(backend: DockerBackend, steps: Callable[[], None]) -> list[str]:
+    """The engine requests ``steps()`` makes: method and path without the API version, with
+    the workspace's names and the engine's ids shown as ``<name>`` and ``<id>``."""
+    made: list[str] = []
+
+    def record(response: Any, *args: Any, **kwargs: Any) -> None:
+        path = response.request.path_url.split("?")[0].split("/", 2)[2]
+        path = re.sub(r"ws-[0-9a-f-]{36}(-net)?", "<name>", path)
+        made.append(f"{response.request.method} /{re.sub(r'[0-9a-f]{64}', '<id>', path)}")
+
+    hooks = backend.client.api.hooks["response"]
+    hooks.append(record)
+    try:
+        steps()
+    finally:
+        hooks.remove(record)
+    return made
+
+
+@pytest.mark.parametrize("network_mode", ["workspace", "host"])
+def test_a_provision_makes_the_fewest_engine_calls(
+    backend: DockerBackend, docker_engine, settings, network_mode: str
+) -> None:
+    """The engine spends CPU per call. A first provision: the network (create, inspect), the
+    container with its volume (one create), the config (one archive), start and one inspect.
+    A restart removes the old container by id and inspects the network by name: no lookups."""
+    settings.DOCKER_NETWORK_MODE = network_mode
+    settings.DOCKER_HOST_FIREWALL = "off"  # the firewall is the isolation tests' subject
+    workspace_id = uuid.uuid4()
+    state: dict[str, Any] = {}
+
+    def cycle(generation: int) -> None:
+        nonlocal state
+        spec = _spec(workspace_id, generation)
+        state = backend.prepare(spec, state)
+        backend.write_config(spec, state, {"a.txt": b"a"})
+        state = backend.start(spec, state)
+
+    own = network_mode == "workspace"
+    container = [
+        "POST /containers/create",
+        "PUT /containers/<name>/archive",
+        "POST /containers/<id>/start",
+        "GET /containers/<id>/json",
+    ]
+    first = _engine_calls(backend, lambda: cycle(1))
+    assert first == [
+        *(["POST /networks/create", "GET /networks/<id>"] if own else []),
+        *container,
+    ], first
+    backend.stop(workspace_id, state, 1)
+    again = _engine_calls(backend, lambda: cycle(2))
+    assert again == [
+        "DELETE /containers/<id>",
+        *(["GET /networks/<name>"] if own else []),
+        *container,
+    ], again
+    [current] = _containers(docker_engine, workspace_id)
+    assert current.labels[_label("generation")] == "2" and current.status == "running"
+    backend.remove(workspace_id, state)

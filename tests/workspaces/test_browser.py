@@ -67,11 +67,20 @@ def browser() -> Iterator[Any]:
 
 def _log_in(driver: Any, base: str, path: str, username: str) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.expected_conditions import staleness_of
+    from selenium.webdriver.support.ui import WebDriverWait
 
     driver.get(base + path)
     driver.find_element(By.NAME, "username").send_keys(username)
     driver.find_element(By.NAME, "password").send_keys("x-password-123")
-    driver.find_element(By.CSS_SELECTOR, "form [type=submit]").click()
+    submit = driver.find_element(By.CSS_SELECTOR, "form [type=submit]")
+    submit.click()
+    # click() returns before the next page has loaded: wait until the login page is gone, or
+    # the test would read the login page's source.
+    WebDriverWait(driver, 30).until(staleness_of(submit))
+    WebDriverWait(driver, 30).until(
+        lambda d: d.execute_script("return document.readyState") == "complete"
+    )
 
 
 def _text(driver: Any, selector: str) -> str:
