@@ -260,6 +260,7 @@ class Hub:
     """JupyterHub + configurable-http-proxy as child processes, stopped by pid."""
 
     def __init__(self, image: str, user: str, log_dir: Path) -> None:
+        chp = ensure_proxy()  # first: it makes var/peer on a fresh checkout
         self.folder = Path(tempfile.mkdtemp(prefix="hub-", dir=PEER_DIR))
         self.port = free_port()
         self.token = secrets.token_hex(32)
@@ -271,7 +272,7 @@ class Hub:
             proxy_port=free_port(),
             hub_port=self.port,
             proxy_api_port=free_port(),
-            chp=str(ensure_proxy()),
+            chp=str(chp),
             folder=self.folder,
             token=self.token,
             timeout=int(TIMEOUT),
