@@ -1,13 +1,22 @@
 """Docker backend overhead, each figure beside its floor on the same engine in the same run.
 
-* a provision cycle (``lifecycle.converge``: gate, fenced DB writes, token, prepare, config copy,
-  start) vs the bare engine calls any such start needs (volume, create, one put_archive of the
-  config files and marker, start, one inspect), called one after the other;
-* ``list_instances()`` vs the bare list calls it makes (containers, volumes), with the cycle's
-  containers present.
+For each network mode (``workspace``, the default: an internal bridge network per workspace;
+``host``, the documented opt-out):
 
-Uses the engine in DOCKER_HOST, or a private dockerd (``bench.engine.ensure_engine``), and builds
-the agent image there when it is missing. Run: ``.venv/bin/python -m bench.docker_backend``.
+* a provision cycle (``lifecycle.converge``: gate, fenced DB writes, token, network, container
+  with its volume, config archive, start) vs the bare engine calls the same start needs (network
+  create and inspect in ``workspace`` mode, create with the volume mount, one put_archive of the
+  config files and marker, start, one inspect), called one after the other;
+* the engine's CPU per provisioned workspace (dockerd, containerd and the shims, read from /proc
+  around a batch of cycles) vs what a bare container costs it: create, start and inspect on the
+  host's network with no volume and no archive (what DockerSpawner asks of the engine).
+
+And ``list_instances()`` vs the bare list calls it makes (containers, volumes).
+
+Uses the engine in DOCKER_HOST, or a private dockerd (``bench.engine.ensure_engine``; CPU figures
+need ``BENCH_DOCKERD_ROOT`` to find the engine's processes, which ensure_engine sets for its own),
+and builds the agent image there when it is missing. Run: ``.venv/bin/python -m bench --only
+docker_backend``.
 """
 
 from __future__ import annotations
@@ -16,8 +25,11 @@ import io
 import os
 import tarfile
 import uuid
+from collections.abc import Callable
 
 from bench.common import Figure, setup_django, timed
+
+BATCH = 5  # workspaces per CPU sample: the kernel counts CPU in 10 ms ticks
 
 
 def _tar(files: dict[str, bytes]) -> bytes:
@@ -30,6 +42,19 @@ def _tar(files: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
+def _engine_ms_per(count: int, work: Callable[[], None]) -> float:
+    from bench.engine import cpu_seconds
+
+    before = cpu_seconds([])["engine"]
+    work()
+    return (cpu_seconds([])["engine"] - before) * 1000 / count
+
+
+def _times(count: int, work: Callable[[], None]) -> None:
+    for _ in range(count):
+        work()
+
+
 def run(repeats: int) -> list[Figure]:
     from bench.engine import ensure_agent_image, ensure_engine
 
@@ -37,6 +62,7 @@ def run(repeats: int) -> list[Figure]:
     setup_django(database=os.environ.get("BENCH_DATABASE", "ws_docker_bench"), redis_db=5)
     from django.conf import settings
     from django.contrib.auth import get_user_model
+    from docker.types import Mount
 
     from provisioning import lifecycle
     from provisioning.backends import backend_for
@@ -51,12 +77,10 @@ def run(repeats: int) -> list[Figure]:
     user, _ = get_user_model().objects.get_or_create(username="bench-docker")
     image = settings.DOCKER_AGENT_IMAGE
     mount = settings.DOCKER_CONFIG_MOUNT
-
-    cycle: list[float] = []
-    floor: list[float] = []
     made: list[Workspace] = []
     raw: list[str] = []
-    for _ in range(repeats):
+
+    def provision() -> None:
         workspace = services.create_workspace(
             owner=user,
             name=f"b-{uuid.uuid4().hex[:12]}",
@@ -64,28 +88,85 @@ def run(repeats: int) -> list[Figure]:
             backend="docker",
         )
         made.append(workspace)
-        cycle.append(timed(lambda ws=workspace: lifecycle.converge(ws.id)))
+        lifecycle.converge(workspace.id)
 
+    def bare(own_network: bool, volume: bool = True) -> None:
         name = f"bench-raw-{uuid.uuid4().hex[:12]}"
         raw.append(name)
-
-        def bare(name: str = name) -> None:
-            client.volumes.create(name=f"{name}-configs")
-            container = client.containers.create(
-                image,
-                name=name,
-                environment={"WORKSPACE_ID": name, "WORKSPACE_TOKEN": "x", "PLATFORM_URL": "x"},
-                volumes={f"{name}-configs": {"bind": mount, "mode": "rw"}},
-                network_mode=settings.DOCKER_NETWORK_MODE,
+        network_mode = "host"
+        if own_network:
+            created = client.api.create_network(
+                f"{name}-net", driver="bridge", internal=True, check_duplicate=True
             )
-            container.put_archive(
-                mount, _tar({"profile.sh": b"# profile\n", ".provisioned": b"{}"})
+            client.api.inspect_network(created["Id"])
+            network_mode = f"{name}-net"
+        mounts = [Mount(target=mount, source=f"{name}-configs", type="volume")] if volume else []
+        container = client.api.create_container(
+            image,
+            name=name,
+            environment={"WORKSPACE_ID": name, "WORKSPACE_TOKEN": "x", "PLATFORM_URL": "x"},
+            host_config=client.api.create_host_config(mounts=mounts, network_mode=network_mode),
+        )
+        if volume:
+            client.api.put_archive(
+                container["Id"], mount, _tar({"profile.sh": b"# profile\n", ".provisioned": b"{}"})
             )
-            container.start()
-            container.reload()
+        client.api.start(container["Id"])
+        client.api.inspect_container(container["Id"])
 
-        floor.append(timed(bare))
+    def clean() -> None:
+        for workspace in made:
+            backend_for(workspace).remove(workspace.id, {})
+        Workspace.objects.filter(id__in=[w.id for w in made]).delete()
+        made.clear()
+        for name in raw:
+            client.api.remove_container(name, force=True)
+            for leftover in client.api.volumes(filters={"name": name}).get("Volumes") or []:
+                client.api.remove_volume(leftover["Name"], force=True)
+            for network in client.api.networks(names=[f"{name}-net"]):
+                client.api.remove_network(network["Id"])
+        raw.clear()
 
+    figures: list[Figure] = []
+    spawner_cpu: list[float] = []
+    for mode in ("workspace", "host"):
+        settings.DOCKER_NETWORK_MODE = mode
+        own = mode == "workspace"
+        cycle: list[float] = []
+        floor: list[float] = []
+        cycle_cpu: list[float] = []
+        for _ in range(repeats):
+            cycle.append(timed(provision))
+            floor.append(timed(lambda own=own: bare(own)))
+            cycle_cpu.append(_engine_ms_per(BATCH, lambda: _times(BATCH, provision)))
+            spawner_cpu.append(
+                _engine_ms_per(BATCH, lambda: _times(BATCH, lambda: bare(False, False)))
+            )
+            clean()
+        network = "network create+inspect, " if own else ""
+        figures.append(
+            Figure(
+                f"docker provision cycle, DOCKER_NETWORK_MODE={mode} (converge to start)",
+                "s",
+                cycle,
+                floor_name=f"bare engine {network}create with volume, put_archive, start, inspect",
+                floor_samples=floor,
+            )
+        )
+        figures.append(
+            Figure(
+                f"engine CPU per provision, DOCKER_NETWORK_MODE={mode}",
+                "ms",
+                cycle_cpu,
+                floor_name="engine CPU per bare container (host network, no volume: create, "
+                "start, inspect)",
+                floor_samples=spawner_cpu[-repeats:],
+            )
+        )
+
+    settings.DOCKER_NETWORK_MODE = "host"
+    for _ in range(repeats):
+        provision()
     backend = backend_for(made[0])
     listing = [timed(backend.list_instances) for _ in range(repeats * 3)]
     labelled = {"label": platform_filter()}
@@ -95,30 +176,18 @@ def run(repeats: int) -> list[Figure]:
         client.api.volumes(filters=labelled)
 
     bare_listing = [timed(bare_list) for _ in range(repeats * 3)]
-
-    for workspace in made:
-        backend.remove(workspace.id, {})
-    Workspace.objects.filter(id__in=[w.id for w in made]).delete()
-    for name in raw:
-        client.containers.get(name).remove(force=True)
-        client.volumes.get(f"{name}-configs").remove(force=True)
+    clean()
     client.close()
-    return [
-        Figure(
-            "docker provision cycle (converge to start)",
-            "s",
-            cycle,
-            floor_name="bare engine volume+create+put_archive+start+inspect",
-            floor_samples=floor,
-        ),
+    figures.append(
         Figure(
             f"list_instances ({repeats} containers)",
             "s",
             listing,
             floor_name="bare containers + volumes list calls",
             floor_samples=bare_listing,
-        ),
-    ]
+        )
+    )
+    return figures
 
 
 if __name__ == "__main__":
