@@ -363,6 +363,15 @@ DOCKER_DEFAULT_PIDS = env_int("DOCKER_DEFAULT_PIDS", 256, minimum=1)
 DOCKER_APP_HOST = env_str("DOCKER_APP_HOST", "127.0.0.1")
 DOCKER_AGENT_IMAGE = env_str("DOCKER_AGENT_IMAGE", "workspace-agent:dev")
 DOCKER_CONFIG_MOUNT = env_str("DOCKER_CONFIG_MOUNT", "/workspace/config")
+# How a container's config volume gets the template's files. "image": the backend builds (once
+# per template content) an image FROM the agent image with the files at DOCKER_CONFIG_MOUNT, and
+# the engine copies them into the volume when the container is created and the volume is empty
+# (first provision and recovery alike; the agent reports the copy). "archive": the platform
+# writes them with one put_archive per provision, which costs the engine about as much as the
+# container's creation. Templates with their own `command` (no platform agent) use "archive".
+DOCKER_CONFIG_DELIVERY = env_choice("DOCKER_CONFIG_DELIVERY", "image", ("image", "archive"))
+# The repository of those config images (tags: <template>-<digest>).
+DOCKER_CONFIG_IMAGE = env_str("DOCKER_CONFIG_IMAGE", "workspace-config")
 DOCKER_TIMEOUT_SECONDS = env_int("DOCKER_TIMEOUT_SECONDS", 30, minimum=1)
 # Docker backend: labels, start wait and the agent image build.
 # Every container and volume the platform creates carries ``<prefix>.platform=<PLATFORM_ID>``;

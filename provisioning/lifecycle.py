@@ -369,9 +369,16 @@ def _ensure_config(
     empty. The source is the template the cycle resolved (``spec.template``): the workspace's
     own, or ``<runtime>-default`` when that is gone; with neither, the cycle failed before any
     backend call."""
+    first = workspace.config_populated_at is None
+    if backend.config_in_image(spec):
+        # The engine filled an empty volume from the template's config image when prepare
+        # created the instance; the agent reports that copy at registration, where a copy after
+        # an earlier registration is recorded as the recovery.
+        if first:
+            services.record_config_populated(workspace.id, spec.generation)
+        return
     # Never populated by a finished cycle: write it without reading it first (whatever an
     # interrupted earlier cycle left is overwritten; one engine round trip less per provision).
-    first = workspace.config_populated_at is None
     if (
         not first
         and _confirmed(lease, backend.config_state, spec, state) is ConfigState.PROVISIONED

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 
-from provisioning.backends.base import CONFIG_MARKER
+from provisioning.backends.base import CONFIG_COPIED, CONFIG_MARKER
 from provisioning.backends.docker import _label
 from tests.support import api_events, docker_containers, wait_for
 from workspaces.models import Workspace
@@ -77,6 +77,11 @@ def test_docker_post_online_restart_recover_delete(
         (f"ws-{workspace_id}-configs", settings.DOCKER_CONFIG_MOUNT)
     ]
     assert {CONFIG_MARKER, "profile.sh"} <= config_files(container)
+    # The engine copied the template in from its config image; the agent reported the copy at
+    # registration and dropped the flag (a first population: no recovery event).
+    wait_for(
+        lambda: CONFIG_COPIED not in config_files(container), timeout=10, message="flag dropped"
+    )
     environ = container.exec_run(["cat", "/proc/1/environ"]).output.split(b"\0")
     assert b"GREETING=hi" in environ
     assert f"WORKSPACE_ID={workspace_id}".encode() in environ
@@ -88,7 +93,8 @@ def test_docker_post_online_restart_recover_delete(
     assert container.labels[_label("generation")] == str(restarted["generation"])
 
     # Empty the config volume behind the platform's back (through the engine), then restart:
-    # the cycle finds it empty, repopulates it from the template and says so.
+    # the new container's creation refills it from the template's config image, and the agent's
+    # registration says so (DOCKER_CONFIG_DELIVERY=image, the default).
     mount = settings.DOCKER_CONFIG_MOUNT
     emptied = container.exec_run(["sh", "-c", f"rm -rf {mount}/* {mount}/.[!.]*"])
     assert emptied.exit_code == 0, emptied.output
@@ -97,12 +103,16 @@ def test_docker_post_online_restart_recover_delete(
     recovered = wait_status(api, workspace_id, S.ONLINE, after_generation=restarted["generation"])
     container = running_container(docker_engine, workspace_id)
     assert {CONFIG_MARKER, "profile.sh"} <= config_files(container)
+    wait_for(
+        lambda: CONFIG_COPIED not in config_files(container), timeout=10, message="flag dropped"
+    )
     recoveries = [
         e for e in api_events(api, workspace_id) if e["type"] == EventType.CONFIG_RECOVERED
     ]
     assert len(recoveries) == 1
     assert recoveries[0]["generation"] == recovered["generation"]
     assert recoveries[0]["payload"] == {"template": "shell-default", "fallback": False}
+    assert recoveries[0]["source"] == "agent"  # reported by the agent that found the copy
 
     assert api.delete(f"/api/workspaces/{workspace_id}/").status_code == 202
     removed = wait_status(api, workspace_id, S.REMOVED)

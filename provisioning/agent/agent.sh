@@ -125,13 +125,21 @@ while ! app_answers; do
   pause 0.5
 done
 
+# The engine filled the config volume from the template's config image (it was empty): say so
+# at registration (the platform records a recovery when the workspace had registered before),
+# then drop the flag.
+copied_flag="${WORKSPACE_CONFIG_DIR:-/nonexistent}/.config-copied"
+copied=""
+[ -f "$copied_flag" ] && copied=', "config_copied": true'
+
 # Register with exponential backoff: 0.2 s doubling to 5 s, until accepted or rejected.
 delay_ms=200
 while :; do
-  post /api/registry/register
+  post /api/registry/register "$copied"
   case $? in
     0)
-      log "registered workspace $WORKSPACE_ID"
+      log "registered workspace $WORKSPACE_ID${copied:+ (config copied from the template)}"
+      [ -n "$copied" ] && rm -f "$copied_flag"
       break
       ;;
     1)

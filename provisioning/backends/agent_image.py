@@ -4,17 +4,26 @@ runs workspaces (``manage.py build_agent_image``); no registry, no pull."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import subprocess
 import tarfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import docker
 from django.conf import settings
 
 from provisioning.agent import AGENT_PAGE, AGENT_SCRIPT
-from provisioning.backends.base import BackendError
-from provisioning.backends.docker import _label, engine_errors, make_client, workspace_user_ids
+from provisioning.backends.base import CONFIG_COPIED, CONFIG_MARKER, BackendError
+from provisioning.backends.docker import (
+    _label,
+    _safe_relative,
+    engine_errors,
+    make_client,
+    workspace_user_ids,
+)
 
 AGENT_SH = AGENT_SCRIPT.with_name("agent.sh")
 AGENT_DOCKERFILE = """\
@@ -123,3 +132,84 @@ def build_agent_image(
         finally:
             client.close()
     return str(image.id)
+
+
+# --- config images ----------------------------------------------------------------------------
+CONFIG_DOCKERFILE = """\
+FROM {base}
+COPY --chown={uid}:{gid} config/ {mount}/
+LABEL {label}=config
+"""
+
+
+def config_image_files(template_name: str, files: Mapping[str, bytes]) -> dict[str, bytes]:
+    """What a config image holds at the config mount: the template's files, the marker (last
+    written by no one: the engine copies the whole folder at once) and the copy flag."""
+    payload = {
+        name: data for name, data in files.items() if name not in (CONFIG_MARKER, CONFIG_COPIED)
+    }
+    payload[CONFIG_MARKER] = json.dumps({"template": template_name, "source": "image"}).encode()
+    payload[CONFIG_COPIED] = b""
+    return payload
+
+
+def config_image_tag(base_id: str, template_name: str, files: Mapping[str, bytes]) -> str:
+    """``DOCKER_CONFIG_IMAGE:<template>-<digest>``: the digest covers the base image's id, the
+    mount, the workspace user and every file, so a change to any of them is a new image."""
+    uid, gid = workspace_user_ids()
+    digest = hashlib.sha256()
+    for part in (base_id, settings.DOCKER_CONFIG_MOUNT, f"{uid}:{gid}"):
+        digest.update(part.encode() + b"\0")
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    return f"{settings.DOCKER_CONFIG_IMAGE}:{template_name[:100]}-{digest.hexdigest()[:16]}"
+
+
+def config_image_context(base: str, files: Mapping[str, bytes]) -> bytes:
+    uid, gid = workspace_user_ids()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        dockerfile = CONFIG_DOCKERFILE.format(
+            base=base,
+            uid=uid,
+            gid=gid,
+            mount=settings.DOCKER_CONFIG_MOUNT.rstrip("/"),
+            label=_label("image"),
+        )
+        entries = {"Dockerfile": dockerfile.encode()}
+        entries.update({f"config/{_safe_relative(name)}": data for name, data in files.items()})
+        folders: set[str] = {"config"}
+        for name in entries:
+            parts = name.split("/")[:-1]
+            folders.update("/".join(parts[: index + 1]) for index in range(len(parts)))
+        for folder in sorted(folders):
+            info = tarfile.TarInfo(folder)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            archive.addfile(info)
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def build_config_image(
+    client: docker.DockerClient, tag: str, base: str, files: Mapping[str, bytes]
+) -> None:
+    """Build the config image ``tag`` FROM ``base`` on ``client``'s engine (no pull: the base
+    is local). Concurrent builds of one tag build the same content; the last one tags it."""
+    with engine_errors(f"building config image {tag}"):
+        try:
+            client.images.build(
+                fileobj=io.BytesIO(config_image_context(base, files)),
+                custom_context=True,
+                tag=tag,
+                rm=True,
+                forcerm=True,
+                pull=False,
+            )
+        except docker.errors.BuildError as exc:
+            log = "".join(
+                str(line.get("stream") or line.get("error") or "") for line in exc.build_log
+            )
+            raise BackendError(f"docker: building image {tag} failed: {exc.msg}\n{log}") from exc

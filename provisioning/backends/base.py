@@ -20,6 +20,9 @@ from provisioning.manifests import Template
 
 State = dict[str, Any]
 CONFIG_MARKER = ".provisioned"
+# In a config volume the engine filled from a config image: the copy is new and the agent has not
+# yet reported it (it does at registration, then removes the file).
+CONFIG_COPIED = ".config-copied"
 
 
 class BackendError(Exception):
@@ -172,6 +175,14 @@ class WorkspaceBackend(ABC):
         started container), replacing leftovers of earlier cycles. Returns the new state.
         ``spec.env`` is complete here (agent token included), so an instance whose environment
         is fixed at creation is created once per cycle. Idempotent."""
+
+    def config_in_image(self, spec: LaunchSpec) -> bool:
+        """True when ``prepare`` made an instance whose config volume the engine fills from an
+        image of the template's files whenever the volume is empty (a first provision, or a
+        recovery), marker included; the agent reports the copy at registration. The lifecycle
+        then neither reads nor writes the volume. False (the default): ``config_state`` and
+        ``write_config`` do it."""
+        return False
 
     @abstractmethod
     def config_state(self, spec: LaunchSpec, state: State) -> ConfigState:

@@ -72,6 +72,9 @@ _PERMANENT_SERVER_ERRORS = re.compile(
     re.IGNORECASE,
 )
 _CREATE_ATTEMPTS = 3
+# How long a base image's id is trusted before it is read again (a rebuilt agent image reaches
+# new config images within this time).
+_BASE_ID_SECONDS = 60.0
 # The label the engine puts on the container of a Swarm task.
 _SWARM_TASK_LABEL = "com.docker.swarm.task.id"
 # The bridge driver's option naming the network's Linux bridge.
@@ -81,6 +84,10 @@ _warned: set[str] = set()
 
 class _NameTaken(Exception):
     """The engine refused a create: a container of that name exists."""
+
+
+class _ImageMissing(Exception):
+    """The engine refused a create: it does not have the config image."""
 
 
 def _warn_once(message: str) -> None:
@@ -230,6 +237,8 @@ class DockerBackend(WorkspaceBackend):
         # they carry (in memory only, never saved). start() starts such a container by id with
         # no lookup when its spec carries the same env.
         self._prepared: dict[str, int] = {}
+        # The base image's id by reference, with when it was read (config image tags name it).
+        self._base_ids: dict[str, tuple[str, float]] = {}
 
     # -- the engine ----------------------------------------------------------------------------
     def engine_host(self) -> str:
@@ -431,6 +440,27 @@ class DockerBackend(WorkspaceBackend):
     def _image(spec: LaunchSpec) -> str:
         return spec.template.image or settings.DOCKER_AGENT_IMAGE
 
+    def config_in_image(self, spec: LaunchSpec) -> bool:
+        # The agent reports the engine's copy; a template's own command runs no agent.
+        return settings.DOCKER_CONFIG_DELIVERY == "image" and not spec.template.command
+
+    def _base_id(self, base: str) -> str:
+        known = self._base_ids.get(base)
+        if known is not None and time.monotonic() - known[1] < _BASE_ID_SECONDS:
+            return known[0]
+        with engine_errors(f"inspecting image {base}"):
+            image_id = str(self.client.api.inspect_image(base)["Id"])
+        self._base_ids[base] = (image_id, time.monotonic())
+        return image_id
+
+    def _config_image(self, spec: LaunchSpec) -> tuple[str, dict[str, bytes]]:
+        """The tag of the template's config image (FROM the base image) and its files."""
+        from provisioning.backends.agent_image import config_image_files, config_image_tag
+
+        files = config_image_files(spec.template.name, spec.template.config_files())
+        base_id = self._base_id(self._image(spec))
+        return config_image_tag(base_id, spec.template.name, files), files
+
     def _find(self, workspace_id: UUID | str) -> Container | None:
         with engine_errors(f"inspecting container {self.container_name(workspace_id)}"):
             try:
@@ -485,10 +515,27 @@ class DockerBackend(WorkspaceBackend):
             cap_drop=["ALL"],
             **self._limits(spec),
         )
-        with engine_errors(f"creating container {spec.name} from {self._image(spec)}"):
+        if not self.config_in_image(spec):
+            return self._create_container(spec, self._image(spec), environment, host_config)
+        image, files = self._config_image(spec)
+        try:
+            return self._create_container(spec, image, environment, host_config)
+        except _ImageMissing:
+            pass
+        # The template's config image is not on this engine yet (a new template, a changed
+        # file, a rebuilt agent image, a pruned engine): built once, then every create uses it.
+        from provisioning.backends.agent_image import build_config_image
+
+        build_config_image(self.client, image, self._image(spec), files)
+        return self._create_container(spec, image, environment, host_config)
+
+    def _create_container(
+        self, spec: LaunchSpec, image: str, environment: dict[str, str], host_config: Any
+    ) -> str:
+        with engine_errors(f"creating container {spec.name} from {image}"):
             try:
                 created = self.client.api.create_container(
-                    self._image(spec),
+                    image,
                     name=spec.name,
                     labels={
                         **self._labels(spec.workspace_id, spec.generation),
@@ -505,6 +552,8 @@ class DockerBackend(WorkspaceBackend):
             except docker.errors.APIError as exc:
                 if exc.status_code == 409:
                     raise _NameTaken(spec.name) from exc
+                if exc.status_code == 404 and image != self._image(spec):
+                    raise _ImageMissing(image) from exc
                 raise
         return str(created["Id"])
 

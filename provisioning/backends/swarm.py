@@ -252,6 +252,9 @@ class SwarmBackend(DockerBackend):
             )
         return {"secret_id": created["ID"], "generation": spec.generation}
 
+    def config_in_image(self, spec: LaunchSpec) -> bool:
+        return False  # Swarm configs carry the files (write_config)
+
     def config_state(self, spec: LaunchSpec, state: State) -> ConfigState:
         if self._marked_generations(spec.workspace_id):
             return ConfigState.PROVISIONED

@@ -16,6 +16,7 @@ from django.conf import settings
 
 from provisioning.backends import FACTORIES
 from provisioning.backends.base import (
+    CONFIG_COPIED,
     CONFIG_MARKER,
     BackendError,
     BackendUnavailable,
@@ -67,7 +68,11 @@ def _read(engine: Any, name: str, path: str) -> str:
     return str(result.output.decode())
 
 
-def test_full_round_trip_names_labels_volume_env(backend: DockerBackend, docker_engine) -> None:
+def test_full_round_trip_names_labels_volume_env(
+    backend: DockerBackend, docker_engine, settings
+) -> None:
+    # The platform writes the config (the image delivery has its own test below).
+    settings.DOCKER_CONFIG_DELIVERY = "archive"
     workspace_id = uuid.uuid4()
     spec = _spec(workspace_id, 1, GREETING="hi")
     name = f"ws-{workspace_id}"
@@ -403,39 +408,49 @@ def _engine_calls(backend: DockerBackend, steps: Callable[[], None]) -> list[str
     return made
 
 
+@pytest.mark.parametrize("delivery", ["image", "archive"])
 @pytest.mark.parametrize("network_mode", ["workspace", "host"])
 def test_a_provision_makes_the_fewest_engine_calls(
-    backend: DockerBackend, docker_engine, settings, network_mode: str
+    backend: DockerBackend, docker_engine, settings, network_mode: str, delivery: str
 ) -> None:
     """The engine spends CPU per call. A first provision: the network (create, inspect), the
-    container with its volume (one create), the config (one archive), start and one inspect.
-    A restart removes the old container by id and inspects the network by name: no lookups."""
+    container with its volume (one create; with DOCKER_CONFIG_DELIVERY=image the engine copies
+    the template's files in from the config image as it creates it), the config archive (only
+    with DOCKER_CONFIG_DELIVERY=archive), start and one inspect. A restart removes the old
+    container by id and inspects the network by name: no lookups."""
     settings.DOCKER_NETWORK_MODE = network_mode
+    settings.DOCKER_CONFIG_DELIVERY = delivery
     settings.DOCKER_HOST_FIREWALL = "off"  # the firewall is the isolation tests' subject
-    workspace_id = uuid.uuid4()
     state: dict[str, Any] = {}
 
-    def cycle(generation: int) -> None:
+    def cycle(workspace_id: uuid.UUID, generation: int) -> None:
         nonlocal state
         spec = _spec(workspace_id, generation)
         state = backend.prepare(spec, state)
-        backend.write_config(spec, state, {"a.txt": b"a"})
+        if not backend.config_in_image(spec):
+            backend.write_config(spec, state, {"a.txt": b"a"})
         state = backend.start(spec, state)
 
+    # A first workspace on this engine builds the config image (and reads the base image's id).
+    warm = uuid.uuid4()
+    cycle(warm, 1)
+    backend.remove(warm, state)
+    state = {}
+    workspace_id = uuid.uuid4()
     own = network_mode == "workspace"
     container = [
         "POST /containers/create",
-        "PUT /containers/<name>/archive",
+        *(["PUT /containers/<name>/archive"] if delivery == "archive" else []),
         "POST /containers/<id>/start",
         "GET /containers/<id>/json",
     ]
-    first = _engine_calls(backend, lambda: cycle(1))
+    first = _engine_calls(backend, lambda: cycle(workspace_id, 1))
     assert first == [
         *(["POST /networks/create", "GET /networks/<id>"] if own else []),
         *container,
     ], first
     backend.stop(workspace_id, state, 1)
-    again = _engine_calls(backend, lambda: cycle(2))
+    again = _engine_calls(backend, lambda: cycle(workspace_id, 2))
     assert again == [
         "DELETE /containers/<id>",
         *(["GET /networks/<name>"] if own else []),
@@ -443,4 +458,53 @@ def test_a_provision_makes_the_fewest_engine_calls(
     ], again
     [current] = _containers(docker_engine, workspace_id)
     assert current.labels[_label("generation")] == "2" and current.status == "running"
+    backend.remove(workspace_id, state)
+
+
+def test_config_image_fills_an_empty_volume_and_never_a_used_one(
+    backend: DockerBackend, docker_engine, settings
+) -> None:
+    """DOCKER_CONFIG_DELIVERY=image: the engine copies the template's files, the marker and the
+    copy flag into the config volume when it creates a container and the volume is empty (a
+    first provision, or one emptied behind the platform's back), and leaves a volume in use as it
+    is."""
+    settings.DOCKER_CONFIG_DELIVERY = "image"
+    workspace_id = uuid.uuid4()
+    mount = settings.DOCKER_CONFIG_MOUNT
+    name = f"ws-{workspace_id}"
+
+    def provision(generation: int, state: dict[str, Any]) -> dict[str, Any]:
+        spec = _spec(workspace_id, generation)
+        assert backend.config_in_image(spec)
+        return backend.start(spec, backend.prepare(spec, state))
+
+    def listing() -> set[str]:
+        found = docker_engine.containers.get(name).exec_run(["ls", "-A", mount])
+        assert found.exit_code == 0, found.output
+        return set(found.output.decode().split())
+
+    state = provision(1, {})
+    # The template's config image, made FROM the agent image on this engine.
+    image = docker_engine.containers.get(name).image
+    assert image.tags[0].startswith(f"{settings.DOCKER_CONFIG_IMAGE}:shell-default-"), image.tags
+    base_layers = docker_engine.images.get(settings.DOCKER_AGENT_IMAGE).attrs["RootFS"]["Layers"]
+    assert image.attrs["RootFS"]["Layers"][: len(base_layers)] == base_layers
+    template_files = set(templates().get("shell-default").config_files())  # type: ignore[union-attr]
+    assert listing() == template_files | {CONFIG_MARKER, CONFIG_COPIED}
+    assert '"source": "image"' in _read(docker_engine, name, f"{mount}/{CONFIG_MARKER}")
+    # In use (the agent dropped the flag, the user wrote a file): a new container keeps it.
+    container = docker_engine.containers.get(name)
+    changed = container.exec_run(
+        ["sh", "-c", f"rm {mount}/{CONFIG_COPIED} && echo mine > {mount}/user.txt"]
+    )
+    assert changed.exit_code == 0, changed.output
+    state = provision(2, backend.stop(workspace_id, state, 1))
+    assert listing() == template_files | {CONFIG_MARKER, "user.txt"}
+    # Emptied: the next container's creation fills it again, flag included.
+    emptied = docker_engine.containers.get(name).exec_run(
+        ["sh", "-c", f"rm -rf {mount}/* {mount}/.[!.]*"]
+    )
+    assert emptied.exit_code == 0, emptied.output
+    state = provision(3, backend.stop(workspace_id, state, 1))
+    assert listing() == template_files | {CONFIG_MARKER, CONFIG_COPIED}
     backend.remove(workspace_id, state)

@@ -141,3 +141,38 @@ def test_heartbeat_records_time_and_health(workspace) -> None:
     assert agent.post("/api/registry/heartbeat", body, format="json").json()["status"] == "online"
     workspace.refresh_from_db()
     assert workspace.last_heartbeat_at is not None
+
+
+def _register_copied(token: str, workspace_id: uuid.UUID) -> Any:
+    body = {"workspace_id": str(workspace_id), "config_copied": True}
+    return _agent(token).post("/api/registry/register", body, format="json")
+
+
+def test_a_config_copy_after_an_earlier_registration_is_a_recovery(workspace) -> None:
+    """The agent says the engine filled its config volume from the template (the volume was
+    empty). On the first registration that is the first population; after one, a recovery,
+    recorded once, from the template the cycle resolves (``<runtime>-default`` when the
+    workspace's own is gone)."""
+    _, token = _cycle(workspace)
+    assert _register_copied(token, workspace.id).status_code == 200
+    assert not workspace.events.filter(type=EventType.CONFIG_RECOVERED).exists()
+
+    generation, token = _cycle(workspace)
+    assert _register_copied(token, workspace.id).status_code == 200
+    assert _register_copied(token, workspace.id).status_code == 200  # a retry: nothing more
+    [recovered] = workspace.events.filter(type=EventType.CONFIG_RECOVERED)
+    assert (recovered.generation, recovered.source) == (generation, "agent")
+    assert recovered.payload == {"template": "shell-default", "fallback": False}
+
+    # The workspace's template is gone: the runtime's default is the source.
+    Workspace.objects.filter(id=workspace.id).update(template="gone-template")
+    generation, token = _cycle(workspace)
+    assert _register_copied(token, workspace.id).status_code == 200
+    latest = workspace.events.filter(type=EventType.CONFIG_RECOVERED).latest("id")
+    assert latest.generation == generation
+    assert latest.payload == {"template": f"{workspace.runtime}-default", "fallback": True}
+
+    # Without the flag, nothing is recorded.
+    _, token = _cycle(workspace)
+    assert _register(token, workspace.id).status_code == 200
+    assert workspace.events.filter(type=EventType.CONFIG_RECOVERED).count() == 2

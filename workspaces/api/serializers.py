@@ -253,6 +253,9 @@ class AgentCallSerializer(serializers.Serializer):
     healthy = serializers.BooleanField(required=False, default=True)
     # Heartbeats only: the agent saw activity in the workspace since its previous heartbeat.
     active = serializers.BooleanField(required=False, default=False)
+    # Registration only: the engine filled the config volume from the template's config image
+    # (it was empty) since the last registration the agent made.
+    config_copied = serializers.BooleanField(required=False, default=False)
 
 
 class AgentResponseSerializer(serializers.Serializer):

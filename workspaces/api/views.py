@@ -388,7 +388,11 @@ class RegisterView(_AgentView):
     def post(self, request: Request) -> Response:
         data = self._parse(request)
         return self._reply(
-            services.register_agent(cast(AgentToken, request.auth), data["workspace_id"])
+            services.register_agent(
+                cast(AgentToken, request.auth),
+                data["workspace_id"],
+                config_copied=data["config_copied"],
+            )
         )
 
 

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from project import metrics
 from workspaces.crypto import token_digest
-from workspaces.models import AgentToken, Workspace, event_payload
+from workspaces.models import AgentToken, Workspace, WorkspaceEvent, event_payload
 from workspaces.services.common import (
     AgentAuthError,
     TransitionNotAllowed,
@@ -54,8 +54,34 @@ def _agent_workspace(token: AgentToken, workspace_id: UUID) -> Workspace:
     return workspace
 
 
-def register_agent(token: AgentToken, workspace_id: UUID) -> Workspace:
-    """The agent of the current cycle says the workspace is up: ``provisioning`` -> ``online``."""
+def _record_config_copy(workspace: Workspace, generation: int) -> None:
+    """The agent found its config volume freshly filled from the template's config image. After
+    an earlier registration that is a recovery (the volume had been emptied); before any, it is
+    the first population (recorded by the cycle), or one whose agent never got to report it."""
+    from provisioning.manifests import templates
+
+    registered_before = WorkspaceEvent.objects.filter(
+        workspace_id=workspace.id, type=EventType.ONLINE, generation__lt=generation
+    ).exists()
+    if not registered_before:
+        return
+    template_set = templates()
+    source = template_set.get(workspace.template) or template_set.runtime_default(workspace.runtime)
+    name = source.name if source is not None else workspace.template
+    record_event(
+        workspace.id,
+        EventType.CONFIG_RECOVERED,
+        EventSource.AGENT,
+        generation,
+        {"template": name, "fallback": name != workspace.template},
+    )
+
+
+def register_agent(
+    token: AgentToken, workspace_id: UUID, *, config_copied: bool = False
+) -> Workspace:
+    """The agent of the current cycle says the workspace is up: ``provisioning`` -> ``online``.
+    ``config_copied``: its config volume was filled from the template since its last report."""
     now = timezone.now()
     with transaction.atomic():
         workspace = _agent_workspace(token, workspace_id)
@@ -75,6 +101,8 @@ def register_agent(token: AgentToken, workspace_id: UUID) -> Workspace:
         )
         if not changed:
             raise AgentAuthError("the workspace moved to a newer cycle")
+        if config_copied:
+            _record_config_copy(workspace, token.generation)
         record_event(workspace_id, EventType.ONLINE, EventSource.AGENT, token.generation)
         if workspace.status == S.PROVISIONING and workspace.provisioning_started_at is not None:
             seconds = (now - workspace.provisioning_started_at).total_seconds()
