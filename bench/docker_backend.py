@@ -1,12 +1,14 @@
 """Docker backend overhead, each figure beside its floor on the same engine in the same run.
 
 For each network mode (``workspace``, the default: an internal bridge network per workspace;
-``host``, the documented opt-out):
+``host``, the documented opt-out) with the default config delivery (``image``: the engine fills
+the volume from the template's config image as it creates the container), and for ``host`` with
+``DOCKER_CONFIG_DELIVERY=archive`` (one put_archive per provision):
 
 * a provision cycle (``lifecycle.converge``: gate, fenced DB writes, token, network, container
-  with its volume, config archive, start) vs the bare engine calls the same start needs (network
-  create and inspect in ``workspace`` mode, create with the volume mount, one put_archive of the
-  config files and marker, start, one inspect), called one after the other;
+  with its volume, the config, start) vs the bare engine calls the same start needs (network
+  create and inspect in ``workspace`` mode, create with the volume mount, with ``archive`` one
+  put_archive of the config files and marker, start, one inspect), called one after the other;
 * the engine's CPU per provisioned workspace (dockerd, containerd and the shims, read from /proc
   around a batch of cycles) vs what a bare container costs it: create, start and inspect on the
   host's network with no volume and no archive (what DockerSpawner asks of the engine).
@@ -90,7 +92,7 @@ def run(repeats: int) -> list[Figure]:
         made.append(workspace)
         lifecycle.converge(workspace.id)
 
-    def bare(own_network: bool, volume: bool = True) -> None:
+    def bare(own_network: bool, volume: bool = True, archive: bool = False) -> None:
         name = f"bench-raw-{uuid.uuid4().hex[:12]}"
         raw.append(name)
         network_mode = "host"
@@ -107,7 +109,7 @@ def run(repeats: int) -> list[Figure]:
             environment={"WORKSPACE_ID": name, "WORKSPACE_TOKEN": "x", "PLATFORM_URL": "x"},
             host_config=client.api.create_host_config(mounts=mounts, network_mode=network_mode),
         )
-        if volume:
+        if archive:
             client.api.put_archive(
                 container["Id"], mount, _tar({"profile.sh": b"# profile\n", ".provisioned": b"{}"})
             )
@@ -129,33 +131,39 @@ def run(repeats: int) -> list[Figure]:
 
     figures: list[Figure] = []
     spawner_cpu: list[float] = []
-    for mode in ("workspace", "host"):
+    variants = (("workspace", "image"), ("host", "image"), ("host", "archive"))
+    for mode, delivery in variants:
         settings.DOCKER_NETWORK_MODE = mode
-        own = mode == "workspace"
+        settings.DOCKER_CONFIG_DELIVERY = delivery
+        own, archive = mode == "workspace", delivery == "archive"
         cycle: list[float] = []
         floor: list[float] = []
         cycle_cpu: list[float] = []
+        provision()  # builds the template's config image on this engine, untimed
+        clean()
         for _ in range(repeats):
             cycle.append(timed(provision))
-            floor.append(timed(lambda own=own: bare(own)))
+            floor.append(timed(lambda own=own, archive=archive: bare(own, True, archive)))
             cycle_cpu.append(_engine_ms_per(BATCH, lambda: _times(BATCH, provision)))
             spawner_cpu.append(
                 _engine_ms_per(BATCH, lambda: _times(BATCH, lambda: bare(False, False)))
             )
             clean()
         network = "network create+inspect, " if own else ""
+        copy = ", put_archive" if archive else ""
+        variant = f"DOCKER_NETWORK_MODE={mode}, DOCKER_CONFIG_DELIVERY={delivery}"
         figures.append(
             Figure(
-                f"docker provision cycle, DOCKER_NETWORK_MODE={mode} (converge to start)",
+                f"docker provision cycle, {variant} (converge to start)",
                 "s",
                 cycle,
-                floor_name=f"bare engine {network}create with volume, put_archive, start, inspect",
+                floor_name=f"bare engine {network}create with volume{copy}, start, inspect",
                 floor_samples=floor,
             )
         )
         figures.append(
             Figure(
-                f"engine CPU per provision, DOCKER_NETWORK_MODE={mode}",
+                f"engine CPU per provision, {variant}",
                 "ms",
                 cycle_cpu,
                 floor_name="engine CPU per bare container (host network, no volume: create, "
@@ -165,6 +173,7 @@ def run(repeats: int) -> list[Figure]:
         )
 
     settings.DOCKER_NETWORK_MODE = "host"
+    settings.DOCKER_CONFIG_DELIVERY = "image"
     for _ in range(repeats):
         provision()
     backend = backend_for(made[0])

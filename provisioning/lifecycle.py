@@ -126,6 +126,8 @@ def launch_env(
     workspace: Workspace, env: dict[str, str], template: Template, generation: int
 ) -> dict[str, str]:
     launched = {
+        # The platform's interval, derived from the liveness window; a template may set its own.
+        "AGENT_HEARTBEAT_SECONDS": f"{settings.AGENT_HEARTBEAT_SECONDS:g}",
         **template.env,
         **env,
         "WORKSPACE_ID": str(workspace.id),

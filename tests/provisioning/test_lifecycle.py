@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -9,6 +13,7 @@ import pytest
 
 from provisioning import lifecycle
 from provisioning.backends.base import BackendError
+from provisioning.manifests import templates
 from tests.fakes import FakeBackend, fake_backend
 from workspaces import services
 from workspaces.models import Workspace
@@ -293,3 +298,41 @@ def test_with_no_template_left_the_restart_fails_saying_so_and_nothing_runs(
     assert workspace.is_running is False
     assert str(workspace.id) not in fake.running
     assert fake.calls_for(workspace.id).count("start") == 1
+
+
+def test_agents_heartbeat_at_a_third_of_the_liveness_window_unless_the_template_says(
+    user, fake, settings
+) -> None:
+    """The platform passes its heartbeat interval (derived from LIVENESS_WINDOW_SECONDS by
+    default: offline after three missed beats); a template's env may set its own."""
+    settings.AGENT_HEARTBEAT_SECONDS = 10.0
+    workspace = _create(user)
+    lifecycle.converge(workspace.id)
+    assert fake.env[str(workspace.id)]["AGENT_HEARTBEAT_SECONDS"] == "10"
+
+    settings.AGENT_HEARTBEAT_SECONDS = 2.5
+    lifecycle.converge(services.request_restart(workspace.id).id)
+    assert fake.env[str(workspace.id)]["AGENT_HEARTBEAT_SECONDS"] == "2.5"
+
+    template = templates().get("shell-default")
+    assert template is not None
+    own = dataclasses.replace(template, env={**template.env, "AGENT_HEARTBEAT_SECONDS": "0.3"})
+    assert lifecycle.launch_env(workspace, {}, own, 1)["AGENT_HEARTBEAT_SECONDS"] == "0.3"
+
+
+def test_the_default_heartbeat_interval_is_a_third_of_the_window() -> None:
+    name = "AGENT_HEARTBEAT_SECONDS"
+    env = {key: value for key, value in os.environ.items() if key != name}
+    for window, interval in (("30", "10.0"), ("60", "20.0"), ("2", "0.7")):
+        shown = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import project.settings as s; print(s.AGENT_HEARTBEAT_SECONDS)",
+            ],
+            env={**env, "LIVENESS_WINDOW_SECONDS": window},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        assert shown == interval, (window, shown)
