@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 
@@ -67,19 +68,20 @@ def browser() -> Iterator[Any]:
 
 def _log_in(driver: Any, base: str, path: str, username: str) -> None:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.expected_conditions import staleness_of
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver.get(base + path)
     driver.find_element(By.NAME, "username").send_keys(username)
     driver.find_element(By.NAME, "password").send_keys("x-password-123")
-    submit = driver.find_element(By.CSS_SELECTOR, "form [type=submit]")
-    submit.click()
-    # click() returns before the next page has loaded: wait until the login page is gone, or
-    # the test would read the login page's source.
-    WebDriverWait(driver, 30).until(staleness_of(submit))
+    assert "login" in urlparse(driver.current_url).path, driver.current_url
+    driver.find_element(By.CSS_SELECTOR, "form [type=submit]").click()
+    # click() returns before the next page has loaded: wait until the browser is on the page
+    # the login redirects to and has loaded it, or the test would read the login page.
     WebDriverWait(driver, 30).until(
-        lambda d: d.execute_script("return document.readyState") == "complete"
+        lambda d: (
+            "login" not in urlparse(d.current_url).path
+            and d.execute_script("return document.readyState") == "complete"
+        )
     )
 
 
