@@ -45,6 +45,12 @@ name instead of inspecting it first; the volume is created without looking it up
 get-or-create on the engine). Side by side on this machine, with the same bench, the code before
 these changes took 6.4 s for N = 50 against a 2.2 s floor (ratio 2.8); see the table for now.
 
+Later (docs/architecture.md, "Docker backend"): the engine fills the config volume from the
+template's config image as it creates the container (``DOCKER_CONFIG_DELIVERY=image``, no
+``put_archive``), and a first provision makes 3 engine requests on the host's network (create,
+start, inspect) and 5 on a network of its own; the platform runs on its default per-workspace
+network unless ``DOCKER_NETWORK_MODE=host``.
+
     .venv/bin/python -m bench.provisioning [repeats]
 """
 
