@@ -228,52 +228,38 @@ def _start_cycle(
         # The row left the routable statuses: the old instance's app is going away.
         routes.remove(workspace.id, lease)
 
-    template_set = templates()
-    template = template_set.get(workspace.template) or template_set.runtime_default(
-        workspace.runtime
-    )
-    if template is None:
+    def refuse(message: str, payload: dict[str, Any] | None = None) -> bool:
+        """Fail the cycle before any backend call (an instance that may run is stopped)."""
         _fail(
             workspace,
             generation,
             seq,
             lease=lease,
             source=EventSource.PREFLIGHT,
-            message=f"template {workspace.template!r} no longer exists and there is no "
-            f"{workspace.runtime}-default template to fall back to",
+            message=message,
             backend=_select_quietly(workspace) if workspace.is_running else None,
+            payload=payload,
         )
         return True
 
+    template = templates().for_launch(workspace.template, workspace.runtime)
+    if template is None:
+        return refuse(
+            f"template {workspace.template!r} no longer exists and there is no "
+            f"{workspace.runtime}-default template to fall back to"
+        )
     # The only place a workspace's env is decrypted: the cycle that launches its instance.
     try:
         env = workspace.env.reveal()
     except EnvDecryptionError as exc:
-        _fail(
-            workspace,
-            generation,
-            seq,
-            lease=lease,
-            source=EventSource.PREFLIGHT,
-            message=str(exc),
-            backend=_select_quietly(workspace) if workspace.is_running else None,
-        )
-        return True
+        return refuse(str(exc))
     # Preflight: before any backend call, so a missing key fails in a second, not a timeout.
     missing = missing_required_env(env, template)
     if missing:
-        leftover = _select_quietly(workspace) if workspace.is_running else None
-        _fail(
-            workspace,
-            generation,
-            seq,
-            lease=lease,
-            source=EventSource.PREFLIGHT,
-            message=f"missing required environment variables: {', '.join(missing)}",
-            backend=leftover,
-            payload={"missing_env": missing, "template": template.name},
+        return refuse(
+            f"missing required environment variables: {', '.join(missing)}",
+            {"missing_env": missing, "template": template.name},
         )
-        return True
 
     try:
         backend = _confirmed(lease, backend_for, workspace)  # it pings the backend

@@ -319,6 +319,11 @@ class TemplateSet:
         """The recovery source of a runtime: the template named ``<runtime>-default``."""
         return self.templates.get(f"{runtime}-default")
 
+    def for_launch(self, name: str, runtime: str) -> Template | None:
+        """The template a cycle launches (and recovers a config from): the workspace's own, or
+        ``<runtime>-default`` when that is gone; None when neither exists."""
+        return self.get(name) or self.runtime_default(runtime)
+
 
 def load_templates(directory: Path) -> TemplateSet:
     templates: dict[str, Template] = {}

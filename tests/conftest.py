@@ -111,6 +111,17 @@ def session_templates(tmp_path_factory: Any) -> Path:
     return write_templates(tmp_path_factory.mktemp("session") / "templates")
 
 
+@pytest.fixture
+def use_session_templates(session_templates: Path, settings: Any) -> Iterator[Path]:
+    """This test reads the templates the session's workers load (``session_templates``)."""
+    from provisioning.manifests import invalidate_templates
+
+    settings.WORKSPACE_TEMPLATES_DIR = session_templates
+    invalidate_templates()
+    yield session_templates
+    invalidate_templates()
+
+
 @pytest.fixture(scope="session")
 def worker_env(
     django_db_setup: Any, django_db_blocker: Any, live_server: Any, session_templates: Path

@@ -18,24 +18,20 @@ from provisioning.backends import docker as docker_backend
 from provisioning.backends.base import BackendError
 from provisioning.backends.docker import DockerBackend
 from provisioning.backends.firewall import bridge_chain, bridge_ports, bridge_rules
-from provisioning.manifests import invalidate_templates
 from tests.isolation import create_online
 from tests.support import RegistryListener, docker_containers, wait_for
 from workspaces.models import Workspace
 from workspaces.status import WorkspaceStatus
 
-pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.django_db(transaction=True)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.docker,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("use_session_templates"),
+]
 S = WorkspaceStatus
 SECRET = "b-docker-secret-7d2a"
 APP_PORT = 8080
-
-
-@pytest.fixture(autouse=True)
-def _session_templates(session_templates: Path, settings: Any) -> Iterator[None]:
-    settings.WORKSPACE_TEMPLATES_DIR = session_templates
-    invalidate_templates()
-    yield
-    invalidate_templates()
 
 
 def _connect_from(container: Any, host: str, port: int) -> str:

@@ -16,7 +16,6 @@ import pytest
 from django.conf import settings
 
 from provisioning.backends.firewall import registry_port
-from provisioning.manifests import invalidate_templates
 from tests.isolation import create_online
 from tests.support import Worker, free_port, lifecycle_queue, wait_for
 from workspaces.models import Workspace
@@ -43,12 +42,9 @@ def isolation_worker(worker_env: dict[str, str]) -> Iterator[Worker]:
 
 
 @pytest.fixture(autouse=True)
-def _session_templates(session_templates: Path, settings: Any) -> Iterator[None]:
-    settings.WORKSPACE_TEMPLATES_DIR = session_templates
-    invalidate_templates()
+def _own_queue(use_session_templates: Path) -> Iterator[None]:
     with lifecycle_queue(QUEUE):
         yield
-    invalidate_templates()
 
 
 def _listening(port: int) -> bool:

@@ -4,30 +4,24 @@ without a touch do not. Real worker, real engine, real agent."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from provisioning.manifests import invalidate_templates
 from provisioning.redis_client import get_redis
 from tests.support import docker_containers, wait_for
 from workspaces.models import Workspace
 from workspaces.services.activity import _activity_key
 from workspaces.status import WorkspaceStatus
 
-pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.django_db(transaction=True)]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.docker,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("use_session_templates"),
+]
 S = WorkspaceStatus
-
-
-@pytest.fixture(autouse=True)
-def _session_templates(session_templates: Path, settings: Any) -> Iterator[None]:
-    settings.WORKSPACE_TEMPLATES_DIR = session_templates
-    invalidate_templates()
-    yield
-    invalidate_templates()
 
 
 def test_touching_the_activity_file_is_reported_by_the_sh_agent(

@@ -10,7 +10,6 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,22 +22,18 @@ from django.utils import timezone
 from provisioning.backends.base import InstanceInfo, LaunchSpec
 from provisioning.backends.process import ProcessBackend, _alive
 from provisioning.liveness import sweep_missed_heartbeats
-from provisioning.manifests import invalidate_templates, templates
+from provisioning.manifests import templates
 from provisioning.reconciler import Drift, reconcile_once
 from tests.support import next_backend_uid, settled, wait_for, wait_route_written
 from workspaces.models import Workspace, WorkspaceEvent
 from workspaces.status import DesiredState, EventSource, EventType, WorkspaceStatus
 
 S = WorkspaceStatus
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture(autouse=True)
-def _session_templates(session_templates: Path, settings: Any) -> Iterator[None]:
-    settings.WORKSPACE_TEMPLATES_DIR = session_templates
-    invalidate_templates()
-    yield
-    invalidate_templates()
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("use_session_templates"),
+]
 
 
 def _create_online(api: Any, name: str, template: str = "shell-default") -> Workspace:

@@ -65,8 +65,7 @@ def _record_config_copy(workspace: Workspace, generation: int) -> None:
     ).exists()
     if not registered_before:
         return
-    template_set = templates()
-    source = template_set.get(workspace.template) or template_set.runtime_default(workspace.runtime)
+    source = templates().for_launch(workspace.template, workspace.runtime)
     name = source.name if source is not None else workspace.template
     record_event(
         workspace.id,

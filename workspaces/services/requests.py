@@ -63,6 +63,17 @@ def _template_for(template: Any) -> Template:
     return manifest
 
 
+def _validated(
+    name: Any, env: Mapping[str, str] | None, template: Any
+) -> tuple[dict[str, str], Template]:
+    """A create's input checked before anything is written: the name, the env (keys, values,
+    size) and the template; returns the clean env and the template."""
+    validate_name(name)
+    clean_env = validate_env(env)
+    check_env_size(clean_env)
+    return clean_env, _template_for(template)
+
+
 def _free_app_port(manifest: Template) -> int | None:
     """The app port for a new workspace of ``manifest``: its fixed port, a random free one of
     WORKSPACE_APP_PORTS, or None when the template serves no app. The database constraint
@@ -151,10 +162,7 @@ def create_workspace(
 ) -> Workspace:
     from provisioning.backends import default_backend_name
 
-    validate_name(name)
-    clean_env = validate_env(env)
-    check_env_size(clean_env)
-    manifest = _template_for(template)
+    clean_env, manifest = _validated(name, env, template)
     if manifest.is_team:
         raise InvalidInput("template", f"{template!r} is a team template: use POST /api/teams/")
     with transaction.atomic():
@@ -207,10 +215,7 @@ def create_team(
     from provisioning.backends import default_backend_name
     from provisioning.manifests import templates
 
-    validate_name(name)
-    clean_env = validate_env(env)
-    check_env_size(clean_env)
-    manifest = _template_for(template)
+    clean_env, manifest = _validated(name, env, template)
     if not manifest.is_team:
         raise InvalidInput("template", f"{template!r} is not a team template (it lists no members)")
     member_names = team_member_names(name, manifest.members)
