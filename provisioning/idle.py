@@ -115,6 +115,18 @@ def idle_deadline(
     return timeout, last_activity_at + timedelta(seconds=timeout)
 
 
+def idle_stop_at(workspace: Workspace) -> datetime | None:
+    """When the idle sweep will stop this workspace, or None (``idle_deadline`` of its row):
+    what the API, the admin and ``manage.py workspace`` show."""
+    return idle_deadline(
+        status=workspace.status,
+        desired_state=workspace.desired_state,
+        template=workspace.template,
+        runtime=workspace.runtime,
+        last_activity_at=workspace.last_activity_at,
+    )[1]
+
+
 def shortest_timeout(template_set: TemplateSet) -> int:
     """The smallest positive effective idle timeout any row can have; 0 when none is set."""
     values = [

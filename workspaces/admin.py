@@ -258,15 +258,9 @@ class WorkspaceAdmin(admin.ModelAdmin):
     # -- columns ----------------------------------------------------------------------------------
     @admin.display(description="idle stop at")
     def idle_stop_at(self, obj: Workspace) -> Any:
-        from provisioning.idle import idle_deadline
+        from provisioning.idle import idle_stop_at
 
-        return idle_deadline(
-            status=obj.status,
-            desired_state=obj.desired_state,
-            template=obj.template,
-            runtime=obj.runtime,
-            last_activity_at=obj.last_activity_at,
-        )[1]
+        return idle_stop_at(obj)
 
     @admin.display(description="status", ordering="status")
     def status_display(self, obj: Workspace) -> SafeString:

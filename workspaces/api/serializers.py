@@ -6,7 +6,7 @@ from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from provisioning.idle import idle_deadline
+from provisioning import idle
 from provisioning.manifests import Template
 from provisioning.routes import workspace_url
 from provisioning.timeouts import idle_timeout_seconds, provision_timeout_seconds
@@ -127,13 +127,7 @@ class WorkspaceSerializer(serializers.ModelSerializer):
 
     @extend_schema_field({"type": "string", "format": "date-time", "nullable": True})
     def get_idle_stop_at(self, workspace: Workspace) -> str | None:
-        _, stop_at = idle_deadline(
-            status=workspace.status,
-            desired_state=workspace.desired_state,
-            template=workspace.template,
-            runtime=workspace.runtime,
-            last_activity_at=workspace.last_activity_at,
-        )
+        stop_at = idle.idle_stop_at(workspace)
         return serializers.DateTimeField().to_representation(stop_at) if stop_at else None
 
     @extend_schema_field({"type": "array", "items": {"type": "string", "enum": ["env"]}})

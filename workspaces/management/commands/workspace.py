@@ -20,7 +20,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
 from provisioning.backends.base import BackendError
-from provisioning.idle import idle_deadline
+from provisioning.idle import idle_stop_at
 from workspaces import audit, selectors, services
 from workspaces.models import Workspace
 from workspaces.status import WorkspaceStatus
@@ -71,13 +71,7 @@ def resolve(reference: str) -> Workspace:
 
 def _idle_stop(workspace: Workspace) -> str:
     """When the idle policy will stop the workspace (the API's ``idle_stop_at``), or ``-``."""
-    _, stop_at = idle_deadline(
-        status=workspace.status,
-        desired_state=workspace.desired_state,
-        template=workspace.template,
-        runtime=workspace.runtime,
-        last_activity_at=workspace.last_activity_at,
-    )
+    stop_at = idle_stop_at(workspace)
     return f"{stop_at:%Y-%m-%d %H:%M:%S}" if stop_at else "-"
 
 
