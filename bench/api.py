@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from bench.common import Figure, percentile, setup_django
+from bench.stack import wait_healthz
 
 ROWS = 10_000
 REQUESTS = 200
@@ -64,7 +65,8 @@ def _queries_per_list(token: str) -> dict[int, int]:
     from django.test import Client
     from django.test.utils import CaptureQueriesContext
 
-    client = Client(HTTP_AUTHORIZATION=f"Token {token}")
+    # The platform's own settings: ALLOWED_HOSTS has no "testserver".
+    client = Client(HTTP_AUTHORIZATION=f"Token {token}", HTTP_HOST="127.0.0.1")
     counts = {}
     for size in (10, 50, 200):
         with CaptureQueriesContext(connection) as captured:
@@ -111,17 +113,7 @@ def run(repeats: int) -> list[Figure]:
         env=env,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                probe = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                probe.request("GET", "/healthz")
-                probe.getresponse().read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        wait_healthz(port)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         names = ["list p50", "list p95", "retrieve p50", "retrieve p95"]
         results: dict[str, list[float]] = {name: [] for name in names}

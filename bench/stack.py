@@ -57,6 +57,21 @@ def wait_until(
         time.sleep(interval)
 
 
+def wait_healthz(port: int, timeout: float = 30.0) -> None:
+    """Until the web server on ``port`` answers ``GET /healthz`` (any status)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            probe = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            probe.request("GET", "/healthz")
+            probe.getresponse().read()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def _stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
     if proc.poll() is not None:
         return

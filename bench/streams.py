@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bench.common import Figure, percentile, setup_django
+from bench.stack import wait_healthz
 
 STREAMS = 200
 USERS = 20
@@ -89,17 +90,7 @@ def _server(args: list[str]) -> Iterator[int]:
         env=env,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                probe = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                probe.request("GET", "/healthz")
-                probe.getresponse().read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        wait_healthz(port)
         yield port
     finally:
         server.terminate()
