@@ -380,11 +380,16 @@ def wait_route_written(workspace_id: Any, timeout: float = 30.0) -> None:
 
     if Workspace.objects.filter(id=workspace_id, app_port__isnull=True).exists():
         return  # its template declares no app: no route is ever written
-    wait_for(
-        lambda: proxy.route_id(workspace_id) in proxy.list_routes(),
-        timeout=timeout,
-        message="route",
-    )
+
+    def listed() -> bool:
+        try:
+            return proxy.route_id(workspace_id) in proxy.list_routes()
+        except proxy.ProxyHTTPError:
+            raise  # the admin API answered with an error: not a wait
+        except proxy.ProxyError:
+            return False  # the connection failed this once (reset under load): ask again
+
+    wait_for(listed, timeout=timeout, message="route")
     wait_for(lambda: not gate.is_held(workspace_id), timeout=timeout, message="gate released")
 
 
