@@ -33,8 +33,9 @@ Containers on both sides run as uid 10001 with every capability dropped, ``no-ne
 512 MiB, 1 CPU and 256 pids. What differs, by design of each product: the hub's servers use the
 host's network; each workspace here gets its own internal bridge network (created and removed
 with it; ``--network host`` runs this side on the host's network too, the backend's documented
-opt-out), a config volume the platform fills before the start (config recovery), a per-workspace
-token, rows and events in PostgreSQL and a gate in Redis, and a heartbeat every 5 s.
+opt-out), a config volume the engine fills from the template's config image as it creates the
+container, a per-workspace token, rows and events in PostgreSQL and a gate in Redis, and a
+heartbeat every 10 s (``AGENT_HEARTBEAT_SECONDS``).
 
 Not in CI and not a default dependency group::
 
@@ -64,6 +65,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,34 +114,15 @@ wget -q -O /dev/null \
 wait $httpd
 """
 
+# The hub's part of jupyterhub_config.py, common to every variant; each variant's ``Hub`` adds
+# its spawner's part (which defines ``PeerSpawner``).
 HUB_CONFIG = '''
 import time
-from concurrent.futures import ThreadPoolExecutor
 
-from dockerspawner import DockerSpawner
 from jupyterhub.proxy import ConfigurableHTTPProxy
 from jupyterhub.utils import random_port
 
 c = get_config()  # noqa: F821
-
-SCRIPT = {script!r}
-
-
-class PeerSpawner(DockerSpawner):
-    """Host networking: a free host port per server, reached on the loopback."""
-
-    async def start(self):
-        self.port = random_port()
-        return await super().start()
-
-    async def get_ip_and_port(self):
-        return "127.0.0.1", self.port
-
-    async def get_command(self):
-        return [SCRIPT.format(port=self.port)]
-
-    def get_args(self):
-        return []
 
 
 class PeerProxy(ConfigurableHTTPProxy):
@@ -156,10 +139,6 @@ c.JupyterHub.proxy_class = PeerProxy
 # POST answers 201 before the cycle runs); this also avoids a race in the hub's wait under load.
 c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0}}
 
-# DockerSpawner calls the engine from one class-wide executor, one thread by default.
-PeerSpawner._executor = ThreadPoolExecutor({threads})
-
-c.JupyterHub.spawner_class = PeerSpawner
 c.JupyterHub.bind_url = "http://127.0.0.1:{proxy_port}"
 c.JupyterHub.hub_bind_url = "http://127.0.0.1:{hub_port}"
 c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{proxy_api_port}"
@@ -185,6 +164,37 @@ c.JupyterHub.load_roles = [
 ]
 c.Spawner.start_timeout = {timeout}
 c.Spawner.http_timeout = {timeout}
+'''
+
+DOCKER_SPAWNER_CONFIG = '''
+from concurrent.futures import ThreadPoolExecutor
+
+from dockerspawner import DockerSpawner
+
+SCRIPT = {script!r}
+
+
+class PeerSpawner(DockerSpawner):
+    """Host networking: a free host port per server, reached on the loopback."""
+
+    async def start(self):
+        self.port = random_port()
+        return await super().start()
+
+    async def get_ip_and_port(self):
+        return "127.0.0.1", self.port
+
+    async def get_command(self):
+        return [SCRIPT.format(port=self.port)]
+
+    def get_args(self):
+        return []
+
+
+# DockerSpawner calls the engine from one class-wide executor, one thread by default.
+PeerSpawner._executor = ThreadPoolExecutor({threads})
+
+c.JupyterHub.spawner_class = PeerSpawner
 c.DockerSpawner.image = {image!r}
 c.DockerSpawner.pull_policy = "never"
 c.DockerSpawner.network_name = "host"
@@ -257,18 +267,17 @@ def _call(
 
 
 class Hub:
-    """JupyterHub + configurable-http-proxy as child processes, stopped by pid."""
+    """JupyterHub + configurable-http-proxy as child processes, stopped by pid. A variant says
+    what its spawner is (``spawner_config``), what its servers leave behind (``remove_leftovers``)
+    and how the CPU the hub's side spent splits (``cpu``)."""
 
-    def __init__(self, image: str, user: str, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path) -> None:
         chp = ensure_proxy()  # first: it makes var/peer on a fresh checkout
         self.folder = Path(tempfile.mkdtemp(prefix="hub-", dir=PEER_DIR))
         self.port = free_port()
         self.token = secrets.token_hex(32)
         self.run_id = uuid.uuid4().hex[:8]
-        self.label = f"{LABEL_KEY}={self.run_id}"
         config = HUB_CONFIG.format(
-            script=SERVER_SCRIPT,
-            threads=HUB_THREADS,
             proxy_port=free_port(),
             hub_port=self.port,
             proxy_api_port=free_port(),
@@ -276,14 +285,22 @@ class Hub:
             folder=self.folder,
             token=self.token,
             timeout=int(TIMEOUT),
-            image=image,
-            user=user,
-            label_key=LABEL_KEY,
-            run_id=self.run_id,
         )
-        (self.folder / "jupyterhub_config.py").write_text(config)
+        (self.folder / "jupyterhub_config.py").write_text(config + self.spawner_config())
         self.log_path = log_dir / "jupyterhub.log"
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def spawner_config(self) -> str:
+        """The spawner's part of jupyterhub_config.py (it defines ``PeerSpawner``)."""
+        raise NotImplementedError
+
+    def remove_leftovers(self) -> None:
+        """Remove whatever the hub's servers left (after a clean, and when the hub stops)."""
+        raise NotImplementedError
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by the hub's side, by part (see ``Run.cpu``)."""
+        raise NotImplementedError
 
     @property
     def headers(self) -> dict[str, str]:
@@ -332,7 +349,7 @@ class Hub:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
             _stop(self.proc, timeout=60)
-        remove_labelled(self.label)
+        self.remove_leftovers()
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def clean(self) -> None:
@@ -349,7 +366,37 @@ class Hub:
         wait_until(stopped, CLEAN_TIMEOUT, "hub servers stopped", interval=0.3)
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda name: self.api("DELETE", f"/users/{name}"), names))
+        self.remove_leftovers()
+
+
+class DockerHub(Hub):
+    """The hub with DockerSpawner on the bench's engine; its containers carry a per-run label."""
+
+    def __init__(self, image: str, user: str, log_dir: Path) -> None:
+        self.image, self.user = image, user
+        super().__init__(log_dir)
+
+    @property
+    def label(self) -> str:
+        return f"{LABEL_KEY}={self.run_id}"
+
+    def spawner_config(self) -> str:
+        return DOCKER_SPAWNER_CONFIG.format(
+            script=SERVER_SCRIPT,
+            threads=HUB_THREADS,
+            image=self.image,
+            user=self.user,
+            label_key=LABEL_KEY,
+            run_id=self.run_id,
+        )
+
+    def remove_leftovers(self) -> None:
         remove_labelled(self.label)
+
+    def cpu(self) -> dict[str, float]:
+        assert self.proc is not None
+        used = cpu_seconds([self.proc.pid])
+        return {"engine": used["engine"], "control": used["platform"]}
 
 
 def _together(n: int, task: Any) -> list[Any]:
@@ -417,8 +464,7 @@ def hub_round(hub: Hub, n: int, interval: float) -> Run:
     status, body = hub.api("POST", "/users", {"usernames": names})
     if status != 201:
         raise RuntimeError(f"POST /hub/api/users answered {status}: {body}")
-    assert hub.proc is not None
-    before = cpu_seconds([hub.proc.pid])
+    before = hub.cpu()
 
     def spawn(index: int) -> tuple[str, float]:
         sent = time.time()
@@ -438,22 +484,28 @@ def hub_round(hub: Hub, n: int, interval: float) -> Run:
         return [u["name"] for u in users if u["name"] in names] if status == 200 else []
 
     sent = _requests_and_watch(n, spawn, count, failed, interval, f"hub N={n}")
-    after = cpu_seconds([hub.proc.pid])
+    after = hub.cpu()
     ready = hub.ready_times()
     latencies = [ready[name] - sent[name] for name in sent]
-    cpu = {
-        "engine": after["engine"] - before["engine"],
-        "control": after["platform"] - before["platform"],
-    }
+    cpu = {part: after[part] - before[part] for part in after}
     return Run(max(ready[name] for name in sent) - min(sent.values()), latencies, cpu)
 
 
-def here_round(stack: Platform, database: str, n: int, interval: float) -> Run:
+def here_round(
+    stack: Platform,
+    database: str,
+    n: int,
+    interval: float,
+    workspaces: Callable[[], dict[int, float]] | None = None,
+) -> Run:
+    """One round here. ``workspaces`` (pid -> CPU seconds of the workspaces' own processes) takes
+    the engine's place when the workspaces are local processes."""
     from workspaces.models import Workspace
 
     tag = uuid.uuid4().hex[:6]
     before = cpu_seconds(stack.pids)
     pg_before = _pg_backends(database)
+    own_before = workspaces() if workspaces else {}
 
     def create(index: int) -> tuple[str, float]:
         sent = time.time()
@@ -476,10 +528,14 @@ def here_round(stack: Platform, database: str, n: int, interval: float) -> Run:
     after = cpu_seconds(stack.pids)
     pg_after = _pg_backends(database)
     cpu = {
-        "engine": after["engine"] - before["engine"],
         "control": after["platform"] - before["platform"],
         "postgres": sum(cpu - pg_before.get(pid, 0.0) for pid, cpu in pg_after.items()),
     }
+    if workspaces is None:
+        cpu["engine"] = after["engine"] - before["engine"]
+    else:
+        own_after = workspaces()
+        cpu["workspace"] = sum(cpu - own_before.get(pid, 0.0) for pid, cpu in own_after.items())
     online, began = _first_events(list(sent), "ONLINE"), _first_events(list(sent), "PROVISIONING")
     running = {
         str(key): at.timestamp()
@@ -527,16 +583,44 @@ def _median(runs: list[Run], what: str) -> float:
     return statistics.median(run.cpu.get(what, float("nan")) for run in runs) / n * 1000
 
 
-def report(runs: dict[tuple[str, int], list[Run]], sizes: list[int], args: Any) -> list[str]:
+@dataclass(frozen=True)
+class Variant:
+    """What a comparison calls its parts: the report's block and plot, the CPU column of the
+    workspaces' own side, the phases here, the sides' names."""
+
+    name: str  # the block's markers and the plot's name (a word: MARKERS)
+    own: str  # the Run.cpu key of the workspaces' own side: "engine" or "workspace"
+    own_column: str
+    own_title: str
+    phases: dict[str, str]
+    here_label: str
+    hub_label: str
+
+
+def docker_variant(network: str) -> Variant:
+    return Variant(
+        name=network,
+        own="engine",
+        own_column="engine CPU/ws",
+        own_title="engine: dockerd+containerd+shims",
+        phases=PHASES,
+        here_label="this platform (Docker backend)",
+        hub_label="JupyterHub + DockerSpawner",
+    )
+
+
+def report(
+    runs: dict[tuple[str, int], list[Run]], sizes: list[int], args: Any, variant: Variant
+) -> list[str]:
     lines = [
-        "| N | total: here | hub | ratio | p50: here | hub | ratio | engine CPU/ws: here | hub "
-        "| ratio | control-plane CPU/ws: here | hub | ratio | PostgreSQL CPU/ws here |",
+        f"| N | total: here | hub | ratio | p50: here | hub | ratio | {variant.own_column}: here "
+        "| hub | ratio | control-plane CPU/ws: here | hub | ratio | PostgreSQL CPU/ws here |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in sizes:
         here, hub = runs[("here", n)], runs[("hub", n)]
         cells = [str(n)]
-        for what, unit in (("total", "s"), ("p50", "s"), ("engine", "ms"), ("control", "ms")):
+        for what, unit in (("total", "s"), ("p50", "s"), (variant.own, "ms"), ("control", "ms")):
             a, b = _median(here, what), _median(hub, what)
             fmt = "{:.2f} " if unit == "s" else "{:.0f} "
             cells += [fmt.format(a) + unit, fmt.format(b) + unit, f"{a / b:.2f}" if b else "-"]
@@ -557,7 +641,7 @@ def report(runs: dict[tuple[str, int], list[Run]], sizes: list[int], args: Any) 
     lines += ["", "Here, median seconds per workspace in each phase (all rounds):", ""]
     for n in sizes:
         parts = []
-        for phase, meaning in PHASES.items():
+        for phase, meaning in variant.phases.items():
             values = [x for run in runs[("here", n)] for x in run.phases.get(phase, [])]
             if values:
                 parts.append(f"{meaning} {statistics.median(values):.2f}")
@@ -565,7 +649,9 @@ def report(runs: dict[tuple[str, int], list[Run]], sizes: list[int], args: Any) 
     return lines
 
 
-def plot(runs: dict[tuple[str, int], list[Run]], sizes: list[int], path: Path) -> None:
+def plot(
+    runs: dict[tuple[str, int], list[Run]], sizes: list[int], path: Path, variant: Variant
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -573,17 +659,17 @@ def plot(runs: dict[tuple[str, int], list[Run]], sizes: list[int], path: Path) -
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     sides = (
-        ("here", "tab:blue", "this platform (Docker backend)"),
-        ("hub", "tab:orange", "JupyterHub + DockerSpawner"),
+        ("here", "tab:blue", variant.here_label),
+        ("hub", "tab:orange", variant.hub_label),
     )
     for side, colour, label in sides:
         totals = [_median(runs[(side, n)], "total") for n in sizes]
         p50s = [_median(runs[(side, n)], "p50") for n in sizes]
         axes[0].plot(sizes, totals, "o-", color=colour, label=f"{label}: total")
         axes[0].plot(sizes, p50s, "s--", color=colour, label=f"{label}: p50")
-        engine = [_median(runs[(side, n)], "engine") for n in sizes]
+        own = [_median(runs[(side, n)], variant.own) for n in sizes]
         control = [_median(runs[(side, n)], "control") for n in sizes]
-        axes[1].plot(sizes, engine, "o-", color=colour, label=f"{label}: engine")
+        axes[1].plot(sizes, own, "o-", color=colour, label=f"{label}: {variant.own}")
         axes[1].plot(sizes, control, "s--", color=colour, label=f"{label}: control plane")
     n_max = max(sizes)
     for side, colour, label in sides:
@@ -600,7 +686,7 @@ def plot(runs: dict[tuple[str, int], list[Run]], sizes: list[int], path: Path) -
         xscale="log",
         xlabel="N requested at once",
         ylabel="CPU ms per workspace",
-        title="CPU per workspace (engine: dockerd+containerd+shims)",
+        title=f"CPU per workspace ({variant.own_title})",
     )
     axes[2].set(
         xlabel="per-server latency (s)",
@@ -631,6 +717,88 @@ def write_doc(section: list[str], path: Path, variant: str) -> None:
     path.write_text(text)
 
 
+def alternate(
+    args: Any, here: Callable[[int], Run], clean_here: Callable[[], None], hub: Hub
+) -> dict[tuple[str, int], list[Run]]:
+    """One untimed round of one on each side (imports, connections, the page cache), then
+    ``args.rounds`` rounds of each size on each side, the side that goes first flipping every
+    round, cleaned after each round (untimed). Whatever is left is cleaned when it fails."""
+    runs: dict[tuple[str, int], list[Run]] = {}
+    try:
+        clean_here()
+        here(1)
+        clean_here()
+        hub_round(hub, 1, args.interval)
+        hub.clean()
+        for n in args.sizes:
+            for index in range(args.rounds):
+                order = ["here", "hub"] if index % 2 == 0 else ["hub", "here"]
+                for side in order:
+                    if side == "here":
+                        result = here(n)
+                        clean_here()
+                    else:
+                        result = hub_round(hub, n, args.interval)
+                        hub.clean()
+                    runs.setdefault((side, n), []).append(result)
+                    cpu = ", ".join(f"{k} {v / n * 1000:.0f} ms/ws" for k, v in result.cpu.items())
+                    print(
+                        f"# N={n} round {index + 1} {side}: total {result.total:.2f} s, "
+                        f"p50 {result.p50:.2f} s; CPU {cpu}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    finally:
+        clean_here()
+        with contextlib.suppress(Exception):  # Hub.__exit__ removes what is left anyway
+            hub.clean()
+    return runs
+
+
+def write_results(
+    runs: dict[tuple[str, int], list[Run]],
+    args: Any,
+    argv: list[str] | None,
+    variant: Variant,
+    heading: list[str],
+    started: float,
+    load_before: list[str],
+    spawner: str,
+    setting: str,
+) -> None:
+    """The plot, the table on stdout, and the variant's block of the report: ``heading``, how
+    and when it was made (``spawner``: the hub's spawner and its version; ``setting``: this
+    platform's setting that makes the variant), the table, the plot."""
+    out_dir = args.out.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image_name = PLOT.format(variant=variant.name)
+    plot(runs, args.sizes, out_dir / image_name, variant)
+    table = report(runs, args.sizes, args, variant)
+    print("\n".join(table))
+    import jupyterhub
+
+    chp = subprocess.run([str(CHP), "--version"], capture_output=True, text=True).stdout.strip()
+    node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+    command = "python -m bench peer " + " ".join(argv if argv is not None else sys.argv[1:])
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
+    section = [
+        *heading,
+        f"Made by `{command.strip()}` on {when} in {time.time() - started:.0f} s, "
+        f"{os.cpu_count()} cores shared with other work (load average "
+        f"{' '.join(load_before)} at the start, "
+        f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])} at the end); JupyterHub "
+        f"{jupyterhub.__version__}, {spawner}, configurable-http-proxy {chp} on Node {node}; "
+        f"this platform with {setting}.",
+        "",
+        *table,
+        "",
+        f"![JupyterHub against this platform, {setting}]({image_name})",
+        "",
+    ]
+    write_doc(section, args.out, variant.name)
+    print(f"wrote {args.out} and {out_dir / image_name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench peer",
@@ -648,7 +816,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=DOC)
     args = parser.parse_args(argv)
-
     from bench.engine import ensure_agent_image, ensure_engine
 
     ensure_engine()
@@ -664,77 +831,33 @@ def main(argv: list[str] | None = None) -> int:
     image = ensure_agent_image()
     log_dir = Path(tempfile.mkdtemp(prefix="bench-peer-"))
     print(f"# logs in {log_dir}", file=sys.stderr, flush=True)
-    runs: dict[tuple[str, int], list[Run]] = {}
     with (
         platform("peer", log_dir, proxy=True) as stack,
-        Hub(image, str(settings.DOCKER_WORKSPACE_USER), log_dir) as hub,
+        DockerHub(image, str(settings.DOCKER_WORKSPACE_USER), log_dir) as hub,
     ):
-        try:
-            here_clean(stack)
-            # One untimed round each: imports, connections, the image's page cache.
-            here_round(stack, database, 1, args.interval)
-            here_clean(stack)
-            hub_round(hub, 1, args.interval)
-            hub.clean()
-            for n in args.sizes:
-                for index in range(args.rounds):
-                    order = ["here", "hub"] if index % 2 == 0 else ["hub", "here"]
-                    for side in order:
-                        if side == "here":
-                            result = here_round(stack, database, n, args.interval)
-                            here_clean(stack)
-                        else:
-                            result = hub_round(hub, n, args.interval)
-                            hub.clean()
-                        runs.setdefault((side, n), []).append(result)
-                        cpu = ", ".join(
-                            f"{k} {v / n * 1000:.0f} ms/ws" for k, v in result.cpu.items()
-                        )
-                        print(
-                            f"# N={n} round {index + 1} {side}: total {result.total:.2f} s, "
-                            f"p50 {result.p50:.2f} s; CPU {cpu}",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-        finally:
-            here_clean(stack)
-            with contextlib.suppress(Exception):  # Hub.__exit__ removes what is left anyway
-                hub.clean()
-    out_dir = args.out.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    image_name = PLOT.format(variant=args.network)
-    plot(runs, args.sizes, out_dir / image_name)
-    table = report(runs, args.sizes, args)
-    print("\n".join(table))
+        runs = alternate(
+            args,
+            lambda n: here_round(stack, database, n, args.interval),
+            lambda: here_clean(stack),
+            hub,
+        )
     import dockerspawner
-    import jupyterhub
 
-    chp = subprocess.run([str(CHP), "--version"], capture_output=True, text=True).stdout.strip()
-    node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
-    command = "python -m bench peer " + " ".join(argv if argv is not None else sys.argv[1:])
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
-    doc = (__doc__ or "").strip()
     if args.network == "workspace":
-        heading = ["## peer: JupyterHub", "", doc, ""]
+        heading = ["## peer: JupyterHub", "", (__doc__ or "").strip(), ""]
     else:
         heading = [f"### peer, this platform with DOCKER_NETWORK_MODE={args.network}", ""]
-    section = [
-        *heading,
-        f"Made by `{command.strip()}` on {when} in {time.time() - started:.0f} s, "
-        f"{os.cpu_count()} cores shared with other work (load average "
-        f"{' '.join(load_before)} at the start, "
-        f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])} at the end); JupyterHub "
-        f"{jupyterhub.__version__}, DockerSpawner {dockerspawner.__version__}, "
-        f"configurable-http-proxy {chp} on Node {node}; this platform with "
-        f"DOCKER_NETWORK_MODE={args.network}.",
-        "",
-        *table,
-        "",
-        f"![JupyterHub against this platform, DOCKER_NETWORK_MODE={args.network}]({image_name})",
-        "",
-    ]
-    write_doc(section, args.out, args.network)
-    print(f"wrote {args.out} and {out_dir / image_name}")
+    write_results(
+        runs,
+        args,
+        argv,
+        docker_variant(args.network),
+        heading,
+        started,
+        load_before,
+        f"DockerSpawner {dockerspawner.__version__}",
+        f"DOCKER_NETWORK_MODE={args.network}",
+    )
     return 0
 
 
