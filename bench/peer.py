@@ -41,6 +41,7 @@ Not in CI and not a default dependency group::
 
     uv sync --group peer          # jupyterhub, dockerspawner, matplotlib
     python -m bench peer [--sizes 1 10 50 200] [--rounds 3] [--network workspace|host]
+    python -m bench peer --backend process [--sizes 1 10 50 200 500]   # bench.peer_process
 
 Uses the engine in ``DOCKER_HOST`` (``BENCH_DOCKERD_ROOT``: the engine's folder, to find its
 processes) or a private dockerd, ``DATABASE_URL`` (default ``ws_peer_bench``) and ``REDIS_URL``.
@@ -79,6 +80,7 @@ PEER_DIR = REPO / "var" / "peer"
 CHP = PEER_DIR / "node_modules" / ".bin" / "configurable-http-proxy"
 CHP_VERSION = "4"
 HUB_THREADS = 4
+RESENDS = 3  # times a hub request whose connection was reset is sent again
 TIMEOUT = 900.0
 CLEAN_TIMEOUT = 180.0
 DOC = REPO / "docs" / "benchmarks.md"
@@ -224,6 +226,8 @@ class Run:
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds the round cost, by part
     # Here only: per-workspace seconds in each phase (see PHASES), from the rows and events.
     phases: dict[str, list[float]] = field(default_factory=dict)
+    # Hub only: requests whose connection the hub reset before answering, sent again.
+    resent: int = 0
 
     @property
     def p50(self) -> float:
@@ -465,11 +469,23 @@ def hub_round(hub: Hub, n: int, interval: float) -> Run:
     if status != 201:
         raise RuntimeError(f"POST /hub/api/users answered {status}: {body}")
     before = hub.cpu()
+    resent: list[str] = []
 
     def spawn(index: int) -> tuple[str, float]:
         sent = time.time()
-        status, body = hub.api("POST", f"/users/{names[index]}/server")
-        if status not in (201, 202):
+        for attempt in range(RESENDS + 1):
+            try:
+                status, body = hub.api("POST", f"/users/{names[index]}/server")
+                break
+            except (ConnectionResetError, http.client.RemoteDisconnected):
+                # A full listen backlog while the hub's loop is busy: the request may or may
+                # not have arrived. Sending it again is safe: a pending spawn answers 202 again,
+                # a started one "already running"; the latency still counts from the first.
+                if attempt == RESENDS:
+                    raise
+                resent.append(names[index])
+                time.sleep(1)
+        if status not in (201, 202) and not (resent and "already running" in str(body)):
             raise RuntimeError(f"POST /hub/api/users/<name>/server answered {status}: {body}")
         return names[index], sent
 
@@ -488,7 +504,8 @@ def hub_round(hub: Hub, n: int, interval: float) -> Run:
     ready = hub.ready_times()
     latencies = [ready[name] - sent[name] for name in sent]
     cpu = {part: after[part] - before[part] for part in after}
-    return Run(max(ready[name] for name in sent) - min(sent.values()), latencies, cpu)
+    total = max(ready[name] for name in sent) - min(sent.values())
+    return Run(total, latencies, cpu, resent=len(resent))
 
 
 def here_round(
@@ -609,6 +626,10 @@ def docker_variant(network: str) -> Variant:
     )
 
 
+def _resent(run: Run) -> str:
+    return f" ({run.resent} reset, sent again)" if run.resent else ""
+
+
 def report(
     runs: dict[tuple[str, int], list[Run]], sizes: list[int], args: Any, variant: Variant
 ) -> list[str]:
@@ -635,7 +656,7 @@ def report(
     for n in sizes:
         parts = []
         for side in ("here", "hub"):
-            listed = ", ".join(f"{r.total:.2f}/{r.p50:.2f}" for r in runs[(side, n)])
+            listed = ", ".join(f"{r.total:.2f}/{r.p50:.2f}{_resent(r)}" for r in runs[(side, n)])
             parts.append(f"{side} {listed}")
         lines.append(f"- N = {n}: " + "; ".join(parts))
     lines += ["", "Here, median seconds per workspace in each phase (all rounds):", ""]
@@ -744,7 +765,8 @@ def alternate(
                     cpu = ", ".join(f"{k} {v / n * 1000:.0f} ms/ws" for k, v in result.cpu.items())
                     print(
                         f"# N={n} round {index + 1} {side}: total {result.total:.2f} s, "
-                        f"p50 {result.p50:.2f} s; CPU {cpu}",
+                        f"p50 {result.p50:.2f} s; CPU {cpu}"
+                        + (f"; {result.resent} requests sent again" if result.resent else ""),
                         file=sys.stderr,
                         flush=True,
                     )
@@ -809,13 +831,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--interval", type=float, default=0.5, help="poll interval (s)")
     parser.add_argument(
+        "--backend",
+        choices=("docker", "process"),
+        default="docker",
+        help="this platform's backend: docker (against DockerSpawner, the default) or process "
+        "(against LocalProcessSpawner; bench.peer_process says how)",
+    )
+    parser.add_argument(
         "--network",
         choices=("workspace", "host"),
         default="workspace",
-        help="this platform's DOCKER_NETWORK_MODE (default: its own default)",
+        help="docker: this platform's DOCKER_NETWORK_MODE (default: its own default)",
+    )
+    parser.add_argument(
+        "--hub-server",
+        choices=("python", "busybox"),
+        default="python",
+        help="process: what each hub server runs (python: the same interpreter and page server "
+        "as the platform's agent, the default; busybox: httpd and wget, as the docker variant)",
     )
     parser.add_argument("--out", type=Path, default=DOC)
     args = parser.parse_args(argv)
+    if args.backend == "process":
+        from bench.peer_process import run_process
+
+        return run_process(args, argv)
+
     from bench.engine import ensure_agent_image, ensure_engine
 
     ensure_engine()
