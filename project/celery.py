@@ -94,3 +94,23 @@ def _beat_tick(sender: Any = None, **_: Any) -> None:
         record_beat_tick()
     except RedisError as exc:  # a Redis hiccup must never stop beat from sending its sweeps
         logger.warning("could not record beat's tick for /readyz: %s", exc)
+
+
+# A worker's main process loads every backend's module (the engine SDK is most of a cold child's
+# first cycle) before it forks its pool, so no child pays that import in a workspace's cycle.
+@signals.worker_init.connect
+def _preload_backends(**_: Any) -> None:
+    from provisioning.backends import preload_modules
+
+    preload_modules()
+
+
+# Database connections outlive a task, as they outlive a request in the web processes
+# (CONN_MAX_AGE, health-checked on first use): settings.CELERY_DB_REUSE_MAX keeps Celery from
+# closing them after every task (a new PostgreSQL backend per task), and this applies Django's
+# own end-of-request rule before each task instead: close a connection that is too old or broken.
+@signals.task_prerun.connect
+def _close_old_connections(**_: Any) -> None:
+    from django.db import close_old_connections
+
+    close_old_connections()

@@ -227,6 +227,9 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {
     "interval_max": 0.5,
 }
 CELERY_WORKER_SEND_TASK_EVENTS = False
+# Celery closes every database connection after each task unless this is set; then it closes them
+# every 2 x this many tasks, and project.celery's task_prerun hook closes only old or broken ones.
+CELERY_DB_REUSE_MAX = 500
 CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_LIFECYCLE_QUEUE", "lifecycle")
 CELERY_SWEEP_QUEUE = env_str("CELERY_SWEEP_QUEUE", "sweeps")
 

@@ -38,6 +38,15 @@ FACTORIES: dict[str, Callable[[], WorkspaceBackend]] = {
 }
 
 
+def preload_modules() -> None:
+    """Import the built-in backends' modules without constructing a backend: a worker's main
+    process does it before forking (project.celery), so its children share the loaded engine
+    SDK instead of each importing it in its first cycle."""
+    import provisioning.backends.docker
+    import provisioning.backends.process
+    import provisioning.backends.swarm  # noqa: F401
+
+
 def default_backend_name() -> str:
     """The backend new workspaces are recorded on (``WORKSPACE_BACKEND``)."""
     return str(settings.WORKSPACE_BACKEND)
