@@ -61,17 +61,14 @@ def event_data(event: WorkspaceEvent) -> dict[str, Any]:
     return dict(LiveEventSerializer(event).data)
 
 
-def publish(event_id: int) -> None:
-    """Publish a committed event to its owner's channel. Never raises: the event is in the
-    database, and a client that missed it finds it there (polling or Last-Event-ID)."""
+def publish(event: WorkspaceEvent, owner_id: int) -> None:
+    """Publish a committed event to its owner's channel: the row as it was written, not read
+    back. Never raises: the event is in the database, and a client that missed it finds it there
+    (polling or Last-Event-ID)."""
     try:
-        event = WorkspaceEvent.objects.select_related("workspace").filter(id=event_id).first()
-        if event is None:
-            return
-        channel = owner_channel(event.workspace.owner_id)
-        get_redis().publish(channel, json.dumps(event_data(event)))
+        get_redis().publish(owner_channel(owner_id), json.dumps(event_data(event)))
     except RedisError as exc:
-        logger.warning("could not publish event %s: %s", event_id, exc)
+        logger.warning("could not publish event %s: %s", event.pk, exc)
 
 
 def sse_message(data: dict[str, Any]) -> bytes:

@@ -227,10 +227,10 @@ def record_event(
     person or process whose request the cycle answers."""
     row = (
         Workspace.objects.filter(id=workspace_id)
-        .values_list("name", "owner__username", "requested_by")
+        .values_list("name", "owner__username", "owner_id", "requested_by")
         .first()
     )
-    name, owner, requested_by = row or ("?", "?", "")
+    name, owner, owner_id, requested_by = row or ("?", "?", None, "")
     if actor is None:
         actor = audit.SOURCE_ACTORS.get(source) or requested_by or audit.SYSTEM
     event = WorkspaceEvent.objects.create(
@@ -253,14 +253,15 @@ def record_event(
     )
     # Live subscribers hear of the event only once it is committed: a stream must never show an
     # event that a rollback then takes back, and a client that resumes from its id must find it.
-    transaction.on_commit(lambda: _publish(event.pk), robust=True)
+    if owner_id is not None:
+        transaction.on_commit(functools.partial(_publish, event, owner_id), robust=True)
     return event
 
 
-def _publish(event_id: int) -> None:
+def _publish(event: WorkspaceEvent, owner_id: int) -> None:
     from workspaces import live_events
 
-    live_events.publish(event_id)
+    live_events.publish(event, owner_id)
 
 
 def transition(
