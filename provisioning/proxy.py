@@ -248,9 +248,15 @@ def put_route(route: dict[str, Any]) -> None:
     except ProxyHTTPError as exc:
         if exc.status != 404:
             raise
-    ensure_server()
-    # Index 0: before the catch-all.
-    _call("PUT", f"/config/apps/http/servers/{SERVER}/routes/0", route)
+    # A new route. Index 0: before the catch-all. Only when the insert fails is the configuration
+    # read (the whole of it, every route): a proxy started or restarted empty has no server yet.
+    insert = f"/config/apps/http/servers/{SERVER}/routes/0"
+    try:
+        _call("PUT", insert, route)
+    except ProxyHTTPError:
+        if not ensure_server():
+            raise
+        _call("PUT", insert, route)
 
 
 def delete_route(workspace_id: object) -> bool:

@@ -7,10 +7,12 @@ browser would send it; Caddy asks the live test server (forward_auth) and forwar
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import socket
 import struct
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -393,3 +395,22 @@ def test_a_browser_logs_in_and_opens_the_workspace_app(
     shot = ARTIFACTS / f"workspace-{backend}-{template}.png"
     assert chromium.save_screenshot(str(shot))
     assert shot.stat().st_size > 0
+
+
+def test_a_route_write_loads_the_server_into_a_proxy_restarted_empty(caddy: Caddy) -> None:
+    """A new route is inserted without reading the proxy's whole configuration first; only when
+    the insert fails (no server: the proxy restarted empty) is the base configuration loaded."""
+    workspace_id = uuid.uuid4()
+    route = proxy.route_for(workspace_id, "empty-proxy.localhost", "127.0.0.1:9", 1)
+    caddy.restart()
+    try:
+        proxy.put_route(route)
+        assert proxy.route_id(workspace_id) in proxy.list_routes()
+        # Written again (the route exists): replaced in place, never a second copy.
+        proxy.put_route(proxy.route_for(workspace_id, "empty-proxy.localhost", "127.0.0.1:8", 2))
+        servers = proxy._apps()["http"]["servers"]
+        ids = [r.get("@id") for r in servers[proxy.SERVER]["routes"]]
+        assert ids.count(proxy.route_id(workspace_id)) == 1, ids
+        assert "127.0.0.1:8" in json.dumps(proxy.list_routes()[proxy.route_id(workspace_id)])
+    finally:
+        proxy.delete_route(workspace_id)
