@@ -224,8 +224,9 @@ def _start_cycle(
         return False
     lease.set_generation(cycle.generation)
     workspace, generation, seq = cycle.workspace, cycle.generation, cycle.seq
-    if workspace.app_port is not None:
-        # The row left the routable statuses: the old instance's app is going away.
+    if workspace.app_port is not None and generation > 1:
+        # The row left the routable statuses: the old instance's app is going away. (A first
+        # cycle has no route to remove: routes are written after a registration.)
         routes.remove(workspace.id, lease)
 
     def refuse(message: str, payload: dict[str, Any] | None = None) -> bool:
