@@ -114,6 +114,31 @@ def processes() -> dict[int, Proc]:
     return found
 
 
+def memory(pids: set[int]) -> float:
+    """The processes' proportional set size (shared pages split among their users), in MiB."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+                    break
+    return total / 1024
+
+
+def memory_available() -> float:
+    """MemAvailable of the whole machine, in MiB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("inf")
+
+
+# Each workspace costs a few dozen MiB; on a shared machine the bench stops creating (and
+# removes what it made) before the kernel's OOM killer picks someone else's process.
+MEMORY_RESERVE_MIB = 1536.0
+
+
 def machine_busy() -> float:
     """CPU seconds the whole machine has spent busy (every core, kernel included)."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -154,6 +179,7 @@ class Phase:
     seconds: float
     cpu: dict[str, float]  # group -> CPU seconds per second
     heartbeats: dict[str, int] = field(default_factory=dict)  # status -> count
+    memory: dict[str, float] = field(default_factory=dict)  # group -> MiB (PSS) at the end
 
     @property
     def heartbeat_rate(self) -> float:
@@ -177,6 +203,7 @@ def measure(seconds: float, groups: Groups, database: str, registry_log: Path | 
         for name, pids in sets.items()
     }
     cpu["machine"] = (busy_after - busy_before) / elapsed
+    mib = {name: memory(pids) for name, pids in sets.items() if name not in ("postgres", "redis")}
     beats: dict[str, int] = {}
     if registry_log:
         with open(registry_log, "rb") as handle:
@@ -184,7 +211,7 @@ def measure(seconds: float, groups: Groups, database: str, registry_log: Path | 
             for match in HEARTBEAT.finditer(handle.read()):
                 status = match.group(1).decode()
                 beats[status] = beats.get(status, 0) + 1
-    return Phase(elapsed, cpu, beats)
+    return Phase(elapsed, cpu, beats, mib)
 
 
 # -- the floor -------------------------------------------------------------------------------------
@@ -204,6 +231,8 @@ def floor_servers(n: int, ports: list[int], agent_dir: Path) -> Iterator[list[in
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for port in ports[:n]:
+            if len(procs) % 50 == 0 and memory_available() < MEMORY_RESERVE_MIB:
+                raise RuntimeError(f"out of memory at {len(procs)} floor servers")
             procs.append(
                 subprocess.Popen(
                     [settings.WORKSPACE_PYTHON, "-c", FLOOR_SERVER, str(agent_dir), str(port)],
@@ -294,6 +323,11 @@ def create(stack: Platform, n: int, timeout: float) -> float:
         if failed:
             raise RuntimeError(f"{len(failed)} failed, e.g.: {failed[0][0]}")
         online = _owned().filter(status=WorkspaceStatus.ONLINE).count()
+        if memory_available() < MEMORY_RESERVE_MIB:
+            raise RuntimeError(
+                f"out of memory at {online} workspaces online: MemAvailable "
+                f"{memory_available():.0f} MiB < {MEMORY_RESERVE_MIB:.0f} MiB"
+            )
         if time.monotonic() - last_report > 30:
             last_report = time.monotonic()
             print(f"# {online}/{n} online after {time.monotonic() - started:.0f} s", flush=True)
@@ -508,6 +542,11 @@ def report(
         f"expected N / AGENT_HEARTBEAT_SECONDS = {n / settings.AGENT_HEARTBEAT_SECONDS:.1f}/s; "
         f"control plane + PostgreSQL {per_beat * 1000:.2f} ms CPU per heartbeat above idle; "
         f"{failures} heartbeats the agents could not deliver (whole run)",
+        f"- memory (PSS at the end of the window): workspace processes "
+        f"{steady.memory.get('workspaces', 0.0) / n:.1f} MiB and monitors "
+        f"{steady.memory.get('monitors', 0.0) / n:.1f} MiB per workspace, against "
+        f"{statistics.mean(f.memory.get('workspaces', 0.0) for f in floors) / n:.1f} MiB per "
+        f"page server on the floor; control plane {steady.memory.get('control', 0.0):.0f} MiB",
         f"- {n} workspaces created and online in {timings['online']:.0f} s, removed in "
         f"{timings['removed']:.0f} s",
         "",
