@@ -159,14 +159,17 @@ def _child(name: str, repeats: int, result: Path) -> int:
 
 
 def _kept_sections(path: Path) -> list[str]:
-    """The peer blocks of the existing report (``bench.peer`` writes them between markers)."""
-    from bench.peer import MARKERS
+    """The peer and steady blocks of the existing report (``bench.peer`` and ``bench.steady``
+    write them between markers), in the order they appear."""
+    from bench.peer import MARKERS as PEER
+    from bench.steady import MARKERS as STEADY
 
     try:
         text = path.read_text()
     except OSError:
         return []
-    return [match.group(0).rstrip("\n") + "\n" for match in MARKERS.finditer(text)]
+    found = sorted([*PEER.finditer(text), *STEADY.finditer(text)], key=lambda match: match.start())
+    return [match.group(0).rstrip("\n") + "\n" for match in found]
 
 
 def main() -> int:
@@ -174,6 +177,10 @@ def main() -> int:
         from bench.peer import main as peer
 
         return peer(sys.argv[2:])
+    if sys.argv[1:2] == ["steady"]:
+        from bench.steady import main as steady
+
+        return steady(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5, help="runs per figure (default 5)")
     parser.add_argument("--only", nargs="*", choices=MODULES, help="run only these benchmarks")

@@ -1,7 +1,7 @@
-"""The platform as users run it, for the Docker benchmarks: gunicorn (the API), the registry
-listener agents call back (``project.registry_wsgi``, bound to every host address so workspaces on
-their own Docker networks reach it at their network's gateway), Celery workers, optionally Caddy
-as the proxy, a Docker engine, and a bare HTTP endpoint for the floor runs.
+"""The platform as users run it, for the benchmarks: gunicorn (the API), the registry listener
+agents call back (``project.registry_wsgi``, bound to every host address so workspaces on their
+own Docker networks reach it at their network's gateway), Celery workers, optionally Celery beat
+and Caddy as the proxy, a Docker engine, and a bare HTTP endpoint for the floor runs.
 
 Everything started here is a child process of the bench (stopped by its pid when the block ends);
 containers carry a per-run ``PLATFORM_ID`` label, so cleanup touches nothing else on the engine.
@@ -91,7 +91,7 @@ class Platform:
     platform_id: str
     env: dict[str, str]
     log_dir: Path
-    # gunicorn (API and registry), Celery worker and Caddy main processes
+    # gunicorn (API and registry), Celery worker (and beat) and Caddy main processes
     pids: list[int] = field(default_factory=list)
 
     def request(
@@ -120,13 +120,18 @@ def platform(
     extra_env: dict[str, str] | None = None,
     *,
     proxy: bool = False,
+    beat: bool = False,
+    access_log: bool = False,
 ) -> Iterator[Platform]:
     """gunicorn (API and registry listener) + Celery worker(s) on ``backend`` (the one new
     workspaces are recorded on), with this process's database and Redis, and Debian's Caddy as
     the proxy when ``proxy`` (else routes go to an admin port nothing listens on, and route syncs
     fail fast); ``extra_env`` is added to their environment (say, a Celery queue of their own so
-    that two platforms can run side by side). Django must be set up
-    (setup_django) and DOCKER_HOST must point at a running engine."""
+    that two platforms can run side by side). With ``beat``, Celery beat runs too and the workers
+    also consume the sweep queue, as the Procfile's worker does (the sweeps, liveness among them,
+    then run as in production); with ``access_log``, gunicorn logs every request to its log file,
+    as the Procfile's web and registry lines do. Django must be set up (setup_django); on the
+    Docker backend, DOCKER_HOST must point at a running engine."""
     from django.conf import settings
     from django.contrib.auth import get_user_model
 
@@ -156,8 +161,8 @@ def platform(
         # The benchmarks measure cycles, not admission: no quota or cap refuses their batches.
         "WORKSPACE_QUOTA_PER_USER": "0",
         "PROVISIONING_CONCURRENCY_LIMIT": "0",
-        # No beat and no sweep worker run here, and the bench pings its own workers below:
-        # /readyz answers once the web process reaches PostgreSQL and Redis.
+        # Beat and a sweep worker run only with ``beat``, and the bench pings its own workers
+        # below: /readyz answers once the web process reaches PostgreSQL and Redis.
         "READYZ_REQUIRE_WORKERS": "false",
         **(extra_env or {}),
     }
@@ -182,6 +187,7 @@ def platform(
             config = log_dir / "caddy.json"
             config.write_text(json.dumps({"admin": {"listen": env["PROXY_ADMIN"]}}))
             spawn(["caddy", "run", "--config", str(config)], "caddy.log", python=False)
+        logged = ["--access-logfile", "-"] if access_log else []
         registry = spawn(
             [
                 "gunicorn",
@@ -194,6 +200,7 @@ def platform(
                 "4",
                 "--log-level",
                 "warning",
+                *logged,
             ],
             "registry.log",
         )
@@ -209,9 +216,26 @@ def platform(
                 str(WEB_THREADS),
                 "--log-level",
                 "warning",
+                *logged,
             ],
             "gunicorn.log",
         )
+        queues = env.get("CELERY_LIFECYCLE_QUEUE") or str(settings.CELERY_TASK_DEFAULT_QUEUE)
+        if beat:
+            queues += f",{settings.CELERY_SWEEP_QUEUE}"
+            spawn(
+                [
+                    "celery",
+                    "-A",
+                    "project",
+                    "beat",
+                    "-l",
+                    "WARNING",
+                    "--schedule",
+                    str(log_dir / "celerybeat-schedule"),
+                ],
+                "beat.log",
+            )
         names = []
         for index in range(WORKER_PROCESSES):
             node = f"bench{index}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
@@ -231,7 +255,7 @@ def platform(
                     "-n",
                     node,
                     "-Q",
-                    env.get("CELERY_LIFECYCLE_QUEUE") or str(settings.CELERY_TASK_DEFAULT_QUEUE),
+                    queues,
                     "--without-gossip",
                     "--without-mingle",
                     "--without-heartbeat",
