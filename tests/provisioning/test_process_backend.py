@@ -226,25 +226,26 @@ def test_a_command_that_does_not_exist_fails_the_start_saying_so(backend, tmp_pa
 
 def test_stop_kills_a_process_the_uid_daemonized_in_a_session_of_its_own(backend, tmp_path) -> None:
     spec = _spec(tmp_path, SLEEPER)
-    assert spec.uid is not None
+    uid = spec.uid
+    assert uid is not None
     state = backend.start(spec, {})
     # Outside the instance's process group and session: only a kill of the whole uid reaches it.
     daemon = subprocess.Popen(
         [
             "setpriv",
-            f"--reuid={spec.uid}",
-            f"--regid={spec.uid}",
+            f"--reuid={uid}",
+            f"--regid={uid}",
             "--clear-groups",
             "setsid",
             "sleep",
             "600",
         ],  # not a group leader: setsid makes a session in place, the pid stays
     )
-    wait_for(lambda: daemon.pid in _uid_pids(spec.uid), timeout=10, message="the daemon")
+    wait_for(lambda: daemon.pid in _uid_pids(uid), timeout=10, message="the daemon")
     backend.stop(spec.workspace_id, state, grace_seconds=0.5)
     assert daemon.wait(timeout=10) == -signal.SIGKILL
     assert not _alive(state["pid"], state["start_time"])
-    assert _uid_pids(spec.uid) == []
+    assert _uid_pids(uid) == []
 
 
 def test_kill_uid_kills_every_process_of_the_uid_without_walking_proc() -> None:
