@@ -8,12 +8,14 @@ pid the platform signals nor rewrite its own log. The process runs in its own se
 outlives the worker that started it; a later worker finds it again by the pid file, and the start
 time read from ``/proc`` guards against a recycled pid.
 
-Isolation (``WORKSPACE_PROCESS_ISOLATION=uid``, the default): the launcher runs as root, moves
+Isolation (``WORKSPACE_PROCESS_ISOLATION=uid``, the default): the launch runs as root, moves
 into a private mount namespace where ``WORKSPACE_HIDDEN_PATHS`` (PostgreSQL's, Redis's and the
 engine's unix sockets) are covered up, then drops to the workspace's uid and gid with no
-supplementary groups before exec. ``provisioning.backends.firewall`` keeps those uids off the
-host's ports except the registry's. Stopping kills every process of the uid, so nothing a
-workspace daemonized survives into the next holder of that uid.
+supplementary groups and sets ``no_new_privs`` before the workspace's program runs
+(``process_launch`` and ``process_monitor``: small programs, no interpreter of the worker's per
+start). ``provisioning.backends.firewall`` keeps those uids off the host's ports except the
+registry's. Stopping kills every process of the uid (a child of the worker with that uid calls
+``kill(-1, SIGKILL)``), so nothing a workspace daemonized survives into the next holder of that uid.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from uuid import UUID
 from django.conf import settings
 
 from provisioning.agent import AGENT_PAGE, AGENT_SCRIPT
+from provisioning.backends import process_launch
 from provisioning.backends.base import (
     CONFIG_MARKER,
     BackendError,
@@ -61,106 +64,6 @@ NOT_ROOT = (
     "single-user development (workspaces then run unisolated, as the platform's user)"
 )
 WORKSPACE_PATH = "/usr/local/bin:/usr/bin:/bin"
-
-# Starts the instance under a small monitor and exits at once. The monitor (a forked child that
-# leads its own session) is the instance's parent: it waits for the instance and records its exit
-# code in exit.json, which the worker could not see otherwise (the instance is not its child).
-# Both outlive the worker that started them; the instance runs in a session of its own, so a stop
-# signals its process group and not the monitor. The environment arrives on stdin, never in argv
-# where `ps` would show secrets. The monitor, not the worker, records the pid file: a worker
-# killed right after the launch would otherwise leave a running instance no later cycle can find,
-# and the next start would run a second one.
-#
-# With a uid, the monitor first hides WORKSPACE_HIDDEN_PATHS in a private mount namespace (unix
-# sockets are out of the firewall's reach) and sets no_new_privs (a setuid binary cannot give the
-# workspace root back, nor sockets the firewall's owner match would miss), then the child drops
-# to the uid and gid with no supplementary groups and a 077 umask before exec.
-_LAUNCHER = """
-import ctypes, json, os, subprocess, sys
-spec = json.load(sys.stdin)
-os.umask(0o077)  # the log, the pid file and the exit file are the platform's alone
-uid = spec.get("uid")
-
-
-def isolate():
-    # In the monitor, before the instance is forked: hide the sockets, no new privileges;
-    # returns what Popen needs to drop to the workspace's uid.
-    if uid is None:
-        return {}
-    libc = ctypes.CDLL(None, use_errno=True)
-    def check(result, what):
-        if result != 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, f"{what}: {os.strerror(errno)}")
-    check(libc.unshare(0x20000), "unshare(CLONE_NEWNS)")
-    check(libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None), "make / private")
-    for path in sorted({os.path.realpath(p) for p in spec["hidden"]}):
-        if os.path.isdir(path):
-            check(libc.mount(b"tmpfs", path.encode(), b"tmpfs", 2 | 4 | 8,
-                             b"size=4k,mode=000"), f"hide {path}")
-        elif os.path.exists(path):
-            check(libc.mount(b"/dev/null", path.encode(), None, 0x1000, None), f"hide {path}")
-    check(libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
-    return {"user": uid, "group": uid, "extra_groups": [], "umask": 0o077}
-
-
-def start_instance():
-    drop = isolate()
-    log = open(spec["log"], "ab")
-    return subprocess.Popen(spec["argv"], env=spec["env"], cwd=spec["cwd"],
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, close_fds=True, **drop)
-
-
-def write_json(path, data):
-    with open(path + ".tmp", "w") as handle:
-        json.dump(data, handle)
-    os.replace(path + ".tmp", path)
-
-
-def monitor(report):
-    os.setsid()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):  # let go of the worker's pipes: it reads them to their end
-        os.dup2(devnull, fd)
-    try:
-        proc = start_instance()
-    except OSError as exc:
-        os.write(report, json.dumps({"error": str(exc)}).encode())
-        return
-    try:
-        with open(f"/proc/{proc.pid}/stat") as handle:
-            stat = handle.read()
-        start_time = int(stat[stat.rfind(")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        start_time = None
-    instance = {"pid": proc.pid, "start_time": start_time, "generation": spec["generation"],
-                "monitor_pid": os.getpid(), "uid": uid}
-    write_json(spec["instance_file"], instance)
-    os.write(report, json.dumps(instance).encode())
-    os.close(report)
-    code = proc.wait()
-    write_json(spec["exit_file"], {"pid": proc.pid, "start_time": start_time,
-                                   "generation": spec["generation"], "exit_code": code})
-
-
-read_end, write_end = os.pipe()
-if os.fork() == 0:
-    os.close(read_end)
-    try:
-        monitor(write_end)
-    finally:
-        os._exit(0)
-os.close(write_end)
-with os.fdopen(read_end, "rb") as report:
-    reported = report.read()
-if not reported:
-    sys.exit("the monitor exited before starting the workspace process")
-result = json.loads(reported)
-if "error" in result:
-    sys.exit(f"could not start the workspace process: {result['error']}")
-print(json.dumps(result))
-"""
 
 
 def _proc_start_time(pid: int) -> int | None:
@@ -317,6 +220,13 @@ class ProcessBackend(WorkspaceBackend):
             raise BackendUnavailable(self.name, f"cannot create {self.root}: {exc}") from exc
         if not os.access(self.root, os.W_OK):
             raise BackendUnavailable(self.name, f"{self.root} is not writable")
+        missing = process_launch.missing_tools(_isolated())
+        if missing:
+            raise BackendUnavailable(
+                self.name,
+                f"{', '.join(missing)} not found on {process_launch.SYSTEM_PATH}: the launcher "
+                "needs util-linux (setsid, unshare, setpriv) and mount",
+            )
         if not _isolated():
             return
         if os.geteuid() != 0:
@@ -423,30 +333,33 @@ class ProcessBackend(WorkspaceBackend):
                 allow_own_app(self._uid(spec), int(spec.env["WORKSPACE_APP_PORT"]))
             except FirewallError as exc:
                 raise BackendError(f"cannot open the workspace's app port to it: {exc}") from exc
-        payload = {
-            "argv": self._argv(spec),
-            "env": env,
-            "uid": self._uid(spec) if isolated else None,
-            "hidden": list(settings.WORKSPACE_HIDDEN_PATHS),
-            "cwd": str(self._home(spec.workspace_id)),
-            "log": str(directory / "agent.log"),
-            "instance_file": str(self._instance_file(spec.workspace_id)),
-            "exit_file": str(self._exit_file(spec.workspace_id)),
-            "generation": spec.generation,
-        }
         try:
+            orders = process_launch.orders(
+                uid=self._uid(spec) if isolated else None,
+                generation=spec.generation,
+                log=str(directory / "agent.log"),
+                instance_file=str(self._instance_file(spec.workspace_id)),
+                exit_file=str(self._exit_file(spec.workspace_id)),
+                cwd=str(self._home(spec.workspace_id)),
+                hidden=settings.WORKSPACE_HIDDEN_PATHS,
+                argv=self._argv(spec),
+                env=env,
+            )
             launched = subprocess.run(
-                [sys.executable, "-I", "-c", _LAUNCHER],
-                input=json.dumps(payload).encode(),
+                process_launch.command(isolated, sys.executable),
+                input=orders,
                 capture_output=True,
                 timeout=30,
                 check=False,
+                env={"PATH": process_launch.SYSTEM_PATH},
             )
-        except (OSError, subprocess.TimeoutExpired) as exc:
+        except (OSError, subprocess.TimeoutExpired, process_launch.LaunchError) as exc:
             raise BackendError(f"could not launch the workspace process: {exc}") from exc
-        if launched.returncode != 0:
+        if launched.returncode != 0 or not launched.stdout.strip():
             detail = launched.stderr.decode(errors="replace").strip().splitlines()[-1:]
-            raise BackendError(f"could not launch the workspace process: {' '.join(detail)}")
+            raise BackendError(
+                f"could not start the workspace process: {' '.join(detail) or 'no report'}"
+            )
         instance = dict(json.loads(launched.stdout))
         pid = int(instance["pid"])
         if instance.get("start_time") is None or _proc_start_time(pid) is None:
@@ -472,6 +385,11 @@ class ProcessBackend(WorkspaceBackend):
     def _kill_uid(uid: int) -> None:
         """SIGKILL whatever the workspace's uid still runs outside its process group (a daemon
         it forked into a session of its own), so the uid is free when it is handed out again."""
+        if process_launch.kill_uid(uid):
+            return
+        # The uid's own child could not tell (killed or stopped by the uid, or a zombie of the
+        # uid outlived its short wait): walk /proc as root, which no process of the uid can
+        # disturb.
         deadline = time.monotonic() + 5
         while (pids := _uid_processes(uid)) and time.monotonic() < deadline:
             for pid in pids:

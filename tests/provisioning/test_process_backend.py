@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from provisioning.backends.base import CONFIG_MARKER, ConfigState, LaunchSpec
+from provisioning.backends import process_launch
+from provisioning.backends.base import CONFIG_MARKER, BackendError, ConfigState, LaunchSpec
 from provisioning.backends.process import ProcessBackend, _alive
 from provisioning.manifests import Template
 from tests.support import next_backend_uid, wait_for
@@ -183,3 +186,84 @@ def test_logs_tail_the_output_file_and_stay_bounded(tmp_path) -> None:
     assert len(bounded.encode()) <= 4096
     assert bounded.splitlines()[-1] == lines[-1]
     assert backend.logs(workspace_id, {}, 0, 4096) == ""
+
+
+def _uid_pids(uid: int) -> list[int]:
+    from provisioning.backends.process import _uid_processes
+
+    return _uid_processes(uid)
+
+
+def test_the_instance_runs_dropped_with_exactly_its_env(backend, tmp_path) -> None:
+    spec = _spec(tmp_path, SLEEPER, GREETING="hello")
+    state = backend.start(spec, {})
+    # setpriv sets no_new_privs, as the uid, then execs the program: wait for the program.
+    wait_for(
+        lambda: "setpriv" not in os.readlink(f"/proc/{state['pid']}/exe"),
+        timeout=10,
+        message="the exec",
+    )
+    status = Path(f"/proc/{state['pid']}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    assert fields["Uid"].split() == [str(spec.uid)] * 4
+    assert fields["Gid"].split() == [str(spec.uid)] * 4
+    assert fields["Groups"].strip() == ""
+    assert fields["NoNewPrivs"].strip() == "1"
+    # Its own mount namespace, where the hidden folders are an empty tmpfs.
+    assert os.readlink(f"/proc/{state['pid']}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    with open(f"/proc/{state['pid']}/environ", "rb") as handle:
+        names = {item.split(b"=", 1)[0].decode() for item in handle.read().split(b"\0") if item}
+    wanted = {"PATH", "PYTHONUNBUFFERED", "HOME", "WORKSPACE_CONFIG_DIR", *spec.env}
+    assert names == wanted  # nothing of the launch's own (PWD, the worker's variables)
+    assert state["monitor_pid"] == os.getppid() or _alive(state["monitor_pid"], None)
+
+
+def test_a_command_that_does_not_exist_fails_the_start_saying_so(backend, tmp_path) -> None:
+    spec = _spec(tmp_path, ("no-such-program-here",))
+    with pytest.raises(BackendError, match="no-such-program-here"):
+        backend.start(spec, {})
+
+
+def test_stop_kills_a_process_the_uid_daemonized_in_a_session_of_its_own(backend, tmp_path) -> None:
+    spec = _spec(tmp_path, SLEEPER)
+    uid = spec.uid
+    assert uid is not None
+    state = backend.start(spec, {})
+    # Outside the instance's process group and session: only a kill of the whole uid reaches it.
+    daemon = subprocess.Popen(
+        [
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={uid}",
+            "--clear-groups",
+            "setsid",
+            "sleep",
+            "600",
+        ],  # not a group leader: setsid makes a session in place, the pid stays
+    )
+    wait_for(lambda: daemon.pid in _uid_pids(uid), timeout=10, message="the daemon")
+    backend.stop(spec.workspace_id, state, grace_seconds=0.5)
+    assert daemon.wait(timeout=10) == -signal.SIGKILL
+    assert not _alive(state["pid"], state["start_time"])
+    assert _uid_pids(uid) == []
+
+
+def test_kill_uid_kills_every_process_of_the_uid_without_walking_proc() -> None:
+    uid = next_backend_uid()
+    sleepers = [
+        subprocess.Popen(
+            ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "sleep", "600"],
+            start_new_session=True,
+        )
+        for _ in range(3)
+    ]
+    wait_for(lambda: len(_uid_pids(uid)) == 3, timeout=10, message="the sleepers")
+    # The sleepers' zombies go as this test reaps them; the child's count sees them until then.
+    reaped = threading.Thread(target=lambda: [sleeper.wait() for sleeper in sleepers])
+    reaped.start()
+    assert process_launch.kill_uid(uid, wait_seconds=5.0)
+    reaped.join(timeout=10)
+    assert [sleeper.returncode for sleeper in sleepers] == [-signal.SIGKILL] * 3
+    assert _uid_pids(uid) == []
+    # A uid with nothing left is free at once.
+    assert process_launch.kill_uid(uid)
