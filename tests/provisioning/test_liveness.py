@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from provisioning.liveness import sweep_missed_heartbeats
@@ -129,3 +131,27 @@ def test_heartbeat_http_for_removed_workspace_is_refused(user, client) -> None:
     assert response.status_code == 401
     workspace.refresh_from_db()
     assert workspace.status == S.REMOVED
+
+
+def test_a_beat_that_changes_no_status_is_one_update(user) -> None:
+    """The common beat (status already what it confirms) is one fenced UPDATE and no
+    transaction; one that changes the status, or comes with a stale token, takes the locked path
+    and is answered as before."""
+    workspace = make_row(user, S.ONLINE)
+    token = _token(workspace)
+    before = timezone.now()
+    with CaptureQueriesContext(connection) as queries:
+        answer = services.record_heartbeat(token, workspace.id, active=True)
+    assert (answer.id, answer.status, answer.generation) == (workspace.id, S.ONLINE, 1)
+    assert [q["sql"].split()[0] for q in queries.captured_queries] == ["UPDATE"]
+    workspace.refresh_from_db()
+    assert workspace.last_heartbeat_at >= before and workspace.last_activity_at >= before
+    # Unhealthy: a status change, on the locked path, with its event.
+    with CaptureQueriesContext(connection) as queries:
+        assert services.record_heartbeat(token, workspace.id, healthy=False).status == S.DEGRADED
+    assert len(queries.captured_queries) > 1
+    assert services.record_heartbeat(token, workspace.id, healthy=False).status == S.DEGRADED
+    # A newer cycle: the token's generation is stale, and the beat is refused, saying so.
+    type(workspace).objects.filter(id=workspace.id).update(generation=2)
+    with pytest.raises(services.AgentAuthError, match="stale"):
+        services.record_heartbeat(token, workspace.id)

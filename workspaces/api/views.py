@@ -369,7 +369,7 @@ class _AgentView(APIView):
         return dict(data.validated_data)
 
     @staticmethod
-    def _reply(workspace: Workspace) -> Response:
+    def _reply(workspace: Workspace | services.HeartbeatAnswer) -> Response:
         return Response(
             AgentResponseSerializer(
                 {

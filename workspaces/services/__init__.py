@@ -25,6 +25,7 @@ Callers use ``from workspaces import services`` and ``services.<name>``.
 from workspaces.crypto import token_digest as hash_token
 from workspaces.services.activity import IDLE_POLICY, record_activity, request_idle_stop
 from workspaces.services.agent import (
+    HeartbeatAnswer,
     _agent_workspace,
     authenticate_agent,
     record_heartbeat,
@@ -115,6 +116,7 @@ __all__ = [
     "UPDATABLE_FIELDS",
     "AgentAuthError",
     "CycleStart",
+    "HeartbeatAnswer",
     "InvalidInput",
     "IsolationRefused",
     "LeaseLost",

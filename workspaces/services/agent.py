@@ -3,6 +3,7 @@ workspace and one generation."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
@@ -116,19 +117,38 @@ def register_agent(
     return workspace
 
 
+@dataclass(frozen=True)
+class HeartbeatAnswer:
+    """What a heartbeat answers: the workspace's status and generation once it was recorded."""
+
+    id: UUID
+    status: str
+    generation: int
+
+
 def record_heartbeat(
     token: AgentToken, workspace_id: UUID, *, healthy: bool = True, active: bool = False
-) -> Workspace:
+) -> HeartbeatAnswer:
     """``active``: the agent saw activity in the workspace since its previous heartbeat; the
-    idle clock restarts (in the heartbeat's own UPDATE: no extra write)."""
+    idle clock restarts (in the heartbeat's own UPDATE: no extra write).
+
+    Almost every beat changes nothing but the clocks: one UPDATE fenced on the token's
+    generation and on the status the beat confirms records it, with no lock held across round
+    trips. Anything else (a status to change, a stale token, a removed workspace) takes the locked
+    path, which decides and says why."""
     now = timezone.now()
+    seen: dict[str, datetime] = {"last_heartbeat_at": now}
+    if active:
+        seen["last_activity_at"] = now
+    target = S.ONLINE if healthy else S.DEGRADED
+    if token.workspace_id == workspace_id and (
+        _fenced(workspace_id, token.generation).filter(status=target).update(**seen)
+    ):
+        return HeartbeatAnswer(workspace_id, target, token.generation)
     with transaction.atomic():
         workspace = _agent_workspace(token, workspace_id)
-        seen: dict[str, datetime] = {"last_heartbeat_at": now}
-        if active:
-            seen["last_activity_at"] = now
         _fenced(workspace_id, token.generation).update(**seen)
-        target = S.ONLINE if healthy else S.DEGRADED
+        status = workspace.status
         if workspace.status in (S.ONLINE, S.DEGRADED, S.OFFLINE) and workspace.status != target:
             last_started: datetime | None = workspace.last_started_at or now
             if transition(
@@ -138,6 +158,7 @@ def record_heartbeat(
                 is_running=True,
                 last_started_at=last_started,
             ):
+                status = target
                 record_event(
                     workspace_id,
                     EventType.ONLINE if healthy else EventType.DEGRADED,
@@ -145,5 +166,5 @@ def record_heartbeat(
                     token.generation,
                     event_payload(previous=workspace.status),
                 )
-    workspace.refresh_from_db()
-    return workspace
+    # Read under the row lock (the generation is the token's: _agent_workspace checked it).
+    return HeartbeatAnswer(workspace_id, status, token.generation)
