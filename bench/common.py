@@ -12,6 +12,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -90,3 +91,15 @@ class Figure:
                 f"{f['max']:.4g} {self.unit}  | ratio {self.ratio:.2f}"
             )
         return text
+
+
+def write_block(path: Path, begin: str, end: str, section: list[str]) -> None:
+    """Replace a benchmark's block of the report (between its markers), or append it."""
+    block = "\n".join([begin, *section, end])
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)

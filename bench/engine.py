@@ -140,6 +140,18 @@ def _processes() -> dict[int, tuple[int, str, float]]:
     return found
 
 
+def descendants(children: dict[int, list[int]], roots: list[int]) -> set[int]:
+    """``roots`` and every process below them, given each pid's children."""
+    found: set[int] = set()
+    stack = list(roots)
+    while stack:
+        pid = stack.pop()
+        if pid not in found:
+            found.add(pid)
+            stack.extend(children.get(pid, []))
+    return found
+
+
 def cpu_seconds(roots: list[int]) -> dict[str, float]:
     """CPU seconds used so far by the private engine's processes (dockerd, containerd, shims and
     what they reaped: runc, the engine's re-execs) when ``ensure_engine`` started it, and by the
@@ -150,13 +162,7 @@ def cpu_seconds(roots: list[int]) -> dict[str, float]:
     children: dict[int, list[int]] = {}
     for pid, (parent, _, _) in processes.items():
         children.setdefault(parent, []).append(pid)
-    tree: set[int] = set()
-    stack = [pid for pid in roots if pid in processes]
-    while stack:
-        pid = stack.pop()
-        if pid not in tree:
-            tree.add(pid)
-            stack.extend(children.get(pid, []))
+    tree = descendants(children, [pid for pid in roots if pid in processes])
     return {
         "engine": sum(
             cpu for _, cmd, cpu in processes.values() if engine_root and engine_root in cmd

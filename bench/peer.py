@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import percentile, setup_django
+from bench.common import percentile, setup_django, write_block
 from bench.engine import _TICKS, cpu_seconds
 from bench.stack import REPO, Platform, _stop, free_port, platform, remove_labelled, wait_until
 
@@ -727,15 +727,7 @@ def plot(
 
 def write_doc(section: list[str], path: Path, variant: str) -> None:
     """Replace this variant's block of the report (between its markers), or append it."""
-    begin, end = markers(variant)
-    block = "\n".join([begin, *section, end])
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
+    write_block(path, *markers(variant), section)
 
 
 def alternate(

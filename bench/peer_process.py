@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import setup_django
-from bench.engine import _TICKS
+from bench.engine import _TICKS, descendants
 from bench.peer import (
     Hub,
     Variant,
@@ -285,13 +285,7 @@ class ProcessHub(Hub):
                 children.setdefault(stat[0], []).append(pid)
                 used[pid] = stat[1]
         servers = set(self.servers())
-        tree: set[int] = set()
-        stack = [self.proc.pid]
-        while stack:
-            pid = stack.pop()
-            if pid not in tree:
-                tree.add(pid)
-                stack.extend(children.get(pid, []))
+        tree = descendants(children, [self.proc.pid])
         return {
             "workspace": sum(used.get(pid, 0.0) for pid in servers),
             "control": sum(used.get(pid, 0.0) for pid in tree - servers),

@@ -69,7 +69,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import setup_django
+from bench.common import setup_django, write_block
+from bench.engine import descendants
 from bench.stack import REPO, Platform, platform, wait_until
 
 DOC = REPO / "docs" / "benchmarks.md"
@@ -150,14 +151,7 @@ def tree(snapshot: dict[int, Proc], roots: list[int]) -> set[int]:
     children: dict[int, list[int]] = {}
     for pid, proc in snapshot.items():
         children.setdefault(proc.parent, []).append(pid)
-    found: set[int] = set()
-    stack = [pid for pid in roots if pid in snapshot]
-    while stack:
-        pid = stack.pop()
-        if pid not in found:
-            found.add(pid)
-            stack.extend(children.get(pid, []))
-    return found
+    return descendants(children, [pid for pid in roots if pid in snapshot])
 
 
 def _postgres_backends(database: str) -> set[int]:
@@ -569,14 +563,7 @@ def report(
 
 def write_doc(section: list[str], path: Path) -> None:
     """Replace the block of the report between this bench's markers, or append it."""
-    block = "\n".join([BEGIN, *section, END])
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
+    write_block(path, BEGIN, END, section)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,7 +145,8 @@ def test_a_beat_that_changes_no_status_is_one_update(user) -> None:
     assert (answer.id, answer.status, answer.generation) == (workspace.id, S.ONLINE, 1)
     assert [q["sql"].split()[0] for q in queries.captured_queries] == ["UPDATE"]
     workspace.refresh_from_db()
-    assert workspace.last_heartbeat_at >= before and workspace.last_activity_at >= before
+    assert workspace.last_heartbeat_at is not None and workspace.last_heartbeat_at >= before
+    assert workspace.last_activity_at is not None and workspace.last_activity_at >= before
     # Unhealthy: a status change, on the locked path, with its event.
     with CaptureQueriesContext(connection) as queries:
         assert services.record_heartbeat(token, workspace.id, healthy=False).status == S.DEGRADED
