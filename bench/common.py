@@ -103,3 +103,16 @@ def write_block(path: Path, begin: str, end: str, section: list[str]) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def postgres_backends(database: str) -> set[int]:
+    """The pids of PostgreSQL's server processes connected to ``database`` (this process's own
+    connection aside)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            [database],
+        )
+        return {int(row[0]) for row in cursor.fetchall()}

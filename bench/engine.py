@@ -13,6 +13,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import docker
@@ -123,8 +124,16 @@ def ensure_agent_image() -> str:
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _processes() -> dict[int, tuple[int, str, float]]:
-    """pid -> (parent pid, command line, CPU seconds used so far including reaped children)."""
+@dataclass(frozen=True)
+class Proc:
+    parent: int
+    uid: int  # the real uid
+    command: str  # the command line, arguments joined by spaces
+    cpu: float  # user + system seconds so far, with reaped children
+
+
+def processes() -> dict[int, Proc]:
+    """Every process on the host now, read from ``/proc`` (one that ends meanwhile is left out)."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -132,18 +141,23 @@ def _processes() -> dict[int, tuple[int, str, float]]:
         try:
             stat = (entry / "stat").read_text()
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            status = (entry / "status").read_text()
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
+        uid = int(status.split("\nUid:", 1)[1].split()[0])
         cpu = sum(int(value) for value in fields[11:15]) / _TICKS
-        found[int(entry.name)] = (int(fields[1]), cmdline, cpu)
+        found[int(entry.name)] = Proc(int(fields[1]), uid, cmdline.strip(), cpu)
     return found
 
 
-def descendants(children: dict[int, list[int]], roots: list[int]) -> set[int]:
-    """``roots`` and every process below them, given each pid's children."""
+def descendants(snapshot: dict[int, Proc], roots: list[int]) -> set[int]:
+    """``roots`` that are in ``snapshot`` and every process below them."""
+    children: dict[int, list[int]] = {}
+    for pid, proc in snapshot.items():
+        children.setdefault(proc.parent, []).append(pid)
     found: set[int] = set()
-    stack = list(roots)
+    stack = [pid for pid in roots if pid in snapshot]
     while stack:
         pid = stack.pop()
         if pid not in found:
@@ -157,17 +171,11 @@ def cpu_seconds(roots: list[int]) -> dict[str, float]:
     what they reaped: runc, the engine's re-execs) when ``ensure_engine`` started it, and by the
     process trees under ``roots`` (say, gunicorn and the Celery worker). Processes that exited and
     were not reaped by one of these are not counted."""
-    processes = _processes()
+    snapshot = processes()
     engine_root = os.environ.get("BENCH_DOCKERD_ROOT", "")
-    children: dict[int, list[int]] = {}
-    for pid, (parent, _, _) in processes.items():
-        children.setdefault(parent, []).append(pid)
-    tree = descendants(children, [pid for pid in roots if pid in processes])
     return {
-        "engine": sum(
-            cpu for _, cmd, cpu in processes.values() if engine_root and engine_root in cmd
-        )
+        "engine": sum(proc.cpu for proc in snapshot.values() if engine_root in proc.command)
         if engine_root
         else float("nan"),
-        "platform": sum(processes[pid][2] for pid in tree),
+        "platform": sum(snapshot[pid].cpu for pid in descendants(snapshot, roots)),
     }

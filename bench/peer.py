@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import percentile, setup_django, write_block
+from bench.common import percentile, postgres_backends, setup_django, write_block
 from bench.engine import _TICKS, cpu_seconds
 from bench.stack import REPO, Platform, _stop, free_port, platform, remove_labelled, wait_until
 
@@ -443,14 +443,7 @@ def _requests_and_watch(
 
 def _pg_backends(database: str) -> dict[int, float]:
     """pid -> CPU seconds of the PostgreSQL backends connected to ``database``."""
-    from django.db import connection
-
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-            [database],
-        )
-        pids = [row[0] for row in cursor.fetchall()]
+    pids = postgres_backends(database)
     found = {}
     for pid in pids:
         try:

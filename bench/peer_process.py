@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import setup_django
-from bench.engine import _TICKS, descendants
+from bench.engine import descendants, processes
 from bench.peer import (
     Hub,
     Variant,
@@ -197,26 +197,6 @@ c.LocalProcessSpawner.term_timeout = 10
 '''
 
 
-def _stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, CPU seconds used so far including reaped children), None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[1]), sum(int(value) for value in fields[11:15]) / _TICKS
-
-
-def _real_uid(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Uid:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def _pids() -> list[int]:
     return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
 
@@ -277,18 +257,12 @@ class ProcessHub(Hub):
 
     def cpu(self) -> dict[str, float]:
         assert self.proc is not None
-        children: dict[int, list[int]] = {}
-        used: dict[int, float] = {}
-        for pid in _pids():
-            stat = _stat(pid)
-            if stat is not None:
-                children.setdefault(stat[0], []).append(pid)
-                used[pid] = stat[1]
+        snapshot = processes()
         servers = set(self.servers())
-        tree = descendants(children, [self.proc.pid])
+        tree = descendants(snapshot, [self.proc.pid])
         return {
-            "workspace": sum(used.get(pid, 0.0) for pid in servers),
-            "control": sum(used.get(pid, 0.0) for pid in tree - servers),
+            "workspace": sum(snapshot[pid].cpu for pid in servers if pid in snapshot),
+            "control": sum(snapshot[pid].cpu for pid in tree - servers),
         }
 
 
@@ -296,18 +270,15 @@ def workspace_processes(uids: tuple[int, int]) -> dict[int, float]:
     """pid -> CPU seconds of every process of a workspace uid and of its monitor (the root
     process that launched the workspace's process and waits for it, not the platform's)."""
     low, high = uids
+    snapshot = processes()
     found: dict[int, float] = {}
-    for pid in _pids():
-        uid = _real_uid(pid)
-        stat = _stat(pid)
-        if uid is None or stat is None or not low <= uid <= high:
+    for pid, proc in snapshot.items():
+        if not low <= proc.uid <= high:
             continue
-        found[pid] = stat[1]
-        parent = stat[0]
-        if parent > 1 and parent not in found:
-            parent_uid, parent_stat = _real_uid(parent), _stat(parent)
-            if parent_stat is not None and parent_uid is not None and not low <= parent_uid <= high:
-                found[parent] = parent_stat[1]
+        found[pid] = proc.cpu
+        parent = snapshot.get(proc.parent)
+        if proc.parent > 1 and parent is not None and not low <= parent.uid <= high:
+            found[proc.parent] = parent.cpu
     return found
 
 
@@ -378,7 +349,7 @@ def run_process(args: Any, argv: list[str] | None) -> int:
                 hub,
             )
     finally:
-        _kill([pid for pid in _pids() if uids[0] <= (_real_uid(pid) or -1) <= uids[1]])
+        _kill([pid for pid, proc in processes().items() if uids[0] <= proc.uid <= uids[1]])
         if OWN_SETTINGS["WORKSPACE_FIREWALL_CHAIN"] == settings.WORKSPACE_FIREWALL_CHAIN:
             _drop_chain(str(settings.WORKSPACE_FIREWALL_CHAIN))
         shutil.rmtree(data, ignore_errors=True)

@@ -69,8 +69,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import setup_django, write_block
-from bench.engine import descendants
+from bench.common import postgres_backends, setup_django, write_block
+from bench.engine import _TICKS as TICKS
+from bench.engine import Proc, descendants, processes
 from bench.stack import REPO, Platform, platform, wait_until
 
 DOC = REPO / "docs" / "benchmarks.md"
@@ -78,7 +79,6 @@ OWNER = "steady"
 MARKERS = re.compile(r"<!-- steady:(\w+):begin -->.*?<!-- steady:\1:end -->\n?", re.DOTALL)
 BEGIN, END = "<!-- steady:process:begin -->", "<!-- steady:process:end -->"
 HEARTBEAT = re.compile(rb'"POST /api/registry/heartbeat[^"]*" (\d{3}) ')
-TICKS = os.sysconf("SC_CLK_TCK")
 # The floor's program: the agent's page, served as the agent serves it, and nothing else.
 FLOOR_SERVER = """
 import sys
@@ -90,31 +90,6 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])), _Page).serve_forever()
 
 
 # -- reading /proc ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Proc:
-    parent: int
-    uid: int
-    command: str
-    cpu: float  # user + system seconds so far, with reaped children
-
-
-def processes() -> dict[int, Proc]:
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            command = (entry / "cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
-            uid = entry.stat().st_uid
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        cpu = sum(int(value) for value in fields[11:15]) / TICKS
-        found[int(entry.name)] = Proc(int(fields[1]), uid, command, cpu)
-    return found
-
-
 def memory(pids: set[int]) -> float:
     """The processes' proportional set size (shared pages split among their users), in MiB."""
     total = 0
@@ -147,24 +122,6 @@ def machine_busy() -> float:
     return (sum(values[:8]) - idle) / TICKS
 
 
-def tree(snapshot: dict[int, Proc], roots: list[int]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid, proc in snapshot.items():
-        children.setdefault(proc.parent, []).append(pid)
-    return descendants(children, [pid for pid in roots if pid in snapshot])
-
-
-def _postgres_backends(database: str) -> set[int]:
-    from django.db import connection
-
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-            [database],
-        )
-        return {int(row[0]) for row in cursor.fetchall()}
-
-
 Groups = Callable[[dict[int, Proc]], dict[str, set[int]]]
 
 
@@ -184,11 +141,11 @@ def measure(seconds: float, groups: Groups, database: str, registry_log: Path | 
     """CPU per second of each group over ``seconds``: a process counts with what it used in the
     window (all of it when it started meanwhile)."""
     offset = registry_log.stat().st_size if registry_log else 0
-    pg_before = _postgres_backends(database)
+    pg_before = postgres_backends(database)
     before, busy_before, started = processes(), machine_busy(), time.monotonic()
     time.sleep(seconds)
     after, busy_after, elapsed = processes(), machine_busy(), time.monotonic() - started
-    pg = pg_before | _postgres_backends(database)
+    pg = pg_before | postgres_backends(database)
     sets = {**groups(after), "postgres": {pid for pid in pg if pid in after}}
     sets["redis"] = {pid for pid, proc in after.items() if proc.command.startswith("redis-server")}
     cpu = {
@@ -257,7 +214,7 @@ def floor_phase(
     with floor_servers(n, ports, agent_dir) as pids:
         time.sleep(settle)
         return measure(
-            seconds, lambda snapshot: {"workspaces": tree(snapshot, pids)}, database, None
+            seconds, lambda snapshot: {"workspaces": descendants(snapshot, pids)}, database, None
         )
 
 
@@ -279,7 +236,7 @@ def platform_groups(stack: Platform) -> Groups:
             and not _in_range(snapshot[snapshot[pid].parent].uid)
         }
         return {
-            "control": tree(snapshot, stack.pids) - workspaces - monitors,
+            "control": descendants(snapshot, stack.pids) - workspaces - monitors,
             "workspaces": workspaces,
             "monitors": monitors,
         }
