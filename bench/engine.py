@@ -151,6 +151,15 @@ def processes() -> dict[int, Proc]:
     return found
 
 
+def cpu_by_root(roots: dict[str, int]) -> dict[str, float]:
+    """CPU seconds used so far by each named process tree (name -> its root's pid)."""
+    snapshot = processes()
+    return {
+        name: sum(snapshot[pid].cpu for pid in descendants(snapshot, [root]))
+        for name, root in roots.items()
+    }
+
+
 def descendants(snapshot: dict[int, Proc], roots: list[int]) -> set[int]:
     """``roots`` that are in ``snapshot`` and every process below them."""
     children: dict[int, list[int]] = {}

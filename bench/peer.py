@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import percentile, postgres_backends, setup_django, write_block
-from bench.engine import _TICKS, cpu_seconds
+from bench.engine import _TICKS, cpu_by_root, cpu_seconds
 from bench.stack import REPO, Platform, _stop, free_port, platform, remove_labelled, wait_until
 
 PEER_DIR = REPO / "var" / "peer"
@@ -514,6 +514,7 @@ def here_round(
 
     tag = uuid.uuid4().hex[:6]
     before = cpu_seconds(stack.pids)
+    parts_before = cpu_by_root(stack.parts)
     pg_before = _pg_backends(database)
     own_before = workspaces() if workspaces else {}
 
@@ -536,9 +537,11 @@ def here_round(
 
     sent = _requests_and_watch(n, create, count, failed, interval, f"here N={n}")
     after = cpu_seconds(stack.pids)
+    parts_after = cpu_by_root(stack.parts)
     pg_after = _pg_backends(database)
     cpu = {
         "control": after["platform"] - before["platform"],
+        **{f"control:{part}": parts_after[part] - parts_before[part] for part in parts_after},
         "postgres": sum(cpu - pg_before.get(pid, 0.0) for pid, cpu in pg_after.items()),
     }
     if workspaces is None:
