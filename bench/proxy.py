@@ -8,8 +8,8 @@ and Debian's Caddy managed through its admin API, each on free ports of this mac
    a small page on its allocated port), then ``GET /`` on the workspace host through Caddy with
    the owner's token until it answers 200. Floor, in the same run and for the same workspace:
    POST -> the ``WORKSPACE_ONLINE`` event (the agent registered once its app answered). The
-   ratio is what the route costs on top (the registration enqueues ``sync_route``, which takes
-   the gate and writes the route through the admin API).
+   ratio is what the proxy adds on top (nothing is written to it per workspace: its check reads
+   the row, so the app is served from the registration's commit).
 2. **Per request.** One online workspace; ``GET /`` through Caddy with ``Authorization: Token``
    (Caddy asks the platform first: one more HTTP round trip and a token lookup in PostgreSQL),
    and the same with the workspace cookie (a signature check and one user lookup), against the
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Figure, setup_django
-from bench.stack import REPO, _stop, free_port, wait_until
+from bench.stack import REPO, _stop, free_port, wait_until, write_proxy_config
 
 BATCH = 50
 
@@ -67,6 +67,7 @@ def run(repeats: int = 5) -> list[Figure]:
         "WORKSPACE_BACKEND": "process",
         "WORKSPACE_DATA_DIR": str(work / "data"),
         "PLATFORM_URL": f"http://127.0.0.1:{web_port}",
+        "PLATFORM_PUBLIC_URL": f"http://127.0.0.1:{web_port}",
         "PROXY_ADMIN": f"127.0.0.1:{admin_port}",
         "PROXY_BIND": f"127.0.0.1:{proxy_port}",
         "GATE_KEY_PREFIX": f"bench-proxy-{uuid.uuid4().hex[:6]}",
@@ -75,7 +76,7 @@ def run(repeats: int = 5) -> list[Figure]:
         "XDG_CONFIG_HOME": str(work),
         "XDG_DATA_HOME": str(work),
     }
-    (work / "caddy.json").write_text(json.dumps({"admin": {"listen": env["PROXY_ADMIN"]}}))
+    write_proxy_config(env, work / "caddy.json")
     procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(args: list[str], name: str) -> subprocess.Popen[bytes]:

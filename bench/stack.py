@@ -83,6 +83,21 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
         proc.wait(timeout=10)
 
 
+def write_proxy_config(env: dict[str, str], path: Path) -> Path:
+    """The proxy's whole configuration for a platform run with ``env`` (``manage.py
+    proxy_config``, as ``bin/run`` starts Caddy), written to ``path``."""
+    printed = subprocess.run(
+        [sys.executable, "manage.py", "proxy_config"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    path.write_text(printed)
+    return path
+
+
 @dataclass
 class Platform:
     url: str
@@ -93,6 +108,8 @@ class Platform:
     log_dir: Path
     # gunicorn (API and registry), Celery worker (and beat) and Caddy main processes
     pids: list[int] = field(default_factory=list)
+    # the same processes by part: caddy, registry, web, beat, worker0, ...
+    parts: dict[str, int] = field(default_factory=dict)
 
     def request(
         self, method: str, path: str, body: dict[str, Any] | None = None
@@ -125,8 +142,8 @@ def platform(
 ) -> Iterator[Platform]:
     """gunicorn (API and registry listener) + Celery worker(s) on ``backend`` (the one new
     workspaces are recorded on), with this process's database and Redis, and Debian's Caddy as
-    the proxy when ``proxy`` (else routes go to an admin port nothing listens on, and route syncs
-    fail fast); ``extra_env`` is added to their environment (say, a Celery queue of their own so
+    the proxy when ``proxy`` (serving the platform's configuration, as ``bin/run`` starts it);
+    ``extra_env`` is added to their environment (say, a Celery queue of their own so
     that two platforms can run side by side). With ``beat``, Celery beat runs too and the workers
     also consume the sweep queue, as the Procfile's worker does (the sweeps, liveness among them,
     then run as in production); with ``access_log``, gunicorn logs every request to its log file,
@@ -168,6 +185,7 @@ def platform(
     }
     log_dir.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
+    parts: dict[str, int] = {}
 
     def spawn(args: list[str], log_name: str, python: bool = True) -> subprocess.Popen[bytes]:
         log = open(log_dir / log_name, "ab")  # noqa: SIM115 - lives as long as the process
@@ -180,12 +198,12 @@ def platform(
             start_new_session=True,
         )
         procs.append(proc)
+        parts[log_name.removesuffix(".log")] = proc.pid
         return proc
 
     try:
         if proxy:
-            config = log_dir / "caddy.json"
-            config.write_text(json.dumps({"admin": {"listen": env["PROXY_ADMIN"]}}))
+            config = write_proxy_config(env, log_dir / "caddy.json")
             spawn(["caddy", "run", "--config", str(config)], "caddy.log", python=False)
         logged = ["--access-logfile", "-"] if access_log else []
         registry = spawn(
@@ -293,7 +311,7 @@ def platform(
 
         for node in names:
             wait_until(functools.partial(answers, node), 60, f"worker {node}", interval=0.2)
-        yield Platform(url, port, token, platform_id, env, log_dir, [p.pid for p in procs])
+        yield Platform(url, port, token, platform_id, env, log_dir, [p.pid for p in procs], parts)
     finally:
         for proc in reversed(procs):
             _stop(proc)

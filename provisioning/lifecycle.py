@@ -21,7 +21,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
 from project import metrics
-from provisioning import gate, routes
+from provisioning import gate
 from provisioning.backends import backend_for
 from provisioning.backends.base import (
     BackendError,
@@ -224,10 +224,6 @@ def _start_cycle(
         return False
     lease.set_generation(cycle.generation)
     workspace, generation, seq = cycle.workspace, cycle.generation, cycle.seq
-    if workspace.app_port is not None and generation > 1:
-        # The row left the routable statuses: the old instance's app is going away. (A first
-        # cycle has no route to remove: routes are written after a registration.)
-        routes.remove(workspace.id, lease)
 
     def refuse(message: str, payload: dict[str, Any] | None = None) -> bool:
         """Fail the cycle before any backend call (an instance that may run is stopped)."""
@@ -396,8 +392,6 @@ def _stop_cycle(
         return False
     lease.set_generation(cycle.generation)
     workspace, generation, seq = cycle.workspace, cycle.generation, cycle.seq
-    if workspace.app_port is not None:
-        routes.remove(workspace.id, lease)  # the route goes before the app does
     try:
         backend = backend_for(workspace)
     except BackendUnavailable as exc:
@@ -444,8 +438,6 @@ def _remove_cycle(
         return False
     lease.set_generation(cycle.generation)
     workspace, generation = cycle.workspace, cycle.generation
-    if workspace.app_port is not None:
-        routes.remove(workspace.id, lease)
     try:
         backend = backend_for(workspace)
     except BackendUnavailable as exc:

@@ -1,22 +1,27 @@
 """The reverse proxy: Caddy, managed through its admin API (``PROXY_ADMIN``).
 
-The only code that talks to the proxy. Caddy keeps its configuration in memory and changes it
-atomically per request; every workspace route carries ``@id: ws-<workspace id>``, so a route is
-read, replaced or deleted by id (``/id/<id>``) without knowing where it sits. The server
-``workspaces`` listens on ``PROXY_BIND``; its last route is a catch-all 404, and workspace routes
-are inserted at index 0, before it. Host matchers are exclusive, so the order of workspace
-routes does not matter.
+The only code that talks to the proxy. Its whole configuration is static (``base_config``): the
+server ``workspaces`` listens on ``PROXY_BIND`` with **one route for every workspace**, matching
+any host one label below ``WORKSPACE_DOMAIN``, and a catch-all 404 for other hosts. Nothing is
+written to the proxy when a workspace starts, stops or moves: the platform's check, which the
+proxy makes on every request anyway, names the workspace's upstream. So the proxy follows the
+database exactly, with no route to write, delete or repair, and no reload of Caddy's
+configuration per workspace (a reload costs in proportion to every route it holds).
 
-A workspace route (see ``route_for``):
+The route (see ``workspace_route``):
 
-1. ``/_platform/*`` on the workspace host goes to the platform (the ticket exchange that sets the
-   workspace cookie, ``workspaces.api.proxy_auth``);
-2. everything else first asks the platform (``forward_auth``: a GET to
-   ``/api/proxy/auth`` carrying the request's headers, with ``X-Workspace-Id`` set by the route,
-   never by the client); a 2xx lets the request through, any other answer (401, 403, a redirect to
-   the login page) goes back to the client as it is;
-3. then the app, without the platform's credentials: ``Authorization`` is deleted and the
-   platform's cookies are cut out of ``Cookie`` (the app's own cookies stay).
+1. ``X-Workspace-Upstream`` is deleted from the request: only the platform's answer sets it;
+2. ``/_platform/*`` on a workspace host goes to the platform (the ticket exchange that sets the
+   workspace cookie, ``workspaces.api.proxy_views``), with ``X-Workspace-Host`` set by the proxy;
+3. everything else first asks the platform (``forward_auth``: a GET to ``/api/proxy/auth``
+   carrying the request's headers, with ``X-Workspace-Host`` set to the request's host by the
+   proxy, never by the client). A 2xx lets the request through and carries
+   ``X-Workspace-Upstream`` (``host:port`` of the workspace's app, from its row), which is copied
+   into the request; any other answer (401, 403, 404, a redirect to the login page) goes back to
+   the client as it is;
+4. then the app at that upstream, without the platform's credentials: ``Authorization`` and
+   ``X-Workspace-Upstream`` are deleted and the platform's cookies are cut out of ``Cookie``
+   (the app's own cookies stay).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Any
 from django.conf import settings
 
 SERVER = "workspaces"
-ROUTE_PREFIX = "ws-"
+UPSTREAM_HEADER = "X-Workspace-Upstream"
 AUTH_PATH = "/api/proxy/auth"
 TICKET_PATH_PREFIX = "/_platform/"
 _TIMEOUT = 5.0
@@ -40,8 +45,10 @@ class ProxyError(Exception):
     """The proxy could not be reached or refused a change."""
 
 
-def route_id(workspace_id: object) -> str:
-    return f"{ROUTE_PREFIX}{workspace_id}"
+class ProxyHTTPError(ProxyError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def auth_upstream() -> str:
@@ -62,35 +69,32 @@ def _platform_cookies() -> list[str]:
     ]
 
 
-def route_for(workspace_id: object, host: str, upstream: str, generation: int) -> dict[str, Any]:
-    """The Caddy route of one workspace: ``host`` to the app at ``upstream``, behind the
-    platform's check. ``generation`` is recorded in the route so a route left by an older cycle
-    differs from the one the current cycle wants."""
+def workspace_route() -> dict[str, Any]:
+    """The one route of every workspace host (see the module's docstring)."""
     platform = auth_upstream()
-    # The platform sees its own host (ALLOWED_HOSTS); the workspace is named by the route.
+    # The platform sees its own host (ALLOWED_HOSTS); the workspace is named by the host the
+    # client asked for, which the proxy passes on.
     to_platform = {
-        "set": {
-            "Host": [platform],
-            "X-Workspace-Id": [str(workspace_id)],
-            "X-Forwarded-Host": ["{http.request.host}"],
-        }
+        "Host": [platform],
+        "X-Workspace-Host": ["{http.request.host}"],
+        "X-Forwarded-Host": ["{http.request.host}"],
     }
     cookies = "|".join(_platform_cookies())
     return {
-        "@id": route_id(workspace_id),
-        "match": [{"host": [host]}],
+        "match": [{"host": [f"*.{settings.WORKSPACE_DOMAIN}"]}],
         "terminal": True,
         "handle": [
             {
                 "handler": "subroute",
                 "routes": [
+                    {"handle": [{"handler": "headers", "request": {"delete": [UPSTREAM_HEADER]}}]},
                     {
                         "match": [{"path": [f"{TICKET_PATH_PREFIX}*"]}],
                         "handle": [
                             {
                                 "handler": "reverse_proxy",
                                 "upstreams": [{"dial": platform}],
-                                "headers": {"request": to_platform},
+                                "headers": {"request": {"set": to_platform}},
                             }
                         ],
                         "terminal": True,
@@ -105,10 +109,9 @@ def route_for(workspace_id: object, host: str, upstream: str, generation: int) -
                                 "headers": {
                                     "request": {
                                         "set": {
-                                            **to_platform["set"],
+                                            **to_platform,
                                             "X-Forwarded-Method": ["{http.request.method}"],
                                             "X-Forwarded-Uri": ["{http.request.uri}"],
-                                            "X-Workspace-Generation": [str(generation)],
                                         },
                                         # The check is a plain GET even for a WebSocket upgrade.
                                         "delete": ["Upgrade", "Connection"],
@@ -117,16 +120,35 @@ def route_for(workspace_id: object, host: str, upstream: str, generation: int) -
                                 "handle_response": [
                                     {
                                         "match": {"status_code": [2]},
-                                        "routes": [{"handle": [{"handler": "headers"}]}],
+                                        "routes": [
+                                            {
+                                                "handle": [
+                                                    {
+                                                        "handler": "headers",
+                                                        "request": {
+                                                            "set": {
+                                                                UPSTREAM_HEADER: [
+                                                                    "{http.reverse_proxy.header."
+                                                                    f"{UPSTREAM_HEADER}}}"
+                                                                ]
+                                                            }
+                                                        },
+                                                    }
+                                                ]
+                                            }
+                                        ],
                                     }
                                 ],
                             },
                             {
                                 "handler": "reverse_proxy",
-                                "upstreams": [{"dial": upstream}],
+                                # Resolved per request from the header the platform's answer set.
+                                "upstreams": [
+                                    {"dial": f"{{http.request.header.{UPSTREAM_HEADER}}}"}
+                                ],
                                 "headers": {
                                     "request": {
-                                        "delete": ["Authorization"],
+                                        "delete": ["Authorization", UPSTREAM_HEADER],
                                         "replace": {
                                             "Cookie": [
                                                 {
@@ -149,8 +171,8 @@ def route_for(workspace_id: object, host: str, upstream: str, generation: int) -
 
 
 def base_config() -> dict[str, Any]:
-    """The whole configuration of an empty proxy: the admin listener, the workspaces server with
-    only its catch-all route."""
+    """The proxy's whole configuration: the admin listener and the workspaces server (the route
+    of every workspace host, then a catch-all 404). ``manage.py proxy_config`` prints it."""
     return {
         "admin": {"listen": settings.PROXY_ADMIN},
         "apps": {
@@ -160,6 +182,7 @@ def base_config() -> dict[str, Any]:
                         "listen": [settings.PROXY_BIND],
                         "automatic_https": {"disable": True},
                         "routes": [
+                            workspace_route(),
                             {
                                 "handle": [
                                     {
@@ -168,7 +191,7 @@ def base_config() -> dict[str, Any]:
                                         "body": "no workspace is served at this address\n",
                                     }
                                 ]
-                            }
+                            },
                         ],
                     }
                 }
@@ -198,73 +221,16 @@ def _call(method: str, path: str, body: Any = None) -> Any:
     return json.loads(raw) if raw.strip() else None
 
 
-class ProxyHTTPError(ProxyError):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def ensure_server() -> bool:
-    """Load the base configuration if the workspaces server is missing (a proxy started or
-    restarted empty). Returns True when it had to."""
-    return ensure_server_and_list()[0]
-
-
-def list_routes() -> dict[str, dict[str, Any]]:
-    """Every workspace route the proxy serves, by ``@id`` (one request)."""
-    return _workspace_routes(_apps())
-
-
-def ensure_server_and_list() -> tuple[bool, dict[str, dict[str, Any]]]:
-    """``ensure_server`` and ``list_routes`` with one read of the configuration: whether the
-    base configuration had to be loaded (then there is no route), and the routes."""
-    apps = _apps()
-    if SERVER in apps.get("http", {}).get("servers", {}):
-        return False, _workspace_routes(apps)
-    _call("POST", "/load", base_config())
-    return True, {}
-
-
-def _apps() -> dict[str, Any]:
-    # From /config/apps/: a path below a missing object is an error, and a proxy restarted empty
-    # has no http app at all (then there is no route).
-    return _call("GET", "/config/apps/") or {}
-
-
-def _workspace_routes(apps: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    routes = apps.get("http", {}).get("servers", {}).get(SERVER, {}).get("routes") or []
-    return {
-        route["@id"]: route
-        for route in routes
-        if isinstance(route, dict) and str(route.get("@id", "")).startswith(ROUTE_PREFIX)
-    }
-
-
-def put_route(route: dict[str, Any]) -> None:
-    """Create or replace the route with ``route['@id']``. Idempotent."""
-    try:
-        _call("PATCH", f"/id/{route['@id']}", route)
-        return
-    except ProxyHTTPError as exc:
-        if exc.status != 404:
-            raise
-    # A new route. Index 0: before the catch-all. Only when the insert fails is the configuration
-    # read (the whole of it, every route): a proxy started or restarted empty has no server yet.
-    insert = f"/config/apps/http/servers/{SERVER}/routes/0"
-    try:
-        _call("PUT", insert, route)
-    except ProxyHTTPError:
-        if not ensure_server():
-            raise
-        _call("PUT", insert, route)
-
-
-def delete_route(workspace_id: object) -> bool:
-    """Delete the workspace's route; True if there was one. Not found means done."""
-    try:
-        _call("DELETE", f"/id/{route_id(workspace_id)}")
-    except ProxyHTTPError as exc:
-        if exc.status == 404:
-            return False
-        raise
+def ensure_config() -> bool:
+    """Make the proxy serve ``base_config``: one read of its ``apps``; when the workspaces server
+    is missing (a proxy started or restarted empty) or differs (the settings changed; an older
+    configuration), load the whole configuration. Returns True when it had to load it."""
+    wanted = base_config()
+    served = _call("GET", "/config/apps/") or {}
+    if (
+        served.get("http", {}).get("servers", {}).get(SERVER)
+        == wanted["apps"]["http"]["servers"][SERVER]
+    ):
+        return False
+    _call("POST", "/load", wanted)
     return True

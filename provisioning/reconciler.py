@@ -13,8 +13,9 @@ One pass, batched so its cost in backend calls does not grow with the number of 
    ``workspaces.services`` only if they still disagree;
 5. instances labelled for a workspace that is removed or unknown (orphans): removed, under the
    gate of that id, with a log line (and an event when the workspace row still exists);
-6. the proxy's routes against the rows (``provisioning.routes.reconcile``: one listing, one
-   SELECT, fixes under each workspace's gate), after the repairs above changed what they would.
+6. the proxy's one static configuration (``provisioning.routes.reconcile``: one read, a load only
+   when a proxy restarted empty or holds an older one); what it serves per workspace is read
+   from the rows on every request, so there is nothing per workspace to compare.
 
 Why the listing comes before the SELECT: a workspace's row is committed before its first cycle is
 enqueued, so an instance seen in the listing always has its row visible to the later SELECT; an
@@ -135,7 +136,7 @@ class PassReport:
     skipped_busy: list[str] = field(default_factory=list)
     unavailable: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
-    routes: routes.RoutesReport = field(default_factory=routes.RoutesReport)
+    proxy: routes.ProxyReport = field(default_factory=routes.ProxyReport)
 
     @property
     def total_backend_calls(self) -> int:
@@ -151,13 +152,7 @@ class PassReport:
             "backend_calls": dict(self.backend_calls),
             "unavailable": self.unavailable,
             "errors": len(self.errors),
-            "routes": {
-                "listed": self.routes.routes,
-                "wanted": self.routes.wanted,
-                "repaired": len(self.routes.repaired),
-                "server_restored": self.routes.server_restored,
-                "error": self.routes.error,
-            },
+            "proxy": {"restored": self.proxy.restored, "error": self.proxy.error},
         }
 
 
@@ -220,7 +215,7 @@ class _Pass:
             for workspace_id, info in listing.items():
                 if workspace_id not in known[name]:
                     self._remove_orphan(name, backends[name], info)
-        self.report.routes = routes.reconcile(_holder())
+        self.report.proxy = routes.reconcile()
         return self.report
 
     def _confirm_and_repair(self, backend: WorkspaceBackend, workspace_id: UUID) -> None:
@@ -336,6 +331,6 @@ def reconcile_once(backends: Mapping[str, WorkspaceBackend] | None = None) -> Pa
     Safe to run concurrently with cycles, the sweeps and another pass: every repair takes the
     workspace's gate without waiting and writes by compare-and-set on the generation."""
     report = _Pass(backends).run()
-    if report.repairs or report.errors or report.routes.repaired:
+    if report.repairs or report.errors or report.proxy.restored:
         logger.info("reconcile pass: %s", report.summary())
     return report

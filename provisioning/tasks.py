@@ -15,7 +15,7 @@ from django.utils import timezone
 from redis.exceptions import RedisError
 
 from project import metrics
-from provisioning import gate, lifecycle, proxy, routes
+from provisioning import gate, lifecycle
 from provisioning.backends.base import TransientBackendError
 from workspaces import services
 from workspaces.models import Workspace
@@ -68,30 +68,6 @@ def converge_workspace(self: Any, workspace_id: str, busy_retry: bool = False) -
         # whatever intent is left goes back to the queue.
         converge_workspace.delay(workspace_id)
     return done
-
-
-@shared_task(
-    bind=True,
-    name="provisioning.sync_route",
-    acks_late=True,
-    # Busy: a cycle (often the start cycle still finishing as its agent registers) holds the
-    # gate; proxy unreachable: it may be restarting. Either way come back; the reconciler
-    # covers what the retries do not.
-    autoretry_for=(gate.GateBusy, proxy.ProxyError),
-    retry_backoff=1,
-    retry_backoff_max=30,
-    retry_jitter=True,
-    max_retries=8,
-    time_limit=60,
-    soft_time_limit=50,
-)
-def sync_route(self: Any, workspace_id: str) -> str:
-    """Make the proxy serve what the workspace's row says now, under its gate."""
-    try:
-        with gate.hold(UUID(workspace_id), self.request.hostname) as lease:
-            return routes.sync(UUID(workspace_id), lease)
-    except gate.LeaseExpired as exc:
-        raise gate.GateBusy(workspace_id) from exc
 
 
 def _sweep_task(name: str) -> Any:

@@ -142,9 +142,8 @@ def celery_worker(worker_env: dict[str, str]) -> Iterator[Worker]:
 
 @pytest.fixture(scope="session", autouse=True)
 def caddy() -> Iterator[Caddy]:
-    """The session's real proxy, on its own admin and listen ports (tests/settings.py). Always
-    on: workers write a route after every registration of a workspace with an app, and a proxy
-    that is missing would make them retry (each retry briefly holding the workspace's gate)."""
+    """The session's real proxy, on its own admin and listen ports (tests/settings.py), serving
+    the platform's configuration (one route for every workspace host)."""
     proxy = Caddy(Path(tempfile.gettempdir()) / f"ws-test-caddy-{os.getpid()}").start()
     yield proxy
     proxy.stop()

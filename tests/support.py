@@ -318,20 +318,23 @@ class RegistryListener:
 
 
 class Caddy:
-    """A real Caddy (Debian's package) whose admin API listens on ``PROXY_ADMIN``, started with
-    only its admin listener: the platform loads the rest (``provisioning.proxy.ensure_server``).
-    ``restart()`` gives a proxy that forgot every route."""
+    """A real Caddy (Debian's package) whose admin API listens on ``PROXY_ADMIN``, started as
+    ``bin/run`` starts it: with the platform's whole configuration (``manage.py proxy_config``).
+    ``restart(empty=True)`` gives a proxy that forgot it (only its admin listener)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Caddy:
+    def start(self, *, empty: bool = False) -> Caddy:
         import json
+
+        from provisioning import proxy
 
         self.directory.mkdir(parents=True, exist_ok=True)
         config = self.directory / "caddy.json"
-        config.write_text(json.dumps({"admin": {"listen": settings.PROXY_ADMIN}}))
+        whole = {"admin": {"listen": settings.PROXY_ADMIN}} if empty else proxy.base_config()
+        config.write_text(json.dumps(whole))
         env = {
             **os.environ,
             "HOME": str(self.directory),
@@ -358,9 +361,9 @@ class Caddy:
     def stop(self) -> None:
         stop_group(self.proc, 10)
 
-    def restart(self) -> None:
+    def restart(self, *, empty: bool = False) -> None:
         self.stop()
-        self.start()
+        self.start(empty=empty)
 
     def log(self) -> str:
         path = self.directory / "caddy.log"
@@ -370,27 +373,6 @@ class Caddy:
 def _host_port(address: str) -> tuple[str, int]:
     host, port = address.rsplit(":", 1)
     return host, int(port)
-
-
-def wait_route_written(workspace_id: Any, timeout: float = 30.0) -> None:
-    """After registration a worker writes the workspace's route under its gate: wait until the
-    route is there and the gate is free again, for tests that need the gate right after."""
-    from provisioning import gate, proxy
-    from workspaces.models import Workspace
-
-    if Workspace.objects.filter(id=workspace_id, app_port__isnull=True).exists():
-        return  # its template declares no app: no route is ever written
-
-    def listed() -> bool:
-        try:
-            return proxy.route_id(workspace_id) in proxy.list_routes()
-        except proxy.ProxyHTTPError:
-            raise  # the admin API answered with an error: not a wait
-        except proxy.ProxyError:
-            return False  # the connection failed this once (reset under load): ask again
-
-    wait_for(listed, timeout=timeout, message="route")
-    wait_for(lambda: not gate.is_held(workspace_id), timeout=timeout, message="gate released")
 
 
 def settled(workspace_id: Any, *statuses: str) -> Any:

@@ -7,12 +7,10 @@ browser would send it; Caddy asks the live test server (forward_auth) and forwar
 from __future__ import annotations
 
 import base64
-import json
 import os
 import shutil
 import socket
 import struct
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -130,17 +128,17 @@ def create_online(api: Any, name: str, template: str = "shell-default") -> dict:
     return wait_status(api, response.json()["id"], S.ONLINE)
 
 
-def wait_served(url: str, token: str, text: str) -> requests.Response:
-    """The route appears shortly after online (the agent's registration enqueues it)."""
+def served(url: str, token: str, text: str) -> requests.Response:
+    """The app answers through the proxy as soon as the workspace has a url: nothing is written
+    to the proxy per workspace, its check reads the row."""
+    response = via_proxy(url, token=token)
+    assert response.status_code == 200, response.text
+    assert text in response.text
+    return response
 
-    def served() -> requests.Response | None:
-        try:
-            response = via_proxy(url, token=token)
-        except requests.ConnectionError:
-            return None  # the proxy has no server until the first route loads it
-        return response if response.status_code == 200 and text in response.text else None
 
-    return wait_for(served, timeout=30, message=f"{url} served through the proxy")
+def proxy_config() -> Any:
+    return proxy._call("GET", "/config/")
 
 
 # --- tests -----------------------------------------------------------------------------------
@@ -148,13 +146,15 @@ def test_only_the_owner_and_staff_get_in_and_routes_follow_the_lifecycle(
     backend: str, caddy: Caddy, user: Any, other_user: Any, make_user: Any
 ) -> None:
     api = client_for(user)
+    before = proxy_config()
     online = create_online(api, f"proxied-{backend}")
     url = online["url"]
     assert url == (
         f"http://proxied-{backend}--alice.{settings.WORKSPACE_DOMAIN}:"
         f"{settings.PROXY_BIND.rsplit(':', 1)[1]}/"
     )
-    wait_served(url, token_of(user), DEFAULT_PAGE)
+    served(url, token_of(user), DEFAULT_PAGE)
+    assert proxy_config() == before  # a workspace coming up writes nothing to the proxy
 
     # Another user: 403. Staff: in. An API client without credentials: 401.
     assert via_proxy(url, token=token_of(other_user)).status_code == 403
@@ -171,50 +171,77 @@ def test_only_the_owner_and_staff_get_in_and_routes_follow_the_lifecycle(
     assert location.startswith(f"{settings.PLATFORM_PUBLIC_URL}/workspaces/{online['id']}/open?")
     assert "next=%2Fsome%2Fpage%3Fx%3D1" in location
 
-    # A proxy restarted empty: one reconcile pass puts the server and the route back.
-    caddy.restart()
+    # A proxy restarted empty: one reconcile pass loads its configuration back, and the
+    # workspace is served again.
+    caddy.restart(empty=True)
     with pytest.raises(requests.ConnectionError):
         via_proxy(url, token=token_of(user))
     report = reconcile_once()
-    assert report.routes.server_restored
-    assert f"{online['id']}: put" in report.routes.repaired
+    assert report.proxy.restored and not report.proxy.error
+    assert proxy_config() == before
     assert via_proxy(url, token=token_of(user)).status_code == 200
+    assert not reconcile_once().proxy.restored  # nothing to do the next time
 
-    # Stop removes the route (the proxy answers its own 404) and the url.
+    # Stop: the proxy stops serving it (404, as for any host it serves nothing at) and the url
+    # goes.
     assert api.post(f"/api/workspaces/{online['id']}/stop/").status_code == 202
     stopped = wait_status(api, online["id"], S.STOPPED)
     assert stopped["url"] is None
     gone = via_proxy(url, token=token_of(user))
     assert gone.status_code == 404
     assert "no workspace" in gone.text
-    assert proxy.route_id(online["id"]) not in proxy.list_routes()
 
-    # Start again: the route comes back; delete removes it for good.
+    # Start again: served again at once; delete ends it for good.
     assert api.post(f"/api/workspaces/{online['id']}/start/").status_code == 202
     wait_status(api, online["id"], S.ONLINE)
-    wait_served(url, token_of(user), DEFAULT_PAGE)
+    served(url, token_of(user), DEFAULT_PAGE)
     assert api.delete(f"/api/workspaces/{online['id']}/").status_code == 202
     wait_status(api, online["id"], S.REMOVED)
     assert via_proxy(url, token=token_of(user)).status_code == 404
+    assert proxy_config() == before
 
 
-def test_reconcile_deletes_the_route_of_a_removed_workspace(
-    backend: str, caddy: Caddy, user: Any
+def test_a_client_cannot_choose_where_the_proxy_sends_its_request(
+    on_proxy_worker: Worker, caddy: Caddy, platform_url: str, user: Any, other_user: Any
 ) -> None:
+    """The upstream comes from the platform's answer alone: an ``X-Workspace-Upstream`` the
+    client sends is dropped before the check, so nobody reaches another workspace's app (or
+    anything else on the proxy's network) by naming it."""
     api = client_for(user)
-    online = create_online(api, f"leftover-{backend}")
-    wait_served(online["url"], token_of(user), DEFAULT_PAGE)
-    route = proxy.list_routes()[proxy.route_id(online["id"])]
-    assert api.delete(f"/api/workspaces/{online['id']}/").status_code == 202
-    wait_status(api, online["id"], S.REMOVED)
-    # A route left behind (say, the proxy was unreachable when the workspace was removed).
-    proxy.put_route(route)
-    assert proxy.route_id(online["id"]) in proxy.list_routes()
-    # Even so nobody gets through: the platform knows no such workspace.
-    assert via_proxy(online["url"], token=token_of(user)).json() == {"detail": "no such workspace"}
-    report = reconcile_once()
-    assert f"{online['id']}: deleted" in report.routes.repaired
-    assert proxy.route_id(online["id"]) not in proxy.list_routes()
+    mine = create_online(api, "mine", template=ECHO_TEMPLATE)
+    theirs = create_online(client_for(other_user), "theirs", template=ECHO_TEMPLATE)
+    their_upstream = f"127.0.0.1:{Workspace.objects.get(id=theirs['id']).app_port}"
+    token = token_of(user)
+
+    seen = via_proxy(
+        mine["url"], "/headers", token=token, **{"X-Workspace-Upstream": their_upstream}
+    )
+    assert seen.status_code == 200, seen.text
+    assert seen.json()["Host"] == urlsplit(mine["url"]).netloc  # my own app answered
+    assert "x-workspace-upstream" not in {name.lower() for name in seen.json()}
+    # Refused at its own host, the header gets the client nowhere either.
+    refused = via_proxy(
+        theirs["url"], "/headers", token=token, **{"X-Workspace-Upstream": their_upstream}
+    )
+    assert refused.status_code == 403
+    anonymous = via_proxy(
+        "http://nobody--here.localhost/", **{"X-Workspace-Upstream": their_upstream}
+    )
+    assert anonymous.status_code == 404
+
+
+def test_reconcile_replaces_a_configuration_that_differs(caddy: Caddy) -> None:
+    """A proxy holding another configuration (an older platform's per-workspace routes, a
+    changed setting) gets the platform's back in one pass; a proxy that already serves it is
+    only read."""
+    wanted = proxy.base_config()
+    routes = f"/config/apps/http/servers/{proxy.SERVER}/routes/0"
+    leftover = {"match": [{"host": ["old.localhost"]}], "handle": [{"handler": "static_response"}]}
+    proxy._call("PUT", routes, leftover)
+    assert proxy_config() != wanted
+    assert proxy.ensure_config() is True
+    assert proxy_config() == wanted
+    assert proxy.ensure_config() is False
 
 
 def _ws_handshake(url: str, token: str) -> socket.socket:
@@ -260,7 +287,7 @@ def test_the_app_never_sees_platform_credentials_and_websockets_pass(
     api = client_for(user)
     online = create_online(api, "echo", template=ECHO_TEMPLATE)
     url, token = online["url"], token_of(user)
-    wait_served(url, token, "echo app")
+    served(url, token, "echo app")
 
     cookie = (
         f"app_pref=dark; {settings.SESSION_COOKIE_NAME}=s3cret; "
@@ -290,7 +317,7 @@ def test_an_app_that_stops_answering_degrades_the_workspace_and_back(
 ) -> None:
     api = client_for(user)
     online = create_online(api, "flaky", template=ECHO_TEMPLATE)
-    wait_served(online["url"], token_of(user), "echo app")
+    served(online["url"], token_of(user), "echo app")
     row = Workspace.objects.get(id=online["id"])
     app_pid = _app_pid(row.backend_state["pid"])
     os.kill(app_pid, 19)  # SIGSTOP: the app stops answering, its port stays taken
@@ -364,9 +391,6 @@ def test_a_browser_logs_in_and_opens_the_workspace_app(
     )
     assert response.status_code == 201, response.content
     online = wait_status(api, response.json()["id"], S.ONLINE, timeout=180)
-    wait_for(
-        lambda: proxy.route_id(online["id"]) in proxy.list_routes(), timeout=30, message="route"
-    )
 
     # Anonymous: the workspace host sends the browser to the platform's login page.
     chromium.get(online["url"])
@@ -395,22 +419,3 @@ def test_a_browser_logs_in_and_opens_the_workspace_app(
     shot = ARTIFACTS / f"workspace-{backend}-{template}.png"
     assert chromium.save_screenshot(str(shot))
     assert shot.stat().st_size > 0
-
-
-def test_a_route_write_loads_the_server_into_a_proxy_restarted_empty(caddy: Caddy) -> None:
-    """A new route is inserted without reading the proxy's whole configuration first; only when
-    the insert fails (no server: the proxy restarted empty) is the base configuration loaded."""
-    workspace_id = uuid.uuid4()
-    route = proxy.route_for(workspace_id, "empty-proxy.localhost", "127.0.0.1:9", 1)
-    caddy.restart()
-    try:
-        proxy.put_route(route)
-        assert proxy.route_id(workspace_id) in proxy.list_routes()
-        # Written again (the route exists): replaced in place, never a second copy.
-        proxy.put_route(proxy.route_for(workspace_id, "empty-proxy.localhost", "127.0.0.1:8", 2))
-        servers = proxy._apps()["http"]["servers"]
-        ids = [r.get("@id") for r in servers[proxy.SERVER]["routes"]]
-        assert ids.count(proxy.route_id(workspace_id)) == 1, ids
-        assert "127.0.0.1:8" in json.dumps(proxy.list_routes()[proxy.route_id(workspace_id)])
-    finally:
-        proxy.delete_route(workspace_id)

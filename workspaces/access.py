@@ -5,8 +5,11 @@ origin of its own, so the app's JavaScript never shares an origin with the platf
 session or its CSRF cookie. The platform's session cookie is therefore not sent to the
 workspace host; a browser gets in by a handshake:
 
-1. the proxy asks ``/api/proxy/auth`` (forward_auth) on every request; a browser without the
-   workspace cookie is redirected to ``/workspaces/<id>/open`` on the platform;
+1. the proxy asks ``/api/proxy/auth`` (forward_auth) on every request, naming the host the
+   request was sent to (``X-Workspace-Host``); the platform finds the workspace by its ``host``
+   column and answers with where its app listens (``X-Workspace-Upstream``), so the proxy needs
+   no route per workspace. A browser without the workspace cookie is redirected to
+   ``/workspaces/<id>/open`` on the platform;
 2. that page requires a platform login (``LOGIN_URL``), checks owner-or-staff, and redirects to
    ``<workspace host>/_platform/session?ticket=…``: a ticket signed with the platform's secret,
    bound to the user and the workspace, valid ``WORKSPACE_TICKET_MAX_AGE_SECONDS`` and once;
@@ -21,6 +24,7 @@ both credentials before the app sees the request.
 from __future__ import annotations
 
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +39,7 @@ from provisioning.redis_client import get_redis
 from workspaces.models import Workspace
 from workspaces.status import WorkspaceStatus
 
+_LABEL_RE = re.compile(r"[^a-z0-9-]+")
 _TICKET_SALT = "workspaces.access.ticket"
 _COOKIE_SALT = "workspaces.access.cookie"
 
@@ -45,8 +50,41 @@ class Grant:
     workspace_id: str
 
 
+def owner_label(username: str) -> str:
+    """The owner's part of a workspace host name: a DNS label from the username."""
+    return _LABEL_RE.sub("-", username.lower()).strip("-")[:63] or "user"
+
+
+def subdomain(name: str, username: str) -> str:
+    """The first label of the host a workspace's app is served at (``Workspace.subdomain``)."""
+    return f"{name}--{owner_label(username)}"
+
+
+def workspace_host(workspace: Workspace) -> str:
+    return f"{workspace.subdomain}.{settings.WORKSPACE_DOMAIN}"
+
+
+def workspace_for_host(host: str | None) -> Workspace | None:
+    """The live workspace served at ``host`` (the proxy's ``X-Workspace-Host``, the request's
+    Host header with any port cut off), or None. Two owners whose names map to one label share
+    a host name: the workspace created first is served there (the platform still checks every
+    request against the workspace found, so nobody enters another owner's workspace)."""
+    name = (host or "").partition(":")[0].lower()  # a host name has no colon but the port's
+    label, dot, domain = name.partition(".")
+    if not label or not dot or domain != str(settings.WORKSPACE_DOMAIN).lower():
+        return None
+    return (
+        Workspace.objects.select_related("owner")
+        .defer("env")
+        .exclude(status=WorkspaceStatus.REMOVED)
+        .filter(subdomain=label)
+        .order_by("created_at")
+        .first()
+    )
+
+
 def workspace_for_proxy(workspace_id: str | None) -> Workspace | None:
-    """The workspace a proxy route names (``X-Workspace-Id``, set by the route), or None."""
+    """The workspace an ``open`` link names by id, or None."""
     try:
         key = UUID(str(workspace_id))
     except ValueError:

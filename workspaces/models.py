@@ -32,6 +32,11 @@ class Workspace(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="workspaces"
     )
     name = models.CharField(max_length=63)
+    # The first label of the host the proxy serves the workspace's app at, ``<name>--<owner>``
+    # (``workspaces.access.subdomain``; the host is ``<subdomain>.<WORKSPACE_DOMAIN>``), set with
+    # the name. The proxy has one route for every workspace: the platform's check finds the
+    # workspace by this column.
+    subdomain = models.CharField(max_length=63 + 2 + 63, default="", editable=False)
     template = models.CharField(max_length=100)
     runtime = models.CharField(max_length=100)
     backend = models.CharField(max_length=32)
@@ -175,6 +180,12 @@ class Workspace(models.Model):
             ),
             models.Index(fields=["owner", "-created_at"], name="ws_owner_created"),
             models.Index(fields=["status"], name="ws_status"),
+            # The proxy's check on every request: ``access.workspace_for_host``.
+            models.Index(
+                fields=["subdomain", "created_at"],
+                condition=~Q(status=WorkspaceStatus.REMOVED),
+                name="ws_live_host",
+            ),
         ]
 
     def __str__(self) -> str:

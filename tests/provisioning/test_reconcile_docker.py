@@ -17,7 +17,7 @@ from django.utils import timezone
 from provisioning.backends import backend_named
 from provisioning.backends.docker import DockerBackend, _label, platform_filter
 from provisioning.reconciler import Drift, reconcile_once
-from tests.support import docker_containers, settled, wait_for, wait_route_written
+from tests.support import docker_containers, settled, wait_for
 from workspaces.models import Workspace, WorkspaceEvent
 from workspaces.status import DesiredState, EventSource, EventType, WorkspaceStatus
 
@@ -101,9 +101,6 @@ def _create_online(api: Any, name: str) -> Workspace:
         return settled(workspace_id, S.ONLINE)
 
     workspace = wait_for(online, timeout=60, message=f"{name} online")
-    # Registration is followed by the route write, under the gate: let it finish, so the pass
-    # under test does not find the gate busy and skip the workspace.
-    wait_route_written(workspace_id)
     return workspace
 
 

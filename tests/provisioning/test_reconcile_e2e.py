@@ -24,7 +24,7 @@ from provisioning.backends.process import ProcessBackend, _alive
 from provisioning.liveness import sweep_missed_heartbeats
 from provisioning.manifests import templates
 from provisioning.reconciler import Drift, reconcile_once
-from tests.support import next_backend_uid, settled, wait_for, wait_route_written
+from tests.support import next_backend_uid, settled, wait_for
 from workspaces.models import Workspace, WorkspaceEvent
 from workspaces.status import DesiredState, EventSource, EventType, WorkspaceStatus
 
@@ -49,9 +49,6 @@ def _create_online(api: Any, name: str, template: str = "shell-default") -> Work
         return settled(workspace_id, S.ONLINE)
 
     workspace = wait_for(online, timeout=30, message=f"{name} online")
-    # Registration is followed by the route write, under the gate: let it finish, so the pass
-    # under test does not find the gate busy and skip the workspace.
-    wait_route_written(workspace_id)
     return workspace
 
 

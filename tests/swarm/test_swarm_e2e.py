@@ -15,7 +15,7 @@ from provisioning.backends import backend_named, reset_backends
 from provisioning.backends.base import CONFIG_MARKER
 from provisioning.backends.docker import _label, platform_filter, workspace_filter
 from provisioning.reconciler import Drift, reconcile_once
-from tests.support import api_events, settled, wait_for, wait_route_written
+from tests.support import api_events, settled, wait_for
 from tests.swarm.conftest import Swarm
 from workspaces.models import Workspace, WorkspaceEvent
 from workspaces.status import EventSource, EventType, WorkspaceStatus
@@ -164,10 +164,8 @@ def _removed(item: Any) -> bool:
 def test_reconciler_repairs_a_task_killed_behind_the_platforms_back(
     api, on_swarm, swarm, docker_worker
 ) -> None:
-    # docker_worker: the registry listener publishes the route write to the Docker queue.
     workspace_id = _create(api, "killed")
     _wait(workspace_id, S.ONLINE)
-    wait_route_written(workspace_id)
     _container(swarm, workspace_id).kill()  # through the engine; nothing tells the platform
 
     def task_ended() -> bool:

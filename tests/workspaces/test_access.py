@@ -10,6 +10,7 @@ import pytest
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.test import Client
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from provisioning.manifests import InvalidManifest, parse_manifest
@@ -21,17 +22,33 @@ from workspaces.status import WorkspaceStatus
 pytestmark = pytest.mark.django_db
 
 
-def _workspace(owner: Any, name: str = "app") -> Workspace:
-    return services.create_workspace(owner=owner, name=name, template="shell-default")
+def _workspace(owner: Any, name: str = "app", status: str = WorkspaceStatus.ONLINE) -> Workspace:
+    """A workspace whose app is up (as its agent's registration leaves it), unless ``status``."""
+    workspace = services.create_workspace(owner=owner, name=name, template="shell-default")
+    running = status in (WorkspaceStatus.ONLINE, WorkspaceStatus.DEGRADED, WorkspaceStatus.OFFLINE)
+    Workspace.objects.filter(id=workspace.id).update(
+        status=status, is_running=running, last_started_at=timezone.now() if running else None
+    )
+    workspace.refresh_from_db()
+    return workspace
+
+
+def _host(workspace: Workspace) -> str:
+    """What the proxy sends: the host the client asked for, port included."""
+    return f"{access.workspace_host(workspace)}:8080"
 
 
 def _auth(client: Any, workspace: Workspace, **headers: str) -> Any:
-    return client.get("/api/proxy/auth", HTTP_X_WORKSPACE_ID=str(workspace.id), **headers)
+    return client.get("/api/proxy/auth", HTTP_X_WORKSPACE_HOST=_host(workspace), **headers)
 
 
 def test_forward_auth_owner_staff_other_anonymous(user, other_user, make_user) -> None:
     workspace = _workspace(user)
-    assert _auth(client_for(user), workspace).status_code == 204
+    assert workspace.subdomain == "app--alice"
+    allowed = _auth(client_for(user), workspace)
+    assert allowed.status_code == 204
+    # Where the proxy sends the request: the app's address, from the workspace's row.
+    assert allowed.headers["X-Workspace-Upstream"] == f"127.0.0.1:{workspace.app_port}"
     assert _auth(client_for(make_user("root", staff=True)), workspace).status_code == 204
     other = _auth(client_for(other_user), workspace)
     assert other.status_code == 403
@@ -72,8 +89,71 @@ def test_a_request_let_through_is_activity_and_a_refused_one_is_not(
 
 def test_forward_auth_without_a_known_workspace_is_404(user) -> None:
     api = client_for(user)
+    workspace = _workspace(user)
     assert api.get("/api/proxy/auth").status_code == 404
-    assert api.get("/api/proxy/auth", HTTP_X_WORKSPACE_ID="nope").status_code == 404
+    for host in (
+        "nope--alice.localhost",  # no such workspace
+        f"{workspace.subdomain}.elsewhere.example",  # not under WORKSPACE_DOMAIN
+        f"x.{workspace.subdomain}.localhost",  # two labels below it
+        "localhost",
+    ):
+        answer = api.get("/api/proxy/auth", HTTP_X_WORKSPACE_HOST=host)
+        assert answer.status_code == 404, host
+        assert "X-Workspace-Upstream" not in answer.headers
+    # The host is matched without regard to case, as DNS names are.
+    upper = api.get("/api/proxy/auth", HTTP_X_WORKSPACE_HOST=_host(workspace).upper())
+    assert upper.status_code == 204
+
+
+@pytest.mark.parametrize(
+    "status",
+    [WorkspaceStatus.PROVISIONING, WorkspaceStatus.STOPPING, WorkspaceStatus.STOPPED,
+     WorkspaceStatus.FAILED, WorkspaceStatus.REMOVING, WorkspaceStatus.REMOVED],
+)  # fmt: skip
+def test_the_proxy_serves_a_workspace_only_while_its_app_is_up(user, status: str) -> None:
+    """What the proxy serves follows the row: the moment a cycle moves it out of the routable
+    statuses, requests are refused, for its owner too, as the proxy's own 404."""
+    workspace = _workspace(user, status=status)
+    answer = _auth(client_for(user), workspace)
+    assert answer.status_code == 404
+    assert answer.json() == {"detail": "no workspace is served at this address"}
+    assert "X-Workspace-Upstream" not in answer.headers
+
+
+def test_the_upstream_follows_the_row(user) -> None:
+    """A Docker workspace on its own network is reached at the address its cycle recorded; the
+    next cycle's address is used from the moment the row says so."""
+    workspace = _workspace(user)
+    Workspace.objects.filter(id=workspace.id).update(
+        backend="docker", backend_state={"address": "172.30.0.2"}
+    )
+    answer = _auth(client_for(user), workspace)
+    assert answer.headers["X-Workspace-Upstream"] == f"172.30.0.2:{workspace.app_port}"
+    Workspace.objects.filter(id=workspace.id).update(backend_state={"address": "172.30.0.18"})
+    answer = _auth(client_for(user), workspace)
+    assert answer.headers["X-Workspace-Upstream"] == f"172.30.0.18:{workspace.app_port}"
+
+
+def test_a_renamed_workspace_moves_to_its_new_host(user) -> None:
+    workspace = _workspace(user)
+    old_host = _host(workspace)
+    services.update_workspace(workspace.id, name="renamed", fields=frozenset({"name"}))
+    workspace.refresh_from_db()
+    assert workspace.subdomain == "renamed--alice"
+    api = client_for(user)
+    assert api.get("/api/proxy/auth", HTTP_X_WORKSPACE_HOST=old_host).status_code == 404
+    assert _auth(api, workspace).status_code == 204
+
+
+def test_owners_whose_names_map_alike_share_a_host_and_the_first_is_served(make_user) -> None:
+    """``a.b`` and ``a-b`` both become the label ``a-b``: the workspace created first is served
+    at the host, and the platform checks each request against it, so the second owner gets a 403
+    there, never the first owner's app."""
+    first, second = make_user("a.b"), make_user("a-b")
+    mine, theirs = _workspace(first, "dev"), _workspace(second, "dev")
+    assert mine.subdomain == theirs.subdomain == "dev--a-b"
+    assert _auth(client_for(first), mine).status_code == 204
+    assert _auth(client_for(second), theirs).status_code == 403
 
 
 def test_the_cookie_opens_only_its_own_workspace_for_its_user(user) -> None:
@@ -102,7 +182,7 @@ def test_the_handshake_sets_a_host_only_cookie(user) -> None:
     response = Client().get(
         "/_platform/session",
         {"ticket": ticket, "next": "//evil.example/"},
-        HTTP_X_WORKSPACE_ID=str(workspace.id),
+        HTTP_X_WORKSPACE_HOST=_host(workspace),
     )
     assert response.status_code == 302
     assert response.headers["Location"] == "/"  # never another host
@@ -111,7 +191,7 @@ def test_the_handshake_sets_a_host_only_cookie(user) -> None:
 
 
 def test_open_needs_a_login_and_hides_other_owners_workspaces(user, other_user) -> None:
-    workspace = _workspace(user)
+    workspace = _workspace(user, status=WorkspaceStatus.PROVISIONING)
     anonymous = Client().get(f"/workspaces/{workspace.id}/open")
     assert anonymous.status_code == 302
     assert anonymous.headers["Location"].startswith(settings.LOGIN_URL)
@@ -122,11 +202,15 @@ def test_open_needs_a_login_and_hides_other_owners_workspaces(user, other_user) 
     owner.force_login(user)
     # Provisioning: no url yet, so nothing to open.
     assert owner.get(f"/workspaces/{workspace.id}/open").status_code == 409
+    online = _workspace(user, "up")
+    opened = owner.get(f"/workspaces/{online.id}/open")
+    assert opened.status_code == 302
+    assert opened.headers["Location"].startswith(f"http://{access.workspace_host(online)}:")
 
 
 def test_app_ports_are_allocated_unique_and_freed_on_removal(user) -> None:
     low, high = settings.WORKSPACE_APP_PORT_RANGE
-    ports = [_workspace(user, f"w{n}").app_port for n in range(5)]
+    ports = [_workspace(user, f"w{n}", WorkspaceStatus.PROVISIONING).app_port for n in range(5)]
     assert all(port is not None and low <= port <= high for port in ports)
     assert len(set(ports)) == 5
     first, second = (Workspace.objects.get(app_port=port) for port in ports[:2])

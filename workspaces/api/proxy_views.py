@@ -17,9 +17,11 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from provisioning import routes
+from provisioning import proxy, routes
+from provisioning.backends.base import BackendError
 from workspaces import access, services
 from workspaces.api.authentication import ApiTokenAuthentication
+from workspaces.models import Workspace
 
 
 class _JsonWhateverAccepted(BaseContentNegotiation):
@@ -34,14 +36,24 @@ class _JsonWhateverAccepted(BaseContentNegotiation):
         return renderers[0], renderers[0].media_type
 
 
+def _workspace(request: HttpRequest) -> Workspace | None:
+    """The workspace served at the host the proxy names (``X-Workspace-Host``: the host the
+    client asked for, set by the proxy's route), read once per request."""
+    if not hasattr(request, "_proxied_workspace"):
+        host = request.headers.get("X-Workspace-Host")
+        request._proxied_workspace = access.workspace_for_host(host)  # type: ignore[attr-defined]
+    return request._proxied_workspace  # type: ignore[attr-defined]
+
+
 class WorkspaceCookieAuthentication(authentication.BaseAuthentication):
     """The signed, host-only cookie the handshake set on the workspace host."""
 
     def authenticate(self, request: Request) -> tuple[Any, None] | None:
         value = request.COOKIES.get(settings.WORKSPACE_COOKIE_NAME)
-        if not value:
+        workspace = _workspace(request._request) if value else None
+        if not value or workspace is None:
             return None
-        user = access.user_from_cookie(value, request.headers.get("X-Workspace-Id", ""))
+        user = access.user_from_cookie(value, str(workspace.id))
         return (user, None) if user is not None else None
 
 
@@ -56,10 +68,12 @@ def _platform_url(path: str) -> str:
 
 @extend_schema(exclude=True)
 class ProxyAuthView(APIView):
-    """``forward_auth``: may this request reach the workspace named by ``X-Workspace-Id``?
+    """``forward_auth``: may this request reach the workspace served at ``X-Workspace-Host``?
 
-    200: yes (owner or staff). A browser without credentials: 302 to the platform's open page
-    (login, then the handshake). An API client without credentials: 401. Anyone else: 403."""
+    204 with ``X-Workspace-Upstream`` (where the proxy reaches the app now): yes (owner or staff).
+    404: no workspace is served at that host now (none, or its app is not up). A browser without
+    credentials: 302 to the platform's open page (login, then the handshake). An API client
+    without credentials: 401. Anyone else: 403."""
 
     authentication_classes = [
         ApiTokenAuthentication,
@@ -69,14 +83,19 @@ class ProxyAuthView(APIView):
     content_negotiation_class = _JsonWhateverAccepted
 
     def get(self, request: Request) -> Response | HttpResponse:
-        workspace = access.workspace_for_proxy(request.headers.get("X-Workspace-Id"))
-        if workspace is None:
-            return Response({"detail": "no such workspace"}, status=404)
+        workspace = _workspace(request._request)
+        try:
+            upstream = routes.upstream(workspace) if workspace is not None else None
+        except BackendError as exc:
+            return Response({"detail": f"the workspace's backend is unavailable: {exc}"}, 503)
+        if workspace is None or upstream is None:
+            # As the proxy's own catch-all: nothing is served at this address now.
+            return Response({"detail": "no workspace is served at this address"}, status=404)
         if access.may_enter(request.user, workspace):
-            # A request through the workspace's route is activity (the idle auto-stop policy):
-            # rate-limited in Redis, so most calls write nothing.
+            # A request through the proxy is activity (the idle auto-stop policy): rate-limited
+            # in Redis, so most calls write nothing.
             services.record_activity(workspace.id, "proxy")
-            return Response(status=204)
+            return Response(status=204, headers={proxy.UPSTREAM_HEADER: upstream})
         if request.user.is_authenticated:
             return Response({"detail": "this workspace belongs to someone else"}, status=403)
         if _wants_html(request):
@@ -113,7 +132,7 @@ def open_workspace(request: HttpRequest, workspace_id: str) -> HttpResponse:
 def workspace_session(request: HttpRequest) -> HttpResponse:
     """On the workspace host (the proxy forwards ``/_platform/*`` here and names the workspace):
     exchange a ticket for the workspace cookie."""
-    workspace = access.workspace_for_proxy(request.headers.get("X-Workspace-Id"))
+    workspace = _workspace(request)
     if workspace is None:
         return JsonResponse({"detail": "no such workspace"}, status=404)
     user = access.redeem_ticket(request.GET.get("ticket", ""), workspace)

@@ -16,7 +16,6 @@ from workspaces.models import AgentToken, Workspace, WorkspaceEvent, event_paylo
 from workspaces.services.common import (
     AgentAuthError,
     TransitionNotAllowed,
-    _enqueue_route_sync,
     _fenced,
     _locked,
     record_event,
@@ -111,8 +110,6 @@ def register_agent(
                     runtime=workspace.runtime, backend=workspace.backend
                 ).observe(seconds)
             )
-        if workspace.app_port is not None:
-            _enqueue_route_sync(workspace_id)  # the app answers: the proxy may serve it now
     workspace.refresh_from_db()
     return workspace
 

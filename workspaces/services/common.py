@@ -206,13 +206,6 @@ def send_converge(workspace_id: UUID) -> bool:
     return True
 
 
-def _enqueue_route_sync(workspace_id: UUID) -> None:
-    from provisioning.tasks import sync_route
-
-    # The route is written by a task under the workspace's gate, never by this request.
-    sync_route.delay_on_commit(str(workspace_id))  # type: ignore[attr-defined]
-
-
 def record_event(
     workspace_id: UUID,
     type: EventType,

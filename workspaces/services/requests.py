@@ -18,6 +18,7 @@ from django.db.models import F, prefetch_related_objects
 from django.utils import timezone
 
 from workspaces import audit
+from workspaces.access import subdomain
 from workspaces.models import Workspace
 from workspaces.services.common import (
     NAME_RE,
@@ -118,6 +119,7 @@ def _insert_workspace(
                 workspace = Workspace.objects.create(
                     owner=owner,
                     name=name,
+                    subdomain=subdomain(name, owner.username),
                     template=manifest.name,
                     runtime=manifest.runtime,
                     backend=backend,
@@ -434,6 +436,7 @@ def update_workspace(
         updates: dict[str, Any] = {"updated_at": now, "last_activity_at": now}
         if "name" in values:
             updates["name"] = values["name"]
+            updates["subdomain"] = subdomain(values["name"], workspace.owner.username)
         if "env" in values:
             updates["env"] = values["env"]
             updates["env_version"] = F("env_version") + 1

@@ -16,7 +16,7 @@ from provisioning.proxy import base_config
 
 
 class Command(BaseCommand):
-    help = "Print the reverse proxy's starting configuration (Caddy JSON) for PROXY_ADMIN/BIND."
+    help = "Print the reverse proxy's whole configuration (Caddy JSON), one for every workspace."
 
     def handle(self, *args: Any, **options: Any) -> None:
         self.stdout.write(json.dumps(base_config(), indent=2))

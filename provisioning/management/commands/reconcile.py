@@ -23,10 +23,10 @@ class Command(BaseCommand):
         report = reconcile_once()
         for repair in report.repairs:
             self.stdout.write(repair.line())
-        for line in report.routes.repaired:
-            self.stdout.write(f"route {line}")
-        if report.routes.error:
-            self.stderr.write(f"proxy: {report.routes.error}")
+        if report.proxy.restored:
+            self.stdout.write("proxy: configuration loaded")
+        if report.proxy.error:
+            self.stderr.write(f"proxy: {report.proxy.error}")
         for workspace_id in report.skipped_busy:
             self.stdout.write(f"{workspace_id} skipped: a cycle holds its gate")
         for name, reason in report.unavailable.items():
