@@ -41,6 +41,16 @@ logger = logging.getLogger(__name__)
 S = WorkspaceStatus
 T = TypeVar("T")
 MAX_CYCLES_PER_HOLD = 3
+_PLAN_FIELDS = (
+    "name",
+    "owner__username",
+    "status",
+    "desired_state",
+    "generation",
+    "is_running",
+    "requested_seq",
+    "handled_seq",
+)
 
 
 class Action(enum.StrEnum):
@@ -82,7 +92,14 @@ def converge(
     lost = False
     with gate.hold(workspace_id, holder) as lease:
         for _ in range(MAX_CYCLES_PER_HOLD):
-            workspace = Workspace.objects.select_related("owner").filter(id=workspace_id).first()
+            # What ``plan`` decides on (and the log names): each cycle locks and reads the whole
+            # row itself when it begins.
+            workspace = (
+                Workspace.objects.select_related("owner")
+                .only(*_PLAN_FIELDS)
+                .filter(id=workspace_id)
+                .first()
+            )
             if workspace is None:
                 break
             action = plan(workspace)

@@ -124,11 +124,16 @@ def make_client(host: str | None = None) -> docker.DockerClient:
     """A client for the engine at ``host`` (default DOCKER_HOST). Only this module constructs
     one (a test checks)."""
     host = settings.DOCKER_HOST if host is None else host
-    return docker.DockerClient(
+    client = docker.DockerClient(
         base_url=host or None,
         version=settings.DOCKER_API_VERSION,
         timeout=settings.DOCKER_TIMEOUT_SECONDS,
     )
+    if client.api.base_url.startswith("http+docker://localhost"):
+        # A local socket: no HTTP proxy applies, so requests need not read the proxy variables
+        # of the environment on every engine call (a few ms of CPU per provision).
+        client.api.trust_env = False
+    return client
 
 
 def _root_cause(exc: BaseException) -> str:

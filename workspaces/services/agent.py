@@ -33,11 +33,7 @@ S = WorkspaceStatus
 
 # --- the agent -------------------------------------------------------------------------------
 def authenticate_agent(raw_token: str) -> AgentToken | None:
-    return (
-        AgentToken.objects.select_related("workspace")
-        .filter(token_hash=token_digest(raw_token))
-        .first()
-    )
+    return AgentToken.objects.filter(token_hash=token_digest(raw_token)).first()
 
 
 def _agent_workspace(token: AgentToken, workspace_id: UUID) -> Workspace:
@@ -60,6 +56,8 @@ def _record_config_copy(workspace: Workspace, generation: int) -> None:
     the first population (recorded by the cycle), or one whose agent never got to report it."""
     from provisioning.manifests import templates
 
+    if generation <= 1:
+        return  # the first cycle: nothing registered before it
     registered_before = WorkspaceEvent.objects.filter(
         workspace_id=workspace.id, type=EventType.ONLINE, generation__lt=generation
     ).exists()
@@ -102,7 +100,13 @@ def register_agent(
             raise AgentAuthError("the workspace moved to a newer cycle")
         if config_copied:
             _record_config_copy(workspace, token.generation)
-        record_event(workspace_id, EventType.ONLINE, EventSource.AGENT, token.generation)
+        record_event(
+            workspace_id,
+            EventType.ONLINE,
+            EventSource.AGENT,
+            token.generation,
+            workspace=workspace,
+        )
         if workspace.status == S.PROVISIONING and workspace.provisioning_started_at is not None:
             seconds = (now - workspace.provisioning_started_at).total_seconds()
             transaction.on_commit(
@@ -110,7 +114,11 @@ def register_agent(
                     runtime=workspace.runtime, backend=workspace.backend
                 ).observe(seconds)
             )
-    workspace.refresh_from_db()
+        # The row is locked: what the UPDATE wrote is known without reading it back.
+        workspace.last_started_at = workspace.last_started_at if workspace.is_running else now
+        workspace.status_changed_at = workspace.updated_at = now
+        workspace.status, workspace.is_running = S.ONLINE, True
+        workspace.last_heartbeat_at, workspace.last_error = now, ""
     return workspace
 
 

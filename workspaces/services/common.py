@@ -214,15 +214,27 @@ def record_event(
     payload: dict[str, Any] | None = None,
     *,
     actor: str | None = None,
+    workspace: Workspace | None = None,
 ) -> WorkspaceEvent:
     """Record an event. ``actor`` defaults to who the source implies (agent, beat, reconciler)
     or else to the workspace's latest requester (``requested_by``): a cycle's events name the
-    person or process whose request the cycle answers."""
-    row = (
-        Workspace.objects.filter(id=workspace_id)
-        .values_list("name", "owner__username", "owner_id", "requested_by")
-        .first()
-    )
+    person or process whose request the cycle answers. ``workspace``: the caller's current row
+    of that workspace (with its owner), saving the read of its name, owner and requester."""
+    row: tuple[str, str, int, str] | None
+    if workspace is not None and Workspace.owner.is_cached(workspace):
+        # The caller's row (locked in this transaction) already says who and what.
+        row = (
+            workspace.name,
+            workspace.owner.username,
+            workspace.owner_id,
+            workspace.requested_by,
+        )
+    else:
+        row = (
+            Workspace.objects.filter(id=workspace_id)
+            .values_list("name", "owner__username", "owner_id", "requested_by")
+            .first()
+        )
     name, owner, owner_id, requested_by = row or ("?", "?", None, "")
     if actor is None:
         actor = audit.SOURCE_ACTORS.get(source) or requested_by or audit.SYSTEM
@@ -288,7 +300,12 @@ def transition(
 
 
 def _locked(workspace_id: UUID) -> Workspace:
-    return Workspace.objects.select_for_update().get(id=workspace_id)
+    """The row, locked until the transaction ends, with its owner (read, not locked)."""
+    return (
+        Workspace.objects.select_for_update(of=("self",))
+        .select_related("owner")
+        .get(id=workspace_id)
+    )
 
 
 def _fenced(workspace_id: UUID, generation: int) -> Any:

@@ -79,8 +79,15 @@ def begin_cycle(
             )
         if not transition(workspace_id, target, expect_generation=workspace.generation, **fields):
             return None
-        workspace.refresh_from_db()
+        # The row is locked: what the UPDATE wrote is known without reading it back.
+        if workspace.status != target:
+            workspace.status_changed_at = now
+        workspace.status, workspace.updated_at = target, now
+        workspace.generation += 1
         if target == S.PROVISIONING:
+            workspace.provisioning_started_at = workspace.last_activity_at = now
+            workspace.last_error = ""
+            workspace.started_env_version = workspace.env_version
             record_event(
                 workspace_id,
                 EventType.PROVISIONING,
@@ -93,6 +100,7 @@ def begin_cycle(
                     # The requests this cycle answers (all up to this seq): shows the coalescing.
                     "seq": workspace.requested_seq,
                 },
+                workspace=workspace,
             )
     return CycleStart(workspace, workspace.generation, workspace.requested_seq)
 
@@ -131,8 +139,14 @@ def issue_agent_token(workspace_id: UUID, generation: int) -> str:
     """Create the one agent token of this cycle; older cycles' tokens stop working."""
     raw = secrets.token_urlsafe(32)
     with transaction.atomic():
-        workspace = _locked(workspace_id)
-        if workspace.generation != generation:
+        # The row lock orders this against a newer cycle's bump and its own token.
+        locked = (
+            Workspace.objects.select_for_update()
+            .filter(id=workspace_id)
+            .values_list("generation", flat=True)
+            .first()
+        )
+        if locked != generation:
             raise LeaseLost(f"workspace {workspace_id} moved past generation {generation}")
         AgentToken.objects.filter(workspace_id=workspace_id).delete()
         AgentToken.objects.create(

@@ -75,6 +75,9 @@ def _validated(
     return clean_env, _template_for(template)
 
 
+_PORT_CANDIDATES = 8
+
+
 def _free_app_port(manifest: Template) -> int | None:
     """The app port for a new workspace of ``manifest``: its fixed port, a random free one of
     WORKSPACE_APP_PORTS, or None when the template serves no app. The database constraint
@@ -84,11 +87,14 @@ def _free_app_port(manifest: Template) -> int | None:
     if manifest.app.port is not None:
         return manifest.app.port
     low, high = settings.WORKSPACE_APP_PORT_RANGE
-    used = set(
-        Workspace.objects.exclude(status=S.REMOVED)
-        .filter(app_port__range=(low, high))
-        .values_list("app_port", flat=True)
-    )
+    live = Workspace.objects.exclude(status=S.REMOVED)
+    # A few random candidates first: one small query whatever the number of workspaces (the
+    # constraint's unique index answers it). Only a range nearly full reads every port in use.
+    candidates = {secrets.randbelow(high - low + 1) + low for _ in range(_PORT_CANDIDATES)}
+    taken = set(live.filter(app_port__in=candidates).values_list("app_port", flat=True))
+    if candidates - taken:
+        return secrets.choice(sorted(candidates - taken))
+    used = set(live.filter(app_port__range=(low, high)).values_list("app_port", flat=True))
     free = [port for port in range(low, high + 1) if port not in used]
     if not free:
         raise InvalidInput(
