@@ -156,3 +156,21 @@ def test_a_beat_that_changes_no_status_is_one_update(user) -> None:
     type(workspace).objects.filter(id=workspace.id).update(generation=2)
     with pytest.raises(services.AgentAuthError, match="stale"):
         services.record_heartbeat(token, workspace.id)
+
+
+def test_a_registration_reads_its_row_once_and_answers_what_it_wrote(user) -> None:
+    """Registration locks the row (with its owner) and writes it; the event takes that row
+    instead of reading name, owner and requester again, and the answer is the row as written,
+    not read back."""
+    workspace = make_row(user, S.PROVISIONING, is_running=True)
+    token = _token(workspace)
+    with CaptureQueriesContext(connection) as queries:
+        answer = services.register_agent(token, workspace.id)
+    selects = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("SELECT")]
+    assert len(selects) == 1 and "FOR UPDATE" in selects[0], selects
+    stored = type(workspace).objects.get(id=workspace.id)
+    for name in ("status", "is_running", "generation", "last_started_at", "last_error"):
+        assert getattr(answer, name) == getattr(stored, name), name
+    assert stored.status == S.ONLINE
+    (event,) = WorkspaceEvent.objects.filter(workspace=workspace, type=EventType.ONLINE)
+    assert event.actor == "agent"

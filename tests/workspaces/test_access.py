@@ -221,6 +221,20 @@ def test_app_ports_are_allocated_unique_and_freed_on_removal(user) -> None:
     assert Workspace.objects.filter(id=second.id).update(app_port=ports[0]) == 1
 
 
+def test_a_nearly_full_port_range_still_hands_out_every_port_then_refuses(
+    user, settings: Any
+) -> None:
+    """Ports are drawn from a few random candidates; when all of those are taken (a range nearly
+    full), every port in use is read and a free one is still found, until there is none."""
+    settings.WORKSPACE_APP_PORT_RANGE = (31000, 31003)
+    ports = {_workspace(user, f"p{n}", WorkspaceStatus.PROVISIONING).app_port for n in range(4)}
+    assert ports == {31000, 31001, 31002, 31003}
+    with pytest.raises(services.InvalidInput) as refused:
+        _workspace(user, "p4", WorkspaceStatus.PROVISIONING)
+    assert refused.value.field == "template"
+    assert "no free app port" in refused.value.message
+
+
 def test_a_fixed_app_port_serves_one_live_workspace(user, tmp_path: Path, settings: Any) -> None:
     folder = tmp_path / "fixed"
     folder.mkdir()

@@ -176,3 +176,31 @@ def test_a_config_copy_after_an_earlier_registration_is_a_recovery(workspace) ->
     _, token = _cycle(workspace)
     assert _register(token, workspace.id).status_code == 200
     assert workspace.events.filter(type=EventType.CONFIG_RECOVERED).count() == 2
+
+
+def test_a_cycle_begins_with_the_row_as_written_and_one_read_of_it(user: Any) -> None:
+    """``begin_cycle`` locks the row once and keeps it: the cycle's row is what the UPDATE
+    wrote (no read back), and its event takes that row (no second read of the workspace)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    workspace = services.create_workspace(owner=user, name="begins", template="shell-default")
+    with CaptureQueriesContext(connection) as queries:
+        cycle = services.begin_cycle(workspace.id, WorkspaceStatus.PROVISIONING, action="provision")
+    assert cycle is not None
+    reads = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("SELECT")]
+    assert len(reads) == 1 and "FOR UPDATE" in reads[0], reads
+    stored = Workspace.objects.get(id=workspace.id)
+    for name in (
+        "status",
+        "generation",
+        "provisioning_started_at",
+        "last_error",
+        "started_env_version",
+        "last_activity_at",
+        "requested_seq",
+    ):
+        assert getattr(cycle.workspace, name) == getattr(stored, name), name
+    assert cycle.generation == stored.generation == 1
+    event = stored.events.get(type=EventType.PROVISIONING)
+    assert event.actor == "user:alice"
