@@ -25,8 +25,10 @@ return of the proxy's ``add_user`` (recorded by a one-line subclass in the hub's
 marks the server ready right after). The round's total is the first request to the last one up.
 CPU per workspace is read from ``/proc`` around the round (before cleanup): the engine (dockerd,
 containerd, shims), the control plane (hub + configurable-http-proxy; gunicorn + registry +
-Celery + Caddy) and, here, the PostgreSQL backends serving the bench's database (Redis is shared
-with other work and not counted). Rounds alternate (which side goes first flips every round) and
+Celery + Caddy) and, here, the PostgreSQL backends serving the bench's database and the platform's
+Redis (a redis-server the bench starts for it alone). The hub keeps its state in sqlite inside
+its own process, so the issue's comparison is here's control plane + PostgreSQL + Redis against
+the hub's control plane. Rounds alternate (which side goes first flips every round) and
 everything is removed between rounds, untimed.
 
 Containers on both sides run as uid 10001 with every capability dropped, ``no-new-privileges``,
@@ -74,7 +76,16 @@ from typing import Any
 
 from bench.common import percentile, postgres_backends, setup_django, write_block
 from bench.engine import _TICKS, cpu_by_root, cpu_seconds
-from bench.stack import REPO, Platform, _stop, free_port, platform, remove_labelled, wait_until
+from bench.stack import (
+    REPO,
+    Platform,
+    _stop,
+    free_port,
+    platform,
+    private_redis,
+    remove_labelled,
+    wait_until,
+)
 
 PEER_DIR = REPO / "var" / "peer"
 CHP = PEER_DIR / "node_modules" / ".bin" / "configurable-http-proxy"
@@ -514,7 +525,8 @@ def here_round(
 
     tag = uuid.uuid4().hex[:6]
     before = cpu_seconds(stack.pids)
-    parts_before = cpu_by_root(stack.parts)
+    redis = {"redis": stack.redis_pid} if stack.redis_pid else {}
+    parts_before = cpu_by_root({**stack.parts, **redis})
     pg_before = _pg_backends(database)
     own_before = workspaces() if workspaces else {}
 
@@ -537,13 +549,15 @@ def here_round(
 
     sent = _requests_and_watch(n, create, count, failed, interval, f"here N={n}")
     after = cpu_seconds(stack.pids)
-    parts_after = cpu_by_root(stack.parts)
+    parts_after = cpu_by_root({**stack.parts, **redis})
     pg_after = _pg_backends(database)
     cpu = {
         "control": after["platform"] - before["platform"],
-        **{f"control:{part}": parts_after[part] - parts_before[part] for part in parts_after},
+        **{f"control:{part}": parts_after[part] - parts_before[part] for part in stack.parts},
         "postgres": sum(cpu - pg_before.get(pid, 0.0) for pid, cpu in pg_after.items()),
     }
+    if redis:
+        cpu["redis"] = parts_after["redis"] - parts_before["redis"]
     if workspaces is None:
         cpu["engine"] = after["engine"] - before["engine"]
     else:
@@ -596,6 +610,12 @@ def _median(runs: list[Run], what: str) -> float:
     return statistics.median(run.cpu.get(what, float("nan")) for run in runs) / n * 1000
 
 
+def _median_sum(runs: list[Run], parts: tuple[str, ...]) -> float:
+    """The median over rounds of the parts' CPU added up in each round, ms per workspace."""
+    n = len(runs[0].latencies)
+    return statistics.median(sum(run.cpu.get(p, 0.0) for p in parts) for run in runs) / n * 1000
+
+
 @dataclass(frozen=True)
 class Variant:
     """What a comparison calls its parts: the report's block and plot, the CPU column of the
@@ -631,8 +651,9 @@ def report(
 ) -> list[str]:
     lines = [
         f"| N | total: here | hub | ratio | p50: here | hub | ratio | {variant.own_column}: here "
-        "| hub | ratio | control-plane CPU/ws: here | hub | ratio | PostgreSQL CPU/ws here |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| hub | ratio | control-plane CPU/ws: here | hub | ratio | PostgreSQL | Redis "
+        "| control + PostgreSQL + Redis: here | ratio to the hub's control plane |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n in sizes:
         here, hub = runs[("here", n)], runs[("hub", n)]
@@ -641,7 +662,10 @@ def report(
             a, b = _median(here, what), _median(hub, what)
             fmt = "{:.2f} " if unit == "s" else "{:.0f} "
             cells += [fmt.format(a) + unit, fmt.format(b) + unit, f"{a / b:.2f}" if b else "-"]
-        cells.append(f"{_median(here, 'postgres'):.0f} ms")
+        postgres, redis = _median(here, "postgres"), _median(here, "redis")
+        whole = _median_sum(here, ("control", "postgres", "redis"))
+        cells += [f"{postgres:.0f} ms", f"{redis:.0f} ms", f"{whole:.0f} ms"]
+        cells.append(f"{whole / _median(hub, 'control'):.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
@@ -852,24 +876,27 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("LOG_LEVEL", "WARNING")
     started = time.time()
     load_before = Path("/proc/loadavg").read_text().split()[:3]
-    setup_django("ws_peer_bench", redis_db=9)
-    from django.conf import settings
-    from django.db import connection
-
-    database = str(connection.settings_dict["NAME"])
-    image = ensure_agent_image()
     log_dir = Path(tempfile.mkdtemp(prefix="bench-peer-"))
     print(f"# logs in {log_dir}", file=sys.stderr, flush=True)
-    with (
-        platform("peer", log_dir, proxy=True) as stack,
-        DockerHub(image, str(settings.DOCKER_WORKSPACE_USER), log_dir) as hub,
-    ):
-        runs = alternate(
-            args,
-            lambda n: here_round(stack, database, n, args.interval),
-            lambda: here_clean(stack),
-            hub,
-        )
+    # The platform's own Redis, so that its CPU is counted with the platform's.
+    with private_redis(log_dir) as redis_pid:
+        setup_django("ws_peer_bench", redis_db=9)
+        from django.conf import settings
+        from django.db import connection
+
+        database = str(connection.settings_dict["NAME"])
+        image = ensure_agent_image()
+        with (
+            platform("peer", log_dir, proxy=True) as stack,
+            DockerHub(image, str(settings.DOCKER_WORKSPACE_USER), log_dir) as hub,
+        ):
+            stack.redis_pid = redis_pid
+            runs = alternate(
+                args,
+                lambda n: here_round(stack, database, n, args.interval),
+                lambda: here_clean(stack),
+                hub,
+            )
     import dockerspawner
 
     if args.network == "workspace":

@@ -69,7 +69,7 @@ from bench.peer import (
     here_round,
     write_results,
 )
-from bench.stack import platform
+from bench.stack import platform, private_redis
 
 HUB_UID = 10001
 # The platform's settings this bench gives its own values unless the environment sets them.
@@ -326,33 +326,36 @@ def run_process(args: Any, argv: list[str] | None) -> int:
     os.environ.setdefault("LOG_LEVEL", "WARNING")
     started = time.time()
     load_before = Path("/proc/loadavg").read_text().split()[:3]
-    setup_django("ws_peer_bench", redis_db=9)
-    from django.conf import settings
-    from django.db import connection
-
-    uids = (int(settings.WORKSPACE_UID_RANGE[0]), int(settings.WORKSPACE_UID_RANGE[1]))
-    if max(args.sizes) > uids[1] - uids[0] + 1:
-        raise SystemExit(f"N = {max(args.sizes)} needs as many uids: widen WORKSPACE_UID_RANGE")
-    database = str(connection.settings_dict["NAME"])
     log_dir = Path(tempfile.mkdtemp(prefix="bench-peer-"))
     print(f"# logs in {log_dir}", file=sys.stderr, flush=True)
-    try:
-        with (
-            platform("peer", log_dir, backend="process", proxy=True) as stack,
-            ProcessHub(log_dir, str(settings.WORKSPACE_PYTHON), args.hub_server) as hub,
-        ):
-            own = partial(workspace_processes, uids)
-            runs = alternate(
-                args,
-                lambda n: here_round(stack, database, n, args.interval, workspaces=own),
-                here_clean,
-                hub,
-            )
-    finally:
-        _kill([pid for pid, proc in processes().items() if uids[0] <= proc.uid <= uids[1]])
-        if OWN_SETTINGS["WORKSPACE_FIREWALL_CHAIN"] == settings.WORKSPACE_FIREWALL_CHAIN:
-            _drop_chain(str(settings.WORKSPACE_FIREWALL_CHAIN))
-        shutil.rmtree(data, ignore_errors=True)
+    # The platform's own Redis, so that its CPU is counted with the platform's.
+    with private_redis(log_dir) as redis_pid:
+        setup_django("ws_peer_bench", redis_db=9)
+        from django.conf import settings
+        from django.db import connection
+
+        uids = (int(settings.WORKSPACE_UID_RANGE[0]), int(settings.WORKSPACE_UID_RANGE[1]))
+        if max(args.sizes) > uids[1] - uids[0] + 1:
+            raise SystemExit(f"N = {max(args.sizes)} needs as many uids: widen WORKSPACE_UID_RANGE")
+        database = str(connection.settings_dict["NAME"])
+        try:
+            with (
+                platform("peer", log_dir, backend="process", proxy=True) as stack,
+                ProcessHub(log_dir, str(settings.WORKSPACE_PYTHON), args.hub_server) as hub,
+            ):
+                stack.redis_pid = redis_pid
+                own = partial(workspace_processes, uids)
+                runs = alternate(
+                    args,
+                    lambda n: here_round(stack, database, n, args.interval, workspaces=own),
+                    here_clean,
+                    hub,
+                )
+        finally:
+            _kill([pid for pid, proc in processes().items() if uids[0] <= proc.uid <= uids[1]])
+            if OWN_SETTINGS["WORKSPACE_FIREWALL_CHAIN"] == settings.WORKSPACE_FIREWALL_CHAIN:
+                _drop_chain(str(settings.WORKSPACE_FIREWALL_CHAIN))
+            shutil.rmtree(data, ignore_errors=True)
     variant = Variant(
         name="process" if args.hub_server == "python" else f"process_{args.hub_server}",
         own="workspace",

@@ -98,6 +98,43 @@ def write_proxy_config(env: dict[str, str], path: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def private_redis(log_dir: Path) -> Iterator[int]:
+    """A redis-server of the bench's own on a free loopback port, for the whole run, so that its
+    CPU can be counted (the machine's Redis serves other work too). Sets ``REDIS_URL`` for this
+    process (before Django is set up) and so for the platform it starts; yields its pid."""
+    port = free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = open(log_dir / "redis.log", "ab")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(
+        [
+            *("redis-server", "--bind", "127.0.0.1", "--port", str(port)),
+            *("--save", "", "--appendonly", "no", "--dir", str(log_dir)),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+    def answers() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited; see {log_dir / 'redis.log'}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    try:
+        wait_until(answers, 20, "redis-server", interval=0.1)
+        os.environ["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        yield proc.pid
+    finally:
+        _stop(proc)
+        log.close()
+
+
 @dataclass
 class Platform:
     url: str
@@ -110,6 +147,8 @@ class Platform:
     pids: list[int] = field(default_factory=list)
     # the same processes by part: caddy, registry, web, beat, worker0, ...
     parts: dict[str, int] = field(default_factory=dict)
+    # a Redis server of this platform's alone (``private_redis``), when it has one
+    redis_pid: int | None = None
 
     def request(
         self, method: str, path: str, body: dict[str, Any] | None = None
