@@ -35,6 +35,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import connection
 from redis.exceptions import RedisError
+from rest_framework.fields import DateTimeField
 
 from provisioning.redis_client import get_redis
 from workspaces import selectors
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 REPLAY_BATCH = 500
 # Poll granularity of the live loop: bounds how late a keepalive or the end of the stream is.
 _POLL_SECONDS = 1.0
+_DATETIME = DateTimeField()  # the API's representation of a time (ISO 8601, "Z" for UTC)
 
 
 def owner_channel(owner_id: int) -> str:
@@ -55,10 +57,19 @@ def _all_owners_pattern() -> str:
 
 
 def event_data(event: WorkspaceEvent) -> dict[str, Any]:
-    """The event as the API shows it, plus the workspace it belongs to."""
-    from workspaces.api.serializers import LiveEventSerializer
-
-    return dict(LiveEventSerializer(event).data)
+    """The event as the API shows it (``LiveEventSerializer``'s fields and values, which a test
+    checks), plus the workspace it belongs to. Built directly: it runs for every event published
+    and every event a stream replays, where a serializer costs fifty times as much."""
+    return {
+        "id": event.id,
+        "workspace_id": str(event.workspace_id),
+        "type": str(event.type),
+        "source": str(event.source),
+        "actor": event.actor,
+        "generation": event.generation,
+        "payload": event.payload,
+        "created_at": _DATETIME.to_representation(event.created_at),
+    }
 
 
 def publish(event: WorkspaceEvent, owner_id: int) -> None:

@@ -230,3 +230,24 @@ def test_stream_errors_are_json_and_name_the_field(user, api) -> None:
     bad_query = api.get("/api/events/stream", {"after": "-1"})
     assert bad_query.status_code == 400
     assert "after" in bad_query.json()["detail"]
+
+
+@pytest.mark.django_db
+def test_a_published_event_is_exactly_what_the_api_shows(user) -> None:
+    """``event_data`` builds the event directly (it runs for every event published and replayed):
+    the same fields and values as ``LiveEventSerializer``, for an event as inserted (enum members,
+    a fresh time) and as read back."""
+    from workspaces.api.serializers import LiveEventSerializer
+
+    workspace = make_row(user, WorkspaceStatus.ONLINE)
+    inserted = services.record_event(
+        workspace.id,
+        EventType.PROVISION_FAILED,
+        EventSource.PREFLIGHT,
+        3,
+        {"missing_env": ["A", "B"], "template": "x", "n": 1.5},
+    )
+    for event in (inserted, WorkspaceEvent.objects.get(id=inserted.id)):
+        built = live_events.event_data(event)
+        assert built == dict(LiveEventSerializer(event).data)
+        assert json.dumps(built) == json.dumps(dict(LiveEventSerializer(event).data))
