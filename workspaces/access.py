@@ -6,9 +6,9 @@ session or its CSRF cookie. The platform's session cookie is therefore not sent 
 workspace host; a browser gets in by a handshake:
 
 1. the proxy asks ``/api/proxy/auth`` (forward_auth) on every request, naming the host the
-   request was sent to (``X-Workspace-Host``); the platform finds the workspace by its ``host``
-   column and answers with where its app listens (``X-Workspace-Upstream``), so the proxy needs
-   no route per workspace. A browser without the workspace cookie is redirected to
+   request was sent to (``X-Workspace-Host``); the platform finds the workspace by its
+   ``subdomain`` column and answers with where its app listens (``X-Workspace-Upstream``), so the
+   proxy needs no route per workspace. A browser without the workspace cookie is redirected to
    ``/workspaces/<id>/open`` on the platform;
 2. that page requires a platform login (``LOGIN_URL``), checks owner-or-staff, and redirects to
    ``<workspace host>/_platform/session?ticket=…``: a ticket signed with the platform's secret,
