@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.support import REPO, wait_for
+from tests.support import REPO, lifecycle_queue, wait_for
 from workspaces import services
 from workspaces.models import Workspace
 from workspaces.status import EventSource, WorkspaceStatus
@@ -203,9 +203,12 @@ def test_admin_is_readable_at_1400px(browser, live_server, make_user, user) -> N
     operator = make_user("operator", staff=True)
     operator.is_superuser = True
     operator.save()
-    team = services.create_team(owner=user, name="crew", template="team-default")
-    failed = services.create_workspace(owner=user, name="assistant", template="shell-default")
-    services.fail_cycle(
+    # Their cycles go to a queue no worker consumes: a session worker that began the failed
+    # workspace's first cycle (generation 1) would fence out the failure written at generation 0.
+    with lifecycle_queue("admin-browser-nobody"):
+        team = services.create_team(owner=user, name="crew", template="team-default")
+        failed = services.create_workspace(owner=user, name="assistant", template="shell-default")
+    assert services.fail_cycle(
         failed.id,
         0,
         source=EventSource.BACKEND,
