@@ -70,8 +70,14 @@ def test_start_runs_a_detached_process_with_the_env(backend, tmp_path) -> None:
     assert _alive(state["pid"], state["start_time"])
     assert os.getpgid(state["pid"]) == state["pid"]  # its own session and group
     assert os.getppid() != state["pid"]
-    with open(f"/proc/{state['pid']}/environ", "rb") as handle:
-        environ = handle.read().split(b"\0")
+
+    def read_environ() -> list[bytes]:
+        # Read as soon as start returns, the launch chain may still be between two execs (an
+        # empty environ); the instance's own environment follows within moments.
+        with open(f"/proc/{state['pid']}/environ", "rb") as handle:
+            return [item for item in handle.read().split(b"\0") if item]
+
+    environ = wait_for(read_environ, timeout=10, message="the instance's environment")
     assert b"GREETING=hello" in environ
     assert b"WORKSPACE_TOKEN=tok" in environ
     # The secret env is not on the command line.
