@@ -45,12 +45,6 @@ class ProxyError(Exception):
     """The proxy could not be reached or refused a change."""
 
 
-class ProxyHTTPError(ProxyError):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 def auth_upstream() -> str:
     """``host:port`` where the proxy reaches the platform's web process (``PROXY_AUTH_UPSTREAM``,
     or the host and port of ``PLATFORM_PUBLIC_URL``)."""
@@ -213,7 +207,7 @@ def _call(method: str, path: str, body: Any = None) -> Any:
             raw = response.read()
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace").strip()
-        raise ProxyHTTPError(exc.code, f"proxy {method} {path}: {exc.code} {detail}") from None
+        raise ProxyError(f"proxy {method} {path}: {exc.code} {detail}") from None
     except (OSError, ValueError) as exc:
         raise ProxyError(
             f"cannot reach the proxy's admin API at {settings.PROXY_ADMIN}: {exc}"
