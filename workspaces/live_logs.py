@@ -40,6 +40,7 @@ from provisioning.backends.base import (
     LogLine,
     WorkspaceBackend,
 )
+from provisioning.backends.follow import get_within
 from workspaces.live_events import StreamSlot, open_frame
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ def _end(reason: str, detail: str = "") -> bytes:
 
 
 async def _pump(follower: AsyncIterator[LogItem], queue: asyncio.Queue[Any]) -> None:
+    # Cancelled (the stream is closing and no longer reads the queue), it puts nothing more: on
+    # a full queue, waiting to put the end mark would never end.
     try:
         async for item in follower:
             await queue.put(item)
@@ -70,8 +73,7 @@ async def _pump(follower: AsyncIterator[LogItem], queue: asyncio.Queue[Any]) -> 
     except Exception as exc:  # a follower's bug ends this stream, not the server's loop
         logger.exception("following logs failed")
         await queue.put(BackendError(f"following the output failed: {exc.__class__.__name__}"))
-    finally:
-        await queue.put(_DONE)
+    await queue.put(_DONE)
 
 
 async def astream(
@@ -114,7 +116,7 @@ async def astream(
             if slot is not None:
                 due = min(due, now + slot.seconds_to_renewal())
             try:
-                item = await asyncio.wait_for(queue.get(), max(0.05, due - now))
+                item = await get_within(queue, max(0.05, due - now))
             except TimeoutError:
                 if loop.time() - last_sent >= keepalive_seconds:
                     yield b": keepalive\n\n"

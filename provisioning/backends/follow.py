@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import quote, urlencode, urlsplit
 
 from provisioning.backends.base import (
@@ -36,6 +37,19 @@ from provisioning.backends.base import (
     LogLine,
     last_lines,
 )
+
+T = TypeVar("T")
+
+
+async def get_within(queue: asyncio.Queue[T], seconds: float) -> T:
+    """The queue's next item, or ``TimeoutError`` after ``seconds``.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it loses a cancellation that lands as the item
+    arrives (it returns the item instead), and a follower whose client left would then go on
+    forever. ``asyncio.timeout`` tells its own cancellation from the caller's, and an item that
+    arrived as either landed stays in the queue."""
+    async with asyncio.timeout(seconds):
+        return await queue.get()
 
 
 @dataclass(frozen=True)
@@ -260,8 +274,14 @@ async def _pump(
                     await queue.put(line)
         for line in lines.flush():
             await queue.put(line)
-    finally:
-        await queue.put(None)  # this stream ended
+    except asyncio.CancelledError:
+        # The follower cancelled this reader and no longer reads the queue: no end mark (on a
+        # full queue, waiting to put one would never end).
+        raise
+    except BaseException:
+        await queue.put(None)  # this stream ended (the follower reads why from the task)
+        raise
+    await queue.put(None)  # this stream ended
 
 
 async def follow_engine(
@@ -334,7 +354,7 @@ async def follow_engine(
                 read_key, first = now.key, False
             # Wait for a line up to one poll; the rest that is there goes at the loop's top.
             with contextlib.suppress(TimeoutError):
-                item = await asyncio.wait_for(queue.get(), poll_seconds)
+                item = await get_within(queue, poll_seconds)
                 if item is not None and (line := unseen(item)) is not None:
                     yield line
     finally:
