@@ -4,10 +4,12 @@ allows unisolated single-user development."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from provisioning.backends import firewall
 from provisioning.backends.base import BackendUnavailable
 from provisioning.backends.process import ProcessBackend
 from provisioning.checks import check_process_isolation
@@ -40,3 +42,46 @@ def test_a_firewall_that_cannot_be_installed_is_refused(tmp_path: Path, settings
         ProcessBackend(tmp_path / "data").check_available()
     message = str(raised.value)
     assert "firewall" in message and "WORKSPACE_PROCESS_ISOLATION=none" in message
+
+
+def test_the_firewall_runs_the_systems_iptables_whatever_the_path(
+    tmp_path: Path, monkeypatch, settings
+) -> None:
+    """The firewall's tools run as root: an ``iptables`` earlier on the caller's PATH is not the
+    one that runs; the rule lands in the real table, and comes out of it again."""
+    decoy = tmp_path / "bin"
+    decoy.mkdir()
+    ran = tmp_path / "decoy-ran"
+    for name in ("iptables", "ip6tables", "iptables-restore", "ip6tables-restore"):
+        script = decoy / name
+        script.write_text(f"#!/bin/sh\necho {name} >> {ran}\n")
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{decoy}:{os.environ.get('PATH', '')}")
+    monkeypatch.setattr(firewall, "_programs", {})
+    monkeypatch.setattr(firewall, "_installed", set())
+    uid, port = 200_998, 40_998
+
+    firewall.allow_own_app(uid, port)
+    try:
+        listed = subprocess.run(
+            [
+                "/usr/sbin/iptables",
+                "-w",
+                "-S",
+                firewall.apps_chain(settings.WORKSPACE_FIREWALL_CHAIN),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert f"--uid-owner {uid} " in listed and f"--dport {port} " in listed
+    finally:
+        firewall.revoke_own_app(uid)
+    assert not ran.exists(), ran.read_text()
+    listed = subprocess.run(
+        ["/usr/sbin/iptables", "-w", "-S", firewall.apps_chain(settings.WORKSPACE_FIREWALL_CHAIN)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"--uid-owner {uid} " not in listed
