@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import fcntl
 import re
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -42,10 +41,9 @@ from urllib.parse import urlparse
 
 from django.conf import settings
 
-from provisioning.backends.process_launch import SYSTEM_PATH
+from provisioning.backends.process_launch import system_program
 
 _installed: set[tuple[str, ...]] = set()
-_programs: dict[str, str] = {}
 _lock = threading.Lock()
 
 
@@ -87,19 +85,10 @@ def _app_rule(chain: str, uid: int, port: int) -> str:
     )
 
 
-def _program(name: str) -> str | None:
-    """The absolute path of ``name`` on the system's PATH (looked up once), not on whatever
-    PATH the caller runs with: the firewall's tools run as root."""
-    if name not in _programs:
-        found = shutil.which(name, path=SYSTEM_PATH)
-        if found is None:
-            return None
-        _programs[name] = found
-    return _programs[name]
-
-
 def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    program = _program(argv[0])
+    """Run a firewall tool by its absolute path on the system's PATH (it runs as root);
+    ``FirewallError`` naming it when it is not installed."""
+    program = system_program(argv[0])
     if program is None:
         raise FirewallError(f"{argv[0]} is not installed (apt-get install iptables)")
     try:
@@ -117,8 +106,6 @@ def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProce
 
 def _ensure_chain(tool: str, chain: str, rules: list[str], hooks: tuple[str, ...]) -> None:
     """Make ``chain`` hold exactly ``rules`` and be jumped to first from each of ``hooks``."""
-    if _program(tool) is None:
-        raise FirewallError(f"{tool} is not installed (apt-get install iptables)")
     current = _run([tool, "-w", "-S", chain])
     wanted = [f"-N {chain}", *rules]
     if current.returncode != 0 or current.stdout.splitlines() != wanted:
@@ -134,8 +121,6 @@ def _ensure_chain(tool: str, chain: str, rules: list[str], hooks: tuple[str, ...
 
 
 def _ensure_family(tool: str, chain: str, rules: list[str]) -> None:
-    if _program(tool) is None:
-        raise FirewallError(f"{tool} is not installed (apt-get install iptables)")
     # The sub-chain must exist before the main chain jumps to it; its rules are left alone.
     if _run([tool, "-w", "-S", apps_chain(chain)]).returncode != 0:
         _run([tool, "-w", "-N", apps_chain(chain)])
@@ -187,7 +172,7 @@ def revoke_own_app(uid: int) -> None:
     chain = settings.WORKSPACE_FIREWALL_CHAIN
     with _lock:
         for tool in ("iptables", "ip6tables"):
-            if _program(tool) is None:
+            if system_program(tool) is None:
                 continue
             for line in _uid_rules(tool, chain, uid):
                 _run([tool, "-w", "-D", *line.split()[1:]])
@@ -245,8 +230,6 @@ def ensure_bridge_firewall(port: int) -> None:
         with open(lock_path, "a") as lock_file:
             fcntl.flock(lock_file, fcntl.LOCK_EX)
             for tool in ("iptables", "ip6tables"):
-                if _program(tool) is None:
-                    raise FirewallError(f"{tool} is not installed (apt-get install iptables)")
                 current = _run([tool, "-w", "-S", name])
                 ports = (
                     bridge_ports(current.stdout, chain, prefix)

@@ -274,13 +274,11 @@ async def _pump(
                     await queue.put(line)
         for line in lines.flush():
             await queue.put(line)
-    except asyncio.CancelledError:
-        # The follower cancelled this reader and no longer reads the queue: no end mark (on a
-        # full queue, waiting to put one would never end).
-        raise
-    except BaseException:
+    except Exception:
         await queue.put(None)  # this stream ended (the follower reads why from the task)
         raise
+    # Not in a ``finally``: cancelled, the follower no longer reads the queue, and on a full
+    # queue waiting to put the end mark would never end.
     await queue.put(None)  # this stream ended
 
 

@@ -43,14 +43,23 @@ class LaunchError(Exception):
     pass
 
 
-def tool(name: str) -> str:
-    """The absolute path of a util-linux program the launch needs (looked up once)."""
+def system_program(name: str) -> str | None:
+    """The absolute path of ``name`` on ``SYSTEM_PATH`` (found once), not on whatever PATH the
+    caller runs with: what the root side runs must not depend on it. None when not installed."""
     if name not in _tools:
         found = shutil.which(name, path=SYSTEM_PATH)
         if found is None:
-            raise LaunchError(f"{name} is not installed (util-linux and mount provide it)")
+            return None
         _tools[name] = found
     return _tools[name]
+
+
+def tool(name: str) -> str:
+    """The absolute path of a util-linux program the launch needs (looked up once)."""
+    found = system_program(name)
+    if found is None:
+        raise LaunchError(f"{name} is not installed (util-linux and mount provide it)")
+    return found
 
 
 def missing_tools(isolated: bool) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from provisioning.backends import firewall
+from provisioning.backends import firewall, process_launch
 from provisioning.backends.base import BackendUnavailable
 from provisioning.backends.process import ProcessBackend
 from provisioning.checks import check_process_isolation
@@ -57,7 +57,7 @@ def test_the_firewall_runs_the_systems_iptables_whatever_the_path(
         script.write_text(f"#!/bin/sh\necho {name} >> {ran}\n")
         script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{decoy}:{os.environ.get('PATH', '')}")
-    monkeypatch.setattr(firewall, "_programs", {})
+    monkeypatch.setattr(process_launch, "_tools", {})
     monkeypatch.setattr(firewall, "_installed", set())
     uid, port = 200_998, 40_998
 
