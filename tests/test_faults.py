@@ -347,8 +347,20 @@ def _problems(
             DesiredState.REMOVED: (S.REMOVED, 0),
         }[intent.desired]
         if (row.status, running) != expected:
-            problems.append(f"{where}: expected {expected[0]} with {expected[1]} instances")
+            problems.append(
+                f"{where}: expected {expected[0]} with {expected[1]} instances;"
+                f" last events: {_last_events(row)}"
+            )
     return problems
+
+
+def _last_events(row: Workspace, count: int = 6) -> list[str]:
+    """The workspace's last events, oldest first: why it is where it is."""
+    events = list(WorkspaceEvent.objects.filter(workspace=row).order_by("-id")[:count])
+    return [
+        f"{event.type}/{event.source} g{event.generation} {json.dumps(event.payload)[:300]}"
+        for event in reversed(events)
+    ]
 
 
 def converge(intents: list[Intent], stack: Stack, started: float, **kwargs: Any) -> float:
