@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import importlib.util
 import json
 import os
 import re
@@ -679,6 +680,12 @@ def report(
             listed = ", ".join(f"{r.total:.2f}/{r.p50:.2f}{_resent(r)}" for r in runs[(side, n)])
             parts.append(f"{side} {listed}")
         lines.append(f"- N = {n}: " + "; ".join(parts))
+    lines += ["", "Here, the control plane's CPU by process tree, median ms per workspace:", ""]
+    for n in sizes:
+        here = runs[("here", n)]
+        names = sorted({key for run in here for key in run.cpu if key.startswith("control:")})
+        split = ", ".join(f"{name[len('control:') :]} {_median(here, name):.0f}" for name in names)
+        lines.append(f"- N = {n}: {split}")
     lines += ["", "Here, median seconds per workspace in each phase (all rounds):", ""]
     for n in sizes:
         parts = []
@@ -864,6 +871,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=DOC)
     args = parser.parse_args(argv)
+    if (
+        importlib.util.find_spec("jupyterhub") is None
+        or importlib.util.find_spec("matplotlib") is None
+    ):
+        raise SystemExit(
+            "the peer bench needs its optional dependency group: uv sync --group peer"
+            " (bin/test syncs the default groups only, which drops it)"
+        )
     if args.backend == "process":
         from bench.peer_process import run_process
 

@@ -154,7 +154,11 @@ def measure(seconds: float, groups: Groups, database: str, registry_log: Path | 
         for name, pids in sets.items()
     }
     cpu["machine"] = (busy_after - busy_before) / elapsed
-    mib = {name: memory(pids) for name, pids in sets.items() if name not in ("postgres", "redis")}
+    mib = {
+        name: memory(pids)
+        for name, pids in sets.items()
+        if name not in ("postgres", "redis") and not name.startswith("control:")
+    }
     beats: dict[str, int] = {}
     if registry_log:
         with open(registry_log, "rb") as handle:
@@ -239,6 +243,11 @@ def platform_groups(stack: Platform) -> Groups:
             "control": descendants(snapshot, stack.pids) - workspaces - monitors,
             "workspaces": workspaces,
             "monitors": monitors,
+            # The control plane by process tree (web, registry, worker0, beat, caddy).
+            **{
+                f"control:{name}": descendants(snapshot, [pid]) - workspaces - monitors
+                for name, pid in stack.parts.items()
+            },
         }
 
     return groups
@@ -484,6 +493,12 @@ def report(
         f"{_cell(idle.cpu['control'])} CPU/s; with N online: {_cell(steady.cpu['control'])}, "
         f"so {(steady.cpu['control'] - idle.cpu['control']) * per_k:.3f} CPU/s per 1,000 "
         "workspaces above idle",
+        "- the control plane by process tree, CPU/s with N online (idle): "
+        + ", ".join(
+            f"{key.removeprefix('control:')} {steady.cpu[key]:.3f} ({idle.cpu.get(key, 0.0):.3f})"
+            for key in sorted(steady.cpu)
+            if key.startswith("control:")
+        ),
         f"- workspaces' own CPU against the floor's: "
         f"{steady.cpu['workspaces'] / floor['workspaces']:.2f}x"
         if floor.get("workspaces")
