@@ -9,8 +9,10 @@ the full API stays on the web listener, which workspaces cannot reach.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,6 +21,11 @@ from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 _django = get_wsgi_application()
+
+from django.core import signals  # noqa: E402 - after Django is set up
+from django.db import Error as DatabaseError  # noqa: E402
+
+from workspaces import services  # noqa: E402
 
 
 def _host_for_django() -> str:
@@ -39,8 +46,81 @@ _NOT_FOUND = json.dumps(
 ).encode()
 
 
+HEARTBEAT_PATH = REGISTRY_PREFIX + "heartbeat"
+# A heartbeat's body is about a hundred bytes; a larger one takes Django's path and its limits.
+_BEAT_BODY_LIMIT = 1024
+
+
+def _small_body(environ: dict[str, Any]) -> bytes | None:
+    """The body of a request that says it is small (and reads as long as it says), else None."""
+    announced = environ.get("CONTENT_LENGTH") or ""
+    if (
+        not (announced.isascii() and announced.isdigit())
+        or not 0 < int(announced) <= _BEAT_BODY_LIMIT
+    ):
+        return None
+    return bytes(environ["wsgi.input"].read(int(announced)))
+
+
+def _beat(environ: dict[str, Any], body: bytes) -> bytes | None:
+    """The common heartbeat without Django's request machinery: a Bearer token, a JSON body of
+    ``workspace_id`` and the booleans ``healthy`` and ``active``, and a workspace already where
+    the beat says, recorded by ``services.beat`` in one statement that checks the token too. The
+    answer is the view's. None for anything else (another shape, a token the statement does not
+    match, a status to change, a database error): the request then goes to the view, which
+    refuses or decides it and says why."""
+    header = (environ.get("HTTP_AUTHORIZATION") or "").split()
+    if len(header) != 2 or header[0].lower() != "bearer" or not header[1].isascii():
+        return None
+    raw_token = header[1]
+    if (environ.get("CONTENT_TYPE") or "").split(";")[0].strip() != "application/json":
+        return None
+    try:
+        data = json.loads(body)
+        workspace_id = uuid.UUID(data["workspace_id"])
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    healthy, active = data.get("healthy", True), data.get("active", False)
+    if not isinstance(healthy, bool) or not isinstance(active, bool):
+        return None
+    # The signals Django's handler sends around a request: a database connection past its age
+    # or broken is dropped before and after, as for every other request.
+    signals.request_started.send(sender=type(_django), environ=environ)
+    try:
+        answer = services.beat(
+            services.hash_token(raw_token), workspace_id, healthy=healthy, active=active
+        )
+    except DatabaseError:
+        return None  # the view meets it too and answers 503
+    finally:
+        signals.request_finished.send(sender=type(_django))
+    if answer is None:
+        return None
+    reply = {
+        "workspace_id": str(answer.id),
+        "status": answer.status,
+        "generation": answer.generation,
+    }
+    return json.dumps(reply, separators=(",", ":")).encode()
+
+
 def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     path = os.path.normpath(environ.get("PATH_INFO") or "/")
+    if path == HEARTBEAT_PATH and environ.get("REQUEST_METHOD") == "POST":
+        body = _small_body(environ)
+        if body is not None:
+            reply = _beat(environ, body)
+            if reply is not None:
+                start_response(
+                    "200 OK",
+                    [
+                        ("Content-Type", "application/json"),
+                        ("Content-Length", str(len(reply))),
+                        ("X-Content-Type-Options", "nosniff"),
+                    ],
+                )
+                return [reply]
+            environ["wsgi.input"] = io.BytesIO(body)  # read once: the view reads it again
     if path.startswith(REGISTRY_PREFIX):
         # The normalised path, so /api/registry/../workspaces/ cannot slip through.
         environ["PATH_INFO"] = path

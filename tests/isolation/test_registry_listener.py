@@ -4,12 +4,18 @@ nothing else, whatever the path's disguise or the Host header."""
 from __future__ import annotations
 
 import http.client
+import json
 import urllib.error
 import urllib.request
+from typing import Any
 
 import pytest
 
+from tests.provisioning.test_reconciler import make_row
 from tests.support import RegistryListener
+from workspaces import services
+from workspaces.models import Workspace
+from workspaces.status import EventType, WorkspaceStatus
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -42,3 +48,33 @@ def test_the_registry_listener_serves_only_the_agent_endpoints(
     connection.request("GET", "/api/registry/../workspaces/")
     assert connection.getresponse().status == 404
     connection.close()
+
+
+def _beat(base: str, token: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+    request = urllib.request.Request(
+        f"{base}/api/registry/heartbeat", method="POST", data=json.dumps(body).encode()
+    )
+    request.add_header("Content-Type", "application/json")
+    request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status), json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), json.loads(exc.read())
+
+
+def test_the_listener_records_heartbeats_on_both_of_its_paths(
+    registry_listener: RegistryListener, user: Any
+) -> None:
+    """A common beat (the listener's one statement) and a status change (the view), over HTTP
+    to the real listener, one after the other on its database connections."""
+    workspace = make_row(user, WorkspaceStatus.ONLINE)
+    token = services.issue_agent_token(workspace.id, workspace.generation)
+    body: dict[str, object] = {"workspace_id": str(workspace.id)}
+    for healthy, status in ((True, "online"), (False, "degraded"), (True, "online")) * 2:
+        answer = _beat(registry_listener.url, token, {**body, "healthy": healthy})
+        assert answer == (200, {**body, "status": status, "generation": 1}), answer
+    stored = Workspace.objects.get(id=workspace.id)
+    assert stored.status == WorkspaceStatus.ONLINE and stored.last_heartbeat_at is not None
+    assert stored.events.filter(type=EventType.DEGRADED).count() == 2
+    assert _beat(registry_listener.url, "x" * 43, body)[0] == 401

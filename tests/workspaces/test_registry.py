@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 import pytest
+from django.conf import settings
 from rest_framework.test import APIClient
 
 from workspaces import services
@@ -204,3 +205,124 @@ def test_a_cycle_begins_with_the_row_as_written_and_one_read_of_it(user: Any) ->
     assert cycle.generation == stored.generation == 1
     event = stored.events.get(type=EventType.PROVISIONING)
     assert event.actor == "user:alice"
+
+
+# --- the registry listener's heartbeat ------------------------------------------------------------
+def _listener_call(
+    token: str | None, body: bytes, *, content_type: str = "application/json"
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """POST /api/registry/heartbeat to the registry listener's WSGI application, in process."""
+    import io
+    import json
+
+    from django.core import signals
+    from django.db import close_old_connections
+
+    from project import registry_wsgi
+
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/api/registry/heartbeat",
+        "QUERY_STRING": "",
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "8001",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1",
+        "CONTENT_TYPE": content_type,
+        "CONTENT_LENGTH": str(len(body)),
+        "wsgi.input": io.BytesIO(body),
+        "wsgi.url_scheme": "http",
+        "wsgi.errors": io.StringIO(),
+        **({"HTTP_AUTHORIZATION": f"Bearer {token}"} if token is not None else {}),
+    }
+    answered: list[Any] = []
+    # As Django's test client does: the test's connection (and its transaction) stays open.
+    signals.request_started.disconnect(close_old_connections)
+    signals.request_finished.disconnect(close_old_connections)
+    try:
+        content = b"".join(
+            registry_wsgi.application(
+                environ, lambda status, headers, *_: answered.extend([status, headers])
+            )
+        )
+    finally:
+        signals.request_started.connect(close_old_connections)
+        signals.request_finished.connect(close_old_connections)
+    status, headers = answered
+    return int(status.split()[0]), json.loads(content), dict(headers)
+
+
+def _beat_body(workspace_id: uuid.UUID, **fields: Any) -> bytes:
+    import json
+
+    return json.dumps({"workspace_id": str(workspace_id), **fields}).encode()
+
+
+def test_the_listener_records_a_common_beat_in_one_statement_and_answers_as_the_view(
+    workspace,
+) -> None:
+    """A beat that changes nothing but the clocks is one UPDATE, which checks the token too,
+    with none of Django's request machinery; its answer is the view's, byte for byte."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    _, token = _cycle(workspace)
+    assert _register(token, workspace.id).status_code == 200
+    view = _agent(token).post(
+        "/api/registry/heartbeat", {"workspace_id": str(workspace.id)}, format="json"
+    )
+    Workspace.objects.filter(id=workspace.id).update(last_heartbeat_at=None)
+    with CaptureQueriesContext(connection) as queries:
+        status, answer, headers = _listener_call(token, _beat_body(workspace.id, active=True))
+    assert (status, answer) == (200, view.json())
+    assert headers["Content-Type"] == "application/json"
+    assert [q["sql"].split()[0] for q in queries.captured_queries] == ["UPDATE"]
+    stored = Workspace.objects.get(id=workspace.id)
+    assert stored.last_heartbeat_at is not None
+    assert stored.last_activity_at >= stored.last_heartbeat_at
+
+
+def test_the_listener_leaves_every_other_beat_to_the_view(workspace, user) -> None:
+    """A status to change, a stale, unknown or foreign token, another body: the view decides
+    and answers as it always has."""
+    _, token = _cycle(workspace)
+    assert _register(token, workspace.id).status_code == 200
+    # A status change, with its event.
+    status, answer, _ = _listener_call(token, _beat_body(workspace.id, healthy=False))
+    assert (status, answer["status"]) == (200, "degraded")
+    assert workspace.events.filter(type=EventType.DEGRADED).count() == 1
+    status, answer, _ = _listener_call(token, _beat_body(workspace.id, healthy=True))
+    assert (status, answer["status"]) == (200, "online")
+    # Booleans the view's serializer reads, but not as JSON booleans: the view takes them.
+    status, answer, _ = _listener_call(token, _beat_body(workspace.id, healthy="true"))
+    assert (status, answer["status"]) == (200, "online")
+    # Another body: 400 naming the field.
+    status, answer, _ = _listener_call(token, _beat_body(workspace.id, healthy="maybe"))
+    assert status == 400 and "healthy" in answer["errors"]
+    status, answer, _ = _listener_call(token, b'{"workspace_id": "not-a-uuid"}')
+    assert status == 400 and "workspace_id" in answer["errors"]
+    # Unknown token, no token, a token of another workspace, a stale token.
+    assert _listener_call("x" * 43, _beat_body(workspace.id))[0] == 401
+    assert _listener_call(None, _beat_body(workspace.id))[0] in (401, 403)
+    other = services.create_workspace(owner=user, name="other-ws", template="shell-default")
+    _, other_token = _cycle(other)
+    assert _listener_call(other_token, _beat_body(workspace.id))[0] in (401, 403)
+    _, newer = _cycle(Workspace.objects.get(id=workspace.id))
+    status, answer, _ = _listener_call(token, _beat_body(workspace.id))
+    assert (status, answer) == (401, {"detail": "unknown or revoked workspace token"})
+    assert Workspace.objects.get(id=workspace.id).status == WorkspaceStatus.PROVISIONING
+    # A body larger than the listener reads itself goes to the view, and meets the API's limits.
+    status, answer, _ = _listener_call(newer, _beat_body(workspace.id, pad="x" * 2048))
+    assert (status, answer["status"]) == (200, "provisioning")
+    limit = settings.API_MAX_BODY_BYTES
+    assert _listener_call(newer, _beat_body(workspace.id, pad="x" * limit))[0] == 413
+
+
+def test_the_listener_never_revives_a_removed_workspace(workspace) -> None:
+    _, token = _cycle(workspace)
+    assert _register(token, workspace.id).status_code == 200
+    Workspace.objects.filter(id=workspace.id).update(
+        status=WorkspaceStatus.REMOVED, is_running=False
+    )
+    assert _listener_call(token, _beat_body(workspace.id))[0] == 401
+    assert Workspace.objects.get(id=workspace.id).status == WorkspaceStatus.REMOVED

@@ -28,6 +28,7 @@ from workspaces.services.agent import (
     HeartbeatAnswer,
     _agent_workspace,
     authenticate_agent,
+    beat,
     record_heartbeat,
     register_agent,
 )
@@ -133,6 +134,7 @@ __all__ = [
     "_publish",
     "_template_for",
     "authenticate_agent",
+    "beat",
     "begin_cycle",
     "begin_reap",
     "check_concurrency",

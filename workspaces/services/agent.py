@@ -3,11 +3,13 @@ workspace and one generation."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
-from django.db import transaction
+from django.db import connection, transaction
+from django.db.models import Field
 from django.utils import timezone
 
 from project import metrics
@@ -131,6 +133,48 @@ class HeartbeatAnswer:
     generation: int
 
 
+@functools.cache
+def _beat_statement(active: bool) -> str:
+    """The UPDATE of ``beat``, written once from the models' tables and columns."""
+    quote = connection.ops.quote_name
+
+    def column(model: type[Workspace] | type[AgentToken], name: str) -> str:
+        field = model._meta.get_field(name)
+        assert isinstance(field, Field) and field.column
+        return quote(field.column)
+
+    clocks = ["last_heartbeat_at", *(["last_activity_at"] if active else [])]
+    token_workspace = column(AgentToken, "workspace")
+    return (
+        f"UPDATE {quote(Workspace._meta.db_table)} AS w"
+        f" SET {', '.join(f'{column(Workspace, name)} = %s' for name in clocks)}"
+        f" FROM {quote(AgentToken._meta.db_table)} AS t"
+        f" WHERE t.{column(AgentToken, 'token_hash')} = %s AND w.{column(Workspace, 'id')} = %s"
+        f" AND t.{token_workspace} = w.{column(Workspace, 'id')}"
+        f" AND w.{column(Workspace, 'generation')} = t.{column(AgentToken, 'generation')}"
+        f" AND w.{column(Workspace, 'status')} = %s"
+        f" RETURNING w.{column(Workspace, 'generation')}"
+    )
+
+
+def beat(
+    token_hash: str, workspace_id: UUID, *, healthy: bool = True, active: bool = False
+) -> HeartbeatAnswer | None:
+    """Almost every heartbeat, in one statement that is its authentication too: the token (by
+    its digest) of the workspace's current cycle, on a workspace already at the status the beat
+    confirms; only the clocks move. None when anything else holds (an unknown, stale or foreign
+    token, a status to change, a removed workspace): ``record_heartbeat`` decides and says why."""
+    now = timezone.now()
+    target = S.ONLINE if healthy else S.DEGRADED
+    clocks = [now, now] if active else [now]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _beat_statement(active), [*clocks, token_hash, str(workspace_id), target.value]
+        )
+        row = cursor.fetchone()
+    return None if row is None else HeartbeatAnswer(workspace_id, target, int(row[0]))
+
+
 def record_heartbeat(
     token: AgentToken, workspace_id: UUID, *, healthy: bool = True, active: bool = False
 ) -> HeartbeatAnswer:
@@ -141,15 +185,15 @@ def record_heartbeat(
     generation and on the status the beat confirms records it, with no lock held across round
     trips. Anything else (a status to change, a stale token, a removed workspace) takes the locked
     path, which decides and says why."""
+    if token.workspace_id == workspace_id and (
+        answer := beat(token.token_hash, workspace_id, healthy=healthy, active=active)
+    ):
+        return answer
     now = timezone.now()
     seen: dict[str, datetime] = {"last_heartbeat_at": now}
     if active:
         seen["last_activity_at"] = now
     target = S.ONLINE if healthy else S.DEGRADED
-    if token.workspace_id == workspace_id and (
-        _fenced(workspace_id, token.generation).filter(status=target).update(**seen)
-    ):
-        return HeartbeatAnswer(workspace_id, target, token.generation)
     with transaction.atomic():
         workspace = _agent_workspace(token, workspace_id)
         _fenced(workspace_id, token.generation).update(**seen)
