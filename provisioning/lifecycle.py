@@ -295,10 +295,14 @@ def _start_cycle(
         token = services.issue_agent_token(workspace.id, generation)
         uid = None
         if services.uid_isolation_applies(backend.name):
-            try:
-                uid = services.ensure_isolation_uid(workspace.id, generation)
-            except services.IsolationRefused as exc:
-                raise BackendError(str(exc)) from exc
+            # Read with the row under its lock as the cycle began; a live workspace's uid never
+            # changes. A row without one (created while isolation was off) is given one.
+            uid = workspace.isolation_uid
+            if uid is None:
+                try:
+                    uid = services.ensure_isolation_uid(workspace.id, generation)
+                except services.IsolationRefused as exc:
+                    raise BackendError(str(exc)) from exc
         spec = LaunchSpec(
             workspace.id,
             generation,

@@ -190,3 +190,25 @@ def test_stop_kills_what_a_workspace_daemonized_and_removal_frees_its_uid(
     finally:
         if escaped.poll() is None:
             escaped.kill()
+
+
+def test_a_row_without_a_uid_gets_one_when_its_cycle_launches(
+    api, isolation_worker, instances
+) -> None:
+    """A process workspace made while isolation was off has no uid; the cycle that launches it
+    gives it one (the cycle otherwise takes the uid it read with the row it locked)."""
+    workspace = create_online(api, "uidless", "shell-default", {}, timeout=60)
+    Workspace.objects.filter(id=workspace.id).update(isolation_uid=None)
+    generation = workspace.generation
+    assert api.post(f"/api/workspaces/{workspace.id}/restart/").status_code == 202
+
+    def restarted() -> Workspace | None:
+        row = Workspace.objects.get(id=workspace.id)
+        assert row.status != S.FAILED, row.last_error
+        return row if row.status == S.ONLINE and row.generation > generation else None
+
+    row = wait_for(restarted, timeout=60, message="restarted")
+    assert row.isolation_uid is not None
+    assert row.backend_state["uid"] == row.isolation_uid
+    status = Path(f"/proc/{row.backend_state['pid']}/status").read_text()
+    assert f"Uid:\t{row.isolation_uid}\t" in status
