@@ -28,6 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from uuid import UUID
 
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
@@ -86,20 +87,36 @@ def sse_message(data: dict[str, Any]) -> bytes:
     return f"id: {data['id']}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
-def _frames_after(user: AbstractBaseUser | AnonymousUser, cursor: int) -> list[tuple[int, bytes]]:
-    """One replay batch: (id, frame) of the caller's events with an id above ``cursor``."""
-    batch = list(selectors.events_visible_to(user, after=cursor)[:REPLAY_BATCH])
-    return [(event.id, sse_message(event_data(event))) for event in batch]
+def _frames_after(
+    user: AbstractBaseUser | AnonymousUser, cursor: int, scope: frozenset[str] | None
+) -> list[tuple[int, bytes]]:
+    """One replay batch: (id, frame) of the caller's events (of the workspaces in ``scope`` only,
+    when given) with an id above ``cursor``."""
+    events = selectors.events_visible_to(user, after=cursor, workspaces=scope)
+    return [(event.id, sse_message(event_data(event))) for event in events[:REPLAY_BATCH]]
+
+
+def _scope(workspace: UUID | None) -> frozenset[str] | None:
+    """What a stream asked for one workspace carries: that workspace and its team's members (its
+    page shows their statuses too). None: every workspace of the caller."""
+    return None if workspace is None else selectors.workspace_and_members(workspace)
 
 
 def _async_replay_batch(
-    user: AbstractBaseUser | AnonymousUser, cursor: int
+    user: AbstractBaseUser | AnonymousUser, cursor: int, scope: frozenset[str] | None
 ) -> list[tuple[int, bytes]]:
     try:
-        return _frames_after(user, cursor)
+        return _frames_after(user, cursor, scope)
     finally:
         # Runs in a pool thread that no request cycle looks after: leave no connection behind.
         connection.close()
+
+
+def _async_scope(workspace: UUID) -> frozenset[str] | None:
+    try:
+        return _scope(workspace)
+    finally:
+        connection.close()  # a pool thread, as for the replay
 
 
 def open_frame() -> bytes:
@@ -224,13 +241,15 @@ def stream(
     user: AbstractBaseUser | AnonymousUser,
     *,
     after: int | None,
+    workspace: UUID | None = None,
     slot: StreamSlot | None = None,
     max_seconds: float | None = None,
     keepalive_seconds: float | None = None,
 ) -> Iterator[bytes]:
-    """Yield SSE frames: the caller's events with an id above ``after`` from the database, then
-    live ones, with a keepalive comment when idle, until ``max_seconds`` have passed (the client
-    reconnects with Last-Event-ID). The WSGI way: runs in, and holds, the request's thread."""
+    """Yield SSE frames: the caller's events (``workspace``'s only, when given) with an id
+    above ``after`` from the database, then live ones, with a keepalive comment when idle, until
+    ``max_seconds`` have passed (the client reconnects with Last-Event-ID). The WSGI way: runs
+    in, and holds, the request's thread."""
     max_seconds = float(max_seconds or settings.EVENTS_STREAM_MAX_SECONDS)
     keepalive_seconds = float(keepalive_seconds or settings.EVENTS_STREAM_KEEPALIVE_SECONDS)
     deadline = time.monotonic() + max_seconds
@@ -244,10 +263,11 @@ def stream(
         yield open_frame()
 
         replayed: set[int] = set()
+        scope = _scope(workspace)
         if after is not None:
             cursor = after
             while True:
-                batch = _frames_after(user, cursor)
+                batch = _frames_after(user, cursor, scope)
                 for event_id, frame in batch:
                     replayed.add(event_id)
                     yield frame
@@ -268,6 +288,8 @@ def stream(
                 data = json.loads(message["data"])
                 if data["id"] in replayed:
                     continue  # committed during the replay: already sent from the database
+                if scope is not None and data["workspace_id"] not in scope:
+                    continue
                 yield sse_message(data)
                 last_sent = time.monotonic()
             elif time.monotonic() - last_sent >= keepalive_seconds:
@@ -287,6 +309,7 @@ async def astream(
     user: AbstractBaseUser | AnonymousUser,
     *,
     after: int | None,
+    workspace: UUID | None = None,
     slot: StreamSlot | None = None,
     max_seconds: float | None = None,
     keepalive_seconds: float | None = None,
@@ -311,11 +334,16 @@ async def astream(
         yield open_frame()
 
         replayed: set[int] = set()
+        scope = (
+            None
+            if workspace is None
+            else await sync_to_async(_async_scope, thread_sensitive=False)(workspace)
+        )
         if after is not None:
             cursor = after
             while True:
                 batch = await sync_to_async(_async_replay_batch, thread_sensitive=False)(
-                    user, cursor
+                    user, cursor, scope
                 )
                 for event_id, frame in batch:
                     replayed.add(event_id)
@@ -339,6 +367,8 @@ async def astream(
             if message is not None and message.get("type") in ("message", "pmessage"):
                 data = json.loads(message["data"])
                 if data["id"] in replayed:
+                    continue
+                if scope is not None and data["workspace_id"] not in scope:
                     continue
                 yield sse_message(data)
                 last_sent = loop.time()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from uuid import UUID
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import Prefetch, QuerySet
+from django.db.models import Prefetch, Q, QuerySet
 
 from provisioning.backends.base import WorkspaceBackend
 from workspaces.crypto import token_digest
@@ -74,14 +75,25 @@ def workspace_events(workspace_id: UUID, *, after: int | None = None) -> QuerySe
 
 
 def events_visible_to(
-    user: AbstractBaseUser | AnonymousUser, *, after: int
+    user: AbstractBaseUser | AnonymousUser,
+    *,
+    after: int,
+    workspaces: Collection[str] | None = None,
 ) -> QuerySet[WorkspaceEvent]:
-    """Every event of the caller's workspaces (staff: everyone's) with an id above ``after``,
-    oldest first: the replay of a resumed event stream."""
+    """Every event of the caller's workspaces (staff: everyone's), or of those of them in
+    ``workspaces``, with an id above ``after``, oldest first: the replay of a resumed stream."""
     events = WorkspaceEvent.objects.filter(id__gt=after)
+    if workspaces is not None:
+        events = events.filter(workspace_id__in=list(workspaces))
     if not getattr(user, "is_staff", False):
         events = events.filter(workspace__owner_id=user.pk)
     return events.order_by("id")
+
+
+def workspace_and_members(workspace_id: UUID) -> frozenset[str]:
+    """The ids of a workspace and of its team's members (a team workspace's page shows both)."""
+    rows = Workspace.objects.filter(Q(id=workspace_id) | Q(parent_id=workspace_id))
+    return frozenset({str(workspace_id), *(str(row) for row in rows.values_list("id", flat=True))})
 
 
 def workspace_logs(workspace: Workspace, tail: int) -> str:

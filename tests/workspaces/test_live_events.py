@@ -251,3 +251,78 @@ def test_a_published_event_is_exactly_what_the_api_shows(user) -> None:
         built = live_events.event_data(event)
         assert built == dict(LiveEventSerializer(event).data)
         assert json.dumps(built) == json.dumps(dict(LiveEventSerializer(event).data))
+
+
+def _event(workspace: Workspace, event_id: int, type: EventType = EventType.ONLINE) -> Any:
+    return WorkspaceEvent.objects.create(
+        id=event_id,
+        workspace=workspace,
+        type=type,
+        source=EventSource.AGENT,
+        generation=workspace.generation,
+        actor="agent",
+    )
+
+
+def _frames(frames: Any) -> list[dict[str, Any]]:
+    """The events of SSE frames (comments and the retry line skipped)."""
+    found = []
+    for frame in frames:
+        for line in frame.decode().splitlines():
+            if line.startswith("data: "):
+                found.append(json.loads(line.removeprefix("data: ")))
+    return found
+
+
+@pytest.mark.django_db
+def test_a_workspace_page_resumes_after_its_own_events_not_the_newest_of_all(user, client) -> None:
+    """Ids are handed out before commit, so an event of another workspace can be committed, and
+    be the newest id, while an older id of this one is still on its way. The page's cursor is
+    the last event of its own workspace, and its stream carries that workspace's events (and
+    its members'), which are recorded in id order: the late event arrives; others' do not."""
+    page_of = make_row(user, S.ONLINE, name="team")
+    member = make_row(user, S.ONLINE, name="member")
+    Workspace.objects.filter(id=member.id).update(parent_id=page_of.id)
+    other = make_row(user, S.ONLINE, name="other")
+    WorkspaceEvent.objects.filter(workspace__in=[page_of, member, other]).delete()
+    _event(other, 10_000)  # committed first, with the newest id
+    client.force_login(user)
+    page = client.get(f"/w/{page_of.id}/").content.decode()
+    assert 'data-after="0"' in page  # before: data-after="10000"
+    late = _event(page_of, 9_000)  # the older id, committed after the page was rendered
+    _event(member, 9_001)
+
+    frames = live_events.stream(user, after=0, workspace=page_of.id, max_seconds=0.5)
+    assert [event["id"] for event in _frames(frames)] == [late.id, 9_001]
+    # Everyone's stream, after the newest id of all, never replays the late one: why the page
+    # does not resume from there.
+    frames = live_events.stream(user, after=10_000, max_seconds=0.5)
+    assert _frames(frames) == []
+
+
+@pytest.mark.django_db(transaction=True)  # the stream reads its scope on the reader's thread
+def test_a_workspace_stream_carries_only_its_own_and_its_members_live_events(user) -> None:
+    page_of = make_row(user, S.ONLINE, name="team")
+    member = make_row(user, S.ONLINE, name="member")
+    Workspace.objects.filter(id=member.id).update(parent_id=page_of.id)
+    other = make_row(user, S.ONLINE, name="other")
+    frames = live_events.stream(user, after=None, workspace=page_of.id, max_seconds=3)
+    assert next(frames).startswith(b"retry:")  # subscribed
+    received: list[dict[str, Any]] = []
+    reader = threading.Thread(target=lambda: received.extend(_frames(frames)))
+    reader.start()
+    time.sleep(0.3)
+    for workspace, event_id in ((other, 20_001), (page_of, 20_002), (member, 20_003)):
+        live_events.publish(_event(workspace, event_id), user.pk)
+    reader.join(timeout=10)
+    assert [(e["id"], e["workspace_id"]) for e in received] == [
+        (20_002, str(page_of.id)),
+        (20_003, str(member.id)),
+    ]
+
+
+@pytest.mark.django_db
+def test_the_workspace_filter_is_checked_and_named(api) -> None:
+    response = api.get("/api/events/stream", {"workspace": "not-a-uuid"})
+    assert response.status_code == 400
+    assert "workspace" in response.json()["errors"]

@@ -182,6 +182,9 @@ class LiveEventSerializer(WorkspaceEventSerializer):
 class EventStreamFilterSerializer(serializers.Serializer):
     # Also accepted as the Last-Event-ID header, which EventSource sends when it reconnects.
     after = serializers.IntegerField(required=False, min_value=0, max_value=MAX_ID)
+    # One workspace's events only: they are recorded in id order, so resuming after the last
+    # one seen misses none (a stream of several workspaces may see their ids interleave).
+    workspace = serializers.UUIDField(required=False)
 
 
 class StatusFilterSerializer(serializers.Serializer):

@@ -189,9 +189,10 @@ SSE_EVENT_SCHEMA = {
 
 class EventStreamView(APIView):
     """Server-Sent Events: the caller's workspaces' events (staff: everyone's) as they are
-    recorded. Resume with ``Last-Event-ID`` (or ``?after=``): events with a larger id are
-    replayed from the database first. At most ``EVENTS_STREAMS_PER_USER`` open streams per user
-    (429 with Retry-After beyond). Under the ASGI server an open stream holds no thread."""
+    recorded, or one workspace's (``?workspace=``). Resume with ``Last-Event-ID`` (or
+    ``?after=``): events with a larger id are replayed from the database first. At most
+    ``EVENTS_STREAMS_PER_USER`` open streams per user (429 with Retry-After beyond). Under the
+    ASGI server an open stream holds no thread."""
 
     error_responses = {"get": (429, 503)}
 
@@ -218,6 +219,10 @@ class EventStreamView(APIView):
         },
     )
     def get(self, request: Request) -> StreamingHttpResponse:
+        params = EventStreamFilterSerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        after: int | None = params.validated_data.get("after")
+        workspace: UUID | None = params.validated_data.get("workspace")
         header = request.headers.get("Last-Event-ID", "").strip()
         if header:
             # ASCII digits only ("²".isdigit() is true, int("²") fails) and within bigint; int()
@@ -228,11 +233,7 @@ class EventStreamView(APIView):
                 raise exceptions.ValidationError(
                     {"Last-Event-ID": [f"must be an event id (an integer from 0 to {MAX_ID})"]}
                 )
-            after: int | None = int(digits)
-        else:
-            params = EventStreamFilterSerializer(data=request.query_params)
-            params.is_valid(raise_exception=True)
-            after = params.validated_data.get("after")
+            after = int(digits)  # where the client got to: ahead of the URL's ?after=
         try:
             slot = live_events.acquire_slot(request.user)
         except live_events.TooManyStreams as exc:
@@ -243,10 +244,10 @@ class EventStreamView(APIView):
         if isinstance(request._request, ASGIRequest):
             # Under the ASGI server this view runs in a short-lived thread; the stream itself is
             # a coroutine on the event loop, so an open stream holds no thread at all.
-            frames = live_events.astream(request.user, after=after, slot=slot)
+            frames = live_events.astream(request.user, after=after, workspace=workspace, slot=slot)
             connection.close()
         else:
-            frames = live_events.stream(request.user, after=after, slot=slot)
+            frames = live_events.stream(request.user, after=after, workspace=workspace, slot=slot)
         response = StreamingHttpResponse(frames, content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"  # nginx: pass each frame on at once

@@ -98,7 +98,11 @@ def workspace_page(request: HttpRequest, workspace_id: UUID) -> HttpResponse:
             "workspace": workspace,
             "events": events,
             "members": members,
-            "last_event_id": events[-1].id if events else _last_event_id(),
+            # The page's stream carries this workspace's (and its members') events only; one
+            # workspace's events are recorded in id order, so resuming after the last one shown
+            # misses none. (The newest id of all workspaces could be one whose transaction
+            # committed before an older id of this one: that event would never be shown.)
+            "last_event_id": events[-1].id if events else 0,
         },
     )
 

@@ -110,7 +110,10 @@
   function listen(root) {
     if (!window.EventSource) return;
     const single = root.id === "workspace" ? root.dataset.workspace : null;
-    const source = new EventSource("/api/events/stream?after=" + (root.dataset.after || 0));
+    // A workspace's page asks for that workspace's events (and its members'): resuming after
+    // the last one it showed then misses none.
+    const scope = single ? "&workspace=" + encodeURIComponent(single) : "";
+    const source = new EventSource("/api/events/stream?after=" + (root.dataset.after || 0) + scope);
     source.onmessage = function (message) {
       const ev = JSON.parse(message.data);
       if (single && ev.workspace_id !== single) return;
