@@ -1,5 +1,5 @@
 """The platform as users run it, for the benchmarks: gunicorn (the API), the registry listener
-agents call back (``project.registry_wsgi``, bound to every host address so workspaces on their
+agents call back (``project.registry_asgi``, bound to every host address so workspaces on their
 own Docker networks reach it at their network's gateway), Celery workers, optionally Celery beat
 and Caddy as the proxy, a Docker engine, and a bare HTTP endpoint for the floor runs.
 
@@ -248,13 +248,13 @@ def platform(
         registry = spawn(
             [
                 "gunicorn",
-                "project.registry_wsgi",
+                "project.registry_asgi:application",
+                "--worker-class",
+                "uvicorn_worker.UvicornWorker",
                 "--bind",
                 f"0.0.0.0:{registry_port}",
                 "--workers",
                 "1",
-                "--threads",
-                "4",
                 "--log-level",
                 "warning",
                 *logged,

@@ -26,6 +26,8 @@ from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.core.wsgi import get_wsgi_application
 
+from project.lifespan import answer_lifespan
+
 _streams = get_asgi_application()
 _requests = WSGIMiddleware(get_wsgi_application(), workers=settings.WEB_THREADS)  # type: ignore[arg-type]
 
@@ -36,14 +38,8 @@ STREAM_PATTERN = re.compile(r"/api/workspaces/[0-9a-fA-F-]{36}/logs/stream/")
 
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        # Nothing to set up or tear down; answer so servers do not wait for it.
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await answer_lifespan(receive, send)
+        return
     path = scope.get("path", "")
     if scope["type"] == "http" and (path in STREAM_PATHS or STREAM_PATTERN.fullmatch(path)):
         await _streams(scope, receive, send)

@@ -62,18 +62,21 @@ def _small_body(environ: dict[str, Any]) -> bytes | None:
     return bytes(environ["wsgi.input"].read(int(announced)))
 
 
-def _beat(environ: dict[str, Any], body: bytes) -> bytes | None:
+def beat_reply(authorization: str, content_type: str, body: bytes) -> bytes | None:
     """The common heartbeat without Django's request machinery: a Bearer token, a JSON body of
-    ``workspace_id`` and the booleans ``healthy`` and ``active``, and a workspace already where
-    the beat says, recorded by ``services.beat`` in one statement that checks the token too. The
-    answer is the view's. None for anything else (another shape, a token the statement does not
-    match, a status to change, a database error): the request then goes to the view, which
-    refuses or decides it and says why."""
-    header = (environ.get("HTTP_AUTHORIZATION") or "").split()
+    at most 1 KiB with ``workspace_id`` and the booleans ``healthy`` and ``active``, and a
+    workspace already where the beat says, recorded by ``services.beat`` in one statement that
+    checks the token too. The answer is the view's. None for anything else (another shape, a
+    token the statement does not match, a status to change, a database error): the request then
+    goes to the view, which refuses or decides it and says why. Runs in a thread of the
+    listener's, with that thread's database connection."""
+    if len(body) > _BEAT_BODY_LIMIT:
+        return None
+    header = authorization.split()
     if len(header) != 2 or header[0].lower() != "bearer" or not header[1].isascii():
         return None
     raw_token = header[1]
-    if (environ.get("CONTENT_TYPE") or "").split(";")[0].strip() != "application/json":
+    if content_type.split(";")[0].strip() != "application/json":
         return None
     try:
         data = json.loads(body)
@@ -85,7 +88,7 @@ def _beat(environ: dict[str, Any], body: bytes) -> bytes | None:
         return None
     # The signals Django's handler sends around a request: a database connection past its age
     # or broken is dropped before and after, as for every other request.
-    signals.request_started.send(sender=type(_django), environ=environ)
+    signals.request_started.send(sender=type(_django), environ=None)
     try:
         answer = services.beat(
             services.hash_token(raw_token), workspace_id, healthy=healthy, active=active
@@ -109,7 +112,9 @@ def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> 
     if path == HEARTBEAT_PATH and environ.get("REQUEST_METHOD") == "POST":
         body = _small_body(environ)
         if body is not None:
-            reply = _beat(environ, body)
+            reply = beat_reply(
+                environ.get("HTTP_AUTHORIZATION") or "", environ.get("CONTENT_TYPE") or "", body
+            )
             if reply is not None:
                 start_response(
                     "200 OK",

@@ -266,8 +266,9 @@ def free_port() -> int:
 
 
 class RegistryListener:
-    """The real registry listener (``gunicorn project.registry_wsgi``) on the test's database,
-    bound to every host address so workspaces on Docker networks reach it at their gateway."""
+    """The real registry listener (``gunicorn project.registry_asgi``, as the Procfile runs it) on
+    the test's database, bound to every host address so workspaces on Docker networks reach it
+    at their gateway."""
 
     def __init__(self, env: dict[str, str], *, bind_host: str = "0.0.0.0") -> None:
         self.port = free_port()
@@ -286,13 +287,13 @@ class RegistryListener:
                 sys.executable,
                 "-m",
                 "gunicorn",
-                "project.registry_wsgi",
+                "project.registry_asgi:application",
+                "--worker-class",
+                "uvicorn_worker.UvicornWorker",
                 "--bind",
                 self.bind,
                 "--workers",
                 "1",
-                "--threads",
-                "4",
             ],
             self.log_path,
             self.env,

@@ -78,3 +78,50 @@ def test_the_listener_records_heartbeats_on_both_of_its_paths(
     assert stored.status == WorkspaceStatus.ONLINE and stored.last_heartbeat_at is not None
     assert stored.events.filter(type=EventType.DEGRADED).count() == 2
     assert _beat(registry_listener.url, "x" * 43, body)[0] == 401
+
+
+def test_clients_that_stall_hold_nothing_the_agents_need(
+    worker_env: dict[str, str], user: Any
+) -> None:
+    """A workspace reaches this port: connections that send nothing, half a request's headers,
+    or headers without their body (an agent stopped mid-call does that too) must not keep the
+    agents' calls from being answered. Behind gunicorn's threads, six of them stopped every
+    heartbeat; here they cost the event loop a socket each, and a body that does not arrive
+    within REGISTRY_BODY_SECONDS is answered 408."""
+    import socket
+    import time
+
+    listener = RegistryListener({**worker_env, "REGISTRY_BODY_SECONDS": "2"}).start()
+    stalled: list[socket.socket] = []
+    try:
+        for _ in range(20):
+            stalled.append(socket.create_connection(("127.0.0.1", listener.port)))
+            half = socket.create_connection(("127.0.0.1", listener.port))
+            half.sendall(b"POST /api/registry/heartbeat HTTP/1.1\r\nHost: x\r\n")
+            stalled.append(half)
+            bodiless = socket.create_connection(("127.0.0.1", listener.port))
+            bodiless.sendall(
+                b"POST /api/registry/heartbeat HTTP/1.1\r\nHost: x\r\nContent-Length: 90\r\n\r\n"
+            )
+            stalled.append(bodiless)
+        workspace = make_row(user, WorkspaceStatus.ONLINE)
+        token = services.issue_agent_token(workspace.id, workspace.generation)
+        body: dict[str, object] = {"workspace_id": str(workspace.id)}
+        for _ in range(10):  # more calls than the listener has threads
+            assert _beat(listener.url, token, body) == (
+                200,
+                {**body, "status": "online", "generation": 1},
+            )
+        bodiless = stalled[2]
+        bodiless.settimeout(10)
+        started = time.monotonic()
+        answer = ""
+        while "within" not in answer and (chunk := bodiless.recv(4096).decode()):
+            answer += chunk
+        assert answer.startswith("HTTP/1.1 408"), answer
+        assert "within 2 s" in answer
+        assert time.monotonic() - started < 5
+    finally:
+        for connection in stalled:
+            connection.close()
+        listener.stop()
