@@ -26,7 +26,7 @@ from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.core.wsgi import get_wsgi_application
 
-from project.lifespan import answer_lifespan
+from project.asgi_support import answer_lifespan, whole
 
 _streams = get_asgi_application()
 _requests = WSGIMiddleware(get_wsgi_application(), workers=settings.WEB_THREADS)  # type: ignore[arg-type]
@@ -43,5 +43,8 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     path = scope.get("path", "")
     if scope["type"] == "http" and (path in STREAM_PATHS or STREAM_PATTERN.fullmatch(path)):
         await _streams(scope, receive, send)
-    else:
-        await _requests(scope, receive, send)  # type: ignore[arg-type]
+    elif scope["type"] == "http":
+        # Whole before a thread gets it: a client that stalls mid-request holds no thread.
+        request = await whole(receive, send)
+        if request is not None:
+            await _requests(scope, request[1], send)  # type: ignore[arg-type]

@@ -8,16 +8,15 @@ of a call), holds that thread until it goes away; a handful of them stopped ever
 heartbeat. Here the event loop reads every request, headers and body, whatever the number of
 connections, and a request is handed to a thread (``REGISTRY_THREADS``, each with its own
 database connection, as gunicorn's ``--threads`` ran it) only once it is whole: a body that does
-not arrive within ``REGISTRY_BODY_SECONDS`` is answered 408 and one larger than
-``API_MAX_BODY_BYTES`` 413, from the event loop. What the thread runs is
-``project.registry_wsgi``: the common heartbeat's one statement (``beat_reply``, answered from
-here), else the WSGI application, which serves the agent endpoints and nothing else.
+not arrive within ``REQUEST_BODY_SECONDS`` is answered 408 and one larger than
+``API_MAX_BODY_BYTES`` 413, from the event loop (``project.asgi_support.whole``). What the
+thread runs is ``project.registry_wsgi``: the common heartbeat's one statement (``beat_reply``,
+answered from here), else the WSGI application, which serves the agent endpoints only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -28,7 +27,7 @@ from a2wsgi import WSGIMiddleware
 from django.conf import settings
 
 from project import registry_wsgi
-from project.lifespan import answer_lifespan
+from project.asgi_support import answer_lifespan, whole
 
 _threads = WSGIMiddleware(registry_wsgi.application, workers=settings.REGISTRY_THREADS)  # type: ignore[arg-type]
 # The heartbeat's own statement runs in a pool of its own, one hop from the event loop (the
@@ -44,54 +43,16 @@ def _header(scope: dict[str, Any], name: bytes) -> str:
     return ""
 
 
-async def _refuse(send: Any, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _whole_body(receive: Any, limit: int) -> bytes | None:
-    """The request's body once all of it has arrived (None: the client went away); raises
-    ``_TooLarge`` as soon as it grows past ``limit``."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
         await answer_lifespan(receive, send)
         return
     if scope["type"] != "http":
         return  # no websockets here
-    seconds = settings.REGISTRY_BODY_SECONDS
-    limit = settings.API_MAX_BODY_BYTES
-    try:
-        async with asyncio.timeout(seconds):
-            body = await _whole_body(receive, limit)
-    except TimeoutError:
-        await _refuse(send, 408, f"the request did not arrive whole within {seconds} s")
+    request = await whole(receive, send)
+    if request is None:
         return
-    except _TooLarge:
-        await _refuse(send, 413, f"the request body is larger than {limit} bytes")
-        return
-    if body is None:
-        return
+    body, replay = request
     if scope.get("method") == "POST" and scope.get("path") == registry_wsgi.HEARTBEAT_PATH:
         reply = await asyncio.get_running_loop().run_in_executor(
             _beats,
@@ -105,14 +66,4 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": reply})
             return
-    delivered = False
-
-    async def replay() -> dict[str, Any]:
-        """The body, whole, to the thread; then whatever the client does next (leaving)."""
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return dict(await receive())
-
     await _threads(scope, replay, send)  # type: ignore[arg-type]

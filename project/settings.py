@@ -86,12 +86,13 @@ WSGI_APPLICATION = "project.wsgi.application"
 # a fixed pool of this many threads per process (each keeps its database connection, as gunicorn's
 # --threads would), while event streams run on the event loop and hold no thread.
 WEB_THREADS = env_int("WEB_THREADS", 4, minimum=1)
-# project/registry_asgi.py (the registry listener, with uvicorn workers): a request reaches one of
-# these threads only once its body has arrived, within REGISTRY_BODY_SECONDS (408 otherwise), so
-# clients that stall (a workspace that opens connections and sends nothing, or half a request, or
-# an agent stopped mid-call) hold no thread and cannot starve the agents' calls.
+# project/registry_asgi.py (the registry listener, with uvicorn workers): its threads, for the
+# agents' calls.
 REGISTRY_THREADS = env_int("REGISTRY_THREADS", 4, minimum=1)
-REGISTRY_BODY_SECONDS = env_int("REGISTRY_BODY_SECONDS", 10, minimum=1)
+# Both ASGI entry points hand a request to a thread only once its body has arrived, within this
+# many seconds (408 otherwise), so clients that stall (a workspace that opens connections and sends
+# half a request, an agent stopped mid-call) hold no thread and cannot starve the others.
+REQUEST_BODY_SECONDS = env_int("REQUEST_BODY_SECONDS", 10, minimum=1)
 
 TEMPLATES = [
     {

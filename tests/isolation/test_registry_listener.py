@@ -87,11 +87,11 @@ def test_clients_that_stall_hold_nothing_the_agents_need(
     or headers without their body (an agent stopped mid-call does that too) must not keep the
     agents' calls from being answered. Behind gunicorn's threads, six of them stopped every
     heartbeat; here they cost the event loop a socket each, and a body that does not arrive
-    within REGISTRY_BODY_SECONDS is answered 408."""
+    within REQUEST_BODY_SECONDS is answered 408."""
     import socket
     import time
 
-    listener = RegistryListener({**worker_env, "REGISTRY_BODY_SECONDS": "2"}).start()
+    listener = RegistryListener({**worker_env, "REQUEST_BODY_SECONDS": "2"}).start()
     stalled: list[socket.socket] = []
     try:
         for _ in range(20):

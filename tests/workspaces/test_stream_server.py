@@ -238,3 +238,36 @@ def test_open_log_streams_hold_no_request_thread(web, make_user) -> None:
 
 def s_new(stream: LogStreamReader) -> list[str]:
     return [line for line in stream.lines() if line.startswith("new ")]
+
+
+def test_a_request_that_stalls_mid_body_holds_no_request_thread(worker_env, make_user) -> None:
+    """With one thread for ordinary requests, clients that send headers and then stall (a body
+    announced and never sent) leave it free: the event loop reads a request whole before the
+    thread gets it, and answers 408 when the body is late."""
+    server = WebServer(
+        {**_server_env(worker_env), "REQUEST_BODY_SECONDS": "2"}, name="web-stalls"
+    ).start()
+    token = services.issue_api_token(make_user("stalled"))
+    stalled: list[socket.socket] = []
+    try:
+        for _ in range(5):
+            client = socket.create_connection(("127.0.0.1", server.port))
+            client.sendall(
+                b"POST /api/workspaces/ HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Type: application/json\r\nAuthorization: Token "
+                + token.encode()
+                + b"\r\nContent-Length: 60\r\n\r\n{"
+            )
+            stalled.append(client)
+        status, _, body = _get(server, "/api/workspaces/", token)
+        assert status == 200, body
+        client = stalled[0]
+        client.settimeout(10)
+        answer = b""
+        while b"within" not in answer and (chunk := client.recv(4096)):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+    finally:
+        for client in stalled:
+            client.close()
+        server.stop()
