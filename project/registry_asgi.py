@@ -11,7 +11,7 @@ database connection, as gunicorn's ``--threads`` ran it) only once it is whole: 
 not arrive within ``REQUEST_BODY_SECONDS`` is answered 408 and one larger than
 ``API_MAX_BODY_BYTES`` 413, from the event loop (``project.asgi_support.whole``). What the
 thread runs is ``project.registry_wsgi``: the common heartbeat's one statement (``beat_reply``,
-answered from here), else the WSGI application, which serves the agent endpoints only.
+answered from here), else ``endpoints``, which serves the agent endpoints only.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from django.conf import settings
 from project import registry_wsgi
 from project.asgi_support import answer_lifespan, whole
 
-_threads = WSGIMiddleware(registry_wsgi.application, workers=settings.REGISTRY_THREADS)  # type: ignore[arg-type]
+# Whatever ``beat_reply`` left (here, not again in the thread) goes to the agent endpoints.
+_threads = WSGIMiddleware(registry_wsgi.endpoints, workers=settings.REGISTRY_THREADS)  # type: ignore[arg-type]
 # The heartbeat's own statement runs in a pool of its own, one hop from the event loop (the
 # WSGI bridge takes several per request); each thread keeps its database connection.
 _beats = ThreadPoolExecutor(settings.REGISTRY_THREADS, thread_name_prefix="registry-beat")
