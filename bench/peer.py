@@ -10,10 +10,10 @@ Both sides run as their users run them, each started by this bench as child proc
   starts busybox ``httpd`` on the port the spawner picked and posts its activity to the hub's API
   once (as jupyterhub-singleuser does when it starts). The hub waits until the server answers
   HTTP, then adds its route to the proxy: that is "ready".
-* **here**: gunicorn (API, 2 workers x 4 threads), the registry listener (1 x 4), one Celery
-  worker (prefork, 4) and Caddy as the proxy, on the Docker backend; template ``shell-default``
-  (the agent starts busybox ``httpd`` on the app port, registers once it answers, and the
-  registration writes the proxy route): "online".
+* **here**: gunicorn (API, 2 workers x 4 threads), the registry listener (1 process, uvicorn, 4
+  threads), one Celery worker (prefork, 4) and Caddy as the proxy, on the Docker backend;
+  template ``shell-default`` (the agent starts busybox ``httpd`` on the app port, registers once
+  it answers, and the registration writes the proxy route): "online".
 
 A round sends N requests at once through each side's REST API (``POST /hub/api/users/<name>/
 server`` for N users created before the round, answered 202 at once like the platform's 201;

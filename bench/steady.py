@@ -2,12 +2,12 @@
 against the same N workspace programs running with no platform, in one run.
 
 **Platform**: the stack as users run it (``bench.stack.platform``): gunicorn (API, 2 workers x 4
-threads), the registry listener (1 x 4), one Celery worker (prefork, 4, consuming the lifecycle
-and sweep queues as the Procfile's worker does), Celery beat (the sweeps: stuck provisioning,
-liveness, reconciliation, idle, redrive) and Caddy as the proxy, with access logs as in the
-Procfile, on ``WORKSPACE_BACKEND=process`` with uid isolation. N workspaces of template
-``shell-default`` are created through the API and run until every one is ``online``; after a
-settling time the bench measures over ``--seconds``. Each workspace is the platform's agent (one
+threads), the registry listener (1 process, uvicorn, 4 threads), one Celery worker (prefork, 4,
+consuming the lifecycle and sweep queues as the Procfile's worker does), Celery beat (the sweeps:
+stuck provisioning, liveness, reconciliation, idle, redrive) and Caddy as the proxy, with access
+logs as in the Procfile, on ``WORKSPACE_BACKEND=process`` with uid isolation. N workspaces of
+template ``shell-default`` are created through the API and run until every one is ``online``; after
+a settling time the bench measures over ``--seconds``. Each workspace is the platform's agent (one
 Python process under the workspace's own uid: it serves the template's page on its app port,
 heartbeats every ``AGENT_HEARTBEAT_SECONDS`` and checks that its page answers before each beat)
 under the backend's monitor (a Python process of the platform's that waits for it and records its
@@ -78,7 +78,9 @@ DOC = REPO / "docs" / "benchmarks.md"
 OWNER = "steady"
 MARKERS = re.compile(r"<!-- steady:(\w+):begin -->.*?<!-- steady:\1:end -->\n?", re.DOTALL)
 BEGIN, END = "<!-- steady:process:begin -->", "<!-- steady:process:end -->"
-HEARTBEAT = re.compile(rb'"POST /api/registry/heartbeat[^"]*" (\d{3}) ')
+# gunicorn's access line ('... "POST /api/registry/heartbeat HTTP/1.1" 200 88 ...') and uvicorn's
+# ('... "POST /api/registry/heartbeat HTTP/1.1" 200' at the end of the line) alike.
+HEARTBEAT = re.compile(rb'"POST /api/registry/heartbeat[^"]*" (\d{3})\b')
 # The floor's program: the agent's page, served as the agent serves it, and nothing else.
 FLOOR_SERVER = """
 import sys
