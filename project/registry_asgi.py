@@ -17,24 +17,49 @@ answered from here), else ``endpoints``, which serves the agent endpoints only.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
-from a2wsgi import WSGIMiddleware
+from a2wsgi.wsgi import build_environ
 from django.conf import settings
 
 from project import registry_wsgi
 from project.asgi_support import answer_lifespan, whole
 
-# Whatever ``beat_reply`` left (here, not again in the thread) goes to the agent endpoints.
-_threads = WSGIMiddleware(registry_wsgi.endpoints, workers=settings.REGISTRY_THREADS)  # type: ignore[arg-type]
-# The heartbeat's own statement runs in a pool of its own, one hop from the event loop (the
-# WSGI bridge takes several per request); each thread keeps its database connection.
-_beats = ThreadPoolExecutor(settings.REGISTRY_THREADS, thread_name_prefix="registry-beat")
+# The listener's threads (REGISTRY_THREADS), each with its own database connection: the common
+# heartbeat's statement, or the agent endpoints for whatever it leaves (here, not again in the
+# thread), called with the body already whole, one hop from the event loop and one back.
+_threads = ThreadPoolExecutor(settings.REGISTRY_THREADS, thread_name_prefix="registry")
 _BEAT_HEADERS = [(b"content-type", b"application/json"), (b"x-content-type-options", b"nosniff")]
+
+
+Response = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
+def _endpoints(environ: dict[str, Any]) -> Response:
+    """``registry_wsgi.endpoints`` on a thread: its status, headers and body (the agent
+    endpoints answer small JSON, never a stream)."""
+    started: list[Any] = []
+    chunks: list[bytes] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        started[:] = [status, headers]
+        return chunks.append
+
+    result = registry_wsgi.endpoints(environ, start_response)
+    try:
+        chunks.extend(result)
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()  # Django's request_finished: the thread's connection ages as for any request
+    status, headers = started
+    encoded = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+    return int(status.split()[0]), encoded, b"".join(chunks)
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str:
@@ -53,10 +78,11 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     request = await whole(receive, send)
     if request is None:
         return
-    body, replay = request
+    body = request[0]
+    loop = asyncio.get_running_loop()
     if scope.get("method") == "POST" and scope.get("path") == registry_wsgi.HEARTBEAT_PATH:
-        reply = await asyncio.get_running_loop().run_in_executor(
-            _beats,
+        reply = await loop.run_in_executor(
+            _threads,
             registry_wsgi.beat_reply,
             _header(scope, b"authorization"),
             _header(scope, b"content-type"),
@@ -67,4 +93,7 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": reply})
             return
-    await _threads(scope, replay, send)  # type: ignore[arg-type]
+    environ: dict[str, Any] = dict(build_environ(scope, io.BytesIO(body)))  # type: ignore[arg-type]
+    status, headers, content = await loop.run_in_executor(_threads, _endpoints, environ)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": content})
