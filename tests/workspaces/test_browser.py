@@ -240,3 +240,21 @@ def test_admin_is_readable_at_1400px(browser, live_server, make_user, user) -> N
     )
     assert overflow <= 0, f"the events table is {overflow}px wider than its box"
     driver.save_screenshot(str(SCREENSHOTS / "admin-events.png"))
+
+
+def test_the_list_reads_its_badges_again_each_time_its_stream_opens(
+    browser, live_server, user, settings
+) -> None:
+    """The list's stream resumes after the newest event id of all workspaces; an older id
+    committed late is never replayed. Whatever a missed event said, the badges are read again
+    when the stream (re)opens: here the status changes with no event at all, and the badge
+    follows at the next reconnect."""
+    from tests.provisioning.test_reconciler import make_row
+
+    settings.EVENTS_STREAM_MAX_SECONDS = 2  # the stream ends and the page reconnects
+    settings.EVENTS_STREAM_RETRY_MS = 200
+    row = make_row(user, WorkspaceStatus.ONLINE, name="quiet")
+    _log_in(browser, live_server.url, "/", "alice")
+    assert _badge(browser, row.id) == "online"
+    Workspace.objects.filter(id=row.id).update(status=WorkspaceStatus.OFFLINE)
+    wait_for(lambda: _badge(browser, row.id) == "offline", timeout=20, message="read again")

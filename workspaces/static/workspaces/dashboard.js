@@ -79,6 +79,20 @@
       });
   }
 
+  function refreshAll(root) {
+    const shown = root.querySelectorAll("[data-workspace]");
+    if (!shown.length) return;
+    fetch("/api/workspaces/?page_size=500", { credentials: "same-origin" })
+      .then(function (r) { return r.ok ? r.json() : null; })
+      .then(function (page) {
+        ((page && page.results) || []).forEach(function (ws) {
+          root.querySelectorAll('[data-workspace="' + ws.id + '"]').forEach(function (row) {
+            apply(row, ws);
+          });
+        });
+      });
+  }
+
   function addEvent(ev) {
     const body = document.getElementById("events");
     if (!body) return;
@@ -114,6 +128,10 @@
     // the last one it showed then misses none.
     const scope = single ? "&workspace=" + encodeURIComponent(single) : "";
     const source = new EventSource("/api/events/stream?after=" + (root.dataset.after || 0) + scope);
+    // The list's stream resumes after the newest id of all workspaces, which can pass an older
+    // id still being committed: each time the stream (re)opens, subscribed, the badges are read
+    // once from the API, so an event missed in between leaves no badge behind.
+    if (!single) source.onopen = function () { refreshAll(root); };
     source.onmessage = function (message) {
       const ev = JSON.parse(message.data);
       if (single && ev.workspace_id !== single) return;
@@ -179,7 +197,11 @@
       first = false;
       pre.dataset.mode = "stream";
       source.onopen = function () { view.status("live"); };
-      source.onmessage = function (message) { view.add(JSON.parse(message.data).line); };
+      // The list's stream resumes after the newest id of all workspaces, which can pass an older
+    // id still being committed: each time the stream (re)opens, subscribed, the badges are read
+    // once from the API, so an event missed in between leaves no badge behind.
+    if (!single) source.onopen = function () { refreshAll(root); };
+    source.onmessage = function (message) { view.add(JSON.parse(message.data).line); };
       source.addEventListener("instance", function (message) {
         const change = JSON.parse(message.data);
         view.add("── " + change.change + (change.detail ? ": " + change.detail : "") + " ──");
