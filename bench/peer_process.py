@@ -31,11 +31,11 @@ of the bench's database.
 What differs, by design of each product: each workspace here runs as its own uid from
 ``WORKSPACE_UID_RANGE`` (the hub's servers share one), behind the platform's firewall chain (a
 workspace's uid may reach the registry port and its own app port on the host's addresses, nothing
-else: one rule per workspace, written with ``iptables`` when it starts, dropped when it is
-removed), in a private mount namespace that hides PostgreSQL's, Redis's and the engine's sockets,
-with ``no_new_privs``; it gets its own config and home folders, a per-workspace token, rows and
-events in PostgreSQL and a gate in Redis, and a heartbeat every 10 s. The hub's servers run
-unconfined as uid 10001, reach every port on the host, and post their activity once.
+else: one chain per workspace uid, written with ``iptables-restore`` when it starts, emptied when
+it is removed), in a private mount namespace that hides PostgreSQL's, Redis's and the engine's
+sockets, with ``no_new_privs``; it gets its own config and home folders, a per-workspace token,
+rows and events in PostgreSQL and a gate in Redis, and a heartbeat every 10 s. The hub's servers
+run unconfined as uid 10001, reach every port on the host, and post their activity once.
 
 The bench gives the platform a data folder of its own and, unless set in the environment, its
 own ``WORKSPACE_UID_RANGE`` (210000-210999), ``WORKSPACE_FIREWALL_CHAIN`` (``WS-BENCH-PEER``,
@@ -51,7 +51,6 @@ import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -296,23 +295,6 @@ def here_clean() -> None:
     rows.delete()
 
 
-def _drop_chain(chain: str) -> None:
-    """Remove the bench's own firewall chain (and its apps sub-chain) and their hooks."""
-    for tool in ("iptables", "ip6tables"):
-        if shutil.which(tool) is None:
-            continue
-
-        def run(*argv: str, tool: str = tool) -> int:
-            return subprocess.run([tool, "-w", *argv], capture_output=True, check=False).returncode
-
-        while run("-D", "OUTPUT", "-j", chain) == 0:
-            pass
-        for name in (chain, f"{chain}-APPS"):
-            run("-F", name)
-        for name in (chain, f"{chain}-APPS"):
-            run("-X", name)
-
-
 def run_process(args: Any, argv: list[str] | None) -> int:
     """``python -m bench peer --backend process``: see this module's docstring."""
     if os.geteuid() != 0:
@@ -354,7 +336,9 @@ def run_process(args: Any, argv: list[str] | None) -> int:
         finally:
             _kill([pid for pid, proc in processes().items() if uids[0] <= proc.uid <= uids[1]])
             if OWN_SETTINGS["WORKSPACE_FIREWALL_CHAIN"] == settings.WORKSPACE_FIREWALL_CHAIN:
-                _drop_chain(str(settings.WORKSPACE_FIREWALL_CHAIN))
+                from provisioning.backends.firewall import remove_workspace_firewall
+
+                remove_workspace_firewall(str(settings.WORKSPACE_FIREWALL_CHAIN))
             shutil.rmtree(data, ignore_errors=True)
     variant = Variant(
         name="process" if args.hub_server == "python" else f"process_{args.hub_server}",

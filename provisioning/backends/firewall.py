@@ -9,12 +9,17 @@ connections to the registry port (``WORKSPACE_REGISTRY_PORT``, else the port of
 another workspace's ports. Other uids (the platform,
 the proxy) are not matched.
 
-One exception per workspace, in a sub-chain (``<chain>-APPS``) the main chain jumps to before it
-rejects: a workspace's uid may connect to its own app port (the agent checks that its app answers
-before it registers, and at every heartbeat). ``allow_own_app`` writes that rule when a workspace
-starts and drops any older rule of the same uid; ``revoke_own_app`` drops it on removal, before
-the uid and the port can be handed to another workspace. Rebuilding the main chain never touches
-the sub-chain, so running workspaces keep their rule.
+One exception per workspace, through a sub-chain (``<chain>-APPS``) the main chain jumps to before
+it rejects: a workspace's uid may connect to its own app port (the agent checks that its app
+answers before it registers, and at every heartbeat). Each uid that ever ran has one jump there
+(``-m owner --uid-owner <uid> -j <chain>-U<uid>``) to a chain of its own holding that one
+``ACCEPT``. ``allow_own_app`` writes the uid's chain whole when a workspace starts, in one
+``iptables-restore --noflush`` per family (declaring a chain there empties it, so any older rule
+of that uid goes in the same transaction; a uid new to the host gets its jump in it too): two
+programs per start, where listing the sub-chain and appending took four. Each process reads the
+sub-chain once, to know the jumps already there. ``revoke_own_app`` empties the uid's chain on
+removal, before the uid and the port can be handed to another workspace. Rebuilding the main
+chain never touches these, so running workspaces keep their rule.
 
 The Docker backend's bridges, in a chain of their own (``<chain>-BRIDGE``) jumped to from
 ``INPUT`` and ``FORWARD``: a workspace network's bridge is named ``DOCKER_BRIDGE_PREFIX`` + part
@@ -78,11 +83,23 @@ def apps_chain(chain: str) -> str:
     return f"{chain}-APPS"
 
 
-def _app_rule(chain: str, uid: int, port: int) -> str:
-    return (
-        f"-A {apps_chain(chain)} -p tcp -m owner --uid-owner {uid} "
-        f"-m addrtype --dst-type LOCAL -m tcp --dport {port} -j ACCEPT"
-    )
+def uid_chain(chain: str, uid: int) -> str:
+    """The chain of one workspace uid's exception (its own app port)."""
+    return f"{chain}-U{uid}"
+
+
+# iptables' limit on a chain's name (XT_EXTENSION_MAXNAMELEN less its NUL).
+CHAIN_NAME_MAX = 28
+
+
+def _uid_jump(chain: str, uid: int) -> str:
+    return f"{apps_chain(chain)} -m owner --uid-owner {uid} -j {uid_chain(chain, uid)}"
+
+
+def _restore(tool: str, lines: list[str]) -> subprocess.CompletedProcess[str]:
+    """One ``<tool>-restore --noflush`` transaction of the filter table: all of it or nothing."""
+    script = "\n".join(["*filter", *lines, "COMMIT", ""])
+    return _run([f"{tool}-restore", "-w", "--noflush"], script)
 
 
 def _run(argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -137,45 +154,104 @@ def ensure_workspace_firewall() -> None:
     with _lock:
         if key in _installed:
             return
+        longest = uid_chain(chain, max(uids))
+        if len(longest) > CHAIN_NAME_MAX:
+            raise FirewallError(
+                f"WORKSPACE_FIREWALL_CHAIN={chain!r} is too long: a uid's chain ({longest}) would "
+                f"pass iptables' {CHAIN_NAME_MAX} characters"
+            )
         for tool in ("iptables", "ip6tables"):
             rules = chain_rules(chain, (uids[0], uids[1]), port, ipv6=tool == "ip6tables")
             _ensure_family(tool, chain, rules)
+            _tidy_apps_chain(tool, chain)
         _installed.add(key)
 
 
-def _uid_rules(tool: str, chain: str, uid: int) -> list[str]:
+def _tidy_apps_chain(tool: str, chain: str) -> None:
+    """Read the sub-chain once per process: its uids' jumps are remembered (a start then rewrites
+    the uid's chain alone); a second jump of one uid (two processes that both added it) and any
+    rule that is not a jump (the per-uid rules an earlier version wrote there directly, which
+    nothing would revoke any more) go."""
     listed = _run([tool, "-w", "-S", apps_chain(chain)])
-    marker = f"--uid-owner {uid} "
-    return [line for line in listed.stdout.splitlines() if marker in line]
+    jump = re.compile(
+        rf"^-A {re.escape(apps_chain(chain))} -m owner --uid-owner (\d+) "
+        rf"-j {re.escape(chain)}-U\1$"
+    )
+    seen: set[int] = set()
+    for line in listed.stdout.splitlines():
+        if not line.startswith("-A "):
+            continue
+        match = jump.match(line)
+        if match and int(match[1]) not in seen:
+            seen.add(int(match[1]))
+            _jumps.add((tool, chain, int(match[1])))
+        else:
+            _run([tool, "-w", "-D", *line.split()[1:]])
+
+
+# (tool, chain, uid) whose jump is in the sub-chain, as this process knows it: read when it first
+# installs the chain, then every jump it adds.
+_jumps: set[tuple[str, str, int]] = set()
 
 
 def allow_own_app(uid: int, port: int) -> None:
     """Let workspace uid ``uid`` reach its own app port ``port`` on the host's addresses, and
-    nothing else it did not have; any older rule of that uid (another port) goes. Idempotent."""
+    nothing else it did not have; any older rule of that uid (another port) goes in the same
+    transaction. One ``-restore`` per family. Idempotent."""
     ensure_workspace_firewall()
     chain = settings.WORKSPACE_FIREWALL_CHAIN
-    wanted = _app_rule(chain, uid, port)
+    own = uid_chain(chain, uid)
+    rule = [
+        f":{own} - [0:0]",
+        f"-A {own} -p tcp -m addrtype --dst-type LOCAL -m tcp --dport {port} -j ACCEPT",
+    ]
     with _lock:
         for tool in ("iptables", "ip6tables"):
-            present = _uid_rules(tool, chain, uid)
-            for line in present:
-                if line != wanted:
-                    _run([tool, "-w", "-D", *line.split()[1:]])
-            if wanted not in present:
-                added = _run([tool, "-w", *wanted.split()])
-                if added.returncode != 0:
-                    raise FirewallError(f"{tool}: {added.stderr.strip()}")
+            known = (tool, chain, uid) in _jumps
+            # A uid new to this host since the sub-chain was read gets its jump in the same
+            # transaction. (Were another process to add it meanwhile, the second jump would only
+            # repeat the first; the next process to read the sub-chain drops it.)
+            done = _restore(tool, rule if known else [*rule, f"-A {_uid_jump(chain, uid)}"])
+            if done.returncode != 0:
+                raise FirewallError(f"{tool}-restore: {done.stderr.strip()}")
+            _jumps.add((tool, chain, uid))
 
 
 def revoke_own_app(uid: int) -> None:
-    """Drop every app-port rule of workspace uid ``uid`` (the workspace is removed)."""
+    """Empty workspace uid ``uid``'s chain (the workspace is removed): the uid reaches no app
+    port until a workspace that holds it starts."""
     chain = settings.WORKSPACE_FIREWALL_CHAIN
     with _lock:
         for tool in ("iptables", "ip6tables"):
             if system_program(tool) is None:
                 continue
-            for line in _uid_rules(tool, chain, uid):
-                _run([tool, "-w", "-D", *line.split()[1:]])
+            done = _restore(tool, [f":{uid_chain(chain, uid)} - [0:0]"])
+            if done.returncode != 0:
+                raise FirewallError(f"{tool}-restore: {done.stderr.strip()}")
+
+
+def remove_workspace_firewall(chain: str) -> None:
+    """Take the process backend's chains out of both families: the jump from ``OUTPUT``, the main
+    chain, its sub-chain and every uid's chain (an operator retiring a platform, a benchmark
+    that ran one of its own). Raises ``FirewallError``."""
+    uid_chains = re.compile(rf"^-N ({re.escape(chain)}-U\d+)$")
+    with _lock:
+        for tool in ("iptables", "ip6tables"):
+            if system_program(tool) is None:
+                continue
+            while _run([tool, "-w", "-D", "OUTPUT", "-j", chain]).returncode == 0:
+                pass
+            listed = _run([tool, "-w", "-S"]).stdout.splitlines()
+            present = {line.split()[1] for line in listed if line.startswith("-N ")}
+            names = [name for name in (chain, apps_chain(chain)) if name in present]
+            names += [match[1] for line in listed if (match := uid_chains.match(line))]
+            if names:
+                lines = [f"-F {name}" for name in names] + [f"-X {name}" for name in names]
+                done = _restore(tool, lines)
+                if done.returncode != 0:
+                    raise FirewallError(f"{tool}-restore: {done.stderr.strip()}")
+        _installed.clear()
+        _jumps.clear()
 
 
 def bridge_chain(chain: str) -> str:
