@@ -197,11 +197,7 @@
       first = false;
       pre.dataset.mode = "stream";
       source.onopen = function () { view.status("live"); };
-      // The list's stream resumes after the newest id of all workspaces, which can pass an older
-    // id still being committed: each time the stream (re)opens, subscribed, the badges are read
-    // once from the API, so an event missed in between leaves no badge behind.
-    if (!single) source.onopen = function () { refreshAll(root); };
-    source.onmessage = function (message) { view.add(JSON.parse(message.data).line); };
+      source.onmessage = function (message) { view.add(JSON.parse(message.data).line); };
       source.addEventListener("instance", function (message) {
         const change = JSON.parse(message.data);
         view.add("── " + change.change + (change.detail ? ": " + change.detail : "") + " ──");
