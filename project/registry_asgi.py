@@ -10,8 +10,8 @@ connections, and a request is handed to a thread (``REGISTRY_THREADS``, each wit
 database connection, as gunicorn's ``--threads`` ran it) only once it is whole: a body that does
 not arrive within ``REQUEST_BODY_SECONDS`` is answered 408 and one larger than
 ``API_MAX_BODY_BYTES`` 413, from the event loop (``project.asgi_support.whole``). What the
-thread runs is ``project.registry_wsgi``: the common heartbeat's one statement (``beat_reply``,
-answered from here), else ``endpoints``, which serves the agent endpoints only.
+thread runs is ``project.registry_wsgi.application``: the common heartbeat's one statement
+(``beat_reply``), else the agent endpoints and nothing else.
 """
 
 from __future__ import annotations
@@ -30,18 +30,16 @@ from django.conf import settings
 from project import registry_wsgi
 from project.asgi_support import answer_lifespan, whole
 
-# The listener's threads (REGISTRY_THREADS), each with its own database connection: the common
-# heartbeat's statement, or the agent endpoints for whatever it leaves (here, not again in the
-# thread), called with the body already whole, one hop from the event loop and one back.
+# The listener's threads (REGISTRY_THREADS), each with its own database connection, running
+# ``registry_wsgi.application`` with the body already whole: one hop from the event loop and one
+# back, where the WSGI bridge (a2wsgi) takes several per request.
 _threads = ThreadPoolExecutor(settings.REGISTRY_THREADS, thread_name_prefix="registry")
-_BEAT_HEADERS = [(b"content-type", b"application/json"), (b"x-content-type-options", b"nosniff")]
-
 
 Response = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 
-def _endpoints(environ: dict[str, Any]) -> Response:
-    """``registry_wsgi.endpoints`` on a thread: its status, headers and body (the agent
+def _respond(environ: dict[str, Any]) -> Response:
+    """``registry_wsgi.application`` on a thread: its status, headers and body (the agent
     endpoints answer small JSON, never a stream)."""
     started: list[Any] = []
     chunks: list[bytes] = []
@@ -50,7 +48,7 @@ def _endpoints(environ: dict[str, Any]) -> Response:
         started[:] = [status, headers]
         return chunks.append
 
-    result = registry_wsgi.endpoints(environ, start_response)
+    result = registry_wsgi.application(environ, start_response)
     try:
         chunks.extend(result)
     finally:
@@ -62,13 +60,6 @@ def _endpoints(environ: dict[str, Any]) -> Response:
     return int(status.split()[0]), encoded, b"".join(chunks)
 
 
-def _header(scope: dict[str, Any], name: bytes) -> str:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return bytes(value).decode("latin-1")
-    return ""
-
-
 async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
         await answer_lifespan(receive, send)
@@ -78,22 +69,8 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     request = await whole(receive, send)
     if request is None:
         return
-    body = request[0]
+    environ: dict[str, Any] = dict(build_environ(scope, io.BytesIO(request[0])))  # type: ignore[arg-type]
     loop = asyncio.get_running_loop()
-    if scope.get("method") == "POST" and scope.get("path") == registry_wsgi.HEARTBEAT_PATH:
-        reply = await loop.run_in_executor(
-            _threads,
-            registry_wsgi.beat_reply,
-            _header(scope, b"authorization"),
-            _header(scope, b"content-type"),
-            body,
-        )
-        if reply is not None:
-            headers = [*_BEAT_HEADERS, (b"content-length", str(len(reply)).encode())]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": reply})
-            return
-    environ: dict[str, Any] = dict(build_environ(scope, io.BytesIO(body)))  # type: ignore[arg-type]
-    status, headers, content = await loop.run_in_executor(_threads, _endpoints, environ)
+    status, headers, content = await loop.run_in_executor(_threads, _respond, environ)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": content})

@@ -109,7 +109,7 @@ def beat_reply(authorization: str, content_type: str, body: bytes) -> bytes | No
 
 def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     """The listener as a WSGI application: the common heartbeat (``beat_reply``), else
-    ``endpoints``."""
+    ``_endpoints``."""
     path = os.path.normpath(environ.get("PATH_INFO") or "/")
     if path == HEARTBEAT_PATH and environ.get("REQUEST_METHOD") == "POST":
         body = _small_body(environ)
@@ -128,10 +128,10 @@ def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> 
                 )
                 return [reply]
             environ["wsgi.input"] = io.BytesIO(body)  # read once: the view reads it again
-    return endpoints(environ, start_response)
+    return _endpoints(environ, start_response)
 
 
-def endpoints(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+def _endpoints(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     """``/api/registry/*`` through Django (the views decide everything); any other path 404."""
     path = os.path.normpath(environ.get("PATH_INFO") or "/")
     if path.startswith(REGISTRY_PREFIX):

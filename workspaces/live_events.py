@@ -25,9 +25,9 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import redis.asyncio as aioredis
@@ -102,21 +102,20 @@ def _scope(workspace: UUID | None) -> frozenset[str] | None:
     return None if workspace is None else selectors.workspace_and_members(workspace)
 
 
-def _async_replay_batch(
-    user: AbstractBaseUser | AnonymousUser, cursor: int, scope: frozenset[str] | None
-) -> list[tuple[int, bytes]]:
-    try:
-        return _frames_after(user, cursor, scope)
-    finally:
-        # Runs in a pool thread that no request cycle looks after: leave no connection behind.
-        connection.close()
+T = TypeVar("T")
 
 
-def _async_scope(workspace: UUID) -> frozenset[str] | None:
-    try:
-        return _scope(workspace)
-    finally:
-        connection.close()  # a pool thread, as for the replay
+async def _in_pool(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` on a pool thread, for ``astream``'s queries. No request cycle looks
+    after that thread: it leaves no connection behind."""
+
+    def run() -> T:
+        try:
+            return function(*args)
+        finally:
+            connection.close()
+
+    return await sync_to_async(run, thread_sensitive=False)()
 
 
 def open_frame() -> bytes:
@@ -334,17 +333,11 @@ async def astream(
         yield open_frame()
 
         replayed: set[int] = set()
-        scope = (
-            None
-            if workspace is None
-            else await sync_to_async(_async_scope, thread_sensitive=False)(workspace)
-        )
+        scope = None if workspace is None else await _in_pool(_scope, workspace)
         if after is not None:
             cursor = after
             while True:
-                batch = await sync_to_async(_async_replay_batch, thread_sensitive=False)(
-                    user, cursor, scope
-                )
+                batch = await _in_pool(_frames_after, user, cursor, scope)
                 for event_id, frame in batch:
                     replayed.add(event_id)
                     yield frame
