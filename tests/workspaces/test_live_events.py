@@ -145,8 +145,11 @@ class StreamReader:
         return wait_for(seen, timeout=timeout, message="an event on the stream")
 
     def close(self) -> None:
+        # The reader ends on the shut socket first: closing the connection under a reader still
+        # in readline() would pull its buffer away mid-read (an exception in that thread).
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
+        self.thread.join(10)
         self.conn.close()
         self.thread.join(timeout=10)
 
