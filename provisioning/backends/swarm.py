@@ -71,6 +71,8 @@ from provisioning.backends.docker import (
 ENV_FILE = "/run/secrets/workspace-env"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _FAILED = frozenset({"failed", "rejected", "orphaned", "remove", "shutdown", "complete"})
+# How long tasks that have all ended may stay before the orchestrator is asked to reconcile again.
+_REAP_NUDGE_SECONDS = 3.0
 _SIZE = re.compile(r"^(\d+)([bkmg]?)$")
 
 
@@ -203,6 +205,7 @@ class SwarmBackend(DockerBackend):
         not waited for: its node stops it when it comes back (its desired state is no longer
         running)."""
         deadline = time.monotonic() + seconds
+        nudge_at = time.monotonic() + _REAP_NUDGE_SECONDS
         while True:
             tasks = self._tasks(workspace_id)
             if not tasks:
@@ -211,11 +214,23 @@ class SwarmBackend(DockerBackend):
             if all(t.get("NodeID") in nodes and _node_down(nodes[t["NodeID"]]) for t in tasks):
                 return
             if time.monotonic() > deadline:
-                states = sorted({(t.get("Status") or {}).get("State", "?") for t in tasks})
+                states = sorted(
+                    {
+                        f"{(t.get('Status') or {}).get('State', '?')}"
+                        f" (desired {t.get('DesiredState', '?')})"
+                        for t in tasks
+                    }
+                )
                 raise BackendError(
                     f"swarm: the tasks of {self.container_name(workspace_id)} are still there "
                     f"({', '.join(states)}) after {seconds:.0f} s"
                 )
+            if time.monotonic() > nudge_at and all(_task_ended(t) for t in tasks):
+                # Every task has ended and none will run again, yet the swarm keeps them: the
+                # orchestrator deletes such tasks when it reconciles the service, which a
+                # service update makes it do; scaling to 0 again is that update.
+                nudge_at = time.monotonic() + _REAP_NUDGE_SECONDS
+                self._scale(workspace_id, 0)
             time.sleep(0.3)
 
     def _marked_generations(self, workspace_id: UUID | str) -> dict[int, list[dict[str, Any]]]:
@@ -636,6 +651,12 @@ def _node_name(node: Mapping[str, Any]) -> str:
     hostname = (node.get("Description") or {}).get("Hostname") or ""
     address = (node.get("Status") or {}).get("Addr") or ""
     return f"{hostname} ({address}, {str(node.get('ID', ''))[:12]})"
+
+
+def _task_ended(task: Mapping[str, Any]) -> bool:
+    """The task has ended and is not meant to run again."""
+    state = (task.get("Status") or {}).get("State", "")
+    return state in _FAILED and task.get("DesiredState", "") in _FAILED
 
 
 def _node_down(node: Mapping[str, Any]) -> bool:
