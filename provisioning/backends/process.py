@@ -305,7 +305,10 @@ class ProcessBackend(WorkspaceBackend):
                 part.replace("{python}", python).replace("{agent}", agent)
                 for part in spec.template.command
             ]
-        return [python, agent]
+        # The agent needs the standard library alone: no site (its .pth files cost a third of
+        # the interpreter's start) and isolated from the workspace's PYTHON* variables and user
+        # site-packages, which are the workspace's to write.
+        return [python, "-I", "-S", agent]
 
     def start(self, spec: LaunchSpec, state: State) -> State:
         # Replace, never duplicate: whatever an earlier (possibly killed) cycle left goes first.

@@ -165,7 +165,7 @@ def test_remove_stops_and_deletes_everything(backend, tmp_path) -> None:
 
 def test_the_agent_exits_cleanly_on_sigterm(backend, tmp_path) -> None:
     # No platform is listening: the agent keeps retrying registration until told to stop.
-    spec = _spec(tmp_path, None, PLATFORM_URL="http://127.0.0.1:9")
+    spec = _spec(tmp_path, None, PLATFORM_URL="http://127.0.0.1:9", PYTHONPATH="/nowhere")
     state = backend.start(spec, {})
     # Its handler is installed before its first registration attempt.
     wait_for(
@@ -173,6 +173,11 @@ def test_the_agent_exits_cleanly_on_sigterm(backend, tmp_path) -> None:
         timeout=30,
         message="the agent's first registration attempt",
     )
+    # The agent's interpreter is isolated (-I: no PYTHON* variables of the workspace, no user
+    # site-packages) and loads no site (-S): the standard library is all it needs.
+    argv = Path(f"/proc/{state['pid']}/cmdline").read_bytes().split(b"\0")[:-1]
+    assert argv[1:3] == [b"-I", b"-S"] and argv[3].endswith(b"workspace_agent.py"), argv
+    assert b"PYTHONPATH=/nowhere" in Path(f"/proc/{state['pid']}/environ").read_bytes()
     backend.stop(spec.workspace_id, state, grace_seconds=30)
     assert not _alive(state["pid"], state["start_time"])
     assert "SIGTERM received" in _log_of(backend, spec)
