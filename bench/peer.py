@@ -10,17 +10,19 @@ Both sides run as their users run them, each started by this bench as child proc
   starts busybox ``httpd`` on the port the spawner picked and posts its activity to the hub's API
   once (as jupyterhub-singleuser does when it starts). The hub waits until the server answers
   HTTP, then adds its route to the proxy: that is "ready".
-* **here**: gunicorn (API, 2 workers x 4 threads), the registry listener (1 process, uvicorn, 4
-  threads), one Celery worker (prefork, 4) and Caddy as the proxy, on the Docker backend;
+* **here**: gunicorn (API: 2 uvicorn workers, 4 threads each), the registry listener (1
+  process, uvicorn, 4 threads), one Celery worker (prefork, 4) and Caddy as the proxy, on the
+  Docker backend;
   template ``shell-default`` (the agent starts busybox ``httpd`` on the app port, registers once
-  it answers, and the registration writes the proxy route): "online".
+  it answers; the proxy serves a workspace as soon as its row says it is up,
+  with no route of its own to write): "online".
 
 A round sends N requests at once through each side's REST API (``POST /hub/api/users/<name>/
 server`` for N users created before the round, answered 202 at once like the platform's 201;
 ``POST /api/workspaces/``) and polls each side's REST API every 0.5 s (``GET /hub/api/users?
 state=ready``, ``GET /api/workspaces/?status=online``) until all N are up. Per server, latency is
 its request being sent to the moment each side records it up: here the ``WORKSPACE_ONLINE`` event
-(the agent's registration; the proxy route is written just after, by a task), on the hub the
+(the agent's registration, after which the proxy serves it), on the hub the
 return of the proxy's ``add_user`` (recorded by a one-line subclass in the hub's config; the hub
 marks the server ready right after). The round's total is the first request to the last one up.
 CPU per workspace is read from ``/proc`` around the round (before cleanup): the engine (dockerd,

@@ -31,7 +31,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 # Two cores: the cycle mostly waits on the engine and PostgreSQL, so a few more worker processes
-# than cores keep the engine busy without thrashing. Gunicorn as in the Procfile.
+# than cores keep the engine busy without thrashing. The web and registry processes as in the
+# Procfile (gunicorn with uvicorn workers; the API's WEB_THREADS threads per web worker).
 WORKER_PROCESSES = int(os.environ.get("BENCH_WORKER_PROCESSES", "1"))
 WORKER_CONCURRENCY = int(os.environ.get("BENCH_WORKER_CONCURRENCY", "4"))
 WEB_WORKERS = int(os.environ.get("BENCH_WEB_WORKERS", "2"))
@@ -220,6 +221,7 @@ def platform(
         # Beat and a sweep worker run only with ``beat``, and the bench pings its own workers
         # below: /readyz answers once the web process reaches PostgreSQL and Redis.
         "READYZ_REQUIRE_WORKERS": "false",
+        "WEB_THREADS": str(WEB_THREADS),
         **(extra_env or {}),
     }
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -264,13 +266,13 @@ def platform(
         web = spawn(
             [
                 "gunicorn",
-                "project.wsgi",
+                "project.asgi:application",
+                "--worker-class",
+                "uvicorn_worker.UvicornWorker",
                 "--bind",
                 f"127.0.0.1:{port}",
                 "--workers",
                 str(WEB_WORKERS),
-                "--threads",
-                str(WEB_THREADS),
                 "--log-level",
                 "warning",
                 *logged,
