@@ -11,7 +11,8 @@ database connection, as gunicorn's ``--threads`` ran it) only once it is whole: 
 not arrive within ``REQUEST_BODY_SECONDS`` is answered 408 and one larger than
 ``API_MAX_BODY_BYTES`` 413, from the event loop (``project.asgi_support.whole``). What the
 thread runs is ``project.registry_wsgi.application``: the common heartbeat's one statement
-(``beat_reply``), else the agent endpoints and nothing else.
+(``beat_reply``) and a registration that ``register_agent`` accepts (``register_reply``) without
+Django's request machinery, else the agent endpoints and nothing else.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 _django = get_wsgi_application()
 
 from django.core import signals  # noqa: E402 - after Django is set up
+from django.core.exceptions import ObjectDoesNotExist  # noqa: E402
 from django.db import Error as DatabaseError  # noqa: E402
 
 from workspaces import services  # noqa: E402
@@ -47,8 +48,10 @@ _NOT_FOUND = json.dumps(
 
 
 HEARTBEAT_PATH = REGISTRY_PREFIX + "heartbeat"
-# A heartbeat's body is about a hundred bytes; a larger one takes Django's path and its limits.
+REGISTER_PATH = REGISTRY_PREFIX + "register"
+# An agent call's body is about a hundred bytes; a larger one takes Django's path and its limits.
 _BEAT_BODY_LIMIT = 1024
+_FLAGS = ("healthy", "active", "config_copied")
 
 
 def _small_body(environ: dict[str, Any]) -> bytes | None:
@@ -62,20 +65,16 @@ def _small_body(environ: dict[str, Any]) -> bytes | None:
     return bytes(environ["wsgi.input"].read(int(announced)))
 
 
-def beat_reply(authorization: str, content_type: str, body: bytes) -> bytes | None:
-    """The common heartbeat without Django's request machinery: a Bearer token, a JSON body of
-    at most 1 KiB with ``workspace_id`` and the booleans ``healthy`` and ``active``, and a
-    workspace already where the beat says, recorded by ``services.beat`` in one statement that
-    checks the token too. The answer is the view's. None for anything else (another shape, a
-    token the statement does not match, a status to change, a database error): the request then
-    goes to the view, which refuses or decides it and says why. Runs in a thread of the
-    listener's, with that thread's database connection."""
+def _agent_call(
+    authorization: str, content_type: str, body: bytes
+) -> tuple[str, uuid.UUID, dict[str, bool]] | None:
+    """The raw token, the workspace id and the flags (``_FLAGS``, as JSON booleans) of a
+    well-formed agent call: a Bearer token and a JSON body of at most 1 KiB. None otherwise."""
     if len(body) > _BEAT_BODY_LIMIT:
         return None
     header = authorization.split()
     if len(header) != 2 or header[0].lower() != "bearer" or not header[1].isascii():
         return None
-    raw_token = header[1]
     if content_type.split(";")[0].strip() != "application/json":
         return None
     try:
@@ -83,38 +82,88 @@ def beat_reply(authorization: str, content_type: str, body: bytes) -> bytes | No
         workspace_id = uuid.UUID(data["workspace_id"])
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
-    healthy, active = data.get("healthy", True), data.get("active", False)
-    if not isinstance(healthy, bool) or not isinstance(active, bool):
+    flags = {name: data[name] for name in _FLAGS if name in data}
+    if not all(isinstance(value, bool) for value in flags.values()):
+        return None  # the view's serializer reads other spellings, or refuses them
+    return header[1], workspace_id, flags
+
+
+def _answer(workspace_id: uuid.UUID, status: str, generation: int) -> bytes:
+    """What the agent views answer (``AgentResponseSerializer``)."""
+    reply = {"workspace_id": str(workspace_id), "status": status, "generation": generation}
+    return json.dumps(reply, separators=(",", ":")).encode()
+
+
+def beat_reply(authorization: str, content_type: str, body: bytes) -> bytes | None:
+    """The common heartbeat without Django's request machinery: a well-formed call
+    (``_agent_call``) for a workspace already where the beat says, recorded by ``services.beat``
+    in one statement that checks the token too. The answer is the view's. None for anything else
+    (another shape, a token the statement does not match, a status to change, a database error):
+    the request then goes to the view, which refuses or decides it and says why. Runs in a thread
+    of the listener's, with that thread's database connection."""
+    call = _agent_call(authorization, content_type, body)
+    if call is None:
         return None
+    raw_token, workspace_id, flags = call
     # The signals Django's handler sends around a request: a database connection past its age
     # or broken is dropped before and after, as for every other request.
     signals.request_started.send(sender=type(_django), environ=None)
     try:
         answer = services.beat(
-            services.hash_token(raw_token), workspace_id, healthy=healthy, active=active
+            services.hash_token(raw_token),
+            workspace_id,
+            healthy=flags.get("healthy", True),
+            active=flags.get("active", False),
         )
     except DatabaseError:
         return None  # the view meets it too and answers 503
     finally:
         signals.request_finished.send(sender=type(_django))
-    if answer is None:
+    return None if answer is None else _answer(answer.id, answer.status, answer.generation)
+
+
+def register_reply(authorization: str, content_type: str, body: bytes) -> bytes | None:
+    """A registration without Django's request machinery: a well-formed call (``_agent_call``)
+    whose token ``services.register_agent`` accepts, which it records exactly as the view does
+    (the same function). None for anything it refuses or cannot do (an unknown, stale or foreign
+    token, a workspace that is stopping or removed, a database error): nothing was written, and
+    the view then decides the request and says why."""
+    call = _agent_call(authorization, content_type, body)
+    if call is None:
         return None
-    reply = {
-        "workspace_id": str(answer.id),
-        "status": answer.status,
-        "generation": answer.generation,
-    }
-    return json.dumps(reply, separators=(",", ":")).encode()
+    raw_token, workspace_id, flags = call
+    signals.request_started.send(sender=type(_django), environ=None)
+    try:
+        token = services.authenticate_agent(raw_token)
+        if token is None:
+            return None
+        workspace = services.register_agent(
+            token, workspace_id, config_copied=flags.get("config_copied", False)
+        )
+    except (
+        DatabaseError,
+        ObjectDoesNotExist,
+        services.AgentAuthError,
+        services.TransitionNotAllowed,
+    ):
+        return None
+    finally:
+        signals.request_finished.send(sender=type(_django))
+    return _answer(workspace.id, workspace.status, workspace.generation)
+
+
+_FAST = {HEARTBEAT_PATH: beat_reply, REGISTER_PATH: register_reply}
 
 
 def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-    """The listener as a WSGI application: the common heartbeat (``beat_reply``), else
-    ``_endpoints``."""
+    """The listener as a WSGI application: the common heartbeat (``beat_reply``) and
+    registration (``register_reply``), else ``_endpoints``."""
     path = os.path.normpath(environ.get("PATH_INFO") or "/")
-    if path == HEARTBEAT_PATH and environ.get("REQUEST_METHOD") == "POST":
+    fast = _FAST.get(path)
+    if fast is not None and environ.get("REQUEST_METHOD") == "POST":
         body = _small_body(environ)
         if body is not None:
-            reply = beat_reply(
+            reply = fast(
                 environ.get("HTTP_AUTHORIZATION") or "", environ.get("CONTENT_TYPE") or "", body
             )
             if reply is not None:

@@ -207,11 +207,15 @@ def test_a_cycle_begins_with_the_row_as_written_and_one_read_of_it(user: Any) ->
     assert event.actor == "user:alice"
 
 
-# --- the registry listener's heartbeat ------------------------------------------------------------
+# --- the registry listener's heartbeat and registration -------------------------------------------
 def _listener_call(
-    token: str | None, body: bytes, *, content_type: str = "application/json"
+    token: str | None,
+    body: bytes,
+    *,
+    content_type: str = "application/json",
+    path: str = "/api/registry/heartbeat",
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """POST /api/registry/heartbeat to the registry listener's WSGI application, in process."""
+    """POST ``path`` to the registry listener's WSGI application, in process."""
     import io
     import json
 
@@ -222,7 +226,7 @@ def _listener_call(
 
     environ = {
         "REQUEST_METHOD": "POST",
-        "PATH_INFO": "/api/registry/heartbeat",
+        "PATH_INFO": path,
         "QUERY_STRING": "",
         "SERVER_NAME": "127.0.0.1",
         "SERVER_PORT": "8001",
@@ -326,3 +330,72 @@ def test_the_listener_never_revives_a_removed_workspace(workspace) -> None:
     )
     assert _listener_call(token, _beat_body(workspace.id))[0] == 401
     assert Workspace.objects.get(id=workspace.id).status == WorkspaceStatus.REMOVED
+
+
+REGISTER = "/api/registry/register"
+
+
+def test_the_listener_registers_without_the_request_machinery_as_the_view_does(user) -> None:
+    """A well-formed registration is the view's own ``register_agent`` with none of Django's
+    middleware or DRF: the token's read, the row's lock, one UPDATE and the event; its answer
+    and what it writes are the view's."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    by_view = services.create_workspace(owner=user, name="by-view", template="shell-default")
+    _, view_token = _cycle(by_view)
+    view = _register(view_token, by_view.id)
+    here = services.create_workspace(owner=user, name="by-listener", template="shell-default")
+    _, token = _cycle(here)
+    with CaptureQueriesContext(connection) as queries:
+        status, answer, headers = _listener_call(token, _beat_body(here.id), path=REGISTER)
+    assert (status, headers["Content-Type"]) == (200, "application/json")
+    assert answer == {**view.json(), "workspace_id": str(here.id)}
+    statements = [q["sql"].split()[0] for q in queries.captured_queries]
+    assert statements.count("SELECT") == 2 and statements.count("UPDATE") == 1, statements
+    assert statements.count("INSERT") == 1, statements  # the ONLINE event
+    for workspace in (by_view, here):
+        stored = Workspace.objects.get(id=workspace.id)
+        assert (stored.status, stored.is_running) == (WorkspaceStatus.ONLINE, True)
+        assert stored.last_heartbeat_at is not None and stored.last_started_at is not None
+        assert stored.events.filter(type=EventType.ONLINE).count() == 1
+    # A retried registration changes nothing and answers the same.
+    assert _listener_call(token, _beat_body(here.id), path=REGISTER)[1] == answer
+    assert here.events.filter(type=EventType.ONLINE).count() == 1
+
+
+def test_the_listener_leaves_every_refused_registration_to_the_view(workspace, user) -> None:
+    """What ``register_agent`` refuses, or a body the listener does not read itself, is the
+    view's to answer, as it always has; nothing is written on the way."""
+    _, token = _cycle(workspace)
+    # Unknown, foreign and stale tokens.
+    assert _listener_call("x" * 43, _beat_body(workspace.id), path=REGISTER)[0] == 401
+    other = services.create_workspace(owner=user, name="other-ws", template="shell-default")
+    _, other_token = _cycle(other)
+    assert _listener_call(other_token, _beat_body(workspace.id), path=REGISTER)[0] in (401, 403)
+    _, newer = _cycle(Workspace.objects.get(id=workspace.id))
+    status, answer, _ = _listener_call(token, _beat_body(workspace.id), path=REGISTER)
+    assert (status, answer) == (401, {"detail": "unknown or revoked workspace token"})
+    # Bodies the view refuses, naming the field.
+    status, answer, _ = _listener_call(
+        newer, _beat_body(workspace.id, config_copied="maybe"), path=REGISTER
+    )
+    assert status == 400 and "config_copied" in answer["errors"]
+    status, answer, _ = _listener_call(newer, b'{"workspace_id": "x"}', path=REGISTER)
+    assert status == 400 and "workspace_id" in answer["errors"]
+    assert workspace.events.filter(type=EventType.ONLINE).count() == 0
+    # A workspace that is stopping refuses it (409), a removed one is never revived.
+    Workspace.objects.filter(id=workspace.id).update(status=WorkspaceStatus.STOPPING)
+    assert _listener_call(newer, _beat_body(workspace.id), path=REGISTER)[0] == 409
+    Workspace.objects.filter(id=workspace.id).update(
+        status=WorkspaceStatus.REMOVED, is_running=False
+    )
+    assert _listener_call(newer, _beat_body(workspace.id), path=REGISTER)[0] == 401
+    assert Workspace.objects.get(id=workspace.id).status == WorkspaceStatus.REMOVED
+    assert workspace.events.filter(type=EventType.ONLINE).count() == 0
+    # A string the view's serializer reads as a boolean goes to the view, which registers.
+    status, answer, _ = _listener_call(
+        other_token, _beat_body(other.id, config_copied="true"), path=REGISTER
+    )
+    assert (status, answer["status"]) == (200, "online")
+    assert other.events.filter(type=EventType.ONLINE).count() == 1
