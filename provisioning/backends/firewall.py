@@ -1,25 +1,26 @@
-"""The process backend's network boundary: what workspace uids may reach on this host.
+"""The platform's network boundary on this host: what workspaces may reach of it.
 
-One chain of the platform's (``WORKSPACE_FIREWALL_CHAIN``), in iptables and ip6tables alike,
-jumped to from ``OUTPUT``. For sockets owned by a uid of ``WORKSPACE_UID_RANGE`` whose destination
-is one of the host's own addresses (``addrtype LOCAL``: loopback, every interface address, the
-Docker bridges' gateways), it lets through replies of connections someone else opened and new TCP
-connections to the registry port (``WORKSPACE_REGISTRY_PORT``, else the port of
-``PLATFORM_URL``), and rejects everything else: PostgreSQL, Redis, the engine's TCP socket,
-another workspace's ports. Other uids (the platform,
-the proxy) are not matched.
+The process backend's workspace uids, in an nftables table of the platform's (``inet``, named
+``WORKSPACE_FIREWALL_CHAIN``; IPv4 and IPv6 alike) whose ``output`` chain polices sockets owned
+by a uid of ``WORKSPACE_UID_RANGE`` whose destination is one of the host's own addresses
+(``fib daddr type local``: loopback, every interface address, the Docker bridges' gateways): it
+lets through replies of connections someone else opened and new TCP connections to the registry
+port (``WORKSPACE_REGISTRY_PORT``, else the port of ``PLATFORM_URL``), and rejects everything
+else: PostgreSQL, Redis, the engine's TCP socket, another workspace's ports. Other uids (the
+platform, the proxy) are not matched.
 
-One exception per workspace, through a sub-chain (``<chain>-APPS``) the main chain jumps to before
-it rejects: a workspace's uid may connect to its own app port (the agent checks that its app
-answers before it registers, and at every heartbeat). Each uid that ever ran has one jump there
-(``-m owner --uid-owner <uid> -j <chain>-U<uid>``) to a chain of its own holding that one
-``ACCEPT``. ``allow_own_app`` writes the uid's chain whole when a workspace starts, in one
-``iptables-restore --noflush`` per family (declaring a chain there empties it, so any older rule
-of that uid goes in the same transaction; a uid new to the host gets its jump in it too): two
-programs per start, where listing the sub-chain and appending took four. Each process reads the
-sub-chain once, to know the jumps already there. ``revoke_own_app`` empties the uid's chain on
-removal, before the uid and the port can be handed to another workspace. Rebuilding the main
-chain never touches these, so running workspaces keep their rule.
+One exception per workspace: its uid may connect to its own app port (the agent checks that its
+app answers before it registers, and at every heartbeat). The chain looks the uid up in a
+verdict map (``uids``) that sends each uid that ever ran to a chain of its own (``u<uid>``)
+holding that one ``accept``. ``allow_own_app`` writes the uid's chain whole when a workspace
+starts (flushed and refilled in one transaction, so any older port of that uid goes with it),
+``revoke_own_app`` empties it on removal, before the uid and the port can be handed to another
+workspace. Both run in the worker's own process through libnftables (``nft_run_cmd_from_buffer``:
+one netlink transaction, all of it or nothing): no program is started per workspace, and the
+cost does not grow with the number of workspaces. Rebuilding the main chain (once per process,
+in one transaction) never touches the uids' chains, so running workspaces keep their rule. An
+earlier version's ``iptables`` chains of the same name are taken out when a process first
+installs the table.
 
 The Docker backend's bridges, in a chain of their own (``<chain>-BRIDGE``) jumped to from
 ``INPUT`` and ``FORWARD``: a workspace network's bridge is named ``DOCKER_BRIDGE_PREFIX`` + part
@@ -46,6 +47,7 @@ from urllib.parse import urlparse
 
 from django.conf import settings
 
+from provisioning.backends import nft
 from provisioning.backends.process_launch import system_program
 
 _installed: set[tuple[str, ...]] = set()
@@ -64,36 +66,126 @@ def registry_port() -> int:
     return parsed.port or (443 if parsed.scheme == "https" else 80)
 
 
-def chain_rules(chain: str, uids: tuple[int, int], port: int, *, ipv6: bool = False) -> list[str]:
-    """The chain's rules in ``iptables -S`` form (what the check compares against)."""
-    unreachable = "icmp6-port-unreachable" if ipv6 else "icmp-port-unreachable"
-    owner = f"-m owner --uid-owner {uids[0]}-{uids[1]}"
-    local = "-m addrtype --dst-type LOCAL"
-    return [
-        f"-A {chain} {owner} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
-        f"-A {chain} -p tcp {owner} {local} -m tcp --dport {port} -j RETURN",
-        f"-A {chain} -j {apps_chain(chain)}",
-        f"-A {chain} -p tcp {owner} {local} -j REJECT --reject-with tcp-reset",
-        f"-A {chain} {owner} {local} -j REJECT --reject-with {unreachable}",
-    ]
+# The table's names: what nft accepts as an identifier, and no more.
+_TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
-def apps_chain(chain: str) -> str:
-    """The sub-chain of per-workspace rules (a workspace's uid to its own app port)."""
-    return f"{chain}-APPS"
+def table_commands(table: str, uids: tuple[int, int], port: int) -> str:
+    """The table, its map and its main chain's rules as one nft transaction (the chain flushed
+    and refilled; the uids' chains and the map's elements are left alone)."""
+    return "\n".join(
+        [
+            f"add table inet {table}",
+            f"add map inet {table} uids {{ type uid : verdict ; }}",
+            f"add chain inet {table} output "
+            "{ type filter hook output priority filter ; policy accept ; }",
+            f"flush chain inet {table} output",
+            *(
+                f"add rule inet {table} output {rule}"
+                for rule in (
+                    f"meta skuid != {uids[0]}-{uids[1]} return",
+                    "fib daddr type != local return",
+                    "ct state established,related return",
+                    f"tcp dport {port} return",
+                    "meta skuid vmap @uids",
+                    "meta l4proto tcp reject with tcp reset",
+                    "reject",
+                )
+            ),
+        ]
+    )
 
 
-def uid_chain(chain: str, uid: int) -> str:
-    """The chain of one workspace uid's exception (its own app port)."""
-    return f"{chain}-U{uid}"
+def _nft(commands: str) -> str:
+    try:
+        return nft.run(commands)
+    except nft.NftError as exc:
+        raise FirewallError(f"nft: {exc}") from exc
 
 
-# iptables' limit on a chain's name (XT_EXTENSION_MAXNAMELEN less its NUL).
-CHAIN_NAME_MAX = 28
+def uid_chain(uid: int) -> str:
+    """The nft chain of one workspace uid's exception (its own app port)."""
+    return f"u{uid}"
 
 
-def _uid_jump(chain: str, uid: int) -> str:
-    return f"{apps_chain(chain)} -m owner --uid-owner {uid} -j {uid_chain(chain, uid)}"
+def _table() -> str:
+    table = str(settings.WORKSPACE_FIREWALL_CHAIN)
+    if not _TABLE_NAME.match(table):
+        raise FirewallError(
+            f"WORKSPACE_FIREWALL_CHAIN={table!r} cannot name the nftables table (a letter, then "
+            "up to 63 letters, digits, '_' or '-')"
+        )
+    return table
+
+
+def ensure_workspace_firewall() -> None:
+    """Install (or confirm) the rules for the configured uid range and registry port. Raises
+    ``FirewallError`` saying what failed; the caller refuses to run workspaces then."""
+    table = _table()
+    uids = tuple(settings.WORKSPACE_UID_RANGE)
+    port = registry_port()
+    key = (table, str(uids), str(port))
+    with _lock:
+        if key in _installed:
+            return
+        _remove_iptables_chains(table)  # an earlier version's, if any
+        _nft(table_commands(table, (uids[0], uids[1]), port))
+        _installed.add(key)
+
+
+def allow_own_app(uid: int, port: int) -> None:
+    """Let workspace uid ``uid`` reach its own app port ``port`` on the host's addresses, and
+    nothing else it did not have; any older port of that uid goes in the same transaction.
+    Idempotent."""
+    ensure_workspace_firewall()
+    table, own = _table(), uid_chain(uid)
+    with _lock:
+        _nft(
+            f"add chain inet {table} {own}\n"
+            f"flush chain inet {table} {own}\n"
+            f"add rule inet {table} {own} tcp dport {port} accept\n"
+            f"add element inet {table} uids {{ {uid} : jump {own} }}"
+        )
+
+
+def revoke_own_app(uid: int) -> None:
+    """Empty workspace uid ``uid``'s chain (the workspace is removed): the uid reaches no app
+    port until a workspace that holds it starts."""
+    table, own = _table(), uid_chain(uid)
+    with _lock:
+        _nft(
+            f"add table inet {table}\nadd chain inet {table} {own}\nflush chain inet {table} {own}"
+        )
+
+
+def remove_workspace_firewall(chain: str) -> None:
+    """Take the process backend's table out, with every uid's chain (an operator retiring a
+    platform, a benchmark that ran one of its own), and an earlier version's ``iptables`` chains
+    of that name. Raises ``FirewallError``."""
+    with _lock:
+        _nft(f"add table inet {chain}\ndelete table inet {chain}")
+        _remove_iptables_chains(chain)
+        _installed.clear()
+
+
+def _remove_iptables_chains(chain: str) -> None:
+    """What an earlier version kept in iptables and ip6tables for the process backend: the jump
+    from ``OUTPUT``, the main chain, its sub-chain (``<chain>-APPS``) and every uid's chain
+    (``<chain>-U<uid>``). The Docker bridges' chain (``<chain>-BRIDGE``) stays."""
+    names = re.compile(rf"^-N ({re.escape(chain)}(?:-APPS|-U\d+)?)$")
+    for tool in ("iptables", "ip6tables"):
+        if system_program(tool) is None:
+            continue
+        listed = _run([tool, "-w", "-S"]).stdout.splitlines()
+        found = [match[1] for line in listed if (match := names.match(line))]
+        if not found:
+            continue
+        while _run([tool, "-w", "-D", "OUTPUT", "-j", chain]).returncode == 0:
+            pass
+        lines = [f"-F {name}" for name in found] + [f"-X {name}" for name in found]
+        done = _restore(tool, lines)
+        if done.returncode != 0:
+            raise FirewallError(f"{tool}-restore: {done.stderr.strip()}")
 
 
 def _restore(tool: str, lines: list[str]) -> subprocess.CompletedProcess[str]:
@@ -135,123 +227,6 @@ def _ensure_chain(tool: str, chain: str, rules: list[str], hooks: tuple[str, ...
             inserted = _run([tool, "-w", "-I", hook, "1", "-j", chain])
             if inserted.returncode != 0:
                 raise FirewallError(f"{tool}: {inserted.stderr.strip()}")
-
-
-def _ensure_family(tool: str, chain: str, rules: list[str]) -> None:
-    # The sub-chain must exist before the main chain jumps to it; its rules are left alone.
-    if _run([tool, "-w", "-S", apps_chain(chain)]).returncode != 0:
-        _run([tool, "-w", "-N", apps_chain(chain)])
-    _ensure_chain(tool, chain, rules, ("OUTPUT",))
-
-
-def ensure_workspace_firewall() -> None:
-    """Install (or confirm) the rules for the configured uid range and registry port. Raises
-    ``FirewallError`` saying what failed; the caller refuses to run workspaces then."""
-    chain = settings.WORKSPACE_FIREWALL_CHAIN
-    uids = tuple(settings.WORKSPACE_UID_RANGE)
-    port = registry_port()
-    key = (chain, str(uids), str(port))
-    with _lock:
-        if key in _installed:
-            return
-        longest = uid_chain(chain, max(uids))
-        if len(longest) > CHAIN_NAME_MAX:
-            raise FirewallError(
-                f"WORKSPACE_FIREWALL_CHAIN={chain!r} is too long: a uid's chain ({longest}) would "
-                f"pass iptables' {CHAIN_NAME_MAX} characters"
-            )
-        for tool in ("iptables", "ip6tables"):
-            rules = chain_rules(chain, (uids[0], uids[1]), port, ipv6=tool == "ip6tables")
-            _ensure_family(tool, chain, rules)
-            _tidy_apps_chain(tool, chain)
-        _installed.add(key)
-
-
-def _tidy_apps_chain(tool: str, chain: str) -> None:
-    """Read the sub-chain once per process: its uids' jumps are remembered (a start then rewrites
-    the uid's chain alone); a second jump of one uid (two processes that both added it) and any
-    rule that is not a jump (the per-uid rules an earlier version wrote there directly, which
-    nothing would revoke any more) go."""
-    listed = _run([tool, "-w", "-S", apps_chain(chain)])
-    jump = re.compile(
-        rf"^-A {re.escape(apps_chain(chain))} -m owner --uid-owner (\d+) "
-        rf"-j {re.escape(chain)}-U\1$"
-    )
-    seen: set[int] = set()
-    for line in listed.stdout.splitlines():
-        if not line.startswith("-A "):
-            continue
-        match = jump.match(line)
-        if match and int(match[1]) not in seen:
-            seen.add(int(match[1]))
-            _jumps.add((tool, chain, int(match[1])))
-        else:
-            _run([tool, "-w", "-D", *line.split()[1:]])
-
-
-# (tool, chain, uid) whose jump is in the sub-chain, as this process knows it: read when it first
-# installs the chain, then every jump it adds.
-_jumps: set[tuple[str, str, int]] = set()
-
-
-def allow_own_app(uid: int, port: int) -> None:
-    """Let workspace uid ``uid`` reach its own app port ``port`` on the host's addresses, and
-    nothing else it did not have; any older rule of that uid (another port) goes in the same
-    transaction. One ``-restore`` per family. Idempotent."""
-    ensure_workspace_firewall()
-    chain = settings.WORKSPACE_FIREWALL_CHAIN
-    own = uid_chain(chain, uid)
-    rule = [
-        f":{own} - [0:0]",
-        f"-A {own} -p tcp -m addrtype --dst-type LOCAL -m tcp --dport {port} -j ACCEPT",
-    ]
-    with _lock:
-        for tool in ("iptables", "ip6tables"):
-            known = (tool, chain, uid) in _jumps
-            # A uid new to this host since the sub-chain was read gets its jump in the same
-            # transaction. (Were another process to add it meanwhile, the second jump would only
-            # repeat the first; the next process to read the sub-chain drops it.)
-            done = _restore(tool, rule if known else [*rule, f"-A {_uid_jump(chain, uid)}"])
-            if done.returncode != 0:
-                raise FirewallError(f"{tool}-restore: {done.stderr.strip()}")
-            _jumps.add((tool, chain, uid))
-
-
-def revoke_own_app(uid: int) -> None:
-    """Empty workspace uid ``uid``'s chain (the workspace is removed): the uid reaches no app
-    port until a workspace that holds it starts."""
-    chain = settings.WORKSPACE_FIREWALL_CHAIN
-    with _lock:
-        for tool in ("iptables", "ip6tables"):
-            if system_program(tool) is None:
-                continue
-            done = _restore(tool, [f":{uid_chain(chain, uid)} - [0:0]"])
-            if done.returncode != 0:
-                raise FirewallError(f"{tool}-restore: {done.stderr.strip()}")
-
-
-def remove_workspace_firewall(chain: str) -> None:
-    """Take the process backend's chains out of both families: the jump from ``OUTPUT``, the main
-    chain, its sub-chain and every uid's chain (an operator retiring a platform, a benchmark
-    that ran one of its own). Raises ``FirewallError``."""
-    uid_chains = re.compile(rf"^-N ({re.escape(chain)}-U\d+)$")
-    with _lock:
-        for tool in ("iptables", "ip6tables"):
-            if system_program(tool) is None:
-                continue
-            while _run([tool, "-w", "-D", "OUTPUT", "-j", chain]).returncode == 0:
-                pass
-            listed = _run([tool, "-w", "-S"]).stdout.splitlines()
-            present = {line.split()[1] for line in listed if line.startswith("-N ")}
-            names = [name for name in (chain, apps_chain(chain)) if name in present]
-            names += [match[1] for line in listed if (match := uid_chains.match(line))]
-            if names:
-                lines = [f"-F {name}" for name in names] + [f"-X {name}" for name in names]
-                done = _restore(tool, lines)
-                if done.returncode != 0:
-                    raise FirewallError(f"{tool}-restore: {done.stderr.strip()}")
-        _installed.clear()
-        _jumps.clear()
 
 
 def bridge_chain(chain: str) -> str:

@@ -236,7 +236,8 @@ class ProcessBackend(WorkspaceBackend):
         except FirewallError as exc:
             raise BackendUnavailable(
                 self.name,
-                f"cannot install the workspace firewall (chain {settings.WORKSPACE_FIREWALL_CHAIN}"
+                f"cannot install the workspace firewall (nftables table "
+                f"{settings.WORKSPACE_FIREWALL_CHAIN}"
                 f" for WORKSPACE_UID_RANGE): {exc}; without it workspaces could reach "
                 "PostgreSQL and Redis. WORKSPACE_PROCESS_ISOLATION=none runs unisolated "
                 "(single-user development only)",

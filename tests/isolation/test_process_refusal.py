@@ -36,23 +36,47 @@ def test_not_root_is_refused_at_start_up_and_by_the_backend(
 
 def test_a_firewall_that_cannot_be_installed_is_refused(tmp_path: Path, settings) -> None:
     settings.WORKSPACE_PROCESS_ISOLATION = "uid"
-    # A chain name iptables rejects (too long): the install fails for real.
-    settings.WORKSPACE_FIREWALL_CHAIN = "X" * 40
+    # A name that cannot name the nftables table: nothing is installed, and the backend says so.
+    settings.WORKSPACE_FIREWALL_CHAIN = "WS ISOLATION; flush ruleset"
     with pytest.raises(BackendUnavailable) as raised:
         ProcessBackend(tmp_path / "data").check_available()
     message = str(raised.value)
     assert "firewall" in message and "WORKSPACE_PROCESS_ISOLATION=none" in message
+    assert "WORKSPACE_FIREWALL_CHAIN" in message
 
 
-def test_the_firewall_runs_the_systems_iptables_whatever_the_path(
+def _table(table: str) -> str:
+    """``nft list table`` as the nft program prints it ("" when there is no such table)."""
+    listed = subprocess.run(
+        ["/usr/sbin/nft", "list", "table", "inet", table], capture_output=True, text=True
+    )
+    return listed.stdout if listed.returncode == 0 else ""
+
+
+def _uid_rules(table: str, uid: int) -> list[str]:
+    """The rules of a uid's chain, one per line."""
+    text = _table(table)
+    marker = f"chain u{uid} {{"
+    if marker not in text:
+        return []
+    body = text.split(marker, 1)[1].split("}", 1)[0]
+    return [line.strip() for line in body.splitlines() if line.strip()]
+
+
+def _iptables(tool: str = "/usr/sbin/iptables") -> str:
+    return subprocess.run([tool, "-w", "-S"], capture_output=True, text=True, check=True).stdout
+
+
+def test_the_firewall_runs_in_process_whatever_the_path(
     tmp_path: Path, monkeypatch, settings
 ) -> None:
-    """The firewall's tools run as root: an ``iptables`` earlier on the caller's PATH is not the
-    one that runs; the rule lands in the real table, and comes out of it again."""
+    """The uids' rules are written through libnftables in the platform's own process: no program
+    on the caller's PATH (an ``nft`` or an ``iptables`` earlier on it) is run for them, and the
+    rule lands in the kernel's table, and comes out of it again."""
     decoy = tmp_path / "bin"
     decoy.mkdir()
     ran = tmp_path / "decoy-ran"
-    for name in ("iptables", "ip6tables", "iptables-restore", "ip6tables-restore"):
+    for name in ("nft", "iptables", "ip6tables", "iptables-restore", "ip6tables-restore"):
         script = decoy / name
         script.write_text(f"#!/bin/sh\necho {name} >> {ran}\n")
         script.chmod(0o755)
@@ -61,72 +85,52 @@ def test_the_firewall_runs_the_systems_iptables_whatever_the_path(
     monkeypatch.setattr(firewall, "_installed", set())
     uid, port = 200_998, 40_998
 
-    chain = settings.WORKSPACE_FIREWALL_CHAIN
+    table = settings.WORKSPACE_FIREWALL_CHAIN
     firewall.allow_own_app(uid, port)
     try:
-        assert _listed(firewall.uid_chain(chain, uid)) == [
-            f"-N {chain}-U{uid}",
-            f"-A {chain}-U{uid} -p tcp -m addrtype --dst-type LOCAL -m tcp --dport {port} "
-            "-j ACCEPT",
-        ]
-        jump = f"-A {chain}-APPS -m owner --uid-owner {uid} -j {chain}-U{uid}"
-        assert _listed(firewall.apps_chain(chain)).count(jump) == 1
+        assert _uid_rules(table, uid) == [f"tcp dport {port} accept"]
+        assert f"{uid} : jump u{uid}" in _table(table)
     finally:
         firewall.revoke_own_app(uid)
     assert not ran.exists(), ran.read_text()
-    assert _listed(firewall.uid_chain(chain, uid)) == [f"-N {chain}-U{uid}"]
+    assert _uid_rules(table, uid) == []
 
 
-def _listed(chain: str, tool: str = "/usr/sbin/iptables") -> list[str]:
-    return subprocess.run(
-        [tool, "-w", "-S", chain], capture_output=True, text=True, check=True
-    ).stdout.splitlines()
-
-
-def test_a_uids_rule_is_replaced_whole_with_one_jump_and_emptied_on_removal(settings) -> None:
+def test_a_uids_rule_is_replaced_whole_and_emptied_on_removal(settings) -> None:
     """Each start writes the uid's chain whole (the older port goes in the same transaction) and
-    leaves one jump to it, whichever process wrote it before; removal empties it; the rules an
-    earlier version wrote into the sub-chain directly, and a second jump, are taken out when a
-    process reads it; and the chains can all be removed."""
-    chain = "WS-TEST-FW"
-    settings.WORKSPACE_FIREWALL_CHAIN = chain
+    the uid has one entry in the map, whichever process wrote it before; removal empties it; the
+    main chain is what the settings say; an earlier version's iptables chains of the same name
+    go when a process installs the table; and the table can be removed."""
+    table = "WS-TEST-FW"
+    settings.WORKSPACE_FIREWALL_CHAIN = table
     firewall._installed.clear()
     uid = settings.WORKSPACE_UID_RANGE[0] + 7
-    apps = firewall.apps_chain(chain)
-    jump = f"-A {apps} -m owner --uid-owner {uid} -j {chain}-U{uid}"
+    low, high = settings.WORKSPACE_UID_RANGE
     try:
+        # What an earlier version left in both families: its chains, the uid's, the jump.
+        for tool in ("/usr/sbin/iptables", "/usr/sbin/ip6tables"):
+            for name in (table, f"{table}-APPS", f"{table}-U{uid}"):
+                subprocess.run([tool, "-w", "-N", name], check=True)
+            subprocess.run([tool, "-w", "-A", table, "-j", f"{table}-APPS"], check=True)
+            subprocess.run([tool, "-w", "-I", "OUTPUT", "1", "-j", table], check=True)
         firewall.ensure_workspace_firewall()
-        # What an earlier version left: a rule of its own for a uid, in the sub-chain.
-        legacy = (
-            f"-A {apps} -p tcp -m owner --uid-owner {uid} -m addrtype --dst-type LOCAL "
-            "-m tcp --dport 30001 -j ACCEPT"
-        )
-        subprocess.run(["/usr/sbin/iptables", "-w", *legacy.split()], check=True)
-        firewall._installed.clear()
-        firewall.ensure_workspace_firewall()
-        assert legacy not in _listed(apps)
+        for tool in ("/usr/sbin/iptables", "/usr/sbin/ip6tables"):
+            assert table not in _iptables(tool)
+        listed = _table(table)
+        assert f"meta skuid != {low}-{high} return" in listed
+        assert f"tcp dport {firewall.registry_port()} return" in listed
+        assert "meta skuid vmap @uids" in listed
         for port in (30002, 30003):
             firewall.allow_own_app(uid, port)
-            # As another worker process would, which reads the sub-chain when it first starts one.
-            firewall._installed.clear()
-            firewall._jumps.clear()
-            for tool in ("/usr/sbin/iptables", "/usr/sbin/ip6tables"):
-                rules = _listed(firewall.uid_chain(chain, uid), tool)
-                assert [rule.split("--dport ")[-1] for rule in rules[1:]] == [f"{port} -j ACCEPT"]
-                assert _listed(apps, tool).count(jump) == 1
-        firewall.allow_own_app(uid, 30003)  # the jump is known: the uid's chain alone
-        assert _listed(apps).count(jump) == 1
-        # Two processes that both added the jump: the next one to read the sub-chain keeps one.
-        subprocess.run(["/usr/sbin/iptables", "-w", *jump.split()], check=True)
-        firewall._installed.clear()
-        firewall._jumps.clear()
-        firewall.ensure_workspace_firewall()
-        assert _listed(apps).count(jump) == 1
+            firewall._installed.clear()  # as another worker process would, installing first
+            assert _uid_rules(table, uid) == [f"tcp dport {port} accept"]
+            assert _table(table).count(f"{uid} : jump u{uid}") == 1
+        firewall.ensure_workspace_firewall()  # rebuilding the main chain keeps the uids' rules
+        assert _uid_rules(table, uid) == ["tcp dport 30003 accept"]
         firewall.revoke_own_app(uid)
-        assert _listed(firewall.uid_chain(chain, uid)) == [f"-N {chain}-U{uid}"]
+        assert _uid_rules(table, uid) == []
+        firewall.revoke_own_app(uid + 1)  # a uid that never ran: nothing to empty, no error
     finally:
-        firewall.remove_workspace_firewall(chain)
-    names = subprocess.run(
-        ["/usr/sbin/iptables", "-w", "-S"], capture_output=True, text=True, check=True
-    ).stdout
-    assert chain not in names
+        firewall.remove_workspace_firewall(table)
+    assert _table(table) == ""
+    firewall.remove_workspace_firewall(table)  # nothing left: no error
