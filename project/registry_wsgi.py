@@ -50,7 +50,7 @@ _NOT_FOUND = json.dumps(
 HEARTBEAT_PATH = REGISTRY_PREFIX + "heartbeat"
 REGISTER_PATH = REGISTRY_PREFIX + "register"
 # An agent call's body is about a hundred bytes; a larger one takes Django's path and its limits.
-_BEAT_BODY_LIMIT = 1024
+_CALL_BODY_LIMIT = 1024
 _FLAGS = ("healthy", "active", "config_copied")
 
 
@@ -59,7 +59,7 @@ def _small_body(environ: dict[str, Any]) -> bytes | None:
     announced = environ.get("CONTENT_LENGTH") or ""
     if (
         not (announced.isascii() and announced.isdigit())
-        or not 0 < int(announced) <= _BEAT_BODY_LIMIT
+        or not 0 < int(announced) <= _CALL_BODY_LIMIT
     ):
         return None
     return bytes(environ["wsgi.input"].read(int(announced)))
@@ -70,7 +70,7 @@ def _agent_call(
 ) -> tuple[str, uuid.UUID, dict[str, bool]] | None:
     """The raw token, the workspace id and the flags (``_FLAGS``, as JSON booleans) of a
     well-formed agent call: a Bearer token and a JSON body of at most 1 KiB. None otherwise."""
-    if len(body) > _BEAT_BODY_LIMIT:
+    if len(body) > _CALL_BODY_LIMIT:
         return None
     header = authorization.split()
     if len(header) != 2 or header[0].lower() != "bearer" or not header[1].isascii():

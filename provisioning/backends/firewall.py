@@ -108,8 +108,10 @@ def uid_chain(uid: int) -> str:
     return f"u{uid}"
 
 
-def _table() -> str:
-    table = str(settings.WORKSPACE_FIREWALL_CHAIN)
+def _table(name: str | None = None) -> str:
+    """``name`` (else ``WORKSPACE_FIREWALL_CHAIN``) once checked to be an nft identifier: it goes
+    into nft commands as it is."""
+    table = str(settings.WORKSPACE_FIREWALL_CHAIN if name is None else name)
     if not _TABLE_NAME.match(table):
         raise FirewallError(
             f"WORKSPACE_FIREWALL_CHAIN={table!r} cannot name the nftables table (a letter, then "
@@ -162,8 +164,9 @@ def remove_workspace_firewall(chain: str) -> None:
     """Take the process backend's table out, with every uid's chain (an operator retiring a
     platform, a benchmark that ran one of its own), and an earlier version's ``iptables`` chains
     of that name. Raises ``FirewallError``."""
+    table = _table(chain)
     with _lock:
-        _nft(f"add table inet {chain}\ndelete table inet {chain}")
+        _nft(f"add table inet {table}\ndelete table inet {table}")
         _remove_iptables_chains(chain)
         _installed.clear()
 

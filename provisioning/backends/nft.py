@@ -32,7 +32,6 @@ class _Context:
             raise NftError(f"{_LIBRARY} is not installed (apt-get install libnftables1)") from exc
         lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
         lib.nft_ctx_new.restype = ctypes.c_void_p
-        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
         lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
         for function in ("nft_ctx_buffer_output", "nft_ctx_buffer_error"):
