@@ -6,6 +6,7 @@ value stops start-up with a message naming the variable (see ``project.env``).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -343,12 +344,33 @@ ACTIVITY_WRITE_INTERVAL_SECONDS = env_int("ACTIVITY_WRITE_INTERVAL_SECONDS", 30,
 
 # Docker backend.
 DOCKER_HOST = env_str("DOCKER_HOST", "")
-# "workspace" (default): one internal bridge network per workspace, made and removed by the
-# platform. "host": the host's network stack, an opt-in that lets workspaces reach every service
-# listening on the host (README "Workspace isolation").
-DOCKER_NETWORK_MODE = env_choice("DOCKER_NETWORK_MODE", "workspace", ("workspace", "host"))
-# A workspace network's bridge is named this prefix + the start of the workspace id (15
-# characters in all), so the host firewall matches every workspace bridge with one wildcard.
+# "veth" (default): each container starts with networking disabled and the worker gives it a
+# link of its own, a veth pair to the host (a /31 of DOCKER_VETH_SUBNET); needs the worker as root
+# on the engine's host. "workspace": one internal bridge network per workspace, made and removed
+# through the engine (a worker in a container, a remote engine; costs the engine about 0.17 s of
+# CPU more per start, docs/architecture.md). "host": the host's network stack, an opt-in that
+# lets workspaces reach every service listening on the host (README "Workspace isolation").
+DOCKER_NETWORK_MODE = env_choice("DOCKER_NETWORK_MODE", "veth", ("veth", "workspace", "host"))
+# DOCKER_NETWORK_MODE=veth: the IPv4 range of the links. A workspace takes the /31 its slot picks
+# (its isolation uid's offset in WORKSPACE_UID_RANGE): the even address is the host's end (its
+# gateway), the odd one the container's. It must hold one /31 per uid of the range and be used by
+# nothing else on the host.
+DOCKER_VETH_SUBNET = env_str("DOCKER_VETH_SUBNET", "10.213.0.0/16")
+try:
+    _veth_subnet = ipaddress.IPv4Network(DOCKER_VETH_SUBNET)
+except ValueError as _exc:
+    raise ImproperlyConfigured(
+        f"DOCKER_VETH_SUBNET must be an IPv4 network such as 10.213.0.0/16: {_exc}"
+    ) from None
+if _veth_subnet.num_addresses // 2 < WORKSPACE_UID_RANGE[1] - WORKSPACE_UID_RANGE[0] + 1:
+    raise ImproperlyConfigured(
+        f"DOCKER_VETH_SUBNET={DOCKER_VETH_SUBNET} holds {_veth_subnet.num_addresses // 2} /31 "
+        f"links, fewer than the {WORKSPACE_UID_RANGE[1] - WORKSPACE_UID_RANGE[0] + 1} uids of "
+        "WORKSPACE_UID_RANGE (one link per live workspace)"
+    )
+# A workspace network's bridge (veth: the host end of its link) is named this prefix + the start
+# of the workspace id (15 characters in all), so the host firewall matches them all with one
+# wildcard.
 DOCKER_BRIDGE_PREFIX = env_str("DOCKER_BRIDGE_PREFIX", "wsbr")
 if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", DOCKER_BRIDGE_PREFIX):
     raise ImproperlyConfigured(

@@ -31,3 +31,20 @@ def check_process_isolation(app_configs: Any = None, **kwargs: Any) -> list[Chec
     from provisioning.backends.process import NOT_ROOT
 
     return [Error(NOT_ROOT, obj="WORKSPACE_PROCESS_ISOLATION", id="provisioning.E002")]
+
+
+@register("provisioning")
+def check_docker_wiring(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Start-up refuses ``DOCKER_NETWORK_MODE=veth`` on the Docker backend when this process
+    cannot wire containers (not root): every launch would fail after the container started."""
+    from django.conf import settings
+
+    if settings.WORKSPACE_BACKEND != "docker" or settings.DOCKER_NETWORK_MODE != "veth":
+        return []
+    from provisioning.backends import veth
+
+    try:
+        veth.check()
+    except veth.VethError as exc:
+        return [Error(str(exc), obj="DOCKER_NETWORK_MODE", id="provisioning.E003")]
+    return []

@@ -219,3 +219,35 @@ def on_docker(docker_worker: Worker, settings: Any) -> Iterator[Worker]:
     settings.WORKSPACE_BACKEND = "docker"
     with lifecycle_queue(DOCKER_QUEUE):
         yield docker_worker
+
+
+DOCKER_NETWORKS_QUEUE = "lifecycle-docker-networks"
+
+
+@pytest.fixture(scope="session")
+def docker_networks_worker(
+    docker_engine: Any, worker_env: dict[str, str], registry_listener: RegistryListener
+) -> Iterator[Worker]:
+    """A real Celery worker on the Docker backend with DOCKER_NETWORK_MODE=workspace (one
+    internal network per workspace, made through the engine), on a queue of its own."""
+    env = {
+        **worker_env,
+        "WORKSPACE_BACKEND": "docker",
+        "DOCKER_NETWORK_MODE": "workspace",
+        "CELERY_LIFECYCLE_QUEUE": DOCKER_NETWORKS_QUEUE,
+        "PLATFORM_URL": registry_listener.url,
+    }
+    worker = Worker(env, concurrency=2, name="docker-networks", queues=DOCKER_NETWORKS_QUEUE)
+    worker.start()
+    yield worker
+    worker.stop()
+    shutil.copy(worker.log_path, Path(tempfile.gettempdir()) / "e2e-docker-networks-worker.log")
+
+
+@pytest.fixture
+def on_docker_networks(docker_networks_worker: Worker, settings: Any) -> Iterator[Worker]:
+    """As on_docker, with the worker whose workspaces sit on Docker networks."""
+    settings.WORKSPACE_BACKEND = "docker"
+    settings.DOCKER_NETWORK_MODE = "workspace"
+    with lifecycle_queue(DOCKER_NETWORKS_QUEUE):
+        yield docker_networks_worker

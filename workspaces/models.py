@@ -97,8 +97,9 @@ class Workspace(models.Model):
     # Opaque to the platform: what the backend needs to find its instance again.
     backend_state = models.JSONField(default=dict, blank=True)
     # The process backend's isolation: the uid (and gid) the workspace runs as, from
-    # WORKSPACE_UID_RANGE. Released when the row is removed (the unique constraint ignores
-    # removed rows), so two live workspaces never share one.
+    # WORKSPACE_UID_RANGE; on Docker with DOCKER_NETWORK_MODE=veth, the number of its link.
+    # Released when the row is removed (the unique constraint ignores removed rows), so two live
+    # workspaces never share one.
     isolation_uid = models.PositiveIntegerField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

@@ -9,13 +9,17 @@ created a container whose state was never saved) and never touches another platf
 The engine is reached with ``DOCKER_HOST`` (unix or tcp) and no registry: images are built
 locally (``manage.py build_agent_image``) and never pulled.
 
-Isolation: each workspace gets its own internal bridge network ``ws-<id>-net`` (labelled like
-the container, removed with it and by orphan removal), so workspaces cannot reach one another and
-nothing outside the host. Of the host, only the registry listener's port at the network's gateway
-address (``PLATFORM_URL``'s host is replaced by the gateway): the network's bridge is named
-``DOCKER_BRIDGE_PREFIX`` + the id's start, and the host firewall (``firewall.bridge_rules``,
-``DOCKER_HOST_FIREWALL``) refuses everything else that comes in from such a bridge, so a service
-listening on all the host's addresses is not reachable either.
+Isolation (``DOCKER_NETWORK_MODE``): with ``veth`` (the default) a container is created with
+networking disabled and, once it runs, given a link of its own to the host (``veth.wire``: a veth
+pair whose host end is named ``DOCKER_BRIDGE_PREFIX`` + the id's start, a /31 of
+``DOCKER_VETH_SUBNET`` picked by the workspace's isolation uid). With ``workspace`` each workspace
+gets its own internal bridge network ``ws-<id>-net`` (labelled like the container, removed with
+it and by orphan removal), its bridge named the same way. Either way workspaces cannot reach one
+another nor anything outside the host; of the host, only the registry listener's port at the
+workspace's gateway address (``PLATFORM_URL``'s host is replaced by the gateway): the host
+firewall (``firewall.bridge_rules``, ``DOCKER_HOST_FIREWALL``) refuses everything else that comes
+in from such an interface, so a service listening on all the host's addresses is not reachable
+either.
 Containers run as ``DOCKER_WORKSPACE_USER`` with ``no-new-privileges``, every
 capability dropped and the manifest's ``resources`` (or the ``DOCKER_DEFAULT_*`` limits).
 ``DOCKER_NETWORK_MODE=host`` is the documented opt-out.
@@ -47,7 +51,7 @@ from django.conf import settings
 from docker.models.containers import Container
 from docker.types import Mount
 
-from provisioning.backends import firewall, follow
+from provisioning.backends import firewall, follow, veth
 from provisioning.backends.base import (
     CONFIG_MARKER,
     BackendError,
@@ -272,6 +276,11 @@ class DockerBackend(WorkspaceBackend):
         return f"{state.get('address') or settings.DOCKER_APP_HOST}:{port}"
 
     def check_available(self) -> None:
+        if self._wired():
+            try:
+                veth.check()
+            except veth.VethError as exc:
+                raise BackendUnavailable(self.name, f"DOCKER_NETWORK_MODE=veth: {exc}") from exc
         try:
             self.client.ping()
         except (BackendError, docker.errors.DockerException, requests.RequestException) as exc:
@@ -307,14 +316,39 @@ class DockerBackend(WorkspaceBackend):
 
     @staticmethod
     def bridge_name(workspace_id: UUID | str) -> str:
-        """The Linux bridge of the workspace's network: ``DOCKER_BRIDGE_PREFIX`` and the start
-        of the id, 15 characters (the kernel's limit), matched by the host firewall's wildcard."""
+        """The Linux bridge of the workspace's network (veth: the host end of its link):
+        ``DOCKER_BRIDGE_PREFIX`` and the start of the id, 15 characters (the kernel's limit),
+        matched by the host firewall's wildcard."""
         prefix = settings.DOCKER_BRIDGE_PREFIX
         return prefix + str(workspace_id).replace("-", "")[: 15 - len(prefix)]
 
     @staticmethod
     def _own_network() -> bool:
         return bool(settings.DOCKER_NETWORK_MODE == "workspace")
+
+    def _wired(self) -> bool:
+        """Whether containers get a veth link of the platform's making (``veth`` mode)."""
+        return bool(settings.DOCKER_NETWORK_MODE == "veth")
+
+    @staticmethod
+    def _link(spec: LaunchSpec) -> veth.Pair:
+        """The addresses of the workspace's link: the /31 its isolation uid's offset picks."""
+        low, high = settings.WORKSPACE_UID_RANGE
+        if spec.uid is None or not low <= spec.uid <= high:
+            raise BackendError(
+                f"docker: DOCKER_NETWORK_MODE=veth picks a workspace's addresses by its isolation "
+                f"uid, and {spec.uid} is not one of WORKSPACE_UID_RANGE={low}-{high}"
+            )
+        return veth.pair(settings.DOCKER_VETH_SUBNET, spec.uid - low)
+
+    def _wire(self, container: Container, spec: LaunchSpec) -> veth.Pair:
+        link = self._link(spec)
+        pid = int(container.attrs.get("State", {}).get("Pid") or 0)
+        try:
+            veth.wire(pid, str(container.id), self.bridge_name(spec.workspace_id), link)
+        except veth.VethError as exc:
+            raise BackendError(f"docker: cannot wire container {spec.name}: {exc}") from exc
+        return link
 
     def _ensure_network(self, spec: LaunchSpec, *, known: bool) -> dict[str, Any]:
         """Get or create the workspace's internal network; returns its engine attributes. One
@@ -371,8 +405,8 @@ class DockerBackend(WorkspaceBackend):
             ):
                 self.client.api.remove_network(network["Id"])
 
-    @staticmethod
-    def ensure_bridge_firewall(network: Mapping[str, Any], platform_url: str) -> None:
+    @classmethod
+    def ensure_bridge_firewall(cls, network: Mapping[str, Any], platform_url: str) -> None:
         """Confirm the host firewall covers the workspace's bridge (``DOCKER_HOST_FIREWALL``):
         from the bridge, only the port of ``platform_url`` on the host's addresses."""
         mode = settings.DOCKER_HOST_FIREWALL
@@ -396,6 +430,12 @@ class DockerBackend(WorkspaceBackend):
                 "must refuse what they send except the registry port (README, Workspace isolation)"
             )
             return
+        cls._install_bridge_firewall(platform_url)
+
+    @staticmethod
+    def _install_bridge_firewall(platform_url: str) -> None:
+        """The rules for every interface named ``DOCKER_BRIDGE_PREFIX``*: workspace bridges and
+        the host ends of veth links alike (one chain, installed once per process)."""
         parsed = urlparse(platform_url)
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
         try:
@@ -493,9 +533,20 @@ class DockerBackend(WorkspaceBackend):
         """Create the container; returns its id. Through the engine API's create alone (the
         SDK's ``containers.create`` inspects the new container after it: one call more)."""
         mount = self._mount(spec)
-        environment = self._environment(spec, host_net=not self._own_network())
+        environment = self._environment(spec, host_net=not (self._own_network() or self._wired()))
         network_mode = "host"
-        if self._own_network():
+        disabled = False
+        if self._wired():
+            # No network of the engine's: networking disabled (a namespace with lo alone, and no
+            # prestart hook), the link made by _wire once the container runs.
+            platform_url = spec.env.get("PLATFORM_URL") or settings.PLATFORM_URL
+            gateway = self._link(spec).gateway
+            if settings.DOCKER_HOST_FIREWALL != "off":
+                self._install_bridge_firewall(platform_url)
+            environment["PLATFORM_URL"] = self.platform_url_via(platform_url, gateway)
+            network_mode = "none"
+            disabled = True
+        elif self._own_network():
             attrs = self._ensure_network(spec, known=network_known)
             platform_url = spec.env.get("PLATFORM_URL") or settings.PLATFORM_URL
             self.ensure_bridge_firewall(attrs, platform_url)
@@ -521,10 +572,12 @@ class DockerBackend(WorkspaceBackend):
             **self._limits(spec),
         )
         if not self.config_in_image(spec):
-            return self._create_container(spec, self._image(spec), environment, host_config)
+            return self._create_container(
+                spec, self._image(spec), environment, host_config, disabled
+            )
         image, files = self._config_image(spec)
         try:
-            return self._create_container(spec, image, environment, host_config)
+            return self._create_container(spec, image, environment, host_config, disabled)
         except _ImageMissing:
             pass
         # The template's config image is not on this engine yet (a new template, a changed
@@ -532,10 +585,15 @@ class DockerBackend(WorkspaceBackend):
         from provisioning.backends.agent_image import build_config_image
 
         build_config_image(self.client, image, self._image(spec), files)
-        return self._create_container(spec, image, environment, host_config)
+        return self._create_container(spec, image, environment, host_config, disabled)
 
     def _create_container(
-        self, spec: LaunchSpec, image: str, environment: dict[str, str], host_config: Any
+        self,
+        spec: LaunchSpec,
+        image: str,
+        environment: dict[str, str],
+        host_config: Any,
+        network_disabled: bool = False,
     ) -> str:
         with engine_errors(f"creating container {spec.name} from {image}"):
             try:
@@ -553,6 +611,7 @@ class DockerBackend(WorkspaceBackend):
                     # entrypoint).
                     entrypoint=list(spec.template.command) if spec.template.command else None,
                     host_config=host_config,
+                    network_disabled=network_disabled,
                 )
             except docker.errors.APIError as exc:
                 if exc.status_code == 409:
@@ -702,9 +761,17 @@ class DockerBackend(WorkspaceBackend):
             reloaded = False
             status = container.status
             if status == "running":
+                address = (
+                    {
+                        "network": self.bridge_name(spec.workspace_id),
+                        "address": self._wire(container, spec).address,
+                    }
+                    if self._wired()
+                    else self._address(container, spec)
+                )
                 return {
                     **self._state(container, spec.generation),
-                    **self._address(container, spec),
+                    **address,
                     "started_at": time.time(),
                 }
             if status in ("exited", "dead"):
@@ -765,6 +832,17 @@ class DockerBackend(WorkspaceBackend):
             self.client.volumes.get(name).remove(force=True)
         # After the container: a network with an endpoint attached cannot be removed.
         self._remove_networks(workspace_id)
+        self._unwire(workspace_id)
+
+    def _unwire(self, workspace_id: UUID | str) -> None:
+        """Delete the host end of the workspace's link, if it outlived its container (the
+        kernel deletes a pair with the container's namespace, not always at once)."""
+        if not self._wired() or not Path("/sys/class/net", self.bridge_name(workspace_id)).exists():
+            return
+        try:
+            veth.unwire(self.bridge_name(workspace_id))
+        except veth.VethError as exc:
+            raise BackendError(f"docker: {exc}") from exc
 
     def status(self, workspace_id: UUID, state: State) -> InstanceStatus:
         container = self._find(workspace_id)
@@ -917,6 +995,7 @@ class DockerBackend(WorkspaceBackend):
             ):
                 self.client.api.remove_volume(volume["Name"], force=True)
         self._remove_networks(instance.workspace_id)
+        self._unwire(instance.workspace_id)
 
 
 def _exit_reason(status: str, exit_code: int | None, facts: Mapping[str, Any]) -> str:

@@ -126,6 +126,11 @@ class SwarmBackend(DockerBackend):
     def app_address(self, workspace_id: UUID, state: State, port: int) -> str:
         return f"{settings.DOCKER_APP_HOST}:{port}"
 
+    def _wired(self) -> bool:
+        # Tasks use the host's network on whichever node runs them (DOCKER_NETWORK_MODE is the
+        # Docker backend's).
+        return False
+
     # -- names ---------------------------------------------------------------------------------
     @classmethod
     def secret_name(cls, workspace_id: UUID | str, generation: int) -> str:

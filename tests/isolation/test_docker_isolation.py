@@ -1,9 +1,11 @@
 """Workspace isolation on the Docker backend, tried from inside a real container made through the
-API by a real worker on a real engine: each workspace sits on an internal network of its own,
-as a non-root user with no capabilities, and reaches only the registry listener."""
+API by a real worker on a real engine: each workspace has a link of its own (DOCKER_NETWORK_MODE
+veth, the default) or an internal network of its own (workspace), runs as a non-root user with no
+capabilities, and reaches only the registry listener."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import subprocess
 import threading
@@ -81,8 +83,19 @@ def _iptables(tool: str, *args: str) -> str:
     return subprocess.run([tool, "-w", *args], capture_output=True, text=True, check=True).stdout
 
 
+@pytest.fixture(params=["veth", "workspace"])
+def network_mode(request: Any) -> str:
+    """Each mode with its own worker (they differ in DOCKER_NETWORK_MODE)."""
+    request.getfixturevalue("on_docker" if request.param == "veth" else "on_docker_networks")
+    return str(request.param)
+
+
 def test_a_container_reaches_only_the_registry(
-    api, on_docker, docker_engine, registry_listener: RegistryListener, host_service: int
+    api,
+    network_mode: str,
+    docker_engine,
+    registry_listener: RegistryListener,
+    host_service: int,
 ) -> None:
     b = create_online(api, "b", "docker-listener", {"B_SECRET": SECRET}, timeout=90)
     # A's agent registered: A is online.
@@ -90,14 +103,24 @@ def test_a_container_reaches_only_the_registry(
     [a_container] = docker_containers(docker_engine, str(a.id))
     [b_container] = docker_containers(docker_engine, str(b.id))
     b_address = b.backend_state["address"]
-    a_network = docker_engine.networks.get(a.backend_state["network"])
-    [a_ipam] = a_network.attrs["IPAM"]["Config"]
-    gateway = a_ipam["Gateway"]
     assert a.backend_state["network"] != b.backend_state["network"]
-    assert a_network.attrs["Internal"] is True
-    # The network's bridge carries the prefix the host firewall matches, and the firewall is
-    # there with the port agents call (the registry listener's).
-    bridge = a_network.attrs["Options"]["com.docker.network.bridge.name"]
+    if network_mode == "veth":
+        # No network of the engine's: the worker's link, a /31 numbered by A's isolation uid.
+        assert a_container.attrs["HostConfig"]["NetworkMode"] == "none"
+        assert a.isolation_uid is not None and b.isolation_uid is not None
+        offset = a.isolation_uid - settings.WORKSPACE_UID_RANGE[0]
+        subnet = ipaddress.IPv4Network(settings.DOCKER_VETH_SUBNET)
+        gateway = str(subnet.network_address + 2 * offset)
+        assert a.backend_state["address"] == str(subnet.network_address + 2 * offset + 1)
+        bridge = a.backend_state["network"]
+    else:
+        a_network = docker_engine.networks.get(a.backend_state["network"])
+        [a_ipam] = a_network.attrs["IPAM"]["Config"]
+        gateway = a_ipam["Gateway"]
+        assert a_network.attrs["Internal"] is True
+        bridge = a_network.attrs["Options"]["com.docker.network.bridge.name"]
+    # The bridge (veth: the link's host end) carries the prefix the host firewall matches, and
+    # the firewall is there with the port agents call (the registry listener's).
     assert bridge == DockerBackend.bridge_name(a.id) and Path("/sys/class/net", bridge).exists()
     chain, prefix = settings.WORKSPACE_FIREWALL_CHAIN, settings.DOCKER_BRIDGE_PREFIX
     for tool in ("iptables", "ip6tables"):
@@ -137,12 +160,13 @@ def test_a_container_reaches_only_the_registry(
     assert SECRET.encode() not in environs
     assert b"B_SECRET" in b_container.exec_run(["cat", "/proc/1/environ"]).output
 
-    # Removal takes the network with it.
+    # Removal takes the network (the link) with it.
     assert api.delete(f"/api/workspaces/{b.id}/").status_code == 202
     wait_for(
         lambda: Workspace.objects.get(id=b.id).status == S.REMOVED, timeout=60, message="removed"
     )
     assert docker_engine.networks.list(names=[b.backend_state["network"]]) == []
+    assert not Path("/sys/class/net", DockerBackend.bridge_name(b.id)).exists()
 
 
 @pytest.mark.parametrize(

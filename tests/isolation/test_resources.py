@@ -13,6 +13,7 @@ import pytest
 from provisioning.backends.base import LaunchSpec
 from provisioning.backends.docker import DockerBackend
 from provisioning.manifests import InvalidManifest, Resources, parse_manifest, templates
+from tests.support import next_backend_uid
 
 
 def _manifest(tmp_path: Path, text: str) -> Path:
@@ -58,6 +59,7 @@ def test_the_manifests_resources_are_applied_to_the_container(docker_engine: Any
         1,
         template,
         {"WORKSPACE_ID": str(workspace_id), "WORKSPACE_TOKEN": "t", "PLATFORM_URL": "http://x:9"},
+        uid=next_backend_uid(),
     )
     backend = DockerBackend()
     try:

@@ -73,6 +73,10 @@ def test_malformed_values_name_the_variable(reader, value) -> None:
         ("DATABASE_URL", "sqlite:///db.sqlite3"),
         ("PLATFORM_URL", "localhost"),
         ("WORKSPACE_APP_PORTS", "20000-70000"),
+        ("DOCKER_NETWORK_MODE", "bridge"),
+        ("DOCKER_VETH_SUBNET", "10.213.0.0/33"),
+        # a /24 holds 128 links, fewer than the default uid range's 1,000 workspaces
+        ("DOCKER_VETH_SUBNET", "10.213.0.0/24"),
     ],
 )
 @pytest.mark.slow

@@ -6,9 +6,11 @@ fixture). Workspaces here are only ids; the e2e tests drive the backend through 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +28,7 @@ from provisioning.backends.base import (
 )
 from provisioning.backends.docker import DockerBackend, _label
 from provisioning.manifests import Template, templates
-from tests.support import wait_for
+from tests.support import next_backend_uid, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -53,6 +55,8 @@ def _spec(workspace_id: uuid.UUID, generation: int, **env: str) -> LaunchSpec:
             "PLATFORM_URL": "http://127.0.0.1:9",
             **env,
         },
+        # DOCKER_NETWORK_MODE=veth numbers the workspace's link by its uid.
+        uid=next_backend_uid(),
     )
 
 
@@ -68,9 +72,11 @@ def _read(engine: Any, name: str, path: str) -> str:
     return str(result.output.decode())
 
 
+@pytest.mark.parametrize("network_mode", ["veth", "workspace"])
 def test_full_round_trip_names_labels_volume_env(
-    backend: DockerBackend, docker_engine, settings
+    backend: DockerBackend, docker_engine, settings, network_mode: str
 ) -> None:
+    settings.DOCKER_NETWORK_MODE = network_mode
     # The platform writes the config (the image delivery has its own test below).
     settings.DOCKER_CONFIG_DELIVERY = "archive"
     workspace_id = uuid.uuid4()
@@ -87,12 +93,19 @@ def test_full_round_trip_names_labels_volume_env(
     assert labels[_label("platform")] == settings.PLATFORM_ID
     volume = docker_engine.volumes.get(f"{name}-configs")
     assert volume.attrs["Labels"][_label("workspace-id")] == str(workspace_id)
-    # Its own internal network, non-root, no capabilities, no privilege gains, limits applied.
+    # Its own link (veth: networking disabled until the worker wires it) or its own internal
+    # network; non-root, no capabilities, no privilege gains, limits applied.
     host_config = container.attrs["HostConfig"]
-    assert host_config["NetworkMode"] == f"{name}-net"
-    network = docker_engine.networks.get(f"{name}-net")
-    assert network.attrs["Internal"] is True
-    assert network.attrs["Labels"][_label("workspace-id")] == str(workspace_id)
+    veth = network_mode == "veth"
+    if veth:
+        assert host_config["NetworkMode"] == "none"
+        assert container.attrs["Config"].get("NetworkDisabled") is True
+        assert docker_engine.networks.list(names=[f"{name}-net"]) == []
+    else:
+        assert host_config["NetworkMode"] == f"{name}-net"
+        network = docker_engine.networks.get(f"{name}-net")
+        assert network.attrs["Internal"] is True
+        assert network.attrs["Labels"][_label("workspace-id")] == str(workspace_id)
     assert container.attrs["Config"]["User"] == settings.DOCKER_WORKSPACE_USER
     assert host_config["CapDrop"] == ["ALL"]
     assert host_config["SecurityOpt"] == ["no-new-privileges:true"]
@@ -107,11 +120,24 @@ def test_full_round_trip_names_labels_volume_env(
 
     state = backend.start(spec, state)
     assert "secret-token" not in str(state)
-    # Where the reverse proxy reaches the container: its address on its own network.
-    network.reload()
-    [endpoint] = network.attrs["Containers"].values()
-    assert state["network"] == f"{name}-net"
-    assert state["address"] == endpoint["IPv4Address"].split("/")[0]
+    # Where the reverse proxy reaches the container: its address on its own link or network.
+    if veth:
+        host_end = backend.bridge_name(workspace_id)
+        offset = spec.uid - settings.WORKSPACE_UID_RANGE[0]
+        gateway = ipaddress.IPv4Network(settings.DOCKER_VETH_SUBNET).network_address + 2 * offset
+        assert state["network"] == host_end
+        assert state["address"] == str(gateway + 1)
+        assert (Path("/sys/class/net") / host_end / "operstate").read_text().strip() == "up"
+        # The container sees eth0 with the odd address and reaches the platform at the even one.
+        inside = _read(docker_engine, name, "/proc/net/fib_trie")
+        assert str(gateway + 1) in inside
+        environ = _read(docker_engine, name, "/proc/1/environ").split("\0")
+        assert f"PLATFORM_URL=http://{gateway}:9" in environ
+    else:
+        network.reload()
+        [endpoint] = network.attrs["Containers"].values()
+        assert state["network"] == f"{name}-net"
+        assert state["address"] == endpoint["IPv4Address"].split("/")[0]
     status = backend.status(workspace_id, state)
     assert status.exists and status.running
     mount = settings.DOCKER_CONFIG_MOUNT
@@ -137,6 +163,7 @@ def test_full_round_trip_names_labels_volume_env(
     assert _containers(docker_engine, workspace_id) == []
     assert docker_engine.volumes.list(filters={"name": f"{name}-configs"}) == []
     assert docker_engine.networks.list(names=[f"{name}-net"]) == []
+    assert not (Path("/sys/class/net") / backend.bridge_name(workspace_id)).exists()
     backend.remove(workspace_id, state)  # not found means done
     assert backend.status(workspace_id, {}).exists is False
 
@@ -308,7 +335,7 @@ def test_missing_image_is_a_clear_permanent_error(backend: DockerBackend, docker
     workspace_id = uuid.uuid4()
     base = _spec(workspace_id, 1)
     template = Template(name="ghost", path=base.template.path, runtime="shell", image="nope:1")
-    spec = LaunchSpec(workspace_id, 1, template, base.env)
+    spec = LaunchSpec(workspace_id, 1, template, base.env, uid=base.uid)
     with pytest.raises(BackendError) as raised:
         backend.prepare(spec, {})
     assert not isinstance(raised.value, TransientBackendError)
@@ -325,7 +352,7 @@ def test_a_command_missing_from_the_image_is_a_permanent_error(
     template = Template(
         name="broken", path=base.template.path, runtime="shell", command=("/no/such/agent",)
     )
-    spec = LaunchSpec(workspace_id, 1, template, base.env)
+    spec = LaunchSpec(workspace_id, 1, template, base.env, uid=base.uid)
     state = backend.prepare(spec, {})
     with pytest.raises(BackendError) as raised:
         backend.start(spec, state)
@@ -409,11 +436,12 @@ def _engine_calls(backend: DockerBackend, steps: Callable[[], None]) -> list[str
 
 
 @pytest.mark.parametrize("delivery", ["image", "archive"])
-@pytest.mark.parametrize("network_mode", ["workspace", "host"])
+@pytest.mark.parametrize("network_mode", ["veth", "workspace", "host"])
 def test_a_provision_makes_the_fewest_engine_calls(
     backend: DockerBackend, docker_engine, settings, network_mode: str, delivery: str
 ) -> None:
-    """The engine spends CPU per call. A first provision: the network (create, inspect), the
+    """The engine spends CPU per call. A first provision: the network (create, inspect; veth
+    makes its link outside the engine), the
     container with its volume (one create; with DOCKER_CONFIG_DELIVERY=image the engine copies
     the template's files in from the config image as it creates it), the config archive (only
     with DOCKER_CONFIG_DELIVERY=archive), start and one inspect. A restart removes the old

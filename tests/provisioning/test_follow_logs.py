@@ -27,6 +27,7 @@ from provisioning.backends.base import (
 from provisioning.backends.follow import Seen, changes
 from provisioning.backends.process import ProcessBackend
 from provisioning.manifests import Template
+from tests.support import next_backend_uid
 
 # A guard against a follower that never delivers (the test fails instead of hanging); never
 # an assertion about how fast anything is.
@@ -231,6 +232,7 @@ def test_docker_follower_streams_a_containers_new_lines_across_a_restart(
     backend = FACTORIES["docker"]()
     assert isinstance(backend, DockerBackend)
     workspace_id = uuid.uuid4()
+    uid = next_backend_uid()
 
     def spec(generation: int, word: str) -> LaunchSpec:
         script = f"i=0; while true; do echo {word} $i; i=$((i+1)); sleep 0.2; done"
@@ -242,6 +244,8 @@ def test_docker_follower_streams_a_containers_new_lines_across_a_restart(
             generation,
             template,
             {"WORKSPACE_ID": str(workspace_id), "PLATFORM_URL": "http://127.0.0.1:9"},
+            # DOCKER_NETWORK_MODE=veth numbers the workspace's link by its uid.
+            uid=uid,
         )
 
     first = spec(1, "first")

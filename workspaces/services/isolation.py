@@ -1,5 +1,6 @@
-"""Isolation writes: the uid a process-backend workspace runs as, and the single-owner rule of
-unisolated development (``WORKSPACE_PROCESS_ISOLATION=none``).
+"""Isolation writes: the uid a process-backend workspace runs as (on Docker with veth links: the
+number of its link), and the single-owner rule of unisolated development
+(``WORKSPACE_PROCESS_ISOLATION=none``).
 
 A uid is taken from ``WORKSPACE_UID_RANGE`` under a transaction-scoped advisory lock (allocations
 queue instead of racing); the partial unique constraint ``workspace_uid_unique_live`` is what
@@ -29,7 +30,12 @@ class IsolationRefused(TransitionNotAllowed):
 
 
 def uid_isolation_applies(backend: str) -> bool:
-    return backend == "process" and settings.WORKSPACE_PROCESS_ISOLATION == "uid"
+    """Whether a workspace on ``backend`` holds a uid of ``WORKSPACE_UID_RANGE``: the process
+    backend runs it as that uid; the Docker backend with ``DOCKER_NETWORK_MODE=veth`` numbers its
+    link by it (the uid's offset picks the link's /31, unique among live workspaces)."""
+    if backend == "process":
+        return bool(settings.WORKSPACE_PROCESS_ISOLATION == "uid")
+    return backend == "docker" and settings.DOCKER_NETWORK_MODE == "veth"
 
 
 def _lock_allocation() -> None:
