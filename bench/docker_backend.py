@@ -1,14 +1,16 @@
 """Docker backend overhead, each figure beside its floor on the same engine in the same run.
 
-For each network mode (``workspace``, the default: an internal bridge network per workspace;
-``host``, the documented opt-out) with the default config delivery (``image``: the engine fills
-the volume from the template's config image as it creates the container), and for ``host`` with
+For each network mode (``veth``, the default: networking disabled and a veth link the worker
+makes; ``workspace``: an internal bridge network per workspace, made through the engine; ``host``,
+the documented opt-out) with the default config delivery (``image``: the engine fills the volume
+from the template's config image as it creates the container), and for ``host`` with
 ``DOCKER_CONFIG_DELIVERY=archive`` (one put_archive per provision):
 
-* a provision cycle (``lifecycle.converge``: gate, fenced DB writes, token, network, container
-  with its volume, the config, start) vs the bare engine calls the same start needs (network
-  create and inspect in ``workspace`` mode, create with the volume mount, with ``archive`` one
-  put_archive of the config files and marker, start, one inspect), called one after the other;
+* a provision cycle (``lifecycle.converge``: gate, fenced DB writes, token, network or link,
+  container with its volume, the config, start) vs the bare engine calls the same start needs
+  (network create and inspect in ``workspace`` mode, create with the volume mount (``veth``:
+  networking disabled), with ``archive`` one put_archive of the config files and marker, start,
+  one inspect), called one after the other;
 * the engine's CPU per provisioned workspace (dockerd, containerd and the shims, read from /proc
   around a batch of cycles) vs what a bare container costs it: create, start and inspect on the
   host's network with no volume and no archive (what DockerSpawner asks of the engine).
@@ -92,11 +94,11 @@ def run(repeats: int) -> list[Figure]:
         made.append(workspace)
         lifecycle.converge(workspace.id)
 
-    def bare(own_network: bool, volume: bool = True, archive: bool = False) -> None:
+    def bare(mode: str, volume: bool = True, archive: bool = False) -> None:
         name = f"bench-raw-{uuid.uuid4().hex[:12]}"
         raw.append(name)
-        network_mode = "host"
-        if own_network:
+        network_mode = "none" if mode == "veth" else "host"
+        if mode == "workspace":
             created = client.api.create_network(
                 f"{name}-net", driver="bridge", internal=True, check_duplicate=True
             )
@@ -108,6 +110,7 @@ def run(repeats: int) -> list[Figure]:
             name=name,
             environment={"WORKSPACE_ID": name, "WORKSPACE_TOKEN": "x", "PLATFORM_URL": "x"},
             host_config=client.api.create_host_config(mounts=mounts, network_mode=network_mode),
+            network_disabled=mode == "veth",
         )
         if archive:
             client.api.put_archive(
@@ -131,11 +134,11 @@ def run(repeats: int) -> list[Figure]:
 
     figures: list[Figure] = []
     spawner_cpu: list[float] = []
-    variants = (("workspace", "image"), ("host", "image"), ("host", "archive"))
+    variants = (("veth", "image"), ("workspace", "image"), ("host", "image"), ("host", "archive"))
     for mode, delivery in variants:
         settings.DOCKER_NETWORK_MODE = mode
         settings.DOCKER_CONFIG_DELIVERY = delivery
-        own, archive = mode == "workspace", delivery == "archive"
+        archive = delivery == "archive"
         cycle: list[float] = []
         floor: list[float] = []
         cycle_cpu: list[float] = []
@@ -143,13 +146,14 @@ def run(repeats: int) -> list[Figure]:
         clean()
         for _ in range(repeats):
             cycle.append(timed(provision))
-            floor.append(timed(lambda own=own, archive=archive: bare(own, True, archive)))
+            floor.append(timed(lambda mode=mode, archive=archive: bare(mode, True, archive)))
             cycle_cpu.append(_engine_ms_per(BATCH, lambda: _times(BATCH, provision)))
             spawner_cpu.append(
-                _engine_ms_per(BATCH, lambda: _times(BATCH, lambda: bare(False, False)))
+                _engine_ms_per(BATCH, lambda: _times(BATCH, lambda: bare("host", False)))
             )
             clean()
-        network = "network create+inspect, " if own else ""
+        network = "network create+inspect, " if mode == "workspace" else ""
+        disabled = " (networking disabled)" if mode == "veth" else ""
         copy = ", put_archive" if archive else ""
         variant = f"DOCKER_NETWORK_MODE={mode}, DOCKER_CONFIG_DELIVERY={delivery}"
         figures.append(
@@ -157,7 +161,8 @@ def run(repeats: int) -> list[Figure]:
                 f"docker provision cycle, {variant} (converge to start)",
                 "s",
                 cycle,
-                floor_name=f"bare engine {network}create with volume{copy}, start, inspect",
+                floor_name=f"bare engine {network}create with volume{disabled}{copy}, start, "
+                "inspect",
                 floor_samples=floor,
             )
         )

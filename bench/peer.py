@@ -35,16 +35,18 @@ everything is removed between rounds, untimed.
 
 Containers on both sides run as uid 10001 with every capability dropped, ``no-new-privileges``,
 512 MiB, 1 CPU and 256 pids. What differs, by design of each product: the hub's servers use the
-host's network; each workspace here gets its own internal bridge network (created and removed
-with it; ``--network host`` runs this side on the host's network too, the backend's documented
-opt-out), a config volume the engine fills from the template's config image as it creates the
+host's network; each workspace here gets a network link of its own (``DOCKER_NETWORK_MODE=veth``,
+the default: the container starts with networking disabled and the worker wires a veth pair into
+it; ``--network workspace``: an internal bridge network made through the engine, created and
+removed with it; ``--network host``: the host's network, the backend's documented opt-out), a
+config volume the engine fills from the template's config image as it creates the
 container, a per-workspace token, rows and events in PostgreSQL and a gate in Redis, and a
 heartbeat every 10 s (``AGENT_HEARTBEAT_SECONDS``).
 
 Not in CI and not a default dependency group::
 
     uv sync --group peer          # jupyterhub, dockerspawner, matplotlib
-    python -m bench peer [--sizes 1 10 50 200] [--rounds 3] [--network workspace|host]
+    python -m bench peer [--sizes 1 10 50 200] [--rounds 3] [--network veth|workspace|host]
     python -m bench peer --backend process [--sizes 1 10 50 200 500]   # bench.peer_process
 
 Uses the engine in ``DOCKER_HOST`` (``BENCH_DOCKERD_ROOT``: the engine's folder, to find its
@@ -860,8 +862,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--network",
-        choices=("workspace", "host"),
-        default="workspace",
+        choices=("veth", "workspace", "host"),
+        default="veth",
         help="docker: this platform's DOCKER_NETWORK_MODE (default: its own default)",
     )
     parser.add_argument(
@@ -916,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     import dockerspawner
 
-    if args.network == "workspace":
+    if args.network == "veth":
         heading = ["## peer: JupyterHub", "", (__doc__ or "").strip(), ""]
     else:
         heading = [f"### peer, this platform with DOCKER_NETWORK_MODE={args.network}", ""]

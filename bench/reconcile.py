@@ -322,7 +322,7 @@ def _docker_figures(repeats: int, containers: int = DOCKER_CONTAINERS) -> list[F
             name=f"ws-{workspace_id}",
             labels={**labels, _label("generation"): "1"},
             volumes={volume.name: {"bind": settings.DOCKER_CONFIG_MOUNT, "mode": "rw"}},
-            network_mode=settings.DOCKER_NETWORK_MODE,
+            network_mode="none",  # listing does not depend on it; nothing to wire
             detach=True,
         )
 
