@@ -195,22 +195,35 @@ def registry_listener(worker_env: dict[str, str]) -> Iterator[RegistryListener]:
     listener.stop()
 
 
+def _docker_worker(
+    worker_env: dict[str, str],
+    registry_listener: RegistryListener,
+    queue: str,
+    name: str,
+    concurrency: int,
+    **extra: str,
+) -> Iterator[Worker]:
+    """A real Celery worker on the Docker backend, alone on its lifecycle queue; its agents call
+    the registry listener (PLATFORM_URL's host becomes each workspace's gateway)."""
+    env = {
+        **worker_env,
+        "WORKSPACE_BACKEND": "docker",
+        "CELERY_LIFECYCLE_QUEUE": queue,
+        "PLATFORM_URL": registry_listener.url,
+        **extra,
+    }
+    worker = Worker(env, concurrency=concurrency, name=name, queues=queue).start()
+    yield worker
+    worker.stop()
+    shutil.copy(worker.log_path, Path(tempfile.gettempdir()) / f"e2e-{name}-worker.log")
+
+
 @pytest.fixture(scope="session")
 def docker_worker(
     docker_engine: Any, worker_env: dict[str, str], registry_listener: RegistryListener
 ) -> Iterator[Worker]:
-    """A real Celery worker on the Docker backend, alone on its own lifecycle queue. Its agents
-    call the registry listener (PLATFORM_URL's host becomes each network's gateway)."""
-    env = {
-        **worker_env,
-        "WORKSPACE_BACKEND": "docker",
-        "CELERY_LIFECYCLE_QUEUE": DOCKER_QUEUE,
-        "PLATFORM_URL": registry_listener.url,
-    }
-    worker = Worker(env, concurrency=3, name="docker", queues=DOCKER_QUEUE).start()
-    yield worker
-    worker.stop()
-    shutil.copy(worker.log_path, Path(tempfile.gettempdir()) / "e2e-docker-worker.log")
+    """The Docker backend's worker, in the default DOCKER_NETWORK_MODE (veth)."""
+    yield from _docker_worker(worker_env, registry_listener, DOCKER_QUEUE, "docker", 3)
 
 
 @pytest.fixture
@@ -228,20 +241,16 @@ DOCKER_NETWORKS_QUEUE = "lifecycle-docker-networks"
 def docker_networks_worker(
     docker_engine: Any, worker_env: dict[str, str], registry_listener: RegistryListener
 ) -> Iterator[Worker]:
-    """A real Celery worker on the Docker backend with DOCKER_NETWORK_MODE=workspace (one
-    internal network per workspace, made through the engine), on a queue of its own."""
-    env = {
-        **worker_env,
-        "WORKSPACE_BACKEND": "docker",
-        "DOCKER_NETWORK_MODE": "workspace",
-        "CELERY_LIFECYCLE_QUEUE": DOCKER_NETWORKS_QUEUE,
-        "PLATFORM_URL": registry_listener.url,
-    }
-    worker = Worker(env, concurrency=2, name="docker-networks", queues=DOCKER_NETWORKS_QUEUE)
-    worker.start()
-    yield worker
-    worker.stop()
-    shutil.copy(worker.log_path, Path(tempfile.gettempdir()) / "e2e-docker-networks-worker.log")
+    """A Docker backend worker with DOCKER_NETWORK_MODE=workspace (one internal network per
+    workspace, made through the engine), on a queue of its own."""
+    yield from _docker_worker(
+        worker_env,
+        registry_listener,
+        DOCKER_NETWORKS_QUEUE,
+        "docker-networks",
+        2,
+        DOCKER_NETWORK_MODE="workspace",
+    )
 
 
 @pytest.fixture
