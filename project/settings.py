@@ -362,11 +362,11 @@ except ValueError as _exc:
     raise ImproperlyConfigured(
         f"DOCKER_VETH_SUBNET must be an IPv4 network such as 10.213.0.0/16: {_exc}"
     ) from None
-if _veth_subnet.num_addresses // 2 < WORKSPACE_UID_RANGE[1] - WORKSPACE_UID_RANGE[0] + 1:
+_links, _uids = _veth_subnet.num_addresses // 2, WORKSPACE_UID_RANGE[1] - WORKSPACE_UID_RANGE[0] + 1
+if _links < _uids:
     raise ImproperlyConfigured(
-        f"DOCKER_VETH_SUBNET={DOCKER_VETH_SUBNET} holds {_veth_subnet.num_addresses // 2} /31 "
-        f"links, fewer than the {WORKSPACE_UID_RANGE[1] - WORKSPACE_UID_RANGE[0] + 1} uids of "
-        "WORKSPACE_UID_RANGE (one link per live workspace)"
+        f"DOCKER_VETH_SUBNET={DOCKER_VETH_SUBNET} holds {_links} /31 links, fewer than the "
+        f"{_uids} uids of WORKSPACE_UID_RANGE (one link per live workspace)"
     )
 # A workspace network's bridge (veth: the host end of its link) is named this prefix + the start
 # of the workspace id (15 characters in all), so the host firewall matches them all with one

@@ -533,25 +533,25 @@ class DockerBackend(WorkspaceBackend):
         """Create the container; returns its id. Through the engine API's create alone (the
         SDK's ``containers.create`` inspects the new container after it: one call more)."""
         mount = self._mount(spec)
-        environment = self._environment(spec, host_net=not (self._own_network() or self._wired()))
+        host_net = not (self._own_network() or self._wired())
+        environment = self._environment(spec, host_net=host_net)
+        platform_url = spec.env.get("PLATFORM_URL") or settings.PLATFORM_URL
         network_mode = "host"
-        disabled = False
         if self._wired():
             # No network of the engine's: networking disabled (a namespace with lo alone, and no
             # prestart hook), the link made by _wire once the container runs.
-            platform_url = spec.env.get("PLATFORM_URL") or settings.PLATFORM_URL
             gateway = self._link(spec).gateway
             if settings.DOCKER_HOST_FIREWALL != "off":
                 self._install_bridge_firewall(platform_url)
-            environment["PLATFORM_URL"] = self.platform_url_via(platform_url, gateway)
             network_mode = "none"
-            disabled = True
         elif self._own_network():
             attrs = self._ensure_network(spec, known=network_known)
-            platform_url = spec.env.get("PLATFORM_URL") or settings.PLATFORM_URL
             self.ensure_bridge_firewall(attrs, platform_url)
-            environment["PLATFORM_URL"] = self.platform_url_via(platform_url, self._gateway(attrs))
+            gateway = self._gateway(attrs)
             network_mode = self.network_name(spec.workspace_id)
+        if not host_net:
+            environment["PLATFORM_URL"] = self.platform_url_via(platform_url, gateway)
+        disabled = self._wired()
         host_config = self.client.api.create_host_config(
             # The engine creates the config volume with the container (with these labels; a new
             # volume takes the owner and mode of the image's folder) or mounts the existing one,
@@ -837,7 +837,7 @@ class DockerBackend(WorkspaceBackend):
     def _unwire(self, workspace_id: UUID | str) -> None:
         """Delete the host end of the workspace's link, if it outlived its container (the
         kernel deletes a pair with the container's namespace, not always at once)."""
-        if not self._wired() or not Path("/sys/class/net", self.bridge_name(workspace_id)).exists():
+        if not self._wired():
             return
         try:
             veth.unwire(self.bridge_name(workspace_id))

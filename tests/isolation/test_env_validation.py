@@ -90,8 +90,17 @@ def test_the_service_itself_refuses_denied_keys() -> None:
     assert raised.value.field == "env" and "LD_PRELOAD" in raised.value.message
 
 
-def test_process_workspaces_get_distinct_uids_from_the_range(api, settings) -> None:
-    settings.WORKSPACE_BACKEND = "process"
+@pytest.mark.parametrize(
+    ("backend", "network_mode", "holds_uid"),
+    [("process", "veth", True), ("docker", "veth", True), ("docker", "workspace", False)],
+)
+def test_workspaces_get_distinct_uids_from_the_range(
+    api, settings, backend: str, network_mode: str, holds_uid: bool
+) -> None:
+    """Process workspaces run as their uid; Docker workspaces with veth links take the link the
+    uid numbers, so two live ones never share an address. Docker networks need none."""
+    settings.WORKSPACE_BACKEND = backend
+    settings.DOCKER_NETWORK_MODE = network_mode
     ids = []
     for name in ("one", "two", "three"):
         response = api.post(
@@ -100,6 +109,9 @@ def test_process_workspaces_get_distinct_uids_from_the_range(api, settings) -> N
         assert response.status_code == 201, response.content
         ids.append(response.json()["id"])
     uids = [Workspace.objects.get(id=i).isolation_uid for i in ids]
+    if not holds_uid:
+        assert uids == [None, None, None]
+        return
     low, high = settings.WORKSPACE_UID_RANGE
     assert len(set(uids)) == 3 and all(low <= uid <= high for uid in uids)
 
