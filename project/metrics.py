@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 CYCLE_DURATION = Histogram(
     "workspace_cycle_duration_seconds",
     "Time one lifecycle cycle held the gate, by action (provision, start, restart, stop, "
-    "remove, reap) and outcome (done, abandoned when a newer cycle took over, error)",
+    "remove, reap) and outcome (done, abandoned when a newer cycle took over, replanned when a "
+    "request changed the intent before the cycle began, error)",
     ["action", "outcome"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
 )

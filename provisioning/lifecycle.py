@@ -91,7 +91,7 @@ def converge(
     done: list[str] = []
     lost = False
     with gate.hold(workspace_id, holder) as lease:
-        for _ in range(MAX_CYCLES_PER_HOLD):
+        while len(done) < MAX_CYCLES_PER_HOLD:
             # What ``plan`` decides on (and the log names): each cycle locks and reads the whole
             # row itself when it begins.
             workspace = (
@@ -111,6 +111,12 @@ def converge(
             try:
                 ran = cycle(workspace, action, lease, final_attempt)
                 outcome = "done"
+            except services.IntentChanged as exc:
+                # A request committed after the read above: plan again from the row as it is.
+                # Each pass of this kind follows a newer committed request; nothing was written.
+                logger.info("cycle %s for %s not begun: %s", action, workspace_id, exc)
+                outcome = "replanned"
+                continue
             except services.LeaseLost as exc:
                 # A newer cycle took over (our lease expired): it owns the workspace now.
                 logger.warning(

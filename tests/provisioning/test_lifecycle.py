@@ -196,6 +196,97 @@ def test_stop_requested_before_the_first_cycle_never_starts_anything(user, fake)
     assert "start" not in fake.calls_for(workspace.id)
 
 
+def _stuck_and_failed(workspace: Workspace) -> None:
+    """What the stuck-provisioning sweep leaves: failed, with "stopped" pending."""
+    workspace.refresh_from_db()
+    assert workspace.provisioning_started_at is not None
+    assert services.fail_stuck_provisioning(
+        workspace.id,
+        generation=workspace.generation,
+        started_at=workspace.provisioning_started_at,
+        timeout_secs=1,
+        template=workspace.template,
+        runtime=workspace.runtime,
+    )
+
+
+def _stopped_before_the_first_cycle(workspace: Workspace) -> None:
+    services.request_stop(workspace.id)
+
+
+def _stopped_then_started(workspace: Workspace) -> None:
+    lifecycle.converge(workspace.id)
+    services.request_stop(workspace.id)
+    lifecycle.converge(workspace.id)
+    services.request_start(workspace.id)
+
+
+def _provisioned_then_stuck(workspace: Workspace) -> None:
+    lifecycle.converge(workspace.id)
+    _stuck_and_failed(workspace)
+
+
+# A request that commits after the lifecycle read the row (its plan) and before the cycle locks
+# it (begin_cycle) changes what the row asks for. The cycle must not begin on it: it would record
+# the newer request as handled (handled_seq = the locked requested_seq) with the wrong work done.
+# race: (how the row is set up, the plan read, the request that lands, what runs, the status).
+PLAN_RACES = {
+    "start after a stop was planned": (
+        _stopped_before_the_first_cycle,
+        "stop",
+        services.request_start,
+        ["provision"],
+        WorkspaceStatus.PROVISIONING,
+    ),
+    "stop after a start was planned": (
+        _stopped_then_started,
+        "start",
+        services.request_stop,
+        ["stop"],
+        WorkspaceStatus.STOPPED,
+    ),
+    # failed by the stuck sweep ("stopped" pending): the plan is "reap".
+    "start after a reap was planned": (
+        _provisioned_then_stuck,
+        "reap",
+        services.request_start,
+        ["restart"],
+        WorkspaceStatus.PROVISIONING,
+    ),
+}
+
+
+@pytest.mark.parametrize("race", sorted(PLAN_RACES))
+def test_a_request_between_plan_and_cycle_is_never_answered_by_the_wrong_cycle(
+    user, fake, monkeypatch, race
+) -> None:
+    setup, planned, request, done, status = PLAN_RACES[race]
+    workspace = _create(user)
+    setup(workspace)
+    plan = lifecycle.plan
+    seen: list[str] = []
+
+    def plan_then_request(row: Workspace) -> lifecycle.Action | None:
+        action = plan(row)
+        seen.append(str(action))
+        if len(seen) == 1:
+            assert action == planned
+            request(row.id)  # commits now: after the read, before the cycle's lock
+        return action
+
+    monkeypatch.setattr(lifecycle, "plan", plan_then_request)
+    assert lifecycle.converge(workspace.id) == done
+    assert seen[0] == planned and seen[1] == done[0]  # planned again from the row as it is
+    workspace.refresh_from_db()
+    assert workspace.status == status
+    assert workspace.handled_seq == workspace.requested_seq
+    running = status != WorkspaceStatus.STOPPED
+    assert workspace.is_running is running
+    # What runs is the instance of the cycle that answered the request (and nothing otherwise).
+    assert fake.running == ({str(workspace.id): workspace.generation} if running else {})
+    assert lifecycle.converge(workspace.id) == []  # nothing pending, nothing swallowed
+
+
 def test_remove_deletes_backend_resources(user, fake) -> None:
     workspace = _create(user)
     lifecycle.converge(workspace.id)

@@ -123,6 +123,11 @@ class LeaseLost(ServiceError):
     """A fenced write matched no row: a newer cycle owns the workspace now."""
 
 
+class IntentChanged(ServiceError):
+    """A request committed between the lifecycle's plan and the cycle's row lock asked for
+    something else: nothing was written, and the lifecycle plans again from the locked truth."""
+
+
 # --- validation shared by the API, the admin and manage.py ---------------------------------------
 def validate_name(name: Any) -> str:
     # fullmatch: NAME_RE's "$" would also accept a trailing newline.

@@ -19,6 +19,7 @@ from django.utils import timezone
 from workspaces.crypto import token_digest
 from workspaces.models import AgentToken, Workspace
 from workspaces.services.common import (
+    IntentChanged,
     LeaseLost,
     _enqueue_converge,
     _fenced,
@@ -39,6 +40,16 @@ S = WorkspaceStatus
 
 
 # --- cycle writes (called by provisioning.lifecycle under the gate) -------------------------------
+# The intent each kind of cycle answers. A cycle records ``handled_seq`` = the ``requested_seq``
+# it locked, so it may begin only while the locked row still asks for what it does: a stop cycle
+# that began on a row a start request had just changed would mark that start handled.
+_SERVES: dict[WorkspaceStatus, DesiredState] = {
+    S.PROVISIONING: DesiredState.RUNNING,
+    S.STOPPING: DesiredState.STOPPED,
+    S.REMOVING: DesiredState.REMOVED,
+}
+
+
 @dataclass(frozen=True)
 class CycleStart:
     workspace: Workspace  # the row as it is after the generation bump
@@ -55,6 +66,11 @@ def begin_cycle(
 ) -> CycleStart | None:
     """Bump the generation and move to ``target``; None if the status no longer allows it.
 
+    The lifecycle planned the cycle from a read without the lock; a request may have changed the
+    intent since. ``IntentChanged`` (nothing written) when the locked row no longer asks for what
+    ``target`` serves, so the lifecycle plans again instead of answering a newer request with the
+    wrong cycle.
+
     ``still_owner`` (the gate's lease check) runs while the row is locked. A holder that passes
     it owned the gate at that moment, so anyone who takes the gate later blocks on this row lock
     until the bump commits and then bumps past it: a holder paused beyond its lease can never
@@ -63,6 +79,11 @@ def begin_cycle(
     now = timezone.now()
     with transaction.atomic():
         workspace = _locked(workspace_id)
+        if workspace.desired_state != _SERVES[target]:
+            raise IntentChanged(
+                f"workspace {workspace_id} now wants {workspace.desired_state}, "
+                f"not what a {target} cycle does"
+            )
         if workspace.status not in allowed_sources(target):
             return None
         if still_owner is not None and not still_owner():
@@ -295,19 +316,18 @@ def begin_reap(
     """Begin the cycle that stops what a failed workspace left running, keeping it ``failed``.
 
     Only while the row is still ``failed`` with the intent "stopped" pending (what the sweep's
-    flip records); a start, stop or delete request in between wins and this returns None. Bumps
+    flip records); a start, stop or delete request in between wins: ``IntentChanged``, and the
+    lifecycle plans again. Bumps
     the generation like every cycle, so a holder of the stuck cycle whose lease expired can no
     longer write. ``still_owner`` is checked under the row lock, as in ``begin_cycle``; raises
     ``LeaseLost`` when it fails.
     """
     with transaction.atomic():
         workspace = _locked(workspace_id)
-        if (
-            workspace.status != S.FAILED
-            or workspace.desired_state != DesiredState.STOPPED
-            or not workspace.has_pending_intent
-        ):
+        if not workspace.has_pending_intent:
             return None
+        if workspace.status != S.FAILED or workspace.desired_state != DesiredState.STOPPED:
+            raise IntentChanged(f"workspace {workspace_id} no longer asks to stop what failed")
         if still_owner is not None and not still_owner():
             raise LeaseLost(f"the gate of workspace {workspace_id} is no longer ours")
         if not transition(
