@@ -296,9 +296,9 @@ def _start_cycle(
         return True
 
     try:
-        # The token comes before prepare: a backend whose instance's environment is fixed when
-        # it is created (a Docker container) creates it there, with the token, once per cycle.
-        token = services.issue_agent_token(workspace.id, generation)
+        # The token (issued as the cycle began) comes before prepare: a backend whose instance's
+        # environment is fixed when it is created (a Docker container) creates it there.
+        token = cycle.token
         uid = None
         if services.uid_isolation_applies(backend.name):
             # Read with the row under its lock as the cycle began; a live workspace's uid never
@@ -325,7 +325,7 @@ def _start_cycle(
                 workspace.id, generation, is_running=False, backend_state=state
             )
         state = _confirmed(lease, backend.prepare, spec, state)
-        _ensure_config(backend, spec, state, workspace, lease)
+        populated = _ensure_config(backend, spec, state, workspace, lease)
         # The confirmation before start is the last moment to find out that a newer holder owns
         # the workspace before an instance runs; confirming also renews the lease.
         state = _confirmed(lease, backend.start, spec, state)
@@ -336,6 +336,7 @@ def _start_cycle(
             backend_state=state,
             started=True,
             handled_seq=seq,
+            config_populated=populated,
         )
     except BackendError as exc:
         if isinstance(exc, TransientBackendError) and not final_attempt:
@@ -376,37 +377,36 @@ def _ensure_config(
     state: dict,
     workspace: Workspace,
     lease: gate.Lease,
-) -> None:
+) -> bool:
     """Populate the config volume on first provision; recover it when a later start finds it
     empty. The source is the template the cycle resolved (``spec.template``): the workspace's
     own, or ``<runtime>-default`` when that is gone; with neither, the cycle failed before any
-    backend call."""
+    backend call. True on a first provision: the start's facts record ``config_populated_at``
+    in their UPDATE (a cycle that fails before that left a volume that counts as never
+    populated, and the next first provision writes it again)."""
     first = workspace.config_populated_at is None
     if backend.config_in_image(spec):
         # The engine filled an empty volume from the template's config image when prepare
         # created the instance; the agent reports that copy at registration, where a copy after
         # an earlier registration is recorded as the recovery.
-        if first:
-            services.record_config_populated(workspace.id, spec.generation)
-        return
+        return first
     # Never populated by a finished cycle: write it without reading it first (whatever an
     # interrupted earlier cycle left is overwritten; one engine round trip less per provision).
     if (
         not first
         and _confirmed(lease, backend.config_state, spec, state) is ConfigState.PROVISIONED
     ):
-        return
+        return False
     source = spec.template
     _confirmed(lease, backend.write_config, spec, state, source.config_files())
-    if first:
-        services.record_config_populated(workspace.id, spec.generation)
-    else:
+    if not first:
         services.record_config_recovered(
             workspace.id,
             spec.generation,
             template=source.name,
             fallback=source.name != workspace.template,
         )
+    return first
 
 
 def _stop_cycle(

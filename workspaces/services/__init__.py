@@ -72,7 +72,6 @@ from workspaces.services.cycles import (
     fail_stuck_provisioning,
     issue_agent_token,
     record_backend_facts,
-    record_config_populated,
     record_config_recovered,
     record_error,
 )
@@ -155,7 +154,6 @@ __all__ = [
     "mark_missed_heartbeats",
     "record_activity",
     "record_backend_facts",
-    "record_config_populated",
     "record_config_recovered",
     "record_error",
     "record_event",

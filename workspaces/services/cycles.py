@@ -55,6 +55,10 @@ class CycleStart:
     workspace: Workspace  # the row as it is after the generation bump
     generation: int
     seq: int  # requested_seq when the cycle began; handled_seq becomes this on completion
+    # A start cycle's agent token (raw; only its digest is stored), issued in the transaction
+    # that began the cycle: a container's environment is fixed when it is created, so the
+    # token must exist before prepare. Empty for the other cycles.
+    token: str = ""
 
 
 def begin_cycle(
@@ -105,7 +109,9 @@ def begin_cycle(
             workspace.status_changed_at = now
         workspace.status, workspace.updated_at = target, now
         workspace.generation += 1
+        token = ""
         if target == S.PROVISIONING:
+            token = _replace_agent_token(workspace_id, workspace.generation)
             workspace.provisioning_started_at = workspace.last_activity_at = now
             workspace.last_error = ""
             workspace.started_env_version = workspace.env_version
@@ -123,7 +129,7 @@ def begin_cycle(
                 },
                 workspace=workspace,
             )
-    return CycleStart(workspace, workspace.generation, workspace.requested_seq)
+    return CycleStart(workspace, workspace.generation, workspace.requested_seq, token)
 
 
 def record_backend_facts(
@@ -136,7 +142,8 @@ def record_backend_facts(
     handled_seq: int | None = None,
     config_populated: bool = False,
 ) -> None:
-    """Make the row say what the backend just said. Raises ``LeaseLost`` if overtaken."""
+    """Make the row say what the backend just said. Raises ``LeaseLost`` if overtaken.
+    ``config_populated``: the cycle populated the config volume for the first time."""
     now = timezone.now()
     fields: dict[str, Any] = {
         "is_running": is_running,
@@ -145,6 +152,8 @@ def record_backend_facts(
     }
     if started:
         fields["last_started_at"] = now
+    if config_populated:
+        fields["config_populated_at"] = now
     if handled_seq is not None:
         fields["handled_seq"] = handled_seq
     rows = _fenced(workspace_id, generation)
@@ -156,9 +165,20 @@ def record_backend_facts(
         raise LeaseLost(f"workspace {workspace_id} moved past generation {generation}")
 
 
-def issue_agent_token(workspace_id: UUID, generation: int) -> str:
-    """Create the one agent token of this cycle; older cycles' tokens stop working."""
+def _replace_agent_token(workspace_id: UUID, generation: int) -> str:
+    """The one agent token of ``generation``, in the caller's transaction, which holds the row
+    lock: older cycles' tokens stop working. Returns the raw token."""
     raw = secrets.token_urlsafe(32)
+    AgentToken.objects.filter(workspace_id=workspace_id).delete()
+    AgentToken.objects.create(
+        workspace_id=workspace_id, generation=generation, token_hash=token_digest(raw)
+    )
+    return raw
+
+
+def issue_agent_token(workspace_id: UUID, generation: int) -> str:
+    """Create the one agent token of this cycle (a new one, replacing the token ``begin_cycle``
+    issued); older cycles' tokens stop working."""
     with transaction.atomic():
         # The row lock orders this against a newer cycle's bump and its own token.
         locked = (
@@ -169,11 +189,7 @@ def issue_agent_token(workspace_id: UUID, generation: int) -> str:
         )
         if locked != generation:
             raise LeaseLost(f"workspace {workspace_id} moved past generation {generation}")
-        AgentToken.objects.filter(workspace_id=workspace_id).delete()
-        AgentToken.objects.create(
-            workspace_id=workspace_id, generation=generation, token_hash=token_digest(raw)
-        )
-    return raw
+        return _replace_agent_token(workspace_id, generation)
 
 
 def complete_stop(
@@ -225,7 +241,9 @@ def fail_cycle(
     is_running: bool | None = None,
     payload: dict[str, Any] | None = None,
 ) -> bool:
-    """Mark the cycle failed with one ``WORKSPACE_PROVISION_FAILED`` event; ``source`` says why."""
+    """Mark the cycle failed with one ``WORKSPACE_PROVISION_FAILED`` event; ``source`` says why.
+    With nothing running (``is_running=False``) the cycle's agent token goes too: no agent
+    holds it, and none ever may."""
     fields: dict[str, Any] = {"last_error": message}
     if seq is not None:
         fields["handled_seq"] = seq
@@ -233,6 +251,8 @@ def fail_cycle(
         fields["is_running"] = is_running
     with transaction.atomic():
         changed = transition(workspace_id, S.FAILED, expect_generation=generation, **fields)
+        if changed and is_running is False:
+            AgentToken.objects.filter(workspace_id=workspace_id, generation=generation).delete()
         if changed:
             record_event(
                 workspace_id,
@@ -340,10 +360,6 @@ def begin_reap(
             return None
         workspace.refresh_from_db()
     return CycleStart(workspace, workspace.generation, workspace.requested_seq)
-
-
-def record_config_populated(workspace_id: UUID, generation: int) -> None:
-    _fenced(workspace_id, generation).update(config_populated_at=timezone.now())
 
 
 def record_config_recovered(
