@@ -10,6 +10,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from provisioning import lifecycle
 from provisioning.backends.base import BackendError
@@ -79,6 +81,23 @@ def test_first_provision_writes_the_config_without_reading_it_and_restart_reads_
     # Populated by a finished cycle: read, found provisioned, left alone.
     assert fake.calls_for(workspace.id) == ["stop", "prepare", "config_state", "start"]
     assert not workspace.events.filter(type=EventType.CONFIG_RECOVERED).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_first_provision_writes_the_database_in_two_transactions(user, fake) -> None:
+    """The cycle's begin (generation, status, event and the agent token) and its end (what the
+    backend said, the seq it answers and config_populated_at): nothing in between."""
+    workspace = _create(user, template="hermes-default")
+    with CaptureQueriesContext(connection) as queries:
+        assert lifecycle.converge(workspace.id) == ["provision"]
+    statements = [q["sql"].split()[0] for q in queries.captured_queries]
+    writes = [sql for sql in statements if sql in ("INSERT", "UPDATE", "DELETE")]
+    # begin: UPDATE the row, DELETE + INSERT the token, INSERT the event; end: UPDATE the row
+    assert writes == ["UPDATE", "DELETE", "INSERT", "INSERT", "UPDATE"], statements
+    assert statements.count("COMMIT") == 1  # the end is one autocommitted UPDATE
+    workspace.refresh_from_db()
+    assert workspace.config_populated_at == workspace.last_started_at
+    assert workspace.tokens.get().generation == workspace.generation
 
 
 def test_first_provision_after_an_interrupted_one_rewrites_the_config(user, fake) -> None:
