@@ -6,6 +6,8 @@ import uuid
 from typing import Any
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
 from tests.conftest import client_for
@@ -63,6 +65,19 @@ def test_create_returns_201_in_provisioning_with_the_full_shape(api) -> None:
     assert "s3cret-value" not in response.content.decode()
     workspace = Workspace.objects.get(id=body["id"])
     assert workspace.env.reveal() == {"TOKEN_FOR_SERVICE": "s3cret-value"}
+
+
+def test_create_answers_without_reading_what_it_just_wrote(api) -> None:
+    """The answer's owner is the caller and a new workspace has no team members: after the
+    INSERT, the create reads nothing back."""
+    with CaptureQueriesContext(connection) as queries:
+        response = _create(api)
+    assert response.status_code == 201, response.content
+    assert response.json()["members"] == []
+    statements = [query["sql"] for query in queries.captured_queries]
+    inserted = next(i for i, sql in enumerate(statements) if sql.startswith("INSERT"))
+    after = [sql.split()[0] for sql in statements[inserted + 1 :]]
+    assert set(after) <= {"RELEASE", "SAVEPOINT"}, statements[inserted:]
 
 
 def test_create_enqueues_only_after_commit(api, django_capture_on_commit_callbacks) -> None:

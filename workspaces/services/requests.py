@@ -184,7 +184,11 @@ def create_workspace(
             backend=backend or default_backend_name(),
             actor=actor or audit.user(owner),
         )
-        _answerable(workspace)
+        # What the answer reads is at hand: the owner is the caller's object, and a row
+        # inserted in this transaction has no team members (an empty result, no query).
+        workspace._prefetched_objects_cache = {  # type: ignore[attr-defined]  # set by Django
+            "members": Workspace.objects.none()
+        }
         return workspace
 
 
