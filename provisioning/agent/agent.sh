@@ -119,10 +119,19 @@ if [ "$boot_delay" != 0 ]; then
   pause "$boot_delay"
 fi
 
+# pause_ms MS: pause for MS milliseconds.
+pause_ms() {
+  pause "$(($1 / 1000)).$(printf %03d $(($1 % 1000)))"
+}
+
 start_app
-# Online means the app answers too: register only once its health path does.
+# Online means the app answers too: register only once its health path does. The first checks
+# come quickly (an httpd is listening within milliseconds), then every 0.5 s.
+delay_ms=50
 while ! app_answers; do
-  pause 0.5
+  pause_ms "$delay_ms"
+  delay_ms=$((delay_ms * 2))
+  [ "$delay_ms" -gt 500 ] && delay_ms=500
 done
 
 # The engine filled the config volume from the template's config image (it was empty): say so
@@ -132,8 +141,10 @@ copied_flag="${WORKSPACE_CONFIG_DIR:-/nonexistent}/.config-copied"
 copied=""
 [ -f "$copied_flag" ] && copied=', "config_copied": true'
 
-# Register with exponential backoff: 0.2 s doubling to 5 s, until accepted or rejected.
-delay_ms=200
+# Register with exponential backoff: 0.05 s doubling to 5 s, until accepted or rejected. The
+# first retry comes soon: a container whose network link the worker wires once it runs
+# (DOCKER_NETWORK_MODE=veth) may make its first call a few milliseconds before the link exists.
+delay_ms=50
 while :; do
   post /api/registry/register "$copied"
   case $? in
@@ -148,7 +159,7 @@ while :; do
       ;;
   esac
   log "registration not accepted yet: $reply"
-  pause "$((delay_ms / 1000)).$(printf %03d $((delay_ms % 1000)))"
+  pause_ms "$delay_ms"
   delay_ms=$((delay_ms * 2))
   [ "$delay_ms" -gt 5000 ] && delay_ms=5000
 done

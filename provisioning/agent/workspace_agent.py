@@ -195,14 +195,16 @@ def main() -> int:
 
 
 def _run(workspace_id: str, token: str, base: str, interval: float) -> int:
-    # Online means the app answers too: register only once its health path does.
-    delay = 0.2
+    # Online means the app answers too: register only once its health path does. The first
+    # checks and retries come quickly (a small app listens within milliseconds; a network link
+    # may be wired just after the agent started), then back off.
+    delay = 0.05
     while not _app_answers():
         if _stop.wait(delay):
             return 0
         delay = min(delay * 2, 2.0)
     body: dict[str, object] = {"workspace_id": workspace_id}
-    delay = 0.2
+    delay = 0.05
     while not _stop.is_set():
         try:
             status, payload = _post(f"{base}/api/registry/register", token, body)
