@@ -533,25 +533,24 @@ class DockerBackend(WorkspaceBackend):
         """Create the container; returns its id. Through the engine API's create alone (the
         SDK's ``containers.create`` inspects the new container after it: one call more)."""
         mount = self._mount(spec)
-        host_net = not (self._own_network() or self._wired())
-        environment = self._environment(spec, host_net=host_net)
+        # disabled: no network of the engine's (a namespace with lo alone, and no prestart
+        # hook), the link made by _wire once the container runs.
+        disabled, own_network = self._wired(), self._own_network()
+        environment = self._environment(spec, host_net=not (disabled or own_network))
         platform_url = spec.env.get("PLATFORM_URL") or settings.PLATFORM_URL
-        network_mode = "host"
-        if self._wired():
-            # No network of the engine's: networking disabled (a namespace with lo alone, and no
-            # prestart hook), the link made by _wire once the container runs.
+        network_mode, gateway = "host", None
+        if disabled:
             gateway = self._link(spec).gateway
             if settings.DOCKER_HOST_FIREWALL != "off":
                 self._install_bridge_firewall(platform_url)
             network_mode = "none"
-        elif self._own_network():
+        elif own_network:
             attrs = self._ensure_network(spec, known=network_known)
             self.ensure_bridge_firewall(attrs, platform_url)
             gateway = self._gateway(attrs)
             network_mode = self.network_name(spec.workspace_id)
-        if not host_net:
+        if gateway is not None:
             environment["PLATFORM_URL"] = self.platform_url_via(platform_url, gateway)
-        disabled = self._wired()
         host_config = self.client.api.create_host_config(
             # The engine creates the config volume with the container (with these labels; a new
             # volume takes the owner and mode of the image's folder) or mounts the existing one,

@@ -177,8 +177,8 @@ def _replace_agent_token(workspace_id: UUID, generation: int) -> str:
 
 
 def issue_agent_token(workspace_id: UUID, generation: int) -> str:
-    """Create the one agent token of this cycle (a new one, replacing the token ``begin_cycle``
-    issued); older cycles' tokens stop working."""
+    """Replace the agent token of the current ``generation`` with a new one, under the row lock
+    (a start cycle's own token comes from ``begin_cycle``); older cycles' tokens stop working."""
     with transaction.atomic():
         # The row lock orders this against a newer cycle's bump and its own token.
         locked = (
@@ -337,10 +337,9 @@ def begin_reap(
 
     Only while the row is still ``failed`` with the intent "stopped" pending (what the sweep's
     flip records); a start, stop or delete request in between wins: ``IntentChanged``, and the
-    lifecycle plans again. Bumps
-    the generation like every cycle, so a holder of the stuck cycle whose lease expired can no
-    longer write. ``still_owner`` is checked under the row lock, as in ``begin_cycle``; raises
-    ``LeaseLost`` when it fails.
+    lifecycle plans again. Bumps the generation like every cycle, so a holder of the stuck cycle
+    whose lease expired can no longer write. ``still_owner`` is checked under the row lock, as in
+    ``begin_cycle``; raises ``LeaseLost`` when it fails.
     """
     with transaction.atomic():
         workspace = _locked(workspace_id)
