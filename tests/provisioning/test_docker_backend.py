@@ -127,7 +127,10 @@ def test_full_round_trip_names_labels_volume_env(
         gateway = ipaddress.IPv4Network(settings.DOCKER_VETH_SUBNET).network_address + 2 * offset
         assert state["network"] == host_end
         assert state["address"] == str(gateway + 1)
-        assert (Path("/sys/class/net") / host_end / "operstate").read_text().strip() == "up"
+        # The kernel publishes a link's operstate asynchronously (linkwatch), a moment after both
+        # ends are up: the link must be up, within seconds of the start.
+        operstate = Path("/sys/class/net") / host_end / "operstate"
+        wait_for(lambda: operstate.read_text().strip() == "up", timeout=5, message="link up")
         # The container sees eth0 with the odd address and reaches the platform at the even one.
         inside = _read(docker_engine, name, "/proc/net/fib_trie")
         assert str(gateway + 1) in inside
