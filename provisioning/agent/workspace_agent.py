@@ -28,42 +28,139 @@ one, or the workspace is gone), so a stale instance never lingers.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
+import socket
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+
+# Start-up is paid by every workspace start, so only modules that cost next to nothing to import
+# are imported here: the platform calls and the default page speak HTTP/1.1 on plain sockets
+# (urllib, http.server and json would triple the interpreter's start), and ``subprocess`` is
+# imported only for a health or app command.
 
 EXIT_REJECTED = 3
 _stop = threading.Event()
+# An answer is read up to this size (the platform's answers and a page's headers are far smaller).
+_MAX_ANSWER = 65536
 
 
 def _log(message: str) -> None:
     print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} agent: {message}", flush=True)
 
 
-def _post(url: str, token: str, body: dict[str, object], timeout: float = 5.0) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-        method="POST",
+def _json_string(value: str) -> str:
+    escaped = []
+    for char in value:
+        if char in '\\"':
+            escaped.append("\\" + char)
+        elif char < " ":
+            escaped.append(f"\\u{ord(char):04x}")
+        else:
+            escaped.append(char)
+    return '"' + "".join(escaped) + '"'
+
+
+def _json(body: dict[str, str | bool]) -> bytes:
+    """A JSON object of strings and booleans (all the agent ever sends)."""
+    items = (
+        f"{_json_string(key)}: "
+        + (("true" if value else "false") if isinstance(value, bool) else _json_string(value))
+        for key, value in body.items()
     )
+    return ("{" + ", ".join(items) + "}").encode()
+
+
+def _split_url(url: str) -> tuple[str, str, int, str]:
+    """The authority (the Host header), host, port and path of an ``http://`` URL (ValueError
+    otherwise)."""
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() != "http" or not rest:
+        raise ValueError(f"not an http:// URL: {url}")
+    authority, slash, path = rest.partition("/")
+    authority = authority.rpartition("@")[2]
+    if authority.startswith("["):  # [IPv6]:port
+        host, _, port = authority[1:].partition("]")
+        port = port.lstrip(":")
+    else:
+        host, _, port = authority.partition(":")
+    return authority, host, int(port or 80), (slash + path) or "/"
+
+
+def _http(
+    method: str,
+    url: str,
+    *,
+    headers: dict[str, str],
+    body: bytes = b"",
+    timeout: float,
+    read_body: bool = True,
+) -> tuple[int, bytes]:
+    """One HTTP/1.1 exchange on a connection of its own (closed after it): the status and, with
+    ``read_body``, the body (as sent: a chunked one stays chunked). OSError when the peer cannot
+    be reached or stops answering, ValueError when its answer is not HTTP."""
+    authority, host, port, path = _split_url(url)
+    head = [f"{method} {path} HTTP/1.1", f"Host: {authority}", "Connection: close"]
+    head += [f"{name}: {value}" for name, value in headers.items()]
+    if body or method == "POST":
+        head.append(f"Content-Length: {len(body)}")
+    with socket.create_connection((host, port), timeout=timeout) as connection:
+        connection.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        answer = b""
+        while len(answer) < _MAX_ANSWER:
+            chunk = connection.recv(_MAX_ANSWER)
+            if not chunk:
+                break
+            answer += chunk
+            header_end = answer.find(b"\r\n\r\n")
+            if header_end >= 0 and (not read_body or _complete(answer, header_end)):
+                break
+    status_line, _, rest = answer.partition(b"\r\n")
+    parts = status_line.split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        raise ValueError(f"not an HTTP answer from {authority}")
+    return int(parts[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+def _complete(answer: bytes, header_end: int) -> bool:
+    """Whether the whole body has arrived: as long as its Content-Length says, or up to the last
+    chunk of a chunked one; without either, the peer's close ends it."""
+    body = len(answer) - header_end - 4
+    for line in answer[:header_end].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name, value = name.strip().lower(), value.strip().lower()
+        if name == b"content-length" and value.isdigit():
+            return body >= int(value)
+        if name == b"transfer-encoding" and value.endswith(b"chunked"):
+            return answer.endswith(b"0\r\n\r\n")
+    return False
+
+
+def _post(
+    url: str, token: str, body: dict[str, str | bool], timeout: float = 5.0
+) -> tuple[int, str]:
+    """POST ``body`` as JSON with the workspace's bearer token: the status and the answer's text
+    (what the platform says, for the log)."""
+    data = _json(body)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    if url.lower().startswith("https://"):
+        return _post_tls(url, headers, data, timeout)
+    status, answer = _http("POST", url, headers=headers, body=data, timeout=timeout)
+    return status, answer[:300].decode(errors="replace")
+
+
+def _post_tls(url: str, headers: dict[str, str], data: bytes, timeout: float) -> tuple[int, str]:
+    # A platform behind TLS: the standard library's client, imported only then.
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read() or b"{}")
+            return response.status, response.read(300).decode(errors="replace")
     except urllib.error.HTTPError as exc:
-        try:
-            payload = json.loads(exc.read() or b"{}")
-        except ValueError:
-            payload = {}
-        return exc.code, payload
+        return exc.code, exc.read(300).decode(errors="replace")
 
 
 def _unhealthy_file() -> str | None:
@@ -96,6 +193,8 @@ def _healthy() -> bool:
         return False
     command = os.environ.get("AGENT_HEALTH_COMMAND")
     if command:
+        import subprocess
+
         timeout = float(os.environ.get("AGENT_HEALTH_TIMEOUT_SECONDS", "5"))
         try:
             check = subprocess.run(
@@ -125,41 +224,83 @@ def _app_answers() -> bool:
     if url is None:
         return True
     try:
-        with urllib.request.urlopen(url, timeout=3) as response:
-            return bool(response.status < 400)
-    except (OSError, ValueError):  # HTTPError (4xx/5xx) is an OSError too
+        status, _ = _http("GET", url, headers={}, timeout=3, read_body=False)
+    except (OSError, ValueError):
         return False
+    return status < 400
 
 
-class _Page(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = Path(__file__).with_name("index.html").read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+def _page_server(port: int) -> socket.socket:
+    """The default page on 127.0.0.1:``port``, every path, one thread per connection."""
+    page = _read_page()
+    listener = socket.create_server(("127.0.0.1", port), backlog=64)
 
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=_answer_page, args=(connection, page), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
 
 
-def _start_app() -> subprocess.Popen[bytes] | None:
+def _read_page() -> bytes:
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "index.html"), "rb") as f:
+        return f.read()
+
+
+def _answer_page(connection: socket.socket, page: bytes) -> None:
+    with connection:
+        try:
+            connection.settimeout(10)
+            request = b""
+            while b"\r\n\r\n" not in request and len(request) < _MAX_ANSWER:
+                chunk = connection.recv(8192)
+                if not chunk:
+                    return
+                request += chunk
+            method = request.split(b" ", 1)[0]
+            if method in (b"GET", b"HEAD"):
+                head = (
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n"
+                    b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(page)
+                )
+                connection.sendall(head + (page if method == b"GET" else b""))
+            else:
+                connection.sendall(
+                    b"HTTP/1.1 501 Not Implemented\r\nContent-Length: 0\r\n"
+                    b"Connection: close\r\n\r\n"
+                )
+        except OSError:
+            pass
+
+
+def _start_app() -> object | None:
+    """The app's process (a ``subprocess.Popen``), or None when the agent serves the page."""
     port = os.environ.get("WORKSPACE_APP_PORT")
     if not port:
         return None
     command = os.environ.get("WORKSPACE_APP_COMMAND")
     if command:
+        import subprocess
+
         _log(f"starting the app on port {port}")
         return subprocess.Popen(["sh", "-c", command], stdin=subprocess.DEVNULL)
-    server = ThreadingHTTPServer(("127.0.0.1", int(port)), _Page)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _page_server(int(port))
     _log(f"serving the default page on port {port}")
     return None
 
 
-def _stop_app(app: subprocess.Popen[bytes] | None) -> None:
-    if app is None or app.poll() is not None:
+def _stop_app(app: object | None) -> None:
+    if app is None:
+        return
+    import subprocess  # already loaded: _start_app started the app with it
+
+    assert isinstance(app, subprocess.Popen)
+    if app.poll() is not None:
         return
     app.terminate()
     try:
@@ -203,20 +344,20 @@ def _run(workspace_id: str, token: str, base: str, interval: float) -> int:
         if _stop.wait(delay):
             return 0
         delay = min(delay * 2, 2.0)
-    body: dict[str, object] = {"workspace_id": workspace_id}
+    body: dict[str, str | bool] = {"workspace_id": workspace_id}
     delay = 0.05
     while not _stop.is_set():
         try:
             status, payload = _post(f"{base}/api/registry/register", token, body)
         except (OSError, ValueError) as exc:
-            status, payload = 0, {"detail": str(exc)}
+            status, payload = 0, str(exc)
         if status == 200:
             _log(f"registered workspace {workspace_id}")
             break
         if status in (401, 403, 404, 410):
-            _log(f"registration rejected ({status}): {payload.get('detail')}")
+            _log(f"registration rejected ({status}): {payload}")
             return EXIT_REJECTED
-        _log(f"registration not accepted yet ({status}): {payload.get('detail')}")
+        _log(f"registration not accepted yet ({status}): {payload}")
         _stop.wait(delay)
         delay = min(delay * 2, 5.0)
 
@@ -240,7 +381,7 @@ def _run(workspace_id: str, token: str, base: str, interval: float) -> int:
             _log(f"heartbeat failed: {exc}")
             continue
         if status in (401, 403, 404, 410):
-            _log(f"heartbeat rejected ({status}): {payload.get('detail')}")
+            _log(f"heartbeat rejected ({status}): {payload}")
             return EXIT_REJECTED
     return 0
 
