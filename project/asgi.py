@@ -27,10 +27,12 @@ from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.core.wsgi import get_wsgi_application
 
+from project import warmup
 from project.asgi_support import answer_lifespan, in_thread, whole
 
 _streams = get_asgi_application()
 _requests = get_wsgi_application()
+warmup.web()
 _threads = ThreadPoolExecutor(settings.WEB_THREADS, thread_name_prefix="web")
 
 # Paths whose responses may stay open for minutes.

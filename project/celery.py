@@ -97,12 +97,15 @@ def _beat_tick(sender: Any = None, **_: Any) -> None:
 
 
 # A worker's main process loads every backend's module (the engine SDK is most of a cold child's
-# first cycle) before it forks its pool, so no child pays that import in a workspace's cycle.
+# first cycle) and the live events module before it forks its pool, so no child pays those
+# imports in a workspace's cycle.
 @signals.worker_init.connect
 def _preload_backends(**_: Any) -> None:
+    from project import warmup
     from provisioning.backends import preload_modules
 
     preload_modules()
+    warmup.events()
 
 
 # Database connections outlive a task, as they outlive a request in the web processes

@@ -25,8 +25,10 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 
 from django.conf import settings
 
-from project import registry_wsgi
+from project import registry_wsgi, warmup
 from project.asgi_support import answer_lifespan, in_thread, whole
+
+warmup.events()
 
 # The listener's threads (REGISTRY_THREADS), each with its own database connection.
 _threads = ThreadPoolExecutor(settings.REGISTRY_THREADS, thread_name_prefix="registry")
