@@ -85,6 +85,13 @@ class TeamMemberSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+_DATETIME = serializers.DateTimeField()  # the API's representation of a time
+
+
+def _time(value: Any) -> str | None:
+    return _DATETIME.to_representation(value) if value else None
+
+
 class WorkspaceSerializer(serializers.ModelSerializer):
     provision_timeout_ms = serializers.SerializerMethodField()
     idle_stop_at = serializers.SerializerMethodField()
@@ -122,13 +129,46 @@ class WorkspaceSerializer(serializers.ModelSerializer):
         ]
         read_only_fields = fields
 
+    def to_representation(self, workspace: Workspace) -> dict[str, Any]:
+        """Every field of ``Meta.fields``, built directly. The create's answer and each row of a
+        list page come from here, where DRF's field-by-field path (building the fields, then a
+        lookup and a call per field) cost about ten times as much; the declared fields above
+        still describe the schema, and a test checks that both paths give the same JSON for
+        workspaces in every state."""
+        return {
+            "id": str(workspace.id),
+            "name": workspace.name,
+            "owner": workspace.owner.username,
+            "template": workspace.template,
+            "runtime": workspace.runtime,
+            "backend": workspace.backend,
+            "parent": None if workspace.parent_id is None else str(workspace.parent_id),
+            "members": [
+                {"id": str(member.id), "name": member.name, "status": str(member.status)}
+                for member in workspace.members.all()
+            ],
+            "status": str(workspace.status),
+            "desired_state": str(workspace.desired_state),
+            "is_running": workspace.is_running,
+            "last_started_at": _time(workspace.last_started_at),
+            "last_heartbeat_at": _time(workspace.last_heartbeat_at),
+            "last_activity_at": _time(workspace.last_activity_at),
+            "idle_stop_at": self.get_idle_stop_at(workspace),
+            "pending_changes": self.get_pending_changes(workspace),
+            "last_error": workspace.last_error,
+            "provision_timeout_ms": self.get_provision_timeout_ms(workspace),
+            "url": self.get_url(workspace),
+            "generation": workspace.generation,
+            "created_at": _time(workspace.created_at),
+            "updated_at": _time(workspace.updated_at),
+        }
+
     def get_provision_timeout_ms(self, workspace: Workspace) -> int:
         return provision_timeout_seconds(workspace.template, workspace.runtime) * 1000
 
     @extend_schema_field({"type": "string", "format": "date-time", "nullable": True})
     def get_idle_stop_at(self, workspace: Workspace) -> str | None:
-        stop_at = idle.idle_stop_at(workspace)
-        return serializers.DateTimeField().to_representation(stop_at) if stop_at else None
+        return _time(idle.idle_stop_at(workspace))
 
     @extend_schema_field({"type": "array", "items": {"type": "string", "enum": ["env"]}})
     def get_pending_changes(self, workspace: Workspace) -> list[str]:
