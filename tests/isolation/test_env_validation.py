@@ -116,6 +116,46 @@ def test_workspaces_get_distinct_uids_from_the_range(
     assert len(set(uids)) == 3 and all(low <= uid <= high for uid in uids)
 
 
+def test_a_new_workspace_takes_the_lowest_uid_no_live_workspace_holds(user, settings) -> None:
+    """The range's first uid, else the first gap; removed workspaces and uids outside the range
+    hold nothing; a full range is refused, naming the setting."""
+    from django.db import transaction
+
+    from workspaces.services.isolation import IsolationRefused, allocate_uid
+
+    settings.WORKSPACE_UID_RANGE = (300100, 300104)
+
+    def allocate() -> int:
+        with transaction.atomic():
+            return allocate_uid()
+
+    def hold(uid: int, status: str = "stopped") -> None:
+        Workspace.objects.create(
+            owner=user,
+            name=f"u{uid}-{status}",
+            template="t",
+            runtime="shell",
+            status=status,
+            isolation_uid=uid,
+        )
+
+    assert allocate() == 300100
+    hold(300099)  # below the range
+    hold(300101)
+    assert allocate() == 300100  # the first is free though its neighbour is not
+    hold(300100)
+    hold(300103)
+    assert allocate() == 300102  # the first gap
+    hold(300102, status="removed")
+    assert allocate() == 300102  # a removed workspace's uid is free again
+    hold(300102)
+    assert allocate() == 300104  # the range's last
+    hold(300104)
+    hold(300105)  # above the range: not a candidate
+    with pytest.raises(IsolationRefused, match="WORKSPACE_UID_RANGE=300100-300104"):
+        allocate()
+
+
 def test_the_database_refuses_one_uid_for_two_live_workspaces(user) -> None:
     from django.db import IntegrityError, transaction
 
