@@ -10,11 +10,13 @@ rounds alternating, everything removed between rounds, untimed.
   (``pwd.getpwnam``); rather than creating one account per hub user, the subclass's
   ``make_preexec_fn`` drops every server to one unprivileged uid (10001, no supplementary groups)
   in a home of its own (a 0700 folder it creates, as root, just before the drop) and its
-  ``user_env`` sets ``HOME``, ``USER`` and ``SHELL`` to match. Each server is what a workspace runs
-  here: the same Python (``WORKSPACE_PYTHON``) serving a small page with the standard library's
-  HTTP server on the port the spawner picked, and one activity post to the hub's API (as
-  jupyterhub-singleuser does when it starts); ``--hub-server busybox`` runs busybox ``httpd`` and
-  ``wget`` instead, as the Docker comparison's servers do.
+  ``user_env`` sets ``HOME``, ``USER`` and ``SHELL`` to match. Each server is a small page server
+  on the same Python (``WORKSPACE_PYTHON``): the standard library's threading HTTP server on the
+  port the spawner picked, and one activity post to the hub's API with ``urllib`` (as
+  jupyterhub-singleuser does when it starts). The agent here answers its page and makes its calls
+  on plain sockets, which costs its interpreter less than these modules; ``--hub-server busybox``
+  runs busybox ``httpd`` and ``wget`` instead, as the Docker comparison's servers do: the lower
+  floor for the "workspace processes" column.
 * **here**: the same stack as the Docker comparison (gunicorn, the registry listener, one Celery
   worker, Caddy) with ``WORKSPACE_BACKEND=process``, template ``shell-default``: the agent
   (``provisioning/agent/workspace_agent.py`` on ``WORKSPACE_PYTHON``) serves its default page on
@@ -25,23 +27,25 @@ every process of a uid of ``WORKSPACE_UID_RANGE`` and its monitor, the root proc
 launched it, waits for it and records its exit; on the hub: every process carrying the run's
 marker in its environment, i.e. the servers and what they started), the control plane (hub +
 configurable-http-proxy minus its servers; gunicorn + registry + Celery + Caddy, with the
-launcher and ``iptables`` processes the worker runs and reaps) and here the PostgreSQL backends
-of the bench's database.
+launcher processes the worker runs and reaps) and here the PostgreSQL backends of the bench's
+database and the platform's own Redis.
 
 What differs, by design of each product: each workspace here runs as its own uid from
-``WORKSPACE_UID_RANGE`` (the hub's servers share one), behind the platform's firewall chain (a
-workspace's uid may reach the registry port and its own app port on the host's addresses, nothing
-else: one chain per workspace uid, written with ``iptables-restore`` when it starts, emptied when
-it is removed), in a private mount namespace that hides PostgreSQL's, Redis's and the engine's
-sockets, with ``no_new_privs``; it gets its own config and home folders, a per-workspace token,
-rows and events in PostgreSQL and a gate in Redis, and a heartbeat every 10 s. The hub's servers
-run unconfined as uid 10001, reach every port on the host, and post their activity once.
+``WORKSPACE_UID_RANGE`` (the hub's servers share one), behind the platform's firewall (a
+workspace's uid may reach the registry port and its own app port on the host's addresses,
+nothing else: an nftables table with one chain per workspace uid, written through libnftables
+from the worker's process when it starts, emptied when it is removed), in a private mount
+namespace that hides PostgreSQL's, Redis's and the engine's sockets, with ``no_new_privs``; it
+gets its own config and home folders, a per-workspace token, rows and events in PostgreSQL and a
+gate in Redis, and a heartbeat every 10 s. The hub's servers run unconfined as uid 10001, reach
+every port on the host, and post their activity once.
 
 The bench gives the platform a data folder of its own and, unless set in the environment, its
-own ``WORKSPACE_UID_RANGE`` (210000-210999), ``WORKSPACE_FIREWALL_CHAIN`` (``WS-BENCH-PEER``,
-removed at the end) and ``WORKSPACE_APP_PORTS`` (16000-16999), so that it shares no uid, chain or
-port with another platform on the host. Runs as root (the process backend's uid isolation needs
-it); needs ``iptables`` and Caddy. Writes its block of docs/benchmarks.md and the plot
+own ``WORKSPACE_UID_RANGE`` (210000-210999), ``WORKSPACE_FIREWALL_CHAIN`` (``WS-BENCH-PEER``, the
+table's name, removed at the end) and ``WORKSPACE_APP_PORTS`` (16000-16999), so that it shares no
+uid, table or port with another platform on the host. Runs as root (the process backend's uid
+isolation needs it); needs nftables (libnftables) and Caddy. Writes its block of
+docs/benchmarks.md and the plot
 ``docs/peer-process.png`` (``--hub-server busybox``: ``process_busybox``).
 """
 
@@ -83,9 +87,8 @@ PHASES = {
     "agent": "process running -> registered (interpreter start, app answers, register call)",
 }
 
-# The hub's server, as the platform's agent serves its default page: the standard library's
-# threading HTTP server on the port (argv[1]), then one activity post to the hub; SIGINT (the
-# hub's stop) ends it at once.
+# The hub's server: the standard library's threading HTTP server on the port (argv[1]), then one
+# activity post to the hub with urllib; SIGINT (the hub's stop) ends it at once.
 SERVER_PYTHON = r"""
 import json, os, signal, sys, threading, urllib.request
 from datetime import datetime, timezone

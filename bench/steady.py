@@ -81,13 +81,14 @@ BEGIN, END = "<!-- steady:process:begin -->", "<!-- steady:process:end -->"
 # gunicorn's access line ('... "POST /api/registry/heartbeat HTTP/1.1" 200 88 ...') and uvicorn's
 # ('... "POST /api/registry/heartbeat HTTP/1.1" 200' at the end of the line) alike.
 HEARTBEAT = re.compile(rb'"POST /api/registry/heartbeat[^"]*" (\d{3})\b')
-# The floor's program: the agent's page, served as the agent serves it, and nothing else.
+# The floor's program: the agent's page, served as the agent serves it (its own page server, on
+# an interpreter started with the agent's flags), and nothing else.
 FLOOR_SERVER = """
-import sys
-from http.server import ThreadingHTTPServer
+import sys, threading
 sys.path.insert(0, sys.argv[1])
-from workspace_agent import _Page
-ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])), _Page).serve_forever()
+from workspace_agent import _page_server
+_page_server(int(sys.argv[2]))
+threading.Event().wait()
 """
 
 
@@ -185,6 +186,8 @@ def floor_servers(n: int, ports: list[int], agent_dir: Path) -> Iterator[list[in
     """N page servers, each in a session of its own; yields their pids, stops them by pid."""
     from django.conf import settings
 
+    from provisioning.agent import AGENT_PYTHON_FLAGS
+
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for port in ports[:n]:
@@ -192,7 +195,14 @@ def floor_servers(n: int, ports: list[int], agent_dir: Path) -> Iterator[list[in
                 raise RuntimeError(f"out of memory at {len(procs)} floor servers")
             procs.append(
                 subprocess.Popen(
-                    [settings.WORKSPACE_PYTHON, "-c", FLOOR_SERVER, str(agent_dir), str(port)],
+                    [
+                        settings.WORKSPACE_PYTHON,
+                        *AGENT_PYTHON_FLAGS,
+                        "-c",
+                        FLOOR_SERVER,
+                        str(agent_dir),
+                        str(port),
+                    ],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,

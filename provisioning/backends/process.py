@@ -35,7 +35,7 @@ from uuid import UUID
 
 from django.conf import settings
 
-from provisioning.agent import AGENT_PAGE, AGENT_SCRIPT
+from provisioning.agent import AGENT_PAGE, AGENT_PYTHON_FLAGS, AGENT_SCRIPT
 from provisioning.backends import process_launch
 from provisioning.backends.base import (
     CONFIG_MARKER,
@@ -306,10 +306,7 @@ class ProcessBackend(WorkspaceBackend):
                 part.replace("{python}", python).replace("{agent}", agent)
                 for part in spec.template.command
             ]
-        # The agent needs the standard library alone: no site (its .pth files cost a third of
-        # the interpreter's start) and isolated from the workspace's PYTHON* variables and user
-        # site-packages, which are the workspace's to write.
-        return [python, "-I", "-S", agent]
+        return [python, *AGENT_PYTHON_FLAGS, agent]
 
     def start(self, spec: LaunchSpec, state: State) -> State:
         # Replace, never duplicate: whatever an earlier (possibly killed) cycle left goes first.
