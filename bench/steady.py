@@ -16,8 +16,9 @@ exit code).
 **Floor**: the same N page servers (the agent's own page server, on the agent's interpreter
 flags, a port each), started directly with no platform, no agent loop and no monitor, measured
 the same way over the same number of seconds. At rest they block in ``accept``: the floor's CPU
-is close to nothing, so the workspaces' figure is what the agents' loops cost. One floor phase runs before the platform starts and one
-after it is gone; the floor figure is their mean, so drift over the run hits both sides.
+is close to nothing, so the workspaces' figure is what the agents' loops cost. One floor phase
+runs before the platform starts and one after it is gone; the floor figure is their mean, so
+drift over the run hits both sides.
 
 CPU seconds per second are read from ``/proc`` (user + system, with reaped children) for:
 
