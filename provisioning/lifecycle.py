@@ -32,7 +32,7 @@ from provisioning.backends.base import (
     WorkspaceBackend,
 )
 from provisioning.manifests import Template, templates
-from workspaces import services
+from workspaces import selectors, services
 from workspaces.crypto import EnvDecryptionError
 from workspaces.models import Workspace
 from workspaces.status import DesiredState, EventSource, WorkspaceStatus
@@ -41,16 +41,6 @@ logger = logging.getLogger(__name__)
 S = WorkspaceStatus
 T = TypeVar("T")
 MAX_CYCLES_PER_HOLD = 3
-_PLAN_FIELDS = (
-    "name",
-    "owner__username",
-    "status",
-    "desired_state",
-    "generation",
-    "is_running",
-    "requested_seq",
-    "handled_seq",
-)
 
 
 class Action(enum.StrEnum):
@@ -94,12 +84,7 @@ def converge(
         while len(done) < MAX_CYCLES_PER_HOLD:
             # What ``plan`` decides on (and the log names): each cycle locks and reads the whole
             # row itself when it begins.
-            workspace = (
-                Workspace.objects.select_related("owner")
-                .only(*_PLAN_FIELDS)
-                .filter(id=workspace_id)
-                .first()
-            )
+            workspace = selectors.plan_row(workspace_id)
             if workspace is None:
                 break
             action = plan(workspace)
