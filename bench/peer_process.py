@@ -34,7 +34,7 @@ What differs, by design of each product: each workspace here runs as its own uid
 ``WORKSPACE_UID_RANGE`` (the hub's servers share one), behind the platform's firewall (a
 workspace's uid may reach the registry port and its own app port on the host's addresses,
 nothing else: an nftables table with one chain per workspace uid, written through libnftables
-from the worker's process when it starts, emptied when it is removed), in a private mount
+from the worker's process when it starts, taken out when it is removed), in a private mount
 namespace that hides PostgreSQL's, Redis's and the engine's sockets, with ``no_new_privs``; it
 gets its own config and home folders, a per-workspace token, rows and events in PostgreSQL and a
 gate in Redis, and a heartbeat every 10 s. The hub's servers run unconfined as uid 10001, reach

@@ -9,18 +9,20 @@ port (``WORKSPACE_REGISTRY_PORT``, else the port of ``PLATFORM_URL``), and rejec
 else: PostgreSQL, Redis, the engine's TCP socket, another workspace's ports. Other uids (the
 platform, the proxy) are not matched.
 
-One exception per workspace: its uid may connect to its own app port (the agent checks that its
-app answers before it registers, and at every heartbeat). The chain looks the uid up in a
-verdict map (``uids``) that sends each uid that ever ran to a chain of its own (``u<uid>``)
-holding that one ``accept``. ``allow_own_app`` writes the uid's chain whole when a workspace
-starts (flushed and refilled in one transaction, so any older port of that uid goes with it),
-``revoke_own_app`` empties it on removal, before the uid and the port can be handed to another
-workspace. Both run in the worker's own process through libnftables (``nft_run_cmd_from_buffer``:
-one netlink transaction, all of it or nothing): no program is started per workspace, and the
-cost does not grow with the number of workspaces. Rebuilding the main chain (once per process,
-in one transaction) never touches the uids' chains, so running workspaces keep their rule. An
-earlier version's ``iptables`` chains of the same name are taken out when a process first
-installs the table.
+One exception per workspace: its uid may connect to its own app port (the agent checks that its app
+answers before it registers, and at every heartbeat). The chain looks the uid up in a verdict map
+(``uids``) that sends each uid of a workspace not removed to a chain of its own (``u<uid>``)
+holding that one ``accept``. ``allow_own_app`` writes the uid's chain whole when a workspace starts
+(flushed and refilled in one transaction, so any older port of that uid goes with it),
+``revoke_own_app`` takes the chain and its map entry out on removal, before the uid and the port
+can be handed to another workspace. Both run in the worker's own process through libnftables
+(``nft_run_cmd_from_buffer``: one netlink transaction, all of it or nothing): no program is started
+per workspace. libnftables reads the chains on the host before it adds a rule, so a start's cost
+follows the number of chains (0.19 ms of CPU with up to 100, 0.93 ms with 1,000); taking a removed
+workspace's chain out keeps that number at the workspaces not removed. Rebuilding the main chain
+(once per process, in one transaction) never touches the uids' chains, so running workspaces keep
+their rule. An earlier version's ``iptables`` chains of the same name are taken out when a process
+first installs the table.
 
 The Docker backend's bridges, in a chain of their own (``<chain>-BRIDGE``) jumped to from
 ``INPUT`` and ``FORWARD``: a workspace network's bridge is named ``DOCKER_BRIDGE_PREFIX`` + part
@@ -151,12 +153,26 @@ def allow_own_app(uid: int, port: int) -> None:
 
 
 def revoke_own_app(uid: int) -> None:
-    """Empty workspace uid ``uid``'s chain (the workspace is removed): the uid reaches no app
-    port until a workspace that holds it starts."""
+    """Take workspace uid ``uid``'s chain and its map entry out (the workspace is removed): the
+    uid reaches no app port until a workspace that holds it starts. The table keeps chains for
+    the uids whose workspaces are not removed only: libnftables reads every chain on the host
+    before it adds a rule, so each start costs with the chains there are (0.19 ms of CPU with
+    up to 100, 0.93 ms with 1,000). Each command makes sure of what the next one takes out, so
+    the transaction holds whether or not the uid ever ran."""
     table, own = _table(), uid_chain(uid)
     with _lock:
         _nft(
-            f"add table inet {table}\nadd chain inet {table} {own}\nflush chain inet {table} {own}"
+            "\n".join(
+                (
+                    f"add table inet {table}",
+                    f"add map inet {table} uids {{ type uid : verdict ; }}",
+                    f"add chain inet {table} {own}",
+                    f"flush chain inet {table} {own}",
+                    f"add element inet {table} uids {{ {uid} : jump {own} }}",
+                    f"delete element inet {table} uids {{ {uid} }}",
+                    f"delete chain inet {table} {own}",
+                )
+            )
         )
 
 

@@ -98,7 +98,8 @@ def test_the_firewall_runs_in_process_whatever_the_path(
 
 def test_a_uids_rule_is_replaced_whole_and_emptied_on_removal(settings) -> None:
     """Each start writes the uid's chain whole (the older port goes in the same transaction) and
-    the uid has one entry in the map, whichever process wrote it before; removal empties it; the
+    the uid has one entry in the map, whichever process wrote it before; removal takes the chain
+    and the entry out, leaving other uids' alone; the
     main chain is what the settings say; an earlier version's iptables chains of the same name
     go when a process installs the table; and the table can be removed."""
     table = "WS-TEST-FW"
@@ -127,9 +128,20 @@ def test_a_uids_rule_is_replaced_whole_and_emptied_on_removal(settings) -> None:
             assert _table(table).count(f"{uid} : jump u{uid}") == 1
         firewall.ensure_workspace_firewall()  # rebuilding the main chain keeps the uids' rules
         assert _uid_rules(table, uid) == ["tcp dport 30003 accept"]
+        other = uid + 1
+        firewall.allow_own_app(other, 30004)
         firewall.revoke_own_app(uid)
-        assert _uid_rules(table, uid) == []
-        firewall.revoke_own_app(uid + 1)  # a uid that never ran: nothing to empty, no error
+        listed = _table(table)
+        # The removed workspace's uid keeps neither a chain nor a map entry; the other uid's stay.
+        assert f"chain u{uid} " not in listed and f"{uid} : jump" not in listed
+        assert _uid_rules(table, other) == ["tcp dport 30004 accept"]
+        assert f"{other} : jump u{other}" in listed
+        firewall.revoke_own_app(uid)  # again: nothing to take out, no error
+        firewall.revoke_own_app(uid + 2)  # a uid that never ran: no error
+        assert _uid_rules(table, uid) == [] and f"chain u{uid + 2} " not in _table(table)
+        firewall.allow_own_app(uid, 30005)  # the uid handed out again gets its chain back
+        assert _uid_rules(table, uid) == ["tcp dport 30005 accept"]
+        assert _table(table).count(f"{uid} : jump u{uid}") == 1
     finally:
         firewall.remove_workspace_firewall(table)
     assert _table(table) == ""
