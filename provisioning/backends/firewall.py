@@ -72,13 +72,18 @@ def registry_port() -> int:
 _TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
+def _uids_map(table: str) -> str:
+    """The verdict map from a workspace uid to its chain (idempotent: ``add`` of what exists)."""
+    return f"add map inet {table} uids {{ type uid : verdict ; }}"
+
+
 def table_commands(table: str, uids: tuple[int, int], port: int) -> str:
     """The table, its map and its main chain's rules as one nft transaction (the chain flushed
     and refilled; the uids' chains and the map's elements are left alone)."""
     return "\n".join(
         [
             f"add table inet {table}",
-            f"add map inet {table} uids {{ type uid : verdict ; }}",
+            _uids_map(table),
             f"add chain inet {table} output "
             "{ type filter hook output priority filter ; policy accept ; }",
             f"flush chain inet {table} output",
@@ -154,18 +159,17 @@ def allow_own_app(uid: int, port: int) -> None:
 
 def revoke_own_app(uid: int) -> None:
     """Take workspace uid ``uid``'s chain and its map entry out (the workspace is removed): the
-    uid reaches no app port until a workspace that holds it starts. The table keeps chains for
-    the uids whose workspaces are not removed only: libnftables reads every chain on the host
-    before it adds a rule, so each start costs with the chains there are (0.19 ms of CPU with
-    up to 100, 0.93 ms with 1,000). Each command makes sure of what the next one takes out, so
-    the transaction holds whether or not the uid ever ran."""
+    uid reaches no app port until a workspace that holds it starts, and the table keeps chains
+    only for workspaces not removed (what a start costs follows them; see the module's
+    docstring). Each command makes sure of what the next one takes out, so the transaction holds
+    whether or not the uid ever ran."""
     table, own = _table(), uid_chain(uid)
     with _lock:
         _nft(
             "\n".join(
                 (
                     f"add table inet {table}",
-                    f"add map inet {table} uids {{ type uid : verdict ; }}",
+                    _uids_map(table),
                     f"add chain inet {table} {own}",
                     f"flush chain inet {table} {own}",
                     f"add element inet {table} uids {{ {uid} : jump {own} }}",

@@ -1,5 +1,5 @@
-"""``selectors.plan_row``: the lifecycle's read before each cycle, one prepared statement. It must
-give what the ORM's ``select_related("owner").only(...)`` gives: the same values, the same
+"""``selectors.plan_row``: the lifecycle's read before each cycle, SQL built once per process. It
+must give what the ORM's ``select_related("owner").only(...)`` gives: the same values, the same
 deferred fields, the owner at hand without a query."""
 
 from __future__ import annotations

@@ -47,9 +47,9 @@ def allocate_uid() -> int:
     """The lowest uid of ``WORKSPACE_UID_RANGE`` no live workspace holds. Call inside a
     transaction that then writes it; the lock is held until that transaction ends.
 
-    The lowest free uid is the range's first or one past a live uid, so PostgreSQL answers it
-    from the live uids' unique index and returns one number, whatever the number of live
-    workspaces (reading every live uid back made each create cost more as the fleet grew)."""
+    The lowest free uid is the range's first or one past a live uid: PostgreSQL finds it among
+    the live uids through their unique index and returns that one number, where the create read
+    every live uid back and searched them in Python."""
     _lock_allocation()
     low, high = settings.WORKSPACE_UID_RANGE
     table = Workspace._meta.db_table
@@ -59,11 +59,11 @@ def allocate_uid() -> int:
             SELECT candidate FROM (
                 SELECT %s::integer AS candidate
                 UNION ALL
-                SELECT isolation_uid + 1 FROM {table}
+                SELECT isolation_uid + 1 FROM "{table}"
                 WHERE status <> %s AND isolation_uid >= %s AND isolation_uid < %s
             ) AS candidates
             WHERE NOT EXISTS (
-                SELECT 1 FROM {table} AS live
+                SELECT 1 FROM "{table}" AS live
                 WHERE live.status <> %s AND live.isolation_uid = candidates.candidate
             )
             ORDER BY candidate
