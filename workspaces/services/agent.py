@@ -3,16 +3,15 @@ workspace and one generation."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
 from django.db import connection, transaction
-from django.db.models import Field
 from django.utils import timezone
 
 from project import metrics
+from workspaces import statements
 from workspaces.crypto import token_digest
 from workspaces.models import AgentToken, Workspace, WorkspaceEvent, event_payload
 from workspaces.services.common import (
@@ -35,7 +34,7 @@ S = WorkspaceStatus
 
 # --- the agent -------------------------------------------------------------------------------
 def authenticate_agent(raw_token: str) -> AgentToken | None:
-    return AgentToken.objects.filter(token_hash=token_digest(raw_token)).first()
+    return statements.agent_token(token_digest(raw_token))
 
 
 def _agent_workspace(token: AgentToken, workspace_id: UUID) -> Workspace:
@@ -133,30 +132,6 @@ class HeartbeatAnswer:
     generation: int
 
 
-@functools.cache
-def _beat_statement(active: bool) -> str:
-    """The UPDATE of ``beat``, written once from the models' tables and columns."""
-    quote = connection.ops.quote_name
-
-    def column(model: type[Workspace] | type[AgentToken], name: str) -> str:
-        field = model._meta.get_field(name)
-        assert isinstance(field, Field) and field.column
-        return quote(field.column)
-
-    clocks = ["last_heartbeat_at", *(["last_activity_at"] if active else [])]
-    token_workspace = column(AgentToken, "workspace")
-    return (
-        f"UPDATE {quote(Workspace._meta.db_table)} AS w"
-        f" SET {', '.join(f'{column(Workspace, name)} = %s' for name in clocks)}"
-        f" FROM {quote(AgentToken._meta.db_table)} AS t"
-        f" WHERE t.{column(AgentToken, 'token_hash')} = %s AND w.{column(Workspace, 'id')} = %s"
-        f" AND t.{token_workspace} = w.{column(Workspace, 'id')}"
-        f" AND w.{column(Workspace, 'generation')} = t.{column(AgentToken, 'generation')}"
-        f" AND w.{column(Workspace, 'status')} = %s"
-        f" RETURNING w.{column(Workspace, 'generation')}"
-    )
-
-
 def beat(
     token_hash: str, workspace_id: UUID, *, healthy: bool = True, active: bool = False
 ) -> HeartbeatAnswer | None:
@@ -169,7 +144,7 @@ def beat(
     clocks = [now, now] if active else [now]
     with connection.cursor() as cursor:
         cursor.execute(
-            _beat_statement(active), [*clocks, token_hash, str(workspace_id), target.value]
+            statements.beat_sql(active), [*clocks, token_hash, str(workspace_id), target.value]
         )
         row = cursor.fetchone()
     return None if row is None else HeartbeatAnswer(workspace_id, target, int(row[0]))

@@ -14,7 +14,7 @@ from django.db import transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
-from workspaces import audit
+from workspaces import audit, statements
 from workspaces.models import Workspace, WorkspaceEvent
 from workspaces.status import (
     EventSource,
@@ -243,13 +243,8 @@ def record_event(
     name, owner, owner_id, requested_by = row or ("?", "?", None, "")
     if actor is None:
         actor = audit.SOURCE_ACTORS.get(source) or requested_by or audit.SYSTEM
-    event = WorkspaceEvent.objects.create(
-        workspace_id=workspace_id,
-        type=type,
-        source=source,
-        generation=generation,
-        payload=payload or {},
-        actor=actor,
+    event = statements.insert_event(
+        workspace_id, type, source, generation, payload or {}, actor, timezone.now()
     )
     logger.info(
         "workspace %s/%s (%s) event %s source=%s actor=%s generation=%s",
@@ -292,12 +287,16 @@ def transition(
         if expect_status not in sources:
             raise ValueError(f"{expect_status} -> {to} is not in the transition table")
         sources = frozenset({expect_status})
+    now = timezone.now()
+    if when is None and statements.plain_values(fields):
+        # Nearly every transition (not a sweep's, whose condition is a Q, nor one that computes
+        # a value): SQL built once per shape.
+        return statements.update_status(workspace_id, to, sources, now, expect_generation, fields)
     rows = Workspace.objects.filter(id=workspace_id, status__in=sources)
     if expect_generation is not None:
         rows = rows.filter(generation=expect_generation)
     if when is not None:
         rows = rows.filter(when)
-    now = timezone.now()
     # The time-in-state clock restarts only when the status really changes (a cycle may move
     # provisioning -> provisioning).
     changed_at = Case(When(status=to, then=F("status_changed_at")), default=Value(now))
@@ -306,11 +305,10 @@ def transition(
 
 def _locked(workspace_id: UUID) -> Workspace:
     """The row, locked until the transaction ends, with its owner (read, not locked)."""
-    return (
-        Workspace.objects.select_for_update(of=("self",))
-        .select_related("owner")
-        .get(id=workspace_id)
-    )
+    workspace = statements.locked_workspace(workspace_id)
+    if workspace is None:
+        raise Workspace.DoesNotExist(f"no workspace {workspace_id}")
+    return workspace
 
 
 def _fenced(workspace_id: UUID, generation: int) -> Any:
