@@ -12,6 +12,7 @@ from django.db import connection
 from django.db.models import Prefetch, Q, QuerySet
 
 from provisioning.backends.base import WorkspaceBackend
+from workspaces import statements
 from workspaces.crypto import token_digest
 from workspaces.models import ApiToken, Workspace, WorkspaceEvent
 from workspaces.status import WorkspaceStatus
@@ -176,4 +177,4 @@ def logs_backend(workspace: Workspace) -> WorkspaceBackend:
 
 def api_token(key: str) -> ApiToken | None:
     """The user API token whose key this is (looked up by its SHA-256), with its user."""
-    return ApiToken.objects.select_related("user").filter(digest=token_digest(key)).first()
+    return statements.api_token(token_digest(key))

@@ -22,7 +22,8 @@ from django.contrib.auth import get_user_model
 from django.db import connection
 from django.db.models import F, Field, Model
 
-from workspaces.models import AgentToken, Workspace, WorkspaceEvent
+from workspaces.models import AgentToken, ApiToken, Workspace, WorkspaceEvent
+from workspaces.status import WorkspaceStatus
 
 Converter = Callable[[Any, Any, Any], Any]
 
@@ -68,54 +69,85 @@ class _Loader:
         return self.model.from_db(connection.alias, self.attnames, row)
 
 
+class _Read:
+    """One row of ``model`` by the unique column ``key``, and the user its foreign key
+    ``user_field`` points at (loaded as ``select_related`` loads it; read, not locked)."""
+
+    def __init__(
+        self, model: type[Model], key: str, user_field: str | None = None, lock: bool = False
+    ) -> None:
+        self.rows = _Loader(model, "r")
+        self.user_field = user_field
+        self.users = None if user_field is None else _Loader(get_user_model(), "u")
+        sql = f"SELECT {self.rows.columns}"
+        if self.users is not None and user_field is not None:
+            users = self.users.model
+            sql += f", {self.users.columns} FROM {table(model)} r JOIN {table(users)} u "
+            sql += f"ON u.{quote(str(users._meta.pk.column))} = r.{column(model, user_field)}"
+        else:
+            sql += f" FROM {table(model)} r"
+        sql += f" WHERE r.{column(model, key)} = %s"
+        # The row's lock only: its user may be locked by another transaction meanwhile.
+        self.sql = sql + (" FOR UPDATE OF r" if lock else "")
+
+    def __call__(self, value: Any) -> Model | None:
+        with connection.cursor() as cursor:
+            cursor.execute(self.sql, [value])
+            row = cursor.fetchone()
+        if row is None:
+            return None
+        split = len(self.rows.fields)
+        found = self.rows.load(row[:split])
+        if self.users is not None and self.user_field is not None:
+            field = self.rows.model._meta.get_field(self.user_field)
+            field.set_cached_value(found, self.users.load(row[split:]))  # type: ignore[union-attr]
+        return found
+
+
 @functools.cache
-def _locked_read() -> tuple[str, _Loader, _Loader]:
-    users = get_user_model()
-    workspaces, owners = _Loader(Workspace, "w"), _Loader(users, "u")
-    owner_id = quote(str(users._meta.pk.column))
-    sql = (
-        f"SELECT {workspaces.columns}, {owners.columns} FROM {table(Workspace)} w "
-        f"JOIN {table(users)} u ON u.{owner_id} = w.{column(Workspace, 'owner')} "
-        f"WHERE w.{column(Workspace, 'id')} = %s FOR UPDATE OF w"
-    )
-    return sql, workspaces, owners
+def _reads() -> dict[str, _Read]:
+    return {
+        "locked_workspace": _Read(Workspace, "id", "owner", lock=True),
+        "agent_token": _Read(AgentToken, "token_hash"),
+        "api_token": _Read(ApiToken, "digest", "user"),
+    }
 
 
 def locked_workspace(workspace_id: UUID) -> Workspace | None:
     """The whole row, locked until the transaction ends, with its owner loaded (not locked), as
     ``select_for_update(of=("self",)).select_related("owner")`` reads it; None when absent."""
-    sql, workspaces, owners = _locked_read()
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [workspace_id])
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    split = len(workspaces.fields)
-    workspace = workspaces.load(row[:split])
-    Workspace.owner.field.set_cached_value(workspace, owners.load(row[split:]))
-    assert isinstance(workspace, Workspace)
+    workspace = _reads()["locked_workspace"](workspace_id)
+    assert workspace is None or isinstance(workspace, Workspace)
     return workspace
-
-
-@functools.cache
-def _token_read() -> tuple[str, _Loader]:
-    tokens = _Loader(AgentToken, "t")
-    sql = (
-        f"SELECT {tokens.columns} FROM {table(AgentToken)} t "
-        f"WHERE t.{column(AgentToken, 'token_hash')} = %s"
-    )
-    return sql, tokens
 
 
 def agent_token(token_hash: str) -> AgentToken | None:
     """The agent token with this digest (unique), or None."""
-    sql, tokens = _token_read()
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [token_hash])
-        row = cursor.fetchone()
-    token = None if row is None else tokens.load(row)
+    token = _reads()["agent_token"](token_hash)
     assert token is None or isinstance(token, AgentToken)
     return token
+
+
+def api_token(digest: str) -> ApiToken | None:
+    """The API token with this digest (unique) and its user, as ``select_related("user")``
+    reads it, or None. Every API request reads it."""
+    token = _reads()["api_token"](digest)
+    assert token is None or isinstance(token, ApiToken)
+    return token
+
+
+@functools.cache
+def _ports_sql() -> str:
+    port, status = column(Workspace, "app_port"), column(Workspace, "status")
+    return f"SELECT {port} FROM {table(Workspace)} WHERE {status} <> %s AND {port} = ANY(%s)"
+
+
+def ports_in_use(candidates: Iterable[int]) -> set[int]:
+    """Which of these app ports a workspace that is not removed holds (the unique index of
+    ``workspace_app_port_unique_live`` answers it)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_ports_sql(), [WorkspaceStatus.REMOVED.value, list(candidates)])
+        return {port for (port,) in cursor.fetchall()}
 
 
 # --- a heartbeat's UPDATE (``services.agent.beat``) ---------------------------------------------

@@ -15,9 +15,9 @@ from django.db.models import F, Q
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from workspaces import services, statements
+from workspaces import selectors, services, statements
 from workspaces.crypto import SealedEnv
-from workspaces.models import AgentToken, Workspace, WorkspaceEvent
+from workspaces.models import AgentToken, ApiToken, Workspace, WorkspaceEvent
 from workspaces.services.common import _locked, record_event, transition
 from workspaces.status import DesiredState, EventSource, EventType, WorkspaceStatus
 
@@ -258,3 +258,29 @@ def test_the_token_read_is_what_the_orm_reads(user: Any) -> None:
     assert services.authenticate_agent(raw) == orm
     assert statements.agent_token("0" * 64) is None
     assert services.authenticate_agent("not-a-token") is None
+
+
+@pytest.mark.django_db
+def test_the_api_token_read_is_what_the_orm_reads(user: Any) -> None:
+    key = services.issue_api_token(user)
+    digest = services.hash_token(key)
+    orm = ApiToken.objects.select_related("user").get(digest=digest)
+    with CaptureQueriesContext(connection) as queries:
+        token = statements.api_token(digest)
+        assert token is not None and token.user.username == user.username
+    assert len(queries) == 1  # the user came with the token
+    assert _values(token) == _values(orm)
+    assert _values(token.user) == _values(orm.user)
+    assert selectors.api_token(key) == orm
+    assert statements.api_token("0" * 64) is None
+
+
+@pytest.mark.django_db
+def test_ports_in_use_are_those_of_live_workspaces(user: Any) -> None:
+    live, removed = _running(user, "live"), _running(user, "gone")
+    Workspace.objects.filter(id=live.id).update(app_port=16001)
+    Workspace.objects.filter(id=removed.id).update(
+        app_port=16002, status=S.REMOVED, is_running=False
+    )
+    assert statements.ports_in_use({16001, 16002, 16003}) == {16001}
+    assert statements.ports_in_use([]) == set()

@@ -17,7 +17,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, prefetch_related_objects
 from django.utils import timezone
 
-from workspaces import audit
+from workspaces import audit, statements
 from workspaces.access import subdomain
 from workspaces.models import Workspace
 from workspaces.services.common import (
@@ -87,13 +87,13 @@ def _free_app_port(manifest: Template) -> int | None:
     if manifest.app.port is not None:
         return manifest.app.port
     low, high = settings.WORKSPACE_APP_PORT_RANGE
-    live = Workspace.objects.exclude(status=S.REMOVED)
     # A few random candidates first: one small query whatever the number of workspaces (the
     # constraint's unique index answers it). Only a range nearly full reads every port in use.
     candidates = {secrets.randbelow(high - low + 1) + low for _ in range(_PORT_CANDIDATES)}
-    taken = set(live.filter(app_port__in=candidates).values_list("app_port", flat=True))
+    taken = statements.ports_in_use(candidates)
     if candidates - taken:
         return secrets.choice(sorted(candidates - taken))
+    live = Workspace.objects.exclude(status=S.REMOVED)
     used = set(live.filter(app_port__range=(low, high)).values_list("app_port", flat=True))
     free = [port for port in range(low, high + 1) if port not in used]
     if not free:
