@@ -251,6 +251,29 @@ def _prepared(model: type[Model], name: str, value: Any) -> Any:
     return _field(model, name).get_db_prep_save(value, connection)
 
 
+@functools.cache
+def _fenced_sql(plain: tuple[str, ...], not_in: tuple[str, ...]) -> str:
+    sets = ", ".join(f"{column(Workspace, name)} = %s" for name in plain)
+    where = f"{column(Workspace, 'id')} = %s AND {column(Workspace, 'generation')} = %s"
+    if not_in:
+        where += f" AND {column(Workspace, 'status')} NOT IN ({', '.join(['%s'] * len(not_in))})"
+    return f"UPDATE {table(Workspace)} SET {sets} WHERE {where}"
+
+
+def update_fenced(
+    workspace_id: UUID, generation: int, fields: dict[str, Any], not_in: Iterable[str] = ()
+) -> bool:
+    """``UPDATE ... WHERE id = %s AND generation = %s`` (and, when given, the status is none of
+    ``not_in``) of plain values; whether the row changed."""
+    plain, excluded = tuple(fields), tuple(sorted(not_in))
+    params: list[Any] = [_prepared(Workspace, name, fields[name]) for name in plain]
+    params += [_prepared(Workspace, "id", workspace_id), generation]
+    params += [_prepared(Workspace, "status", status) for status in excluded]
+    with connection.cursor() as cursor:
+        cursor.execute(_fenced_sql(plain, excluded), params)
+        return cursor.rowcount == 1
+
+
 # --- an event's INSERT (``services.common.record_event``) ----------------------------------------
 _EVENT_FIELDS = ("workspace", "type", "source", "generation", "payload", "actor", "created_at")
 

@@ -48,6 +48,7 @@ def _running(user: Any, name: str) -> Workspace:
         last_heartbeat_at=STARTED,
         last_activity_at=STARTED,
         provisioning_started_at=STARTED,
+        status_changed_at=STARTED,
         generation=4,
         backend_state={"pid": 12, "nested": {"a": [1, 2]}},
         stop_reason={"kind": "idle"},
@@ -284,3 +285,27 @@ def test_ports_in_use_are_those_of_live_workspaces(user: Any) -> None:
     )
     assert statements.ports_in_use({16001, 16002, 16003}) == {16001}
     assert statements.ports_in_use([]) == set()
+
+
+@pytest.mark.django_db
+def test_the_fenced_update_writes_what_the_orm_writes(user: Any) -> None:
+    fast, slow = _running(user, "fast"), _running(user, "slow")
+    fields: dict[str, Any] = {
+        "is_running": True,
+        "backend_state": {"pid": 7, "nested": {"ok": True}},
+        "updated_at": STARTED,
+        "last_started_at": STARTED,
+        "config_populated_at": STARTED,
+        "handled_seq": 1,
+    }
+    with CaptureQueriesContext(connection) as queries:
+        assert statements.update_fenced(fast.id, 4, fields)
+    assert len(queries) == 1
+    assert Workspace.objects.filter(id=slow.id, generation=4).update(**fields) == 1
+    assert _row(fast.id) == _row(slow.id)
+    # Fenced: another generation, or a status it must not be at, changes nothing.
+    assert not statements.update_fenced(fast.id, 3, {"handled_seq": 0})
+    assert not statements.update_fenced(fast.id, 4, {"handled_seq": 0}, (S.ONLINE, S.DEGRADED))
+    assert Workspace.objects.get(id=fast.id).handled_seq == 1
+    assert statements.update_fenced(fast.id, 4, {"handled_seq": 0}, (S.STOPPED,))
+    assert Workspace.objects.get(id=fast.id).handled_seq == 0

@@ -16,6 +16,7 @@ from django.db import connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from workspaces import statements
 from workspaces.crypto import token_digest
 from workspaces.models import AgentToken, Workspace
 from workspaces.services.common import (
@@ -156,12 +157,10 @@ def record_backend_facts(
         fields["config_populated_at"] = now
     if handled_seq is not None:
         fields["handled_seq"] = handled_seq
-    rows = _fenced(workspace_id, generation)
-    if not is_running:
-        # The table's CHECK forbids online/degraded without a running instance: a cycle that saw
-        # the instance stop must not leave the row claiming it is online.
-        rows = rows.exclude(status__in=(S.ONLINE, S.DEGRADED))
-    if rows.update(**fields) != 1:
+    # The table's CHECK forbids online/degraded without a running instance: a cycle that saw the
+    # instance stop must not leave the row claiming it is online.
+    not_in = () if is_running else (S.ONLINE, S.DEGRADED)
+    if not statements.update_fenced(workspace_id, generation, fields, not_in):
         raise LeaseLost(f"workspace {workspace_id} moved past generation {generation}")
 
 
