@@ -1,7 +1,9 @@
 """The gate's acquire + release against a bare Redis ``SET NX PX`` + ``DEL``, in one run.
 
-``provisioning.gate.hold`` does more than the floor: a Lua-checked release, the renewer thread
-started and joined, and the bookkeeping ``inspect workspace_gates`` reads (HSET + EXPIRE, HDEL).
+``provisioning.gate.hold`` does more than the floor in the same two round trips: its acquiring
+script also records the holder for ``inspect workspace_gates`` (HSET + EXPIRE) and ends a wait,
+its releasing script checks the token and forgets the record, and the renewer thread is started
+and joined.
 Both sides run against the same Redis, alternating batch by batch so drift hits both alike.
 
     .venv/bin/python -m bench.gate [repeats]

@@ -12,12 +12,15 @@ changes nothing (see ``workspaces.services``).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +28,7 @@ from typing import Any, cast
 from uuid import UUID
 
 from django.conf import settings
-from redis.exceptions import LockError, LockNotOwnedError, RedisError
+from redis.exceptions import LockNotOwnedError, RedisError
 from redis.lock import Lock
 
 from provisioning.redis_client import get_redis
@@ -64,6 +67,9 @@ class Lease:
     generation: int | None = None
     lost: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
+    # time.monotonic() when the last successful confirmation (or the acquisition) was sent: the
+    # lease ran its full length from no earlier than that moment.
+    confirmed_at: float = field(default_factory=time.monotonic)
 
     @property
     def token(self) -> str:
@@ -83,6 +89,7 @@ class Lease:
         """
         if self.lost.is_set():
             return False
+        sent = time.monotonic()
         try:
             self.lock.reacquire()
         except LockNotOwnedError:
@@ -93,10 +100,26 @@ class Lease:
             # and the intent stays pending for the next converge.
             logger.warning("gate for %s could not be confirmed: %s", self.workspace_id, exc)
             return False
+        self.confirmed_at = sent
         return True
 
-    def ensure(self) -> None:
-        """Raise ``LeaseExpired`` unless this holder still owns the gate (see ``confirm``)."""
+    def call_begins(self) -> None:
+        """A backend call begins: no confirmation made before it stands for one after it."""
+        self.confirmed_at = -math.inf
+
+    def ensure(self, *, unless_within: float = 0.0) -> None:
+        """Raise ``LeaseExpired`` unless this holder still owns the gate (see ``confirm``).
+
+        ``unless_within``: a confirmation that succeeded less than that many seconds ago (on the
+        monotonic clock, which counts a pause too), with no backend call begun since
+        (``call_begins``), stands, with no round trip. It renewed the lease to its full
+        ``GATE_LEASE_SECONDS``, so the lease cannot have run out since; the lifecycle uses it for
+        the confirmation before a backend call that follows the previous call's confirmation at
+        once (``lifecycle._confirmed``)."""
+        if self.lost.is_set():
+            raise LeaseExpired(f"gate lease for workspace {self.workspace_id} was lost")
+        if unless_within and time.monotonic() - self.confirmed_at < unless_within:
+            return
         if not self.confirm():
             raise LeaseExpired(f"gate lease for workspace {self.workspace_id} was lost")
 
@@ -116,28 +139,30 @@ class Lease:
                 logger.warning("gate renewal failed for %s: %s", self.workspace_id, exc)
 
 
-def _record_held(lease: Lease) -> None:
+def _held_meta(lease: Lease, token: str) -> str:
+    """What ``inspect workspace_gates`` reads of a held gate (``gates_held_by``)."""
     meta = {
         "workspace_id": lease.workspace_id,
         "generation": lease.generation,
         "acquired_at": lease.acquired_at,
         "pid": os.getpid(),
-        "token": lease.token,
+        "token": token,
     }
+    return json.dumps(meta)
+
+
+def _held_ttl(lease: Lease) -> int:
+    return max(lease.lease_seconds * 10, 3600)
+
+
+def _record_held(lease: Lease) -> None:
     try:
         pipe = get_redis().pipeline()
-        pipe.hset(_held_key(lease.holder), lease.workspace_id, json.dumps(meta))
-        pipe.expire(_held_key(lease.holder), max(lease.lease_seconds * 10, 3600))
+        pipe.hset(_held_key(lease.holder), lease.workspace_id, _held_meta(lease, lease.token))
+        pipe.expire(_held_key(lease.holder), _held_ttl(lease))
         pipe.execute()
     except RedisError as exc:  # bookkeeping for `inspect`; never fail a cycle over it
         logger.warning("could not record gate for %s: %s", lease.workspace_id, exc)
-
-
-def _forget_held(lease: Lease) -> None:
-    try:
-        get_redis().hdel(_held_key(lease.holder), lease.workspace_id)
-    except RedisError as exc:
-        logger.warning("could not forget gate for %s: %s", lease.workspace_id, exc)
 
 
 @contextmanager
@@ -151,12 +176,15 @@ def hold(workspace_id: UUID | str, holder: str | None = None) -> Iterator[Lease]
     lock = get_redis().lock(
         gate_key(workspace_id), timeout=lease_seconds, blocking=False, thread_local=False
     )
-    if not lock.acquire(blocking=False):
-        _note_waiting(workspace_id, lease_seconds)
-        raise GateBusy(str(workspace_id))
-    _observe_wait(workspace_id)
     lease = Lease(str(workspace_id), holder or default_holder(), lock, lease_seconds)
-    _record_held(lease)
+    # redis-py's lock with the token redis-py would draw; taken by ``_acquire`` in the round trip
+    # that also records the holder and ends a wait (or marks one), so that the lock's own
+    # renewal and release (``reacquire``, ``release``) work on it as if ``acquire`` had run.
+    token = uuid.uuid1().hex.encode()
+    lease.confirmed_at = time.monotonic()
+    if not _acquire(lease, token):
+        raise GateBusy(str(workspace_id))
+    lock.local.token = token
     renewer = threading.Thread(
         target=lease._renew_forever, name=f"gate-renew-{workspace_id}", daemon=True
     )
@@ -166,29 +194,40 @@ def hold(workspace_id: UUID | str, holder: str | None = None) -> Iterator[Lease]
     finally:
         lease._stop.set()
         renewer.join(timeout=5)
-        _forget_held(lease)
-        try:
-            lock.release()
-        except LockError:
+        if not _release(lease, token):
             # Expired and possibly taken by someone else: theirs now, not ours to release.
             logger.warning("gate for %s expired before release", workspace_id)
 
 
-# --- Gate waits (the workspace_gate_wait_seconds histogram) -----------------------------------
-# Nobody blocks on the gate: a caller that finds it held comes back later. The wait is from the
-# first time a caller found it held to the next time anyone takes it, measured on Redis's clock
-# (callers may run on different hosts). The mark outlives no more than a few leases.
-_TAKE_WAIT = """
-local started = redis.call('GET', KEYS[1])
-if not started then return -1 end
-redis.call('DEL', KEYS[1])
-local t = redis.call('TIME')
-return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(started)
-"""
-_MARK_WAIT = """
+# --- Taking and releasing the gate, each in one round trip -----------------------------------
+# Gate waits (the workspace_gate_wait_seconds histogram): nobody blocks on the gate, a caller
+# that finds it held comes back later. The wait is from the first time a caller found it held to
+# the next time anyone takes it, measured on Redis's clock (callers may run on different hosts).
+# The mark outlives no more than a few leases.
+#
+# KEYS: the gate, the wait mark, the holder's record. ARGV: the token, the lease (ms), the
+# workspace id, the record, its TTL (s), the mark's TTL (ms). Returns {1, ms waited or -1} when
+# taken (the holder recorded for ``inspect``), {0} when held (the wait marked).
+_ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-return redis.call('SET', KEYS[1], now, 'NX', 'PX', ARGV[1])
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
+  redis.call('EXPIRE', KEYS[3], ARGV[5])
+  local started = redis.call('GET', KEYS[2])
+  if not started then return {1, -1} end
+  redis.call('DEL', KEYS[2])
+  return {1, now - tonumber(started)}
+end
+redis.call('SET', KEYS[2], now, 'NX', 'PX', ARGV[6])
+return {0}
+"""
+# KEYS: the gate, the holder's record. ARGV: the token, the workspace id. The lock goes only if
+# the token is still this holder's (as redis-py's release checks); 1 when it went.
+_RELEASE = """
+redis.call('HDEL', KEYS[2], ARGV[2])
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 
@@ -196,23 +235,40 @@ def _waiting_key(workspace_id: UUID | str) -> str:
     return f"{settings.GATE_KEY_PREFIX}:waiting:{workspace_id}"
 
 
-def _note_waiting(workspace_id: UUID | str, lease_seconds: int) -> None:
-    try:
-        get_redis().eval(_MARK_WAIT, 1, _waiting_key(workspace_id), str(4 * lease_seconds * 1000))
-    except RedisError as exc:  # a metric: never in the way of the gate
-        logger.warning("could not note a gate wait for %s: %s", workspace_id, exc)
-
-
-def _observe_wait(workspace_id: UUID | str) -> None:
+def _acquire(lease: Lease, token: bytes) -> bool:
+    """Take the gate with ``token`` and record the holder, ending a wait; or mark the wait."""
     from project import metrics
 
-    try:
-        waited_ms: Any = get_redis().eval(_TAKE_WAIT, 1, _waiting_key(workspace_id))
-    except RedisError as exc:
-        logger.warning("could not read a gate wait for %s: %s", workspace_id, exc)
-        return
-    if int(waited_ms) >= 0:
-        metrics.GATE_WAIT.observe(int(waited_ms) / 1000)
+    keys = [gate_key(lease.workspace_id), _waiting_key(lease.workspace_id), _held_key(lease.holder)]
+    args = [
+        token,
+        lease.lease_seconds * 1000,
+        lease.workspace_id,
+        _held_meta(lease, token.decode()),
+        _held_ttl(lease),
+        4 * lease.lease_seconds * 1000,
+    ]
+    taken: Any = _script(_ACQUIRE)(keys, args)
+    if not int(taken[0]):
+        return False
+    if int(taken[1]) >= 0:
+        metrics.GATE_WAIT.observe(int(taken[1]) / 1000)
+    return True
+
+
+def _release(lease: Lease, token: bytes) -> bool:
+    keys = [gate_key(lease.workspace_id), _held_key(lease.holder)]
+    return bool(_script(_RELEASE)(keys, [token, lease.workspace_id]))
+
+
+def _script(source: str) -> Any:
+    """The script on the current client (EVALSHA; loaded again when Redis lost it)."""
+    return _registered(get_redis(), source)
+
+
+@functools.lru_cache(maxsize=16)
+def _registered(client: Any, source: str) -> Any:
+    return client.register_script(source)
 
 
 def is_held(workspace_id: UUID | str) -> bool:

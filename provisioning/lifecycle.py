@@ -156,6 +156,10 @@ def missing_required_env(env: dict[str, str], template: Template) -> list[str]:
     return [name for name in template.required_env if not env.get(name)]
 
 
+# Far below the shortest lease (GATE_LEASE_SECONDS is at least 3 s).
+FRESH_CONFIRMATION_SECONDS = 0.5
+
+
 def _confirmed(lease: gate.Lease, call: Callable[..., T], *args: Any) -> T:
     """Run one backend call between two lease confirmations.
 
@@ -163,8 +167,15 @@ def _confirmed(lease: gate.Lease, call: Callable[..., T], *args: Any) -> T:
     backend of a workspace that a newer holder may own. After: the call itself may have outlasted
     the lease (a stop's grace period, a slow engine); the holder learns it before it writes what
     the backend said or makes the next call. ``LeaseExpired`` is a ``LeaseLost``: the cycle ends.
+
+    The previous call's confirmation after it stands for the one before, when it succeeded less
+    than ``FRESH_CONFIRMATION_SECONDS`` ago and no backend call has begun since (a start's
+    prepare, config and start follow one another at once). It renewed the lease to its full
+    length, so no pause or slow step since can have outlasted it; anything slower, and any call
+    after one that raised, confirms again.
     """
-    lease.ensure()
+    lease.ensure(unless_within=FRESH_CONFIRMATION_SECONDS)
+    lease.call_begins()
     result = call(*args)
     lease.ensure()
     return result

@@ -140,6 +140,45 @@ def test_a_holder_whose_lease_ran_out_cannot_release_the_next_holders_gate() -> 
         assert fresh.confirm()
 
 
+def test_a_fresh_confirmation_stands_only_until_a_call_begins_or_time_passes() -> None:
+    """``ensure(unless_within=...)``: the lifecycle's confirmation before a backend call that
+    follows the previous call's confirmation at once. It stands while it is younger than the
+    window and no call has begun since; then the gate is asked again, and a lost lease shows."""
+    workspace_id = uuid.uuid4()
+    with gate.hold(workspace_id, "holder") as lease:
+        assert lease.confirm()
+        asked = _count_calls(lease.lock, "reacquire")
+        lease.ensure(unless_within=60)
+        assert asked == []  # no round trip
+        # A newer holder took the gate: only a confirmation that asks Redis can tell.
+        get_redis().set(gate.gate_key(workspace_id), "a-newer-holder", px=60_000)
+        lease.call_begins()
+        with pytest.raises(gate.LeaseExpired):
+            lease.ensure(unless_within=60)
+        assert len(asked) == 1
+    with gate.hold(uuid.uuid4(), "holder") as lease:
+        assert lease.confirm()
+        get_redis().set(gate.gate_key(lease.workspace_id), "a-newer-holder", px=60_000)
+        time.sleep(0.05)
+        with pytest.raises(gate.LeaseExpired):
+            lease.ensure(unless_within=0.04)  # older than the window
+        with pytest.raises(gate.LeaseExpired):
+            lease.ensure(unless_within=60)  # and a lost lease stays lost
+
+
+def _count_calls(target: Any, name: str) -> list[None]:
+    """Record each call of ``target.name`` (which still runs) in the list returned."""
+    calls: list[None] = []
+    method = getattr(target, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(None)
+        return method(*args, **kwargs)
+
+    setattr(target, name, counted)
+    return calls
+
+
 @pytest.mark.slow
 def test_a_dead_holder_frees_the_gate_within_the_lease(worker_env_base: dict[str, str]) -> None:
     workspace_id = str(uuid.uuid4())
