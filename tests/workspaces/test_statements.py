@@ -18,6 +18,7 @@ from django.utils import timezone
 from workspaces import selectors, services, statements
 from workspaces.crypto import SealedEnv
 from workspaces.models import AgentToken, ApiToken, Workspace, WorkspaceEvent
+from workspaces.services import requests
 from workspaces.services.common import _locked, record_event, transition
 from workspaces.status import DesiredState, EventSource, EventType, WorkspaceStatus
 
@@ -82,7 +83,12 @@ def test_the_locked_read_is_what_the_orm_reads(user: Any) -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_locked_read_locks_the_row_until_the_transaction_ends(user: Any) -> None:
+def test_the_locked_read_locks_the_row_until_the_transaction_ends(
+    user: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The row is committed here: no converge task for it, so that no worker of the suite runs a
+    # cycle on it (and locks it) while the test looks at who holds its lock.
+    monkeypatch.setattr(requests, "_enqueue_converge", lambda workspace_id: None)
     created = _running(user, "held")
     settings = connection.settings_dict
     other = psycopg2.connect(
