@@ -565,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DOC)
     args = parser.parse_args(argv)
     n = args.workspaces
+    if n < 1 or not 1 <= args.silenced <= n:
+        # The run measures offline detection too: at least one agent is silenced.
+        parser.error(f"--silenced must be between 1 and --workspaces ({n}), not {args.silenced}")
 
     os.environ.setdefault("LOG_LEVEL", "WARNING")
     started = time.time()
