@@ -199,10 +199,13 @@ def _transition_sql(
 
 
 def plain_values(fields: dict[str, Any]) -> bool:
-    """Whether ``update_status`` can write these values: plain ones, or ``F`` of a column
-    (not an expression computed from it, such as ``F("requested_seq") + 1``)."""
+    """Whether ``update_status`` can write these values: plain ones, or ``F`` of a column (not
+    an expression computed from it, such as ``F("requested_seq") + 1``, nor a model instance,
+    which the ORM turns into its key)."""
     return all(
-        type(value) is F or not hasattr(value, "resolve_expression") for value in fields.values()
+        type(value) is F
+        or not (hasattr(value, "resolve_expression") or hasattr(value, "prepare_database_save"))
+        for value in fields.values()
     )
 
 

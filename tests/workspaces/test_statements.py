@@ -199,6 +199,7 @@ def test_the_status_update_refuses_what_the_orm_refuses(user: Any) -> None:
 def test_computed_values_take_the_orms_path() -> None:
     assert statements.plain_values({"a": 1, "b": {"x": 1}, "c": F("d")})
     assert not statements.plain_values({"requested_seq": F("requested_seq") + 1})
+    assert not statements.plain_values({"parent": Workspace(id=uuid.uuid4())})
 
 
 @pytest.mark.django_db
