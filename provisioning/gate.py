@@ -116,9 +116,8 @@ class Lease:
         ``GATE_LEASE_SECONDS``, so the lease cannot have run out since; the lifecycle uses it for
         the confirmation before a backend call that follows the previous call's confirmation at
         once (``lifecycle._confirmed``)."""
-        if self.lost.is_set():
-            raise LeaseExpired(f"gate lease for workspace {self.workspace_id} was lost")
-        if unless_within and time.monotonic() - self.confirmed_at < unless_within:
+        fresh = unless_within and time.monotonic() - self.confirmed_at < unless_within
+        if fresh and not self.lost.is_set():
             return
         if not self.confirm():
             raise LeaseExpired(f"gate lease for workspace {self.workspace_id} was lost")
@@ -181,7 +180,6 @@ def hold(workspace_id: UUID | str, holder: str | None = None) -> Iterator[Lease]
     # that also records the holder and ends a wait (or marks one), so that the lock's own
     # renewal and release (``reacquire``, ``release``) work on it as if ``acquire`` had run.
     token = uuid.uuid1().hex.encode()
-    lease.confirmed_at = time.monotonic()
     if not _acquire(lease, token):
         raise GateBusy(str(workspace_id))
     lock.local.token = token

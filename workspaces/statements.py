@@ -46,12 +46,16 @@ def table(model: type[Model]) -> str:
 
 
 class _Loader:
-    """Rows of ``model``'s concrete fields, in field order, into instances as the ORM builds
-    them: each value through the field's and the backend's converters, then ``from_db``."""
+    """Rows of ``model``'s concrete fields (``only`` those attnames, the others deferred as
+    ``.only()`` leaves them), in field order, into instances as the ORM builds them: each value
+    through the field's and the backend's converters, then ``from_db``."""
 
-    def __init__(self, model: type[Model], alias: str) -> None:
+    def __init__(self, model: type[Model], alias: str, only: Iterable[str] | None = None) -> None:
         self.model = model
-        self.fields = list(model._meta.concrete_fields)
+        wanted = None if only is None else set(only)
+        self.fields = [
+            f for f in model._meta.concrete_fields if wanted is None or f.attname in wanted
+        ]
         self.attnames = tuple(f.attname for f in self.fields)
         self.columns = ", ".join(f"{alias}.{quote(str(f.column))}" for f in self.fields)
         self.converters: list[tuple[int, list[Converter], Any]] = []
@@ -71,23 +75,33 @@ class _Loader:
         return self.model.from_db(connection.alias, self.attnames, row)
 
 
-class _Read:
+class Read:
     """One row of ``model`` by the unique column ``key``, and the user its foreign key
-    ``user_field`` points at (loaded as ``select_related`` loads it; read, not locked)."""
+    ``user_field`` points at (loaded as ``select_related`` loads it; read, not locked).
+    ``only`` / ``user_only``: the attnames to load of each, the others deferred."""
 
     def __init__(
-        self, model: type[Model], key: str, user_field: str | None = None, lock: bool = False
+        self,
+        model: type[Model],
+        key: str,
+        user_field: str | None = None,
+        *,
+        lock: bool = False,
+        only: Iterable[str] | None = None,
+        user_only: Iterable[str] | None = None,
     ) -> None:
-        self.rows = _Loader(model, "r")
-        self.user_field = user_field
-        self.users = None if user_field is None else _Loader(get_user_model(), "u")
+        self.rows = _Loader(model, "r", only)
         sql = f"SELECT {self.rows.columns}"
-        if self.users is not None and user_field is not None:
-            users = self.users.model
+        self.users: _Loader | None = None
+        self.user_field: Any = None
+        if user_field is None:
+            sql += f" FROM {table(model)} r"
+        else:
+            users = get_user_model()
+            self.users = _Loader(users, "u", user_only)
+            self.user_field = model._meta.get_field(user_field)
             sql += f", {self.users.columns} FROM {table(model)} r JOIN {table(users)} u "
             sql += f"ON u.{quote(str(users._meta.pk.column))} = r.{column(model, user_field)}"
-        else:
-            sql += f" FROM {table(model)} r"
         sql += f" WHERE r.{column(model, key)} = %s"
         # The row's lock only: its user may be locked by another transaction meanwhile.
         self.sql = sql + (" FOR UPDATE OF r" if lock else "")
@@ -100,18 +114,17 @@ class _Read:
             return None
         split = len(self.rows.fields)
         found = self.rows.load(row[:split])
-        if self.users is not None and self.user_field is not None:
-            field = self.rows.model._meta.get_field(self.user_field)
-            field.set_cached_value(found, self.users.load(row[split:]))  # type: ignore[union-attr]
+        if self.users is not None:
+            self.user_field.set_cached_value(found, self.users.load(row[split:]))
         return found
 
 
 @functools.cache
-def _reads() -> dict[str, _Read]:
+def _reads() -> dict[str, Read]:
     return {
-        "locked_workspace": _Read(Workspace, "id", "owner", lock=True),
-        "agent_token": _Read(AgentToken, "token_hash"),
-        "api_token": _Read(ApiToken, "digest", "user"),
+        "locked_workspace": Read(Workspace, "id", "owner", lock=True),
+        "agent_token": Read(AgentToken, "token_hash"),
+        "api_token": Read(ApiToken, "digest", "user"),
     }
 
 
@@ -175,14 +188,14 @@ def beat_sql(active: bool) -> str:
 # --- the status UPDATE of ``services.common.transition`` -----------------------------------------
 @functools.cache
 def _transition_sql(
-    to: str,
-    sources: tuple[str, ...],
+    sources: int,
     fenced: bool,
     plain: tuple[str, ...],
     copied: tuple[tuple[str, str], ...],
 ) -> str:
-    """One shape of the status write: ``plain`` fields take values, ``copied`` ones another
-    column of the row (``F("env_version")``), in that order after the status and its clocks."""
+    """One shape of the status write, for a number of source statuses: ``plain`` fields take
+    values, ``copied`` ones another column of the row (``F("env_version")``), in that order after
+    the status and its clocks."""
     status, changed = column(Workspace, "status"), column(Workspace, "status_changed_at")
     sets = [
         f"{status} = %s",
@@ -192,7 +205,7 @@ def _transition_sql(
         *(f"{column(Workspace, name)} = %s" for name in plain),
         *(f"{column(Workspace, name)} = {column(Workspace, source)}" for name, source in copied),
     ]
-    where = [f"{column(Workspace, 'id')} = %s", f"{status} IN ({', '.join(['%s'] * len(sources))})"]
+    where = [f"{column(Workspace, 'id')} = %s", f"{status} IN ({', '.join(['%s'] * sources)})"]
     if fenced:
         where.append(f"{column(Workspace, 'generation')} = %s")
     return f"UPDATE {table(Workspace)} SET {', '.join(sets)} WHERE {' AND '.join(where)}"
@@ -226,7 +239,7 @@ def update_status(
         for name, value in fields.items()
         if type(value) is F
     )
-    sql = _transition_sql(to, ordered_sources, expect_generation is not None, plain, copied)
+    sql = _transition_sql(len(ordered_sources), expect_generation is not None, plain, copied)
     status = _prepared(Workspace, "status", to)
     prepared = [_prepared(Workspace, name, fields[name]) for name in plain]
     params: list[Any] = [

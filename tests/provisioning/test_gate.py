@@ -140,6 +140,21 @@ def test_a_holder_whose_lease_ran_out_cannot_release_the_next_holders_gate() -> 
         assert fresh.confirm()
 
 
+def test_a_holder_whose_lease_ran_out_lets_go_without_taking_the_next_holders_gate() -> None:
+    """Leaving ``hold`` after the lease ran out: the releasing script finds another holder's
+    token, so the lock stays theirs; only the stale holder's own record goes."""
+    workspace_id = uuid.uuid4()
+    stale_hold = gate.hold(workspace_id, "stale")
+    stale = stale_hold.__enter__()
+    with _lease_ran_out(stale), gate.hold(workspace_id, "next") as fresh:
+        stale_hold.__exit__(None, None, None)
+        assert gate.is_held(workspace_id)
+        assert fresh.confirm()
+        assert gate.gates_held_by("stale") == []
+        assert [held["workspace_id"] for held in gate.gates_held_by("next")] == [str(workspace_id)]
+    assert not gate.is_held(workspace_id)
+
+
 def test_a_fresh_confirmation_stands_only_until_a_call_begins_or_time_passes() -> None:
     """``ensure(unless_within=...)``: the lifecycle's confirmation before a backend call that
     follows the previous call's confirmation at once. It stands while it is younger than the
