@@ -1,45 +1,73 @@
-"""The registry listener as it is served: ``gunicorn project.registry_asgi:application -k
+"""The registry listener: ``gunicorn project.registry_asgi:application -k
 uvicorn_worker.UvicornWorker`` (the ``registry`` line of the Procfile).
 
-Workspaces can reach this port, so a workspace must not be able to take it away from the others.
-Behind a threaded WSGI server it could: a thread reads each request from its socket, and a client
-that connects and sends nothing, or headers without their body (or an agent stopped in the middle
-of a call), holds that thread until it goes away; a handful of them stopped every agent's
-heartbeat. Here the event loop reads every request, headers and body, whatever the number of
-connections, and a request is handed to a thread (``REGISTRY_THREADS``, each with its own
-database connection, as gunicorn's ``--threads`` ran it) only once it is whole: a body that does
-not arrive within ``REQUEST_BODY_SECONDS`` is answered 408 and one larger than
-``API_MAX_BODY_BYTES`` 413, from the event loop (``project.asgi_support.whole``). What the
-thread runs is ``project.registry_wsgi.application``: the common heartbeat's one statement
-(``beat_reply``) and a registration that ``register_agent`` accepts (``register_reply``) without
-Django's request machinery, else the agent endpoints and nothing else.
+It listens where workspaces can connect (``REGISTRY_BIND``, e.g. ``0.0.0.0:8001``: loopback and
+the workspaces' links), and ``PLATFORM_URL`` names it. It serves the agent's endpoints
+(``/api/registry/*``) through Django's own ASGI handler and answers 404 to every other path
+before Django sees it, so a workspace that reaches this port reaches nothing else of the API, the
+admin or the docs. Bodies are bounded in size and time (``RequestBodyLimit``) as on the web port.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+import posixpath
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+# As project.asgi: each request's sync part runs in a thread of its own, so connections come
+# from psycopg's pool.
+os.environ.setdefault("DATABASE_POOL", "true")
 
 from django.conf import settings
+from django.core.asgi import get_asgi_application
 
-from project import registry_wsgi, warmup
-from project.asgi_support import answer_lifespan, in_thread, whole
+from project import warmup
+from project.request_body import ASGIApp, Receive, RequestBodyLimit, Scope, Send
 
+REGISTRY_PREFIX = "/api/registry/"
+_NOT_FOUND = json.dumps(
+    {"detail": "not found: this listener serves only the agent endpoints (/api/registry/*)"}
+).encode()
+
+
+def _host_for_django() -> bytes:
+    """Agents call whatever address reaches the host from their network (a link's gateway, which
+    no ALLOWED_HOSTS lists); the agent's bearer token, not the Host header, is what the registry
+    trusts, so requests reach Django under an allowed host name."""
+    for host in settings.ALLOWED_HOSTS:
+        name = host.lstrip(".")
+        if name and name != "*":
+            return name.encode()
+    return b"localhost"
+
+
+class AgentEndpointsOnly:
+    """``/api/registry/*`` to Django, under the normalised path (``/api/registry/../workspaces/``
+    cannot slip through) and an allowed Host; a JSON 404 for any other path."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.host = _host_for_django()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = posixpath.normpath(scope.get("path") or "/")
+        if not path.startswith(REGISTRY_PREFIX):
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(_NOT_FOUND)).encode()),
+            ]
+            await send({"type": "http.response.start", "status": 404, "headers": headers})
+            await send({"type": "http.response.body", "body": _NOT_FOUND})
+            return
+        headers = [(name, value) for name, value in scope["headers"] if name != b"host"]
+        inner = {**scope, "path": path, "raw_path": path.encode(), "headers": headers}
+        inner["headers"].append((b"host", self.host))
+        await self.app(inner, receive, send)
+
+
+application = RequestBodyLimit(AgentEndpointsOnly(get_asgi_application()))
 warmup.events()
-
-# The listener's threads (REGISTRY_THREADS), each with its own database connection.
-_threads = ThreadPoolExecutor(settings.REGISTRY_THREADS, thread_name_prefix="registry")
-
-
-async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if scope["type"] == "lifespan":
-        await answer_lifespan(receive, send)
-        return
-    if scope["type"] != "http":
-        return  # no websockets here
-    request = await whole(receive, send)
-    if request is not None:
-        await in_thread(registry_wsgi.application, _threads, scope, request, send)

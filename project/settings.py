@@ -83,16 +83,10 @@ MIDDLEWARE = [
 
 ROOT_URLCONF = "project.urls"
 WSGI_APPLICATION = "project.wsgi.application"
-# project/asgi.py (what gunicorn serves, with uvicorn workers): the API's ordinary requests run in
-# a fixed pool of this many threads per process (each keeps its database connection, as gunicorn's
-# --threads would), while event streams run on the event loop and hold no thread.
-WEB_THREADS = env_int("WEB_THREADS", 4, minimum=1)
-# project/registry_asgi.py (the registry listener, with uvicorn workers): its threads, for the
-# agents' calls.
-REGISTRY_THREADS = env_int("REGISTRY_THREADS", 4, minimum=1)
-# Both ASGI entry points hand a request to a thread only once its body has arrived, within this
-# many seconds (408 otherwise), so clients that stall (a workspace that opens connections and sends
-# half a request, an agent stopped mid-call) hold no thread and cannot starve the others.
+# project/asgi.py and project/registry_asgi.py (project/request_body.py): a request whose body has
+# not arrived whole within this many seconds is answered 408 before Django reads it, so clients
+# that stall (a workspace that opens connections and sends half a request, an agent stopped
+# mid-call) cannot keep requests open.
 REQUEST_BODY_SECONDS = env_int("REQUEST_BODY_SECONDS", 10, minimum=1)
 
 TEMPLATES = [
@@ -115,6 +109,17 @@ DATABASES = {
 }
 DATABASES["default"]["CONN_MAX_AGE"] = env_int("DATABASE_CONN_MAX_AGE", 60, minimum=0)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# The ASGI entry points (project/asgi.py, project/registry_asgi.py) set DATABASE_POOL: Django runs
+# each request's sync part in a thread of its own there, so connections come from psycopg's pool
+# (at most DATABASE_POOL_MAX_SIZE per process, a request waits up to DATABASE_POOL_TIMEOUT seconds
+# for one, then 503) instead of one kept per thread. Celery workers and manage.py keep theirs.
+if env_bool("DATABASE_POOL", False):
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1,
+        "max_size": env_int("DATABASE_POOL_MAX_SIZE", 10, minimum=1),
+        "timeout": env_int("DATABASE_POOL_TIMEOUT", 10, minimum=1),
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -271,7 +276,7 @@ WORKSPACE_TEMPLATES_DIR = Path(
     env_str("WORKSPACE_TEMPLATES_DIR", str(BASE_DIR / "workspace_templates"))
 ).resolve()
 WORKSPACE_DEFAULT_TEMPLATE = env_str("WORKSPACE_DEFAULT_TEMPLATE", "shell-default")
-# What agents call back: the registry listener (project/registry_wsgi.py, `registry` in the
+# What agents call back: the registry listener (project/registry_asgi.py, `registry` in the
 # Procfile), which serves /api/registry/* alone. On the Docker backend its host part is replaced
 # by each workspace network's gateway address.
 PLATFORM_URL = env_url("PLATFORM_URL", "http://127.0.0.1:8001")

@@ -1,4 +1,4 @@
-"""The registry listener (project/registry_wsgi.py) as a real process: the agent endpoints and
+"""The registry listener (project/registry_asgi.py) as a real process: the agent endpoints and
 nothing else, whatever the path's disguise or the Host header."""
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Event streams under the web server ``bin/run`` starts (gunicorn, uvicorn workers,
-``project.asgi``): an open stream holds no request thread, and the per-user cap on open streams
+``project.asgi``): an open stream holds no thread and no database connection, and the per-user cap on open streams
 holds across processes and frees the places of streams that end or whose process dies.
 
-The server runs with ``WEB_THREADS=1``: one thread for ordinary requests. Were a stream to hold
-it, the requests below would never be answered."""
+The server runs with ``DATABASE_POOL_MAX_SIZE=1``: one database connection for the process's
+requests. Were a stream to hold it, the requests below would wait for it and be answered 503."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 def _server_env(worker_env: dict[str, str]) -> dict[str, str]:
     return {
         **worker_env,
-        "WEB_THREADS": "1",
+        "DATABASE_POOL_MAX_SIZE": "1",
+        "DATABASE_POOL_TIMEOUT": "5",
         "EVENTS_STREAMS_PER_USER": str(CAP),
         "EVENTS_STREAM_LEASE_SECONDS": str(LEASE),
         "EVENTS_STREAM_KEEPALIVE_SECONDS": "1",
@@ -76,7 +77,7 @@ def test_open_streams_do_not_block_requests(web, make_user) -> None:
     streams = [StreamReader(web.url, alice_key) for _ in range(CAP)]
     streams += [StreamReader(web.url, bob_key) for _ in range(CAP)]
     try:
-        # Six streams open on a server with one request thread: requests are still answered.
+        # Six streams open on a server with one database connection: requests are still answered.
         assert _get(web, "/healthz")[0] == 200
         status, _, listing = _get(web, "/api/workspaces/", alice_key)
         assert status == 200
@@ -197,7 +198,7 @@ class LogStreamReader:
 
 
 def test_open_log_streams_hold_no_request_thread(web, make_user) -> None:
-    """More log streams than request threads, each following a file a real process appends to:
+    """More log streams than database connections, each following a file a real process appends to:
     requests are still answered, and every stream gets the new lines."""
     alice = make_user("alice")
     key = services.issue_api_token(alice)
