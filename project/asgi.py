@@ -14,6 +14,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 # Each request's sync part runs in a thread of its own, so a connection kept per thread
 # (CONN_MAX_AGE) would be stranded by every request: connections come from psycopg's pool.
 os.environ.setdefault("DATABASE_POOL", "true")
+os.environ.setdefault("DATABASE_APPLICATION_NAME", "web")
 
 from django.core.asgi import get_asgi_application
 

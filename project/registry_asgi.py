@@ -18,6 +18,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 # As project.asgi: each request's sync part runs in a thread of its own, so connections come
 # from psycopg's pool.
 os.environ.setdefault("DATABASE_POOL", "true")
+os.environ.setdefault("DATABASE_APPLICATION_NAME", "registry")
 
 from django.conf import settings
 from django.core.asgi import get_asgi_application

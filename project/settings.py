@@ -113,6 +113,10 @@ DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 # each request's sync part in a thread of its own there, so connections come from psycopg's pool
 # (at most DATABASE_POOL_MAX_SIZE per process, a request waits up to DATABASE_POOL_TIMEOUT seconds
 # for one, then 503) instead of one kept per thread. Celery workers and manage.py keep theirs.
+# The name each process gives its connections (pg_stat_activity.application_name): the ASGI
+# entry points set "web" and "registry".
+if _application_name := env_str("DATABASE_APPLICATION_NAME", ""):
+    DATABASES["default"].setdefault("OPTIONS", {})["application_name"] = _application_name
 if env_bool("DATABASE_POOL", False):
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {

@@ -1,7 +1,8 @@
 """Run the Procfile's processes under supervisord: one crashed process is restarted, the others
 keep running (honcho, which ran them before, stopped every process when one died).
 
-``python -m project.supervise [Procfile]`` writes ``var/supervisord.conf`` with one
+``python -m project.supervise [Procfile]`` writes ``supervisord.conf`` into the run folder
+(``RUN_DIR``, default ``var/``: its socket and pidfile go there too) with one
 ``[program:<name>]`` section per Procfile line and prints its path; ``bin/run`` then execs
 ``supervisord`` with it. The Procfile stays the one list of processes: adding a line adds a
 supervised program. Each command runs through ``sh -c 'exec …'`` so the Procfile's shell syntax
@@ -12,6 +13,7 @@ Operators: ``.venv/bin/supervisorctl -c var/supervisord.conf status|restart <nam
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import sys
@@ -90,7 +92,7 @@ def render(programs: list[tuple[str, str]], *, directory: Path, run_dir: Path) -
 
 def main(argv: list[str]) -> int:
     procfile = Path(argv[1]) if len(argv) > 1 else BASE_DIR / "Procfile"
-    run_dir = BASE_DIR / "var"
+    run_dir = (BASE_DIR / os.environ.get("RUN_DIR", "var")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     config = run_dir / "supervisord.conf"
     programs = parse_procfile(procfile.read_text())

@@ -14,6 +14,7 @@ from rest_framework.test import APIClient
 
 from project.env import env_bool
 from provisioning.redis_client import get_redis
+from tests.stack import Stack
 from tests.support import (
     Caddy,
     RegistryListener,
@@ -24,7 +25,15 @@ from tests.support import (
 )
 
 # Tests that need any of these are slow by nature: real workers, a real engine, a live server.
-SLOW_FIXTURES = {"celery_worker", "docker_engine", "docker_worker", "live_server", "platform_url"}
+SLOW_FIXTURES = {
+    "stack",
+    "on_stack",
+    "celery_worker",
+    "docker_engine",
+    "docker_worker",
+    "live_server",
+    "platform_url",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -128,6 +137,32 @@ def worker_env(
 ) -> dict[str, str]:
     with django_db_blocker.unblock():
         return service_env(live_server.url, WORKSPACE_TEMPLATES_DIR=str(session_templates))
+
+
+@pytest.fixture(scope="session")
+def stack(django_db_setup: Any, django_db_blocker: Any, session_templates: Path) -> Iterator[Stack]:
+    """The platform as ``bin/run`` starts it (tests/stack.py), once per session: the tests of
+    record for the pages, the API over HTTP, the streams and the browser use it."""
+    with django_db_blocker.unblock():
+        built = Stack(
+            session_templates,
+            # Streams end soon, so each test's pages reconnect within its time.
+            env={"EVENTS_STREAM_MAX_SECONDS": "20", "LOGS_STREAM_MAX_SECONDS": "20"},
+        )
+    try:
+        built.start()
+        yield built
+    finally:
+        built.stop_workspaces()
+        built.stop()
+        built.cleanup()
+
+
+@pytest.fixture
+def on_stack(stack: Stack) -> Iterator[Stack]:
+    """The session's stack for one test; the workspaces it started are stopped after it."""
+    yield stack
+    stack.stop_workspaces()
 
 
 @pytest.fixture(scope="session")

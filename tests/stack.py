@@ -1,0 +1,209 @@
+"""The platform as a person runs it, for the tests of record: ``bin/run`` itself, which starts the
+Procfile's processes under supervisord (the web process, the registry listener, a Celery worker,
+Celery beat and Caddy), here on the test database, a Redis database, ports, uids, a firewall
+table and a run folder of its own, so it shares nothing with the session's other workers.
+
+Tests talk to it over HTTP as clients do, and read the database to check what it wrote. Its
+broker and gates live in their own Redis database: a test enqueues nothing to it from this
+process (create through its API instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import urllib.parse
+import uuid
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+from tests.support import REPO, database_url, free_port, wait_for
+
+# Its own slice of the machine: uids, their firewall table, the Docker links' addresses.
+STACK_UID_RANGE = "201000-201999"
+STACK_FIREWALL_TABLE = "wsfw_stack"
+STACK_VETH_SUBNET = "10.214.0.0/16"
+
+
+def _redis_db_url() -> str:
+    """The session's Redis server, the database after the session's (14 beside 15)."""
+    parsed = urllib.parse.urlparse(settings.REDIS_URL)
+    db = int(parsed.path.lstrip("/") or 0)
+    return parsed._replace(path=f"/{db - 1 if db > 0 else db + 1}").geturl()
+
+
+class Stack:
+    """``bin/run`` with the environment a deployment would give it; ``env`` adds settings."""
+
+    def __init__(self, templates: Path, env: dict[str, str] | None = None) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="stack-"))
+        self.web_port, self.registry_port = free_port(), free_port()
+        self.proxy_port, self.proxy_admin_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.web_port}"
+        self.registry_url = f"http://127.0.0.1:{self.registry_port}"
+        self.proxy_url = f"http://127.0.0.1:{self.proxy_port}"
+        self.redis_url = _redis_db_url()
+        self.data_dir = self.directory / "workspaces"
+        self.log_path = self.directory / "run.log"
+        keep = ("PATH", "LANG", "LC_ALL", "TZ", "DOCKER_HOST", "UV_CACHE_DIR", "TMPDIR")
+        self.env = {name: os.environ[name] for name in keep if name in os.environ}
+        self.env.update(
+            HOME=str(self.directory),
+            XDG_CONFIG_HOME=str(self.directory / "config"),
+            XDG_DATA_HOME=str(self.directory / "data"),
+            PYTHONUNBUFFERED="1",
+            DJANGO_SETTINGS_MODULE="project.settings",
+            DATABASE_URL=database_url(),
+            REDIS_URL=self.redis_url,
+            RUN_DIR=str(self.directory / "run"),
+            BIND=f"127.0.0.1:{self.web_port}",
+            REGISTRY_BIND=f"0.0.0.0:{self.registry_port}",
+            PLATFORM_URL=self.registry_url,
+            PLATFORM_PUBLIC_URL=self.url,
+            WORKSPACE_REGISTRY_PORT=str(self.registry_port),
+            PROXY_BIND=f"127.0.0.1:{self.proxy_port}",
+            PROXY_ADMIN=f"127.0.0.1:{self.proxy_admin_port}",
+            WEB_CONCURRENCY="2",
+            WORKER_CONCURRENCY="2",
+            WORKSPACE_BACKEND="process",
+            WORKSPACE_DATA_DIR=str(self.data_dir),
+            WORKSPACE_TEMPLATES_DIR=str(templates),
+            WORKSPACE_UID_RANGE=STACK_UID_RANGE,
+            WORKSPACE_FIREWALL_CHAIN=STACK_FIREWALL_TABLE,
+            DOCKER_VETH_SUBNET=STACK_VETH_SUBNET,
+            GATE_KEY_PREFIX="stack-wsgate",
+            PLATFORM_ID=f"stack-{os.getpid()}",
+            STOP_GRACE_SECONDS="3",
+        )
+        self.env.update(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 180.0) -> Stack:
+        import redis
+
+        redis.Redis.from_url(self.redis_url).flushdb()  # no gate or task of an earlier run
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(REPO / "bin" / "run")],
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for(self._ready, timeout=timeout, interval=0.5, message="bin/run's stack ready")
+        return self
+
+    def _ready(self) -> bool:
+        """Every process answers: /readyz checks the database, Redis, a worker's ping and beat's
+        last tick; the registry listener and Caddy's admin API answer on their ports."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"bin/run exited: {self.log()[-4000:]}")
+        try:
+            status, _, _ = self.request("GET", "/readyz")
+            registry, _, _ = self.request("GET", "/", base=self.registry_url)
+            with socket.create_connection(("127.0.0.1", self.proxy_admin_port), timeout=1):
+                pass
+        except OSError:
+            return False
+        return status == 200 and registry == 404
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | dict | None = None,
+        headers: dict[str, str] | None = None,
+        *,
+        base: str | None = None,
+        timeout: float = 30.0,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One HTTP request to the stack (the web process unless ``base`` says otherwise):
+        status, headers (lower-case names), body. Raises OSError when nothing answers: an empty
+        answer (a closed connection) is an error, never a status."""
+        parsed = urllib.parse.urlparse(base or self.url)
+        sent = dict(headers or {})
+        if isinstance(body, dict):
+            body = json.dumps(body).encode()
+            sent.setdefault("Content-Type", "application/json")
+        conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=sent)
+            response = conn.getresponse()
+            content = response.read()
+            answered = {name.lower(): value for name, value in response.getheaders()}
+            return response.status, answered, content
+        finally:
+            conn.close()
+
+    def api(
+        self, method: str, path: str, token: str, body: dict | None = None, **headers: str
+    ) -> tuple[int, Any]:
+        """An API call with a user's token: status and decoded JSON."""
+        status, answered, content = self.request(
+            method, path, body, {"Authorization": f"Token {token}", **headers}
+        )
+        assert answered.get("content-type", "").startswith("application/json"), (
+            status,
+            answered,
+            content[:300],
+        )
+        return status, json.loads(content) if content else None
+
+    def pids(self) -> list[int]:
+        """Every process of bin/run's session (it started one of its own): supervisord and the
+        programs under it, which keep that session even when their parent is gone."""
+        if self.proc is None:
+            return []
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) == self.proc.pid:  # the session id
+                    found.append(int(entry.name))
+        return found
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM to supervisord (as Ctrl-C to bin/run), which stops its programs; what is
+        left of its session after ``timeout`` is killed."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=timeout)
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+
+    def stop_workspaces(self) -> None:
+        """Stop every workspace process the stack's worker started (its data folder)."""
+        from provisioning.backends.process import ProcessBackend
+
+        if not self.data_dir.exists():
+            return
+        backend = ProcessBackend(self.data_dir)
+        for info in backend.list_instances():
+            with contextlib.suppress(Exception):
+                backend.stop(uuid.UUID(info.workspace_id), {}, grace_seconds=0.5)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def cleanup(self) -> None:
+        shutil.copy(self.log_path, Path(tempfile.gettempdir()) / "stack-run.log")
+        shutil.rmtree(self.directory, ignore_errors=True)
