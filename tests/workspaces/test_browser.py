@@ -106,6 +106,107 @@ def _same_origin_only(driver: Any, base: str) -> None:
     assert all(url.startswith(base) for url in urls), urls
 
 
+def _click(driver: Any, workspace_id: Any, verb: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    selector = f'[data-workspace="{workspace_id}"] [data-verb={verb}]'
+    wait_for(lambda: driver.find_element(By.CSS_SELECTOR, selector).is_enabled(), message=verb)
+    driver.find_element(By.CSS_SELECTOR, selector).click()
+
+
+def _open_link(driver: Any, workspace_id: Any) -> str:
+    from selenium.webdriver.common.by import By
+
+    selector = f'[data-workspace="{workspace_id}"] [data-role=open]'
+    links = wait_for(
+        lambda: driver.find_elements(By.CSS_SELECTOR, selector), message="the Open link"
+    )
+    return str(links[0].get_attribute("href"))
+
+
+def test_a_person_from_login_to_jupyterlab_and_back(browser, on_stack, user) -> None:
+    """The whole path a person takes, on the server bin/run starts: log in with a password,
+    create a JupyterLab workspace on the dashboard, see it go online without reloading, open it
+    through the proxy (the login carries over to the workspace's host) and see JupyterLab load;
+    stop, start and delete it from the dashboard; log out, and its URL no longer lets them in."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    driver, base = browser, on_stack.url
+    _log_in(driver, base, "/accounts/login/", "alice")
+    assert urlparse(driver.current_url).path == "/"
+    assert "No workspaces yet" in driver.page_source
+
+    driver.find_element(By.NAME, "name").send_keys("notebook")
+    Select(driver.find_element(By.NAME, "template")).select_by_value("jupyterlab")
+    driver.find_element(By.CSS_SELECTOR, ".create [type=submit]").click()
+    notebook = wait_for(
+        lambda: Workspace.objects.filter(owner=user, name="notebook").first(), message="created"
+    )
+    driver.get(base + "/")
+    wait_for(lambda: _badge(driver, notebook.id) == "provisioning", message="provisioning")
+    # Online on the open page, from the event stream: the page is not reloaded.
+    marker = driver.execute_script("window.notReloaded = true; return window.notReloaded")
+    wait_for(lambda: _badge(driver, notebook.id) == "online", timeout=120, message="online")
+    assert driver.execute_script("return window.notReloaded") is marker is True
+    _same_origin_only(driver, base)
+    driver.save_screenshot(str(SCREENSHOTS / "first-workspace.png"))
+
+    # Open: the platform's login becomes the workspace host's cookie, and JupyterLab loads.
+    url = _open_link(driver, notebook.id)
+    assert urlparse(url).hostname == f"notebook--alice.{'localhost'}", url
+    driver.get(url)
+    wait_for(
+        lambda: (
+            urlparse(driver.current_url).hostname == "notebook--alice.localhost"
+            and "/lab" in driver.current_url
+            and driver.find_elements(By.CSS_SELECTOR, "#main, .jp-LabShell")
+        ),
+        timeout=90,
+        message="JupyterLab's page on the workspace host",
+    )
+    assert "JupyterLab" in driver.title, driver.title
+    driver.save_screenshot(str(SCREENSHOTS / "jupyterlab.png"))
+
+    # Stop, start and delete from the dashboard; each badge follows live.
+    driver.get(base + "/")
+    _click(driver, notebook.id, "stop")
+    wait_for(lambda: _badge(driver, notebook.id) == "stopped", timeout=60, message="stopped")
+    _click(driver, notebook.id, "start")
+    wait_for(lambda: _badge(driver, notebook.id) == "online", timeout=120, message="online")
+
+    # Log out: the workspace's URL then lets nobody in; the browser is sent to log in.
+    driver.find_element(By.CSS_SELECTOR, "form[action='/accounts/logout/'] [type=submit]").click()
+    wait_for(lambda: "/accounts/login/" in driver.current_url, message="logged out")
+    driver.get(url)
+    wait_for(
+        lambda: (
+            urlparse(driver.current_url).hostname != "notebook--alice.localhost"
+            and "/accounts/login/" in driver.current_url
+        ),
+        timeout=30,
+        message="the workspace's URL sends a logged-out browser to log in",
+    )
+    assert not driver.find_elements(By.CSS_SELECTOR, ".jp-LabShell")
+
+    _log_in(driver, base, "/accounts/login/", "alice")
+    _click(driver, notebook.id, "remove")
+    assert "cannot be undone" in driver.page_source
+    driver.find_element(By.ID, "confirm-remove").click()
+    wait_for(
+        lambda: Workspace.objects.get(id=notebook.id).status == WorkspaceStatus.REMOVED,
+        timeout=60,
+        message="removed",
+    )
+    status, _, _ = on_stack.request(
+        "GET",
+        "/",
+        headers={"Host": f"notebook--alice.localhost:{on_stack.proxy_port}"},
+        base=on_stack.proxy_url,
+    )
+    assert status in (302, 404), status
+
+
 def test_dashboard_in_a_real_browser(
     browser, live_server, platform_url, celery_worker, instances, user, settings
 ) -> None:

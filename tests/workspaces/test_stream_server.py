@@ -1,6 +1,7 @@
 """Event streams under the web server ``bin/run`` starts (gunicorn, uvicorn workers,
-``project.asgi``): an open stream holds no thread and no database connection, and the per-user cap on open streams
-holds across processes and frees the places of streams that end or whose process dies.
+``project.asgi``): an open stream holds no thread and no database connection, and the per-user
+cap on open streams holds across processes and frees the places of streams that end or whose
+process dies.
 
 The server runs with ``DATABASE_POOL_MAX_SIZE=1``: one database connection for the process's
 requests. Were a stream to hold it, the requests below would wait for it and be answered 503."""
