@@ -1,13 +1,22 @@
-"""Typed readers for environment variables.
+"""Typed readers for environment variables, and the configuration reference they declare.
 
 Every reader fails loudly with ``ImproperlyConfigured`` naming the variable and the bad value, so a
 typo in a deployment stops start-up instead of surfacing later as odd behaviour.
+
+A reader given ``doc=`` (and a ``section=`` from ``SECTIONS``) also records the variable, its
+default, its type and that text in ``DECLARED``; ``python -m project.env`` imports the settings and
+prints the whole reference as markdown (docs/configuration.md is its output, and a test fails when
+the two differ or a variable settings.py reads is missing from it). ``shown=`` replaces a default
+that is computed (a path under the checkout, a value derived from another variable) by the words
+the reference prints, so the reference is the same on every machine.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlparse
 
 from django.core.exceptions import ImproperlyConfigured
@@ -16,19 +25,98 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
+# The sections of the configuration reference, in the order it prints them, each with the
+# sentence that opens it. A reader's ``section=`` must be one of these keys.
+SECTIONS: dict[str, tuple[str, str]] = {
+    "core": ("Core", "The services the platform needs, Django, and the processes that serve it."),
+    "secrets": ("Secrets at rest", "Keys for what is stored encrypted (docs/operating.md)."),
+    "limits": ("Limits", "What one request or one user may ask (docs/api.md)."),
+    "celery": ("Celery", "Queues, time limits, retries and the sweeps' beat intervals."),
+    "gate": ("The gate", "The per-workspace lock: one lifecycle cycle at a time per workspace."),
+    "workspaces": ("Workspaces and the process backend", "Where workspaces run, from what."),
+    "isolation": (
+        "Isolation",
+        "What a workspace may reach on the process backend (docs/operating.md).",
+    ),
+    "timeouts": ("Provisioning timeouts", "How long provisioning may take, and the sweeper."),
+    "idle": ("Idle auto-stop", "Stopping workspaces nobody uses."),
+    "docker": ("Docker backend", "Containers on one engine (Swarm uses its image, user, limits)."),
+    "swarm": ("Swarm backend", "Services on a swarm of engines."),
+    "proxy": ("Workspace apps and the proxy", "How a workspace's app is reached."),
+    "reconcile": ("Reconciliation, liveness and live events", "Keeping the database honest."),
+    "logs": ("Workspace output", "The logs calls and their streams."),
+    "readiness": ("Readiness", "What /readyz checks."),
+    "restart": (
+        "Restart policy",
+        "A workspace whose instance dies while it is wanted running.",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Declared:
+    """One environment variable as a reader declared it: what the reference prints."""
+
+    name: str
+    default: str
+    kind: str
+    doc: str
+    section: str
+
+
+# Filled as settings.py runs its readers: variable name -> declaration (the first one with a doc).
+DECLARED: dict[str, Declared] = {}
+
+
+def _declare(name: str, default: str, kind: str, doc: str, section: str, shown: str | None) -> None:
+    if not doc or name in DECLARED:
+        return
+    if section not in SECTIONS:
+        raise ImproperlyConfigured(
+            f"{name}: section={section!r} is not one of project.env.SECTIONS"
+        )
+    DECLARED[name] = Declared(name, default if shown is None else shown, kind, doc, section)
+
+
+def _minimum(kind: str, minimum: int | None) -> str:
+    return kind if minimum is None else f"{kind} ≥ {minimum}"
+
+
 def _raw(name: str, default: str | None, environ: Mapping[str, str] | None) -> str | None:
     env = os.environ if environ is None else environ
     value = env.get(name)
     return default if value is None else value.strip()
 
 
-def env_str(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:
+def _str(name: str, default: str, environ: Mapping[str, str] | None) -> str:
     value = _raw(name, default, environ)
     assert value is not None
     return value
 
 
-def env_bool(name: str, default: bool, environ: Mapping[str, str] | None = None) -> bool:
+def env_str(
+    name: str,
+    default: str,
+    environ: Mapping[str, str] | None = None,
+    *,
+    doc: str = "",
+    section: str = "",
+    shown: str | None = None,
+) -> str:
+    _declare(name, default, "string", doc, section, shown)
+    return _str(name, default, environ)
+
+
+def env_bool(
+    name: str,
+    default: bool,
+    environ: Mapping[str, str] | None = None,
+    *,
+    doc: str = "",
+    section: str = "",
+    shown: str | None = None,
+) -> bool:
+    _declare(name, "true" if default else "false", "boolean", doc, section, shown)
     value = _raw(name, None, environ)
     if value is None:
         return default
@@ -40,13 +128,7 @@ def env_bool(name: str, default: bool, environ: Mapping[str, str] | None = None)
     raise ImproperlyConfigured(f"{name}={value!r} is not a boolean (use true/false, 1/0, yes/no)")
 
 
-def env_int(
-    name: str,
-    default: int,
-    *,
-    minimum: int | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> int:
+def _int(name: str, default: int, minimum: int | None, environ: Mapping[str, str] | None) -> int:
     value = _raw(name, None, environ)
     if value is None or value == "":
         return default
@@ -59,25 +141,63 @@ def env_int(
     return number
 
 
+def env_int(
+    name: str,
+    default: int,
+    *,
+    minimum: int | None = None,
+    environ: Mapping[str, str] | None = None,
+    doc: str = "",
+    section: str = "",
+    shown: str | None = None,
+) -> int:
+    _declare(name, str(default), _minimum("integer", minimum), doc, section, shown)
+    return _int(name, default, minimum, environ)
+
+
 def env_optional_int(
-    name: str, *, minimum: int | None = None, environ: Mapping[str, str] | None = None
+    name: str,
+    *,
+    minimum: int | None = None,
+    environ: Mapping[str, str] | None = None,
+    doc: str = "",
+    section: str = "",
+    shown: str | None = None,
 ) -> int | None:
+    _declare(name, "unset", _minimum("integer", minimum), doc, section, shown)
     value = _raw(name, None, environ)
     if value is None or value == "":
         return None
-    return env_int(name, 0, minimum=minimum, environ=environ)
+    return _int(name, 0, minimum, environ)
 
 
 def env_choice(
-    name: str, default: str, choices: tuple[str, ...], environ: Mapping[str, str] | None = None
+    name: str,
+    default: str,
+    choices: tuple[str, ...],
+    environ: Mapping[str, str] | None = None,
+    *,
+    doc: str = "",
+    section: str = "",
+    shown: str | None = None,
 ) -> str:
-    value = env_str(name, default, environ)
+    _declare(name, default, "one of " + ", ".join(choices), doc, section, shown)
+    value = _str(name, default, environ)
     if value not in choices:
         raise ImproperlyConfigured(f"{name}={value!r} is not one of: {', '.join(choices)}")
     return value
 
 
-def env_float(name: str, default: float, *, environ: Mapping[str, str] | None = None) -> float:
+def env_float(
+    name: str,
+    default: float,
+    *,
+    environ: Mapping[str, str] | None = None,
+    doc: str = "",
+    section: str = "",
+    shown: str | None = None,
+) -> float:
+    _declare(name, f"{default:g}", "number > 0", doc, section, shown)
     value = _raw(name, None, environ)
     if value is None or value == "":
         return default
@@ -97,8 +217,13 @@ def env_int_range(
     minimum: int = 0,
     maximum: int | None = None,
     environ: Mapping[str, str] | None = None,
+    doc: str = "",
+    section: str = "",
+    shown: str | None = None,
 ) -> tuple[int, int]:
     """Parse ``first-last`` (inclusive), e.g. ``200000-200999``."""
+    bounds = f"first-last, first ≥ {minimum}" + ("" if maximum is None else f", last ≤ {maximum}")
+    _declare(name, f"{default[0]}-{default[1]}", bounds, doc, section, shown)
     value = _raw(name, None, environ)
     if value is None or value == "":
         return default
@@ -116,17 +241,38 @@ def env_int_range(
     return low, high
 
 
-def env_list(name: str, default: list[str], environ: Mapping[str, str] | None = None) -> list[str]:
+def _list(name: str, default: list[str], environ: Mapping[str, str] | None) -> list[str]:
     value = _raw(name, None, environ)
     if value is None:
         return default
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def env_list(
+    name: str,
+    default: list[str],
+    environ: Mapping[str, str] | None = None,
+    *,
+    doc: str = "",
+    section: str = "",
+    shown: str | None = None,
+) -> list[str]:
+    _declare(name, ",".join(default), "comma-separated list", doc, section, shown)
+    return _list(name, default, environ)
+
+
 def env_int_map(
-    name: str, default: dict[str, int], environ: Mapping[str, str] | None = None
+    name: str,
+    default: dict[str, int],
+    environ: Mapping[str, str] | None = None,
+    *,
+    doc: str = "",
+    section: str = "",
+    shown: str | None = None,
 ) -> dict[str, int]:
     """Parse ``key=int,key=int`` (e.g. ``hermes=1800,claude-code=900``)."""
+    text = ",".join(f"{key}={number}" for key, number in default.items())
+    _declare(name, text, "key=seconds, comma-separated", doc, section, shown)
     value = _raw(name, None, environ)
     if value is None:
         return dict(default)
@@ -147,9 +293,18 @@ def env_int_map(
     return result
 
 
-def env_database(name: str, default: str, environ: Mapping[str, str] | None = None) -> dict:
+def env_database(
+    name: str,
+    default: str,
+    environ: Mapping[str, str] | None = None,
+    *,
+    doc: str = "",
+    section: str = "",
+    shown: str | None = None,
+) -> dict:
     """Parse a ``postgres://user:pass@host:port/name?opt=v`` URL into Django's DATABASES entry."""
-    url = env_str(name, default, environ)
+    _declare(name, default, "postgres:// URL", doc, section, shown)
+    url = _str(name, default, environ)
     parsed = urlparse(url)
     if parsed.scheme not in {"postgres", "postgresql", "pgsql"}:
         raise ImproperlyConfigured(
@@ -174,8 +329,17 @@ def env_database(name: str, default: str, environ: Mapping[str, str] | None = No
     }
 
 
-def env_redis_url(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:
-    url = env_str(name, default, environ)
+def env_redis_url(
+    name: str,
+    default: str,
+    environ: Mapping[str, str] | None = None,
+    *,
+    doc: str = "",
+    section: str = "",
+    shown: str | None = None,
+) -> str:
+    _declare(name, default, "redis://, rediss:// or unix:// URL", doc, section, shown)
+    url = _str(name, default, environ)
     parsed = urlparse(url)
     if parsed.scheme not in {"redis", "rediss", "unix"}:
         raise ImproperlyConfigured(f"{name}={url!r} is not a redis:// URL")
@@ -187,12 +351,19 @@ def env_redis_url(name: str, default: str, environ: Mapping[str, str] | None = N
 
 
 def env_fernet_keys(
-    name: str, default: list[str], environ: Mapping[str, str] | None = None
+    name: str,
+    default: list[str],
+    environ: Mapping[str, str] | None = None,
+    *,
+    doc: str = "",
+    section: str = "",
+    shown: str | None = None,
 ) -> list[str]:
     """Comma-separated Fernet keys (32 url-safe base64-encoded bytes each), newest first."""
     from cryptography.fernet import Fernet
 
-    keys = env_list(name, default, environ)
+    _declare(name, ",".join(default), "comma-separated Fernet keys", doc, section, shown)
+    keys = _list(name, default, environ)
     if not keys:
         raise ImproperlyConfigured(f"{name} is empty: give at least one Fernet key")
     for position, key in enumerate(keys, start=1):
@@ -207,9 +378,123 @@ def env_fernet_keys(
     return keys
 
 
-def env_url(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:
-    url = env_str(name, default, environ)
+def env_url(
+    name: str,
+    default: str,
+    environ: Mapping[str, str] | None = None,
+    *,
+    doc: str = "",
+    section: str = "",
+    shown: str | None = None,
+) -> str:
+    _declare(name, default, "http(s) URL", doc, section, shown)
+    url = _str(name, default, environ)
     parsed = urlparse(url)
     if parsed.scheme not in {"http", "https"} or not parsed.netloc:
         raise ImproperlyConfigured(f"{name}={url!r} is not an http(s) URL")
     return url.rstrip("/")
+
+
+# --- The configuration reference ----------------------------------------------------------------
+
+REFERENCE_PATH = os.path.join(
+    os.path.dirname(os.path.dirname(__file__)), "docs", "configuration.md"
+)
+
+_PREAMBLE = """\
+# Configuration
+
+Every setting is read from the environment by `project/settings.py`, through the typed readers of
+`project/env.py`. A malformed value stops start-up with a message naming the variable (for
+example `GATE_LEASE_SECONDS='ten' is not an integer`); a secret is never echoed. An empty value
+counts as unset for integers, numbers and ranges.
+
+This file is generated from the settings' own declarations: do not edit it by hand. After
+changing a declaration's `doc=` text (or adding a setting), run
+
+```sh
+.venv/bin/python -m project.env > docs/configuration.md
+```
+
+`tests/project/test_configuration_reference.py` fails when this file is not that output, or when
+a variable `project/settings.py` reads is missing from it.
+"""
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _code(text: str) -> str:
+    return "empty" if text == "" else f"`{text}`"
+
+
+def render_reference(declared: Mapping[str, Declared] | None = None) -> str:
+    """The configuration reference as markdown: one table per section, in ``SECTIONS`` order."""
+    entries = DECLARED if declared is None else declared
+    lines = [_PREAMBLE]
+    for key, (title, intro) in SECTIONS.items():
+        rows = [entry for entry in entries.values() if entry.section == key]
+        if not rows:
+            continue
+        lines.append(f"## {title}\n")
+        lines.append(f"{intro}\n")
+        lines.append("| variable | default | type | meaning |")
+        lines.append("|---|---|---|---|")
+        for entry in rows:
+            # A shown default in parentheses is words, not a value.
+            default = entry.default if entry.default.startswith("(") else _code(entry.default)
+            lines.append(
+                f"| `{entry.name}` | {_cell(default)} | {_cell(entry.kind)} | {_cell(entry.doc)} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def load_declarations(module_name: str = "project.settings") -> Mapping[str, Declared]:
+    """Every declaration of the settings module: those its import runs, and those in a branch the
+    import did not take (a reader inside an ``if``), evaluated from the module's source in its own
+    namespace, so the reference does not depend on the environment it is generated in."""
+    import ast
+    import importlib
+
+    # Run as ``python -m project.env`` this file is ``__main__``: the settings fill the registry of
+    # the imported ``project.env`` module, which is the one to read.
+    registry = importlib.import_module("project.env")
+    module = importlib.import_module(module_name)
+    path = module.__file__
+    assert path is not None
+    with open(path, encoding="utf-8") as source:
+        tree = ast.parse(source.read())
+    readers = {name for name in vars(registry) if name.startswith("env_")}
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in readers
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and node.args[0].value not in registry.DECLARED
+        ):
+            eval(compile(ast.Expression(node), path, "eval"), vars(module))
+    declared: Mapping[str, Declared] = registry.DECLARED
+    return declared
+
+
+def main(argv: list[str]) -> int:
+    text = render_reference(load_declarations())
+    if argv[1:] == ["--check"]:
+        with open(REFERENCE_PATH, encoding="utf-8") as current:
+            if current.read() != text:
+                print(
+                    "docs/configuration.md is not up to date: run python -m project.env",
+                    file=sys.stderr,
+                )
+                return 1
+        return 0
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -31,15 +31,43 @@ from project.env import (
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-DEBUG = env_bool("DJANGO_DEBUG", False)
-SECRET_KEY = env_str("SECRET_KEY", "dev-only-insecure-secret-key-change-me")
-if not DEBUG and SECRET_KEY.startswith("dev-only") and env_bool("REQUIRE_SECRET_KEY", False):
+DEBUG = env_bool("DJANGO_DEBUG", False, doc="Django debug mode.", section="core")
+SECRET_KEY = env_str(
+    "SECRET_KEY",
+    "dev-only-insecure-secret-key-change-me",
+    doc="Django's secret key: set it in production.",
+    section="secrets",
+    shown="(a development key)",
+)
+if (
+    not DEBUG
+    and SECRET_KEY.startswith("dev-only")
+    and env_bool(
+        "REQUIRE_SECRET_KEY",
+        False,
+        doc=(
+            "When true (production), start-up refuses the development `SECRET_KEY` and the "
+            "development `ENV_ENCRYPTION_KEYS`."
+        ),
+        section="secrets",
+    )
+):
     raise ImproperlyConfigured("SECRET_KEY must be set when REQUIRE_SECRET_KEY is true")
 # Workspace env values are encrypted at rest with these Fernet keys (comma-separated): the first
 # encrypts, every one decrypts, so a new key is put first, `manage.py rotate_env_key` re-encrypts
 # every row with it, and then the old key is dropped. The default is a public development key.
 DEV_ENV_ENCRYPTION_KEY = "ZGV2LW9ubHktaW5zZWN1cmUtZW52LWtleS0wMDAwMDA="
-ENV_ENCRYPTION_KEYS = env_fernet_keys("ENV_ENCRYPTION_KEYS", [DEV_ENV_ENCRYPTION_KEY])
+ENV_ENCRYPTION_KEYS = env_fernet_keys(
+    "ENV_ENCRYPTION_KEYS",
+    [DEV_ENV_ENCRYPTION_KEY],
+    doc=(
+        "Fernet keys that encrypt workspace env values: the first encrypts, every one "
+        "decrypts (key rotation: docs/operating.md). Give web, worker and beat the same"
+        " value."
+    ),
+    section="secrets",
+    shown="(a public development key)",
+)
 if (
     not DEBUG
     and DEV_ENV_ENCRYPTION_KEY in ENV_ENCRYPTION_KEYS
@@ -48,8 +76,21 @@ if (
     raise ImproperlyConfigured(
         "ENV_ENCRYPTION_KEYS must be set to keys of your own when REQUIRE_SECRET_KEY is true"
     )
-ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
-CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+ALLOWED_HOSTS = env_list(
+    "ALLOWED_HOSTS",
+    ["localhost", "127.0.0.1", "[::1]"],
+    doc="Host names the web process answers (the test settings add `testserver`).",
+    section="core",
+)
+CSRF_TRUSTED_ORIGINS = env_list(
+    "CSRF_TRUSTED_ORIGINS",
+    [],
+    doc=(
+        "Origins trusted for the dashboard's and the admin's forms when they are served"
+        " behind a proxy on another origin (Django's setting)."
+    ),
+    section="core",
+)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -87,7 +128,16 @@ WSGI_APPLICATION = "project.wsgi.application"
 # not arrived whole within this many seconds is answered 408 before Django reads it, so clients
 # that stall (a workspace that opens connections and sends half a request, an agent stopped
 # mid-call) cannot keep requests open.
-REQUEST_BODY_SECONDS = env_int("REQUEST_BODY_SECONDS", 10, minimum=1)
+REQUEST_BODY_SECONDS = env_int(
+    "REQUEST_BODY_SECONDS",
+    10,
+    minimum=1,
+    doc=(
+        "A request to the API or the registry listener whose body has not arrived whole"
+        " by then is answered 408 before Django reads it."
+    ),
+    section="core",
+)
 
 TEMPLATES = [
     {
@@ -105,9 +155,23 @@ TEMPLATES = [
 ]
 
 DATABASES = {
-    "default": env_database("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/workspaces"),
+    "default": env_database(
+        "DATABASE_URL",
+        "postgres://postgres@127.0.0.1:5432/workspaces",
+        doc="PostgreSQL (required; nothing else is supported).",
+        section="core",
+    ),
 }
-DATABASES["default"]["CONN_MAX_AGE"] = env_int("DATABASE_CONN_MAX_AGE", 60, minimum=0)
+DATABASES["default"]["CONN_MAX_AGE"] = env_int(
+    "DATABASE_CONN_MAX_AGE",
+    60,
+    minimum=0,
+    doc=(
+        "Seconds a database connection is kept for reuse (Django's `CONN_MAX_AGE`; `0` "
+        "closes it after each request); connections are health-checked before reuse."
+    ),
+    section="core",
+)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 # The ASGI entry points (project/asgi.py, project/registry_asgi.py) set DATABASE_POOL: Django runs
 # each request's sync part in a thread of its own there, so connections come from psycopg's pool
@@ -115,14 +179,48 @@ DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 # for one, then 503) instead of one kept per thread. Celery workers and manage.py keep theirs.
 # The name each process gives its connections (pg_stat_activity.application_name): the ASGI
 # entry points set "web" and "registry".
-if _application_name := env_str("DATABASE_APPLICATION_NAME", ""):
+if _application_name := env_str(
+    "DATABASE_APPLICATION_NAME",
+    "",
+    doc=(
+        "The name each process gives its database connections "
+        "(`pg_stat_activity.application_name`); the ASGI entry points set `web` and "
+        "`registry`; empty: none."
+    ),
+    section="core",
+):
     DATABASES["default"].setdefault("OPTIONS", {})["application_name"] = _application_name
-if env_bool("DATABASE_POOL", False):
+if env_bool(
+    "DATABASE_POOL",
+    False,
+    doc=(
+        "Take database connections from psycopg's pool (at most "
+        "`DATABASE_POOL_MAX_SIZE` per process) instead of one kept per thread; "
+        "`CONN_MAX_AGE` is then 0. The ASGI entry points (web and registry listener) "
+        "set it; Celery workers and `manage.py` keep their connections."
+    ),
+    section="core",
+):
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
-        "max_size": env_int("DATABASE_POOL_MAX_SIZE", 10, minimum=1),
-        "timeout": env_int("DATABASE_POOL_TIMEOUT", 10, minimum=1),
+        "max_size": env_int(
+            "DATABASE_POOL_MAX_SIZE",
+            10,
+            minimum=1,
+            doc="With `DATABASE_POOL`: the most connections a process's pool opens.",
+            section="core",
+        ),
+        "timeout": env_int(
+            "DATABASE_POOL_TIMEOUT",
+            10,
+            minimum=1,
+            doc=(
+                "With `DATABASE_POOL`: how long a request waits for a connection from the pool,"
+                " then 503."
+            ),
+            section="core",
+        ),
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -182,24 +280,83 @@ SPECTACULAR_SETTINGS = {
 # --- Limits (README "Limits") --------------------------------------------------------------------
 # Largest request body (413 above it). The default fits the largest valid env (MAX_ENV_TOTAL_BYTES,
 # 256 KiB, even at JSON's worst escaping) with room to spare; Django's own form limit follows it.
-API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", 2 * 1024 * 1024, minimum=64 * 1024)
+API_MAX_BODY_BYTES = env_int(
+    "API_MAX_BODY_BYTES",
+    2 * 1024 * 1024,
+    minimum=64 * 1024,
+    doc=("Largest request body; 413 above it. Below about 1.6 MiB some valid envs cannot be sent."),
+    section="limits",
+)
 DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
 # Workspaces (any status but removed) one non-staff owner may have; a team counts its parent and
 # every member. 0: no quota. Over it: 429 with Retry-After.
-WORKSPACE_QUOTA_PER_USER = env_int("WORKSPACE_QUOTA_PER_USER", 100, minimum=0)
-WORKSPACE_QUOTA_RETRY_AFTER_SECONDS = env_int("WORKSPACE_QUOTA_RETRY_AFTER_SECONDS", 60, minimum=1)
+WORKSPACE_QUOTA_PER_USER = env_int(
+    "WORKSPACE_QUOTA_PER_USER",
+    100,
+    minimum=0,
+    doc=(
+        "Workspaces (any status but `removed`) per non-staff user; a team counts its "
+        "parent and every member. `0`: no quota."
+    ),
+    section="limits",
+)
+WORKSPACE_QUOTA_RETRY_AFTER_SECONDS = env_int(
+    "WORKSPACE_QUOTA_RETRY_AFTER_SECONDS",
+    60,
+    minimum=1,
+    doc="`Retry-After` of a quota 429.",
+    section="limits",
+)
 # Cycles in flight platform-wide (requested and not finished, or provisioning until the agent
 # registers) above which create, start and restart answer 429. 0: no cap.
-PROVISIONING_CONCURRENCY_LIMIT = env_int("PROVISIONING_CONCURRENCY_LIMIT", 100, minimum=0)
-PROVISIONING_RETRY_AFTER_SECONDS = env_int("PROVISIONING_RETRY_AFTER_SECONDS", 10, minimum=1)
+PROVISIONING_CONCURRENCY_LIMIT = env_int(
+    "PROVISIONING_CONCURRENCY_LIMIT",
+    100,
+    minimum=0,
+    doc=(
+        "Cycles in flight platform-wide (requested and not finished, or provisioning "
+        "until the agent registers) above which create, start and restart answer 429. "
+        "`0`: no cap."
+    ),
+    section="limits",
+)
+PROVISIONING_RETRY_AFTER_SECONDS = env_int(
+    "PROVISIONING_RETRY_AFTER_SECONDS",
+    10,
+    minimum=1,
+    doc="`Retry-After` of a cap 429.",
+    section="limits",
+)
 
 # --- Redis and Celery -------------------------------------------------------------------------
-REDIS_URL = env_redis_url("REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_URL = env_redis_url(
+    "REDIS_URL",
+    "redis://127.0.0.1:6379/0",
+    doc="Celery broker, the per-workspace gate, stream places and live events.",
+    section="core",
+)
 
 # Longest a lifecycle cycle may run before the worker kills it (hard) or interrupts it (soft).
-CYCLE_TIME_LIMIT_SECONDS = env_int("CYCLE_TIME_LIMIT_SECONDS", 300, minimum=10)
+CYCLE_TIME_LIMIT_SECONDS = env_int(
+    "CYCLE_TIME_LIMIT_SECONDS",
+    300,
+    minimum=10,
+    doc=(
+        "Hard time limit of a cycle task (the soft limit is 5 s less; when it fires the"
+        " cycle fails with `source=lifecycle` and stops what it started). A task "
+        "message carries the limits of the process that sent it, so give web, worker "
+        "and beat the same value."
+    ),
+    section="celery",
+)
 CYCLE_SOFT_TIME_LIMIT_SECONDS = CYCLE_TIME_LIMIT_SECONDS - 5
-SWEEP_TIME_LIMIT_SECONDS = env_int("SWEEP_TIME_LIMIT_SECONDS", 120, minimum=10)
+SWEEP_TIME_LIMIT_SECONDS = env_int(
+    "SWEEP_TIME_LIMIT_SECONDS",
+    120,
+    minimum=10,
+    doc=("Hard time limit of a sweep task (the soft limit is 5 s less), and its lock's lifetime."),
+    section="celery",
+)
 SWEEP_SOFT_TIME_LIMIT_SECONDS = SWEEP_TIME_LIMIT_SECONDS - 5
 
 CELERY_BROKER_URL = REDIS_URL
@@ -218,7 +375,17 @@ CELERY_TASK_SOFT_TIME_LIMIT = CYCLE_SOFT_TIME_LIMIT_SECONDS
 # ... and an unacked message is redelivered only after visibility_timeout, which must exceed the
 # longest task, or a slow but healthy task would be delivered twice.
 CELERY_BROKER_VISIBILITY_TIMEOUT_SECONDS = max(
-    env_int("CELERY_VISIBILITY_TIMEOUT_SECONDS", 2 * CYCLE_TIME_LIMIT_SECONDS, minimum=60),
+    env_int(
+        "CELERY_VISIBILITY_TIMEOUT_SECONDS",
+        2 * CYCLE_TIME_LIMIT_SECONDS,
+        minimum=60,
+        doc=(
+            "How long Redis keeps a task a dead worker had taken before delivering it "
+            "again; never less than 60 s above either time limit."
+        ),
+        section="celery",
+        shown="(twice `CYCLE_TIME_LIMIT_SECONDS`)",
+    ),
     CYCLE_TIME_LIMIT_SECONDS + 60,
     SWEEP_TIME_LIMIT_SECONDS + 60,
 )
@@ -238,7 +405,15 @@ CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 # A request enqueues after its commit; with the broker down it must not hang the request: try a
 # few times quickly, then leave the intent to the redrive sweep (the row is the outbox).
 CELERY_TASK_PUBLISH_RETRY_POLICY = {
-    "max_retries": env_int("ENQUEUE_MAX_RETRIES", 2, minimum=0),
+    "max_retries": env_int(
+        "ENQUEUE_MAX_RETRIES",
+        2,
+        minimum=0,
+        doc=(
+            "Quick publish retries after a commit before leaving the intent to the redrive sweep."
+        ),
+        section="celery",
+    ),
     "interval_start": 0,
     "interval_step": 0.2,
     "interval_max": 0.5,
@@ -247,68 +422,233 @@ CELERY_WORKER_SEND_TASK_EVENTS = False
 # Celery closes every database connection after each task unless this is set; then it closes them
 # every 2 x this many tasks, and project.celery's task_prerun hook closes only old or broken ones.
 CELERY_DB_REUSE_MAX = 500
-CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_LIFECYCLE_QUEUE", "lifecycle")
-CELERY_SWEEP_QUEUE = env_str("CELERY_SWEEP_QUEUE", "sweeps")
+CELERY_TASK_DEFAULT_QUEUE = env_str(
+    "CELERY_LIFECYCLE_QUEUE",
+    "lifecycle",
+    doc="The queue of lifecycle cycles (Celery's default queue).",
+    section="celery",
+)
+CELERY_SWEEP_QUEUE = env_str(
+    "CELERY_SWEEP_QUEUE",
+    "sweeps",
+    doc=(
+        "The queue of the sweeps (stuck provisioning, liveness, idle, redrive) and the "
+        "reconciliation passes."
+    ),
+    section="celery",
+)
 
 # Beat intervals (seconds). Exactly one beat process must run; sweeps are also safe to overlap.
-SWEEP_PROVISIONING_INTERVAL_SECONDS = env_int("SWEEP_PROVISIONING_INTERVAL_SECONDS", 30, minimum=1)
-REDRIVE_INTERVAL_SECONDS = env_int("REDRIVE_INTERVAL_SECONDS", 30, minimum=1)
+SWEEP_PROVISIONING_INTERVAL_SECONDS = env_int(
+    "SWEEP_PROVISIONING_INTERVAL_SECONDS",
+    30,
+    minimum=1,
+    doc="How often beat runs the stuck-provisioning sweep.",
+    section="timeouts",
+)
+REDRIVE_INTERVAL_SECONDS = env_int(
+    "REDRIVE_INTERVAL_SECONDS",
+    30,
+    minimum=1,
+    doc=(
+        "How often beat re-enqueues workspaces whose request waited that long with no "
+        "gate held (after a whole worker node died)."
+    ),
+    section="celery",
+)
 
 # Transient backend errors (engine unreachable, timeouts, 5xx) retry the converge task with
 # exponential backoff (1, 2, 4 ... times this, jittered, at most 60 s apart); the attempt after
 # the last retry fails the workspace with the engine's message.
-CONVERGE_MAX_RETRIES = env_int("CONVERGE_MAX_RETRIES", 5, minimum=0)
-CONVERGE_RETRY_BACKOFF_SECONDS = env_int("CONVERGE_RETRY_BACKOFF_SECONDS", 2, minimum=1)
+CONVERGE_MAX_RETRIES = env_int(
+    "CONVERGE_MAX_RETRIES",
+    5,
+    minimum=0,
+    doc=(
+        "Retries of a cycle task after a transient backend error (engine unreachable, "
+        "timeout, 5xx); the attempt after the last retry fails the workspace "
+        "(`WORKSPACE_PROVISION_FAILED`, `source=backend`, `payload.transient` true, the"
+        ' engine\'s message and "still failing on the final attempt").'
+    ),
+    section="celery",
+)
+CONVERGE_RETRY_BACKOFF_SECONDS = env_int(
+    "CONVERGE_RETRY_BACKOFF_SECONDS",
+    2,
+    minimum=1,
+    doc="First retry delay; it doubles per retry (jittered, at most 60 s).",
+    section="celery",
+)
 # What a 503 (the database or the broker is unreachable) tells clients to wait before retrying.
-RETRY_AFTER_SECONDS = env_int("RETRY_AFTER_SECONDS", 5, minimum=1)
+RETRY_AFTER_SECONDS = env_int(
+    "RETRY_AFTER_SECONDS",
+    5,
+    minimum=1,
+    doc="The `Retry-After` of a 503 (the database or the broker is unreachable).",
+    section="core",
+)
 
 # --- The gate (per-workspace Redis lock) ------------------------------------------------------
 # A holder renews its lease every GATE_LEASE_SECONDS / 3; a dead holder frees the gate within
 # GATE_LEASE_SECONDS.
-GATE_LEASE_SECONDS = env_int("GATE_LEASE_SECONDS", 30, minimum=3)
-GATE_KEY_PREFIX = env_str("GATE_KEY_PREFIX", "wsgate")
+GATE_LEASE_SECONDS = env_int(
+    "GATE_LEASE_SECONDS",
+    30,
+    minimum=3,
+    doc=(
+        "Lease of a held gate; renewed every third of it while the cycle runs. A holder"
+        " that dies frees the gate within this time."
+    ),
+    section="gate",
+)
+GATE_KEY_PREFIX = env_str(
+    "GATE_KEY_PREFIX",
+    "wsgate",
+    doc=("Redis key prefix of the gates (`<prefix>:<workspace id>`) and their bookkeeping."),
+    section="gate",
+)
 # How long a task whose gate is busy waits before it asks again (it never blocks a worker).
-GATE_BUSY_RETRY_SECONDS = env_int("GATE_BUSY_RETRY_SECONDS", 2, minimum=1)
+GATE_BUSY_RETRY_SECONDS = env_int(
+    "GATE_BUSY_RETRY_SECONDS",
+    2,
+    minimum=1,
+    doc=(
+        "When a task finds the gate busy, one retry per workspace comes back after this"
+        " long (it never blocks a worker)."
+    ),
+    section="gate",
+)
 
 # --- Workspaces --------------------------------------------------------------------------------
 WORKSPACE_BACKENDS = ("docker", "process", "swarm")
-WORKSPACE_BACKEND = env_choice("WORKSPACE_BACKEND", "process", WORKSPACE_BACKENDS)
+WORKSPACE_BACKEND = env_choice(
+    "WORKSPACE_BACKEND",
+    "process",
+    WORKSPACE_BACKENDS,
+    doc=("Where new workspaces run: local processes, Docker containers, or Swarm services."),
+    section="workspaces",
+)
 # Backends registered by dotted path, name -> factory. Never read from the environment: only the
 # test settings register one (a scripted backend that runs inside real worker processes).
 EXTRA_BACKEND_FACTORIES: dict[str, str] = {}
 WORKSPACE_TEMPLATES_DIR = Path(
-    env_str("WORKSPACE_TEMPLATES_DIR", str(BASE_DIR / "workspace_templates"))
+    env_str(
+        "WORKSPACE_TEMPLATES_DIR",
+        str(BASE_DIR / "workspace_templates"),
+        doc="Template manifests, one folder each.",
+        section="workspaces",
+        shown="./workspace_templates",
+    )
 ).resolve()
-WORKSPACE_DEFAULT_TEMPLATE = env_str("WORKSPACE_DEFAULT_TEMPLATE", "shell-default")
+WORKSPACE_DEFAULT_TEMPLATE = env_str(
+    "WORKSPACE_DEFAULT_TEMPLATE",
+    "shell-default",
+    doc=(
+        "The template `manage.py workspace create` uses without `--template`, and the "
+        "one the dashboard's create form shows first."
+    ),
+    section="workspaces",
+)
 # What agents call back: the registry listener (project/registry_asgi.py, `registry` in the
 # Procfile), which serves /api/registry/* alone. On the Docker backend its host part is replaced
 # by each workspace network's gateway address.
-PLATFORM_URL = env_url("PLATFORM_URL", "http://127.0.0.1:8001")
+PLATFORM_URL = env_url(
+    "PLATFORM_URL",
+    "http://127.0.0.1:8001",
+    doc=(
+        "What agents call back: the registry listener, which serves `/api/registry/*` "
+        "alone. On the Docker backend its host part is replaced by each workspace "
+        "network's gateway address."
+    ),
+    section="workspaces",
+)
 # Where the process backend keeps each workspace's config directory, pid file and log.
-WORKSPACE_DATA_DIR = Path(env_str("WORKSPACE_DATA_DIR", str(BASE_DIR / "var" / "workspaces")))
-STOP_GRACE_SECONDS = env_int("STOP_GRACE_SECONDS", 10, minimum=0)
+WORKSPACE_DATA_DIR = Path(
+    env_str(
+        "WORKSPACE_DATA_DIR",
+        str(BASE_DIR / "var" / "workspaces"),
+        doc="The process backend's per-workspace folders (config, home, pid file, output).",
+        section="workspaces",
+        shown="./var/workspaces",
+    )
+)
+STOP_GRACE_SECONDS = env_int(
+    "STOP_GRACE_SECONDS",
+    10,
+    minimum=0,
+    doc="A stop sends SIGTERM, then SIGKILL after this long.",
+    section="workspaces",
+)
 
 # --- Workspace isolation (README "Workspace isolation"; docs/architecture.md threat model) ------
 # Process backend: "uid" runs each workspace as its own unprivileged uid/gid from
 # WORKSPACE_UID_RANGE behind a firewall; "none" runs workspaces as the platform's own user, for
 # single-user development only (then only one owner may have workspaces on this backend).
-WORKSPACE_PROCESS_ISOLATION = env_choice("WORKSPACE_PROCESS_ISOLATION", "uid", ("uid", "none"))
-WORKSPACE_UID_RANGE = env_int_range("WORKSPACE_UID_RANGE", (200000, 200999), minimum=1000)
+WORKSPACE_PROCESS_ISOLATION = env_choice(
+    "WORKSPACE_PROCESS_ISOLATION",
+    "uid",
+    ("uid", "none"),
+    doc=(
+        "`uid`: a uid per workspace (needs root); `none`: unisolated, single-user development only."
+    ),
+    section="isolation",
+)
+WORKSPACE_UID_RANGE = env_int_range(
+    "WORKSPACE_UID_RANGE",
+    (200000, 200999),
+    minimum=1000,
+    doc=("Uids (and gids) handed to process-backend workspaces; at most that many live at once."),
+    section="isolation",
+)
 # The Python that runs the platform's agent (and `{python}` in a manifest's command) on the
 # process backend. Workspace uids must be able to run it: the platform's own virtualenv may sit
 # in a folder they cannot enter. The agent needs only the standard library.
-WORKSPACE_PYTHON = env_str("WORKSPACE_PYTHON", "/usr/bin/python3")
+WORKSPACE_PYTHON = env_str(
+    "WORKSPACE_PYTHON",
+    "/usr/bin/python3",
+    doc=(
+        "The interpreter of the process backend's agent (copied under "
+        "`WORKSPACE_DATA_DIR/.agent/`, so workspace uids never read the checkout; every"
+        " folder above `WORKSPACE_DATA_DIR` must be enterable by them, `o+x`, or the "
+        "backend refuses to start saying so)."
+    ),
+    section="isolation",
+)
 # The Python of `{python}` in a template's app command (e.g. JupyterLab) when workspaces run
 # under their own uids: a virtualenv they can run, holding the `apps` dependency group
 # (`bin/apps-venv` makes it). Without isolation the platform's own interpreter is used.
-WORKSPACE_APPS_PYTHON = env_str("WORKSPACE_APPS_PYTHON", "/opt/workspace-apps/bin/python")
+WORKSPACE_APPS_PYTHON = env_str(
+    "WORKSPACE_APPS_PYTHON",
+    "/opt/workspace-apps/bin/python",
+    doc=(
+        "`{python}` in a template's app command under uid isolation: a virtualenv of "
+        "the system Python with the `apps` group (JupyterLab), made by `bin/apps-venv`."
+    ),
+    section="isolation",
+)
 # The iptables/ip6tables chain (hooked into OUTPUT) that lets workspace uids reach only the
 # registry port on the host's own addresses; ``<chain>-BRIDGE`` (hooked into INPUT and FORWARD)
 # does the same for what comes in from Docker workspace networks.
-WORKSPACE_FIREWALL_CHAIN = env_str("WORKSPACE_FIREWALL_CHAIN", "WS-ISOLATION")
+WORKSPACE_FIREWALL_CHAIN = env_str(
+    "WORKSPACE_FIREWALL_CHAIN",
+    "WS-ISOLATION",
+    doc=(
+        "The nftables table (`inet`) the process backend owns, and the prefix of the "
+        "Docker bridges' iptables chain (`<name>-BRIDGE`)."
+    ),
+    section="isolation",
+)
 # The one host port workspace uids may connect to: the registry listener's. Unset: the port of
 # PLATFORM_URL. Every platform process of a host must agree on it (they share the chain).
-WORKSPACE_REGISTRY_PORT = env_optional_int("WORKSPACE_REGISTRY_PORT", minimum=1)
+WORKSPACE_REGISTRY_PORT = env_optional_int(
+    "WORKSPACE_REGISTRY_PORT",
+    minimum=1,
+    doc=(
+        "The one host port workspace uids may connect to; unset: the port of "
+        "`PLATFORM_URL`. Every platform process of the host must agree."
+    ),
+    section="isolation",
+)
 # Unix sockets a workspace must not reach (they bypass the firewall): hidden from workspace
 # processes by a private mount namespace (an empty tmpfs over folders, /dev/null over files).
 WORKSPACE_HIDDEN_PATHS = env_list(
@@ -321,50 +661,130 @@ WORKSPACE_HIDDEN_PATHS = env_list(
         "/var/run/docker.sock",
         "/run/docker.sock",
     ],
+    doc=(
+        "Unix sockets hidden from workspace processes by a private mount namespace "
+        "(they would bypass the firewall)."
+    ),
+    section="isolation",
+    shown="(PostgreSQL's, Redis's and Docker's socket paths under /run and /var/run)",
 )
 
 # Provisioning timeouts: PROVISION_TIMEOUT_SECONDS > manifest > per-runtime default > 600 s.
-PROVISION_TIMEOUT_SECONDS = env_optional_int("PROVISION_TIMEOUT_SECONDS", minimum=1)
+PROVISION_TIMEOUT_SECONDS = env_optional_int(
+    "PROVISION_TIMEOUT_SECONDS",
+    minimum=1,
+    doc="Global override of every provisioning timeout.",
+    section="timeouts",
+)
 RUNTIME_PROVISION_TIMEOUTS = env_int_map(
-    "RUNTIME_PROVISION_TIMEOUTS", {"hermes": 1800, "claude-code": 900}
+    "RUNTIME_PROVISION_TIMEOUTS",
+    {"hermes": 1800, "claude-code": 900},
+    doc=("Per-runtime provisioning timeouts, used when a manifest gives none (then 600 s)."),
+    section="timeouts",
 )
 DEFAULT_PROVISION_TIMEOUT_SECONDS = 600
 
 # --- Stuck-provisioning sweeper (provisioning/sweeper.py) ---------------------------------------
 # Beat runs it every SWEEP_PROVISIONING_INTERVAL_SECONDS (above); `manage.py sweep_provisioning`
 # runs it once. In-flight rows are read in batches of this size (keyset over the partial index).
-SWEEP_PROVISIONING_BATCH_SIZE = env_int("SWEEP_PROVISIONING_BATCH_SIZE", 500, minimum=1)
+SWEEP_PROVISIONING_BATCH_SIZE = env_int(
+    "SWEEP_PROVISIONING_BATCH_SIZE",
+    500,
+    minimum=1,
+    doc="In-flight rows the sweep reads per query.",
+    section="timeouts",
+)
 # A row whose flip raised is skipped by later sweeps for this long (a poison row is pushed
 # forward instead of failing every sweep).
 SWEEP_PROVISIONING_POISON_BACKOFF_SECONDS = env_int(
-    "SWEEP_PROVISIONING_POISON_BACKOFF_SECONDS", 300, minimum=1
+    "SWEEP_PROVISIONING_POISON_BACKOFF_SECONDS",
+    300,
+    minimum=1,
+    doc="How long a row that made the sweep fail is left alone.",
+    section="timeouts",
 )
 
 # --- Idle auto-stop (provisioning/idle.py) -----------------------------------------------------
 # A workspace idle longer than its template's runtime_config.idle_timeout_seconds (or this, for
 # templates that do not say; 0 = never) is stopped by the idle sweep.
-IDLE_TIMEOUT_SECONDS = env_int("IDLE_TIMEOUT_SECONDS", 0, minimum=0)
-IDLE_SWEEP_INTERVAL_SECONDS = env_int("IDLE_SWEEP_INTERVAL_SECONDS", 60, minimum=1)
-IDLE_SWEEP_BATCH_SIZE = env_int("IDLE_SWEEP_BATCH_SIZE", 500, minimum=1)
+IDLE_TIMEOUT_SECONDS = env_int(
+    "IDLE_TIMEOUT_SECONDS",
+    0,
+    minimum=0,
+    doc=(
+        "Idle timeout of templates whose manifest has no "
+        "`runtime_config.idle_timeout_seconds`; `0`: never."
+    ),
+    section="idle",
+)
+IDLE_SWEEP_INTERVAL_SECONDS = env_int(
+    "IDLE_SWEEP_INTERVAL_SECONDS",
+    60,
+    minimum=1,
+    doc="How often beat runs the idle sweep.",
+    section="idle",
+)
+IDLE_SWEEP_BATCH_SIZE = env_int(
+    "IDLE_SWEEP_BATCH_SIZE",
+    500,
+    minimum=1,
+    doc="Rows read per batch by the idle sweep.",
+    section="idle",
+)
 # services.record_activity (the proxy's per-request signal) writes a workspace's row at most once
 # per this many seconds. An idle timeout shorter than this counts as this long, so an activity
 # skipped by the rate limit can never be the one whose absence stops a workspace.
-ACTIVITY_WRITE_INTERVAL_SECONDS = env_int("ACTIVITY_WRITE_INTERVAL_SECONDS", 30, minimum=1)
+ACTIVITY_WRITE_INTERVAL_SECONDS = env_int(
+    "ACTIVITY_WRITE_INTERVAL_SECONDS",
+    30,
+    minimum=1,
+    doc=(
+        "`record_activity` writes a workspace's row at most this often; shorter idle "
+        "timeouts count as this long."
+    ),
+    section="idle",
+)
 
 # Docker backend.
-DOCKER_HOST = env_str("DOCKER_HOST", "")
+DOCKER_HOST = env_str(
+    "DOCKER_HOST",
+    "",
+    doc=(
+        "The engine, `unix://…` or `tcp://…`; empty: the Docker SDK's default "
+        "(`unix:///var/run/docker.sock`)."
+    ),
+    section="docker",
+)
 # "veth" (default): each container starts with networking disabled and the worker gives it a
 # link of its own, a veth pair to the host (a /31 of DOCKER_VETH_SUBNET); needs the worker as root
 # on the engine's host. "workspace": one internal bridge network per workspace, made and removed
 # through the engine (a worker in a container, a remote engine; costs the engine about 0.17 s of
 # CPU more per start, docs/architecture.md). "host": the host's network stack, an opt-in that
 # lets workspaces reach every service listening on the host (README "Workspace isolation").
-DOCKER_NETWORK_MODE = env_choice("DOCKER_NETWORK_MODE", "veth", ("veth", "workspace", "host"))
+DOCKER_NETWORK_MODE = env_choice(
+    "DOCKER_NETWORK_MODE",
+    "veth",
+    ("veth", "workspace", "host"),
+    doc=(
+        "`veth`: a link per workspace that the worker makes (root on the engine's "
+        "host); `workspace`: one internal network per workspace, made through the "
+        "engine; `host`: the host's network (an opt-in with a risk, docs/operating.md)."
+    ),
+    section="docker",
+)
 # DOCKER_NETWORK_MODE=veth: the IPv4 range of the links. A workspace takes the /31 its slot picks
 # (its isolation uid's offset in WORKSPACE_UID_RANGE): the even address is the host's end (its
 # gateway), the odd one the container's. It must hold one /31 per uid of the range and be used by
 # nothing else on the host.
-DOCKER_VETH_SUBNET = env_str("DOCKER_VETH_SUBNET", "10.213.0.0/16")
+DOCKER_VETH_SUBNET = env_str(
+    "DOCKER_VETH_SUBNET",
+    "10.213.0.0/16",
+    doc=(
+        "`veth`: the IPv4 range of the links, a /31 per uid of `WORKSPACE_UID_RANGE` "
+        "(start-up refuses a range too small); used by nothing else on the host."
+    ),
+    section="docker",
+)
 try:
     _veth_subnet = ipaddress.IPv4Network(DOCKER_VETH_SUBNET)
 except ValueError as _exc:
@@ -380,7 +800,15 @@ if _links < _uids:
 # A workspace network's bridge (veth: the host end of its link) is named this prefix + the start
 # of the workspace id (15 characters in all), so the host firewall matches them all with one
 # wildcard.
-DOCKER_BRIDGE_PREFIX = env_str("DOCKER_BRIDGE_PREFIX", "wsbr")
+DOCKER_BRIDGE_PREFIX = env_str(
+    "DOCKER_BRIDGE_PREFIX",
+    "wsbr",
+    doc=(
+        "The name prefix of workspace networks' bridges and of links' host ends (1-6 "
+        "lowercase letters or digits), which the host firewall matches."
+    ),
+    section="docker",
+)
 if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", DOCKER_BRIDGE_PREFIX):
     raise ImproperlyConfigured(
         "DOCKER_BRIDGE_PREFIX must be 1 to 6 lowercase letters or digits, starting with a letter"
@@ -392,147 +820,490 @@ if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", DOCKER_BRIDGE_PREFIX):
 # elsewhere (a remote engine) is logged: its host needs the same rules. "on": as auto, and a
 # bridge that is not here fails the launch. "off": never installed (the engine's host is
 # firewalled by other means).
-DOCKER_HOST_FIREWALL = env_choice("DOCKER_HOST_FIREWALL", "auto", ("auto", "on", "off"))
+DOCKER_HOST_FIREWALL = env_choice(
+    "DOCKER_HOST_FIREWALL",
+    "auto",
+    ("auto", "on", "off"),
+    doc=(
+        "The host firewall for workspace bridges: `auto` installs it when the bridge is"
+        " on this host, `on` also fails a launch whose bridge is not, `off` never "
+        "installs it."
+    ),
+    section="docker",
+)
 # The non-root user containers run as, and their default limits (a manifest's `resources`
 # block overrides them).
-DOCKER_WORKSPACE_USER = env_str("DOCKER_WORKSPACE_USER", "10001:10001")
-DOCKER_DEFAULT_MEMORY = env_str("DOCKER_DEFAULT_MEMORY", "512m")
-DOCKER_DEFAULT_CPUS = env_float("DOCKER_DEFAULT_CPUS", 1.0)
-DOCKER_DEFAULT_PIDS = env_int("DOCKER_DEFAULT_PIDS", 256, minimum=1)
+DOCKER_WORKSPACE_USER = env_str(
+    "DOCKER_WORKSPACE_USER",
+    "10001:10001",
+    doc=(
+        "Numeric `uid:gid` containers run as (and own their config files); the agent "
+        "image is built with it."
+    ),
+    section="docker",
+)
+DOCKER_DEFAULT_MEMORY = env_str(
+    "DOCKER_DEFAULT_MEMORY",
+    "512m",
+    doc="Memory limit of a container whose manifest has no `resources`.",
+    section="docker",
+)
+DOCKER_DEFAULT_CPUS = env_float(
+    "DOCKER_DEFAULT_CPUS",
+    1.0,
+    doc="CPU limit of a container whose manifest has no `resources`.",
+    section="docker",
+)
+DOCKER_DEFAULT_PIDS = env_int(
+    "DOCKER_DEFAULT_PIDS",
+    256,
+    minimum=1,
+    doc="Process limit of a container whose manifest has no `resources`.",
+    section="docker",
+)
 # Where the proxy reaches a host-networked container's app (compose: the host's gateway); a
 # container with an address of its own is reached there instead.
-DOCKER_APP_HOST = env_str("DOCKER_APP_HOST", "127.0.0.1")
-DOCKER_AGENT_IMAGE = env_str("DOCKER_AGENT_IMAGE", "workspace-agent:dev")
-DOCKER_CONFIG_MOUNT = env_str("DOCKER_CONFIG_MOUNT", "/workspace/config")
+DOCKER_APP_HOST = env_str(
+    "DOCKER_APP_HOST",
+    "127.0.0.1",
+    doc=(
+        "Where the proxy reaches a host-networked container's app; a container with an "
+        "address of its own is reached there instead."
+    ),
+    section="proxy",
+)
+DOCKER_AGENT_IMAGE = env_str(
+    "DOCKER_AGENT_IMAGE",
+    "workspace-agent:dev",
+    doc="Image of templates without `image:`, and the tag `build_agent_image` builds.",
+    section="docker",
+)
+DOCKER_CONFIG_MOUNT = env_str(
+    "DOCKER_CONFIG_MOUNT",
+    "/workspace/config",
+    doc="Config volume mount point unless the template sets `config_mount`.",
+    section="docker",
+)
 # How a container's config volume gets the template's files. "image": the backend builds (once
 # per template content) an image FROM the agent image with the files at DOCKER_CONFIG_MOUNT, and
 # the engine copies them into the volume when the container is created and the volume is empty
 # (first provision and recovery alike; the agent reports the copy). "archive": the platform
 # writes them with one put_archive per provision, which costs the engine about as much as the
 # container's creation. Templates with their own `command` (no platform agent) use "archive".
-DOCKER_CONFIG_DELIVERY = env_choice("DOCKER_CONFIG_DELIVERY", "image", ("image", "archive"))
+DOCKER_CONFIG_DELIVERY = env_choice(
+    "DOCKER_CONFIG_DELIVERY",
+    "image",
+    ("image", "archive"),
+    doc=(
+        "How the config volume gets the template's files: `image` (the engine copies "
+        "them from a config image into an empty volume; the agent reports it) or "
+        "`archive` (one `put_archive` per provision). Templates with their own "
+        "`command` use `archive`."
+    ),
+    section="docker",
+)
 # The repository of those config images (tags: <template>-<digest>).
-DOCKER_CONFIG_IMAGE = env_str("DOCKER_CONFIG_IMAGE", "workspace-config")
-DOCKER_TIMEOUT_SECONDS = env_int("DOCKER_TIMEOUT_SECONDS", 30, minimum=1)
+DOCKER_CONFIG_IMAGE = env_str(
+    "DOCKER_CONFIG_IMAGE",
+    "workspace-config",
+    doc="The repository of the config images (tags `<template>-<digest>`).",
+    section="docker",
+)
+DOCKER_TIMEOUT_SECONDS = env_int(
+    "DOCKER_TIMEOUT_SECONDS", 30, minimum=1, doc="Timeout of one engine call.", section="docker"
+)
 # Docker backend: labels, start wait and the agent image build.
 # Every container and volume the platform creates carries ``<prefix>.platform=<PLATFORM_ID>``;
 # listing and orphan cleanup only ever touch objects with this platform's label, so several
 # control planes (or test sessions) can share one engine.
-PLATFORM_ID = env_str("PLATFORM_ID", "default")
-DOCKER_LABEL_PREFIX = env_str("DOCKER_LABEL_PREFIX", "io.workspaces")
+PLATFORM_ID = env_str(
+    "PLATFORM_ID",
+    "default",
+    doc=(
+        "Value of the `<prefix>.platform` label; listing and orphan cleanup touch only "
+        "containers and volumes carrying this platform's value, so several control "
+        "planes can share one engine."
+    ),
+    section="docker",
+)
+DOCKER_LABEL_PREFIX = env_str(
+    "DOCKER_LABEL_PREFIX", "io.workspaces", doc="Prefix of every label.", section="docker"
+)
 # Pinned engine API version, or "auto" to ask the engine (one extra call per process).
-DOCKER_API_VERSION = env_str("DOCKER_API_VERSION", "auto")
+DOCKER_API_VERSION = env_str(
+    "DOCKER_API_VERSION",
+    "auto",
+    doc="Engine API version to speak (`auto` asks the engine once per process).",
+    section="docker",
+)
 # How long start() waits for the engine to report the container running.
-DOCKER_START_WAIT_SECONDS = env_int("DOCKER_START_WAIT_SECONDS", 20, minimum=1)
+DOCKER_START_WAIT_SECONDS = env_int(
+    "DOCKER_START_WAIT_SECONDS",
+    20,
+    minimum=1,
+    doc="How long a start waits for the engine to report the container running.",
+    section="docker",
+)
 # Where `manage.py build_agent_image` takes the static busybox binary from (Debian's
 # busybox-static package installs it at /bin/busybox).
-DOCKER_AGENT_BUSYBOX = env_str("DOCKER_AGENT_BUSYBOX", "/bin/busybox")
+DOCKER_AGENT_BUSYBOX = env_str(
+    "DOCKER_AGENT_BUSYBOX",
+    "/bin/busybox",
+    doc=(
+        "Static busybox binary copied into the agent image (Debian's `busybox-static` "
+        "installs it at `/bin/busybox`)."
+    ),
+    section="docker",
+)
 
 # Swarm backend (WORKSPACE_BACKEND=swarm): a manager's engine (unix or tcp); empty means
 # DOCKER_HOST. The Docker backend's image, user, limits, labels and config mount apply.
-SWARM_MANAGER_HOST = env_str("SWARM_MANAGER_HOST", "")
+SWARM_MANAGER_HOST = env_str(
+    "SWARM_MANAGER_HOST",
+    "",
+    doc=(
+        "A manager's engine (`unix://…` or `tcp://…`); empty: `DOCKER_HOST`. Lets the "
+        "Docker and Swarm backends run side by side, on two engines or on one (the "
+        "Docker backend skips the containers of Swarm tasks, which carry the same "
+        "labels)."
+    ),
+    section="swarm",
+)
 
 # --- Workspace apps and the proxy (provisioning/proxy.py, provisioning/routes.py) -------------
 # Caddy serves every workspace's app at http://<name>--<owner>.<WORKSPACE_DOMAIN>:<port>/ (one
 # browser origin per workspace); the platform writes its routes through Caddy's admin API.
-PROXY_BIND = env_str("PROXY_BIND", "127.0.0.1:8080")
-PROXY_ADMIN = env_str("PROXY_ADMIN", "127.0.0.1:2019")
+PROXY_BIND = env_str(
+    "PROXY_BIND", "127.0.0.1:8080", doc="Where the proxy serves workspace apps.", section="proxy"
+)
+PROXY_ADMIN = env_str(
+    "PROXY_ADMIN",
+    "127.0.0.1:2019",
+    doc="Caddy's admin API (keep it on a private address).",
+    section="proxy",
+)
 # Where the proxy reaches the platform for its forward_auth check (host:port); by default the
 # host and port of PLATFORM_PUBLIC_URL (the web process, never the registry-only listener that
 # PLATFORM_URL names for agents).
-PROXY_AUTH_UPSTREAM = env_str("PROXY_AUTH_UPSTREAM", "")
+PROXY_AUTH_UPSTREAM = env_str(
+    "PROXY_AUTH_UPSTREAM",
+    "",
+    doc=(
+        "Where the proxy asks the platform (`host:port`); empty: the host and port of "
+        "`PLATFORM_PUBLIC_URL`."
+    ),
+    section="proxy",
+)
 # Browsers resolve *.localhost to the loopback address, so the default needs no DNS.
-WORKSPACE_DOMAIN = env_str("WORKSPACE_DOMAIN", "localhost")
-WORKSPACE_URL_SCHEME = env_choice("WORKSPACE_URL_SCHEME", "http", ("http", "https"))
+WORKSPACE_DOMAIN = env_str(
+    "WORKSPACE_DOMAIN",
+    "localhost",
+    doc=(
+        "Workspace hosts are `<name>--<owner>.<WORKSPACE_DOMAIN>` (browsers resolve "
+        "`*.localhost` to the loopback address without DNS)."
+    ),
+    section="proxy",
+)
+WORKSPACE_URL_SCHEME = env_choice(
+    "WORKSPACE_URL_SCHEME",
+    "http",
+    ("http", "https"),
+    doc="`https` when TLS ends in front of the proxy (the cookie is then `Secure`).",
+    section="proxy",
+)
 # The port in workspace URLs (0: the port of PROXY_BIND; the scheme's default port is omitted).
-WORKSPACE_PUBLIC_PORT = env_int("WORKSPACE_PUBLIC_PORT", 0, minimum=0)
+WORKSPACE_PUBLIC_PORT = env_int(
+    "WORKSPACE_PUBLIC_PORT",
+    0,
+    minimum=0,
+    doc="The port in `url`; `0`: the port of `PROXY_BIND` (80/443 are left out).",
+    section="proxy",
+)
 # Where browsers and API clients reach the platform's web process (login, authorize, the
 # proxy's forward_auth): bin/run's web process by default. PLATFORM_URL is what agents call (the
 # registry-only listener), a different listener.
-PLATFORM_PUBLIC_URL = env_url("PLATFORM_PUBLIC_URL", "http://127.0.0.1:8000")
+PLATFORM_PUBLIC_URL = env_url(
+    "PLATFORM_PUBLIC_URL",
+    "http://127.0.0.1:8000",
+    doc=(
+        "Where browsers, API clients and the proxy's forward_auth reach the web process"
+        " (never the registry-only listener agents call)."
+    ),
+    section="proxy",
+)
 # Ports the platform allocates to workspace apps (manifest `app: {port: auto}`), "low-high".
 WORKSPACE_APP_PORT_RANGE = env_int_range(
-    "WORKSPACE_APP_PORTS", (20000, 29999), minimum=1024, maximum=65535
+    "WORKSPACE_APP_PORTS",
+    (20000, 29999),
+    minimum=1024,
+    maximum=65535,
+    doc="Ports allocated to apps (`app: {port: auto}`).",
+    section="proxy",
 )
 # The signed, host-only cookie that lets a browser into one workspace, and its lifetime.
-WORKSPACE_COOKIE_NAME = env_str("WORKSPACE_COOKIE_NAME", "workspace_session")
+WORKSPACE_COOKIE_NAME = env_str(
+    "WORKSPACE_COOKIE_NAME",
+    "workspace_session",
+    doc="The signed, host-only cookie that lets a browser into one workspace.",
+    section="proxy",
+)
 WORKSPACE_COOKIE_MAX_AGE_SECONDS = env_int(
-    "WORKSPACE_COOKIE_MAX_AGE_SECONDS", 12 * 3600, minimum=60
+    "WORKSPACE_COOKIE_MAX_AGE_SECONDS",
+    12 * 3600,
+    minimum=60,
+    doc="The workspace cookie's lifetime.",
+    section="proxy",
 )
 # A ticket (platform -> workspace host redirect) is valid this long and once.
-WORKSPACE_TICKET_MAX_AGE_SECONDS = env_int("WORKSPACE_TICKET_MAX_AGE_SECONDS", 60, minimum=5)
+WORKSPACE_TICKET_MAX_AGE_SECONDS = env_int(
+    "WORKSPACE_TICKET_MAX_AGE_SECONDS",
+    60,
+    minimum=5,
+    doc="A ticket's lifetime (each is accepted once).",
+    section="proxy",
+)
 
 # --- Reconciliation, liveness and live events ---------------------------------------------------
 # One reconciliation pass compares every non-removed workspace with its backend (one
 # list_instances() call per backend) and repairs drift; see provisioning/reconciler.py.
-RECONCILE_INTERVAL_SECONDS = env_int("RECONCILE_INTERVAL_SECONDS", 60, minimum=1)
+RECONCILE_INTERVAL_SECONDS = env_int(
+    "RECONCILE_INTERVAL_SECONDS",
+    60,
+    minimum=1,
+    doc="How often beat runs a reconciliation pass.",
+    section="reconcile",
+)
 # An online or degraded workspace whose last heartbeat is older than this becomes offline.
-LIVENESS_WINDOW_SECONDS = env_int("LIVENESS_WINDOW_SECONDS", 30, minimum=1)
+LIVENESS_WINDOW_SECONDS = env_int(
+    "LIVENESS_WINDOW_SECONDS",
+    30,
+    minimum=1,
+    doc="Heartbeats older than this make an online or degraded workspace offline.",
+    section="reconcile",
+)
 # The heartbeat interval the platform gives every agent (a template's env may set its own): a
 # third of the window by default, so a workspace goes offline only after three missed beats and
 # the heartbeat load is no higher than the window needs (10 s: 100 requests/s per 1,000 online
 # workspaces).
 AGENT_HEARTBEAT_SECONDS = env_float(
-    "AGENT_HEARTBEAT_SECONDS", round(LIVENESS_WINDOW_SECONDS / 3, 1)
+    "AGENT_HEARTBEAT_SECONDS",
+    round(LIVENESS_WINDOW_SECONDS / 3, 1),
+    doc=(
+        "The heartbeat interval the platform passes to every agent (a template's `env` "
+        "overrides it)."
+    ),
+    section="reconcile",
+    shown="(a third of `LIVENESS_WINDOW_SECONDS`: 10)",
 )
-LIVENESS_SWEEP_INTERVAL_SECONDS = env_int("LIVENESS_SWEEP_INTERVAL_SECONDS", 10, minimum=1)
+LIVENESS_SWEEP_INTERVAL_SECONDS = env_int(
+    "LIVENESS_SWEEP_INTERVAL_SECONDS",
+    10,
+    minimum=1,
+    doc="How often beat runs the liveness sweep.",
+    section="reconcile",
+)
 # Server-Sent Events: under the ASGI server (project/asgi.py) an open stream holds no thread; a
 # stream lasts at most EVENTS_STREAM_MAX_SECONDS, then the client reconnects with Last-Event-ID.
-EVENTS_STREAM_MAX_SECONDS = env_int("EVENTS_STREAM_MAX_SECONDS", 300, minimum=1)
-EVENTS_STREAM_KEEPALIVE_SECONDS = env_int("EVENTS_STREAM_KEEPALIVE_SECONDS", 15, minimum=1)
+EVENTS_STREAM_MAX_SECONDS = env_int(
+    "EVENTS_STREAM_MAX_SECONDS",
+    300,
+    minimum=1,
+    doc=(
+        "Longest a single event stream response lasts (the client reconnects with `Last-Event-ID`)."
+    ),
+    section="reconcile",
+)
+EVENTS_STREAM_KEEPALIVE_SECONDS = env_int(
+    "EVENTS_STREAM_KEEPALIVE_SECONDS",
+    15,
+    minimum=1,
+    doc="Idle time before a keepalive comment on an event stream.",
+    section="reconcile",
+)
 # At most this many open streams per user, across every web process (counted in Redis); one more
 # is a 429 with Retry-After. A stream renews its place every EVENTS_STREAM_LEASE_SECONDS / 3; the
 # place of a stream whose process died is free again after EVENTS_STREAM_LEASE_SECONDS.
-EVENTS_STREAMS_PER_USER = env_int("EVENTS_STREAMS_PER_USER", 10, minimum=1)
-EVENTS_STREAM_LEASE_SECONDS = env_int("EVENTS_STREAM_LEASE_SECONDS", 30, minimum=3)
+EVENTS_STREAMS_PER_USER = env_int(
+    "EVENTS_STREAMS_PER_USER",
+    10,
+    minimum=1,
+    doc=(
+        "Open event streams a user may hold at once (across all web processes); one more is a 429."
+    ),
+    section="reconcile",
+)
+EVENTS_STREAM_LEASE_SECONDS = env_int(
+    "EVENTS_STREAM_LEASE_SECONDS",
+    30,
+    minimum=3,
+    doc=("A stream renews its place every third of this; a dead process's places free after it."),
+    section="reconcile",
+)
 # What the stream tells EventSource clients to wait before reconnecting.
-EVENTS_STREAM_RETRY_MS = env_int("EVENTS_STREAM_RETRY_MS", 2000, minimum=0)
+EVENTS_STREAM_RETRY_MS = env_int(
+    "EVENTS_STREAM_RETRY_MS",
+    2000,
+    minimum=0,
+    doc="Reconnect delay told to `EventSource` clients.",
+    section="reconcile",
+)
 # Redis pub/sub channels are shared by every database of a Redis server, so the default prefix
 # names the database, like the keys it sits beside.
 _redis_url = urlparse(REDIS_URL)
 _redis_db = parse_qs(_redis_url.query).get("db", [""])[0] or (
     _redis_url.path.strip("/") if _redis_url.scheme != "unix" else ""
 )
-EVENTS_CHANNEL_PREFIX = env_str("EVENTS_CHANNEL_PREFIX", f"wsevents:{_redis_db or '0'}")
+EVENTS_CHANNEL_PREFIX = env_str(
+    "EVENTS_CHANNEL_PREFIX",
+    f"wsevents:{_redis_db or '0'}",
+    doc=("Redis pub/sub channel prefix (channels are shared by all databases of a Redis server)."),
+    section="reconcile",
+    shown="wsevents:<redis db>",
+)
 
 # --- Observability (logs, metrics, readiness) -----------------------------------------------------
 # GET /api/workspaces/{id}/logs/?tail=N: N defaults to LOGS_DEFAULT_TAIL and may not exceed
 # LOGS_MAX_TAIL; at most LOGS_MAX_BYTES of the instance's output are read, whatever N.
-LOGS_DEFAULT_TAIL = env_int("LOGS_DEFAULT_TAIL", 100, minimum=1)
-LOGS_MAX_TAIL = env_int("LOGS_MAX_TAIL", 2000, minimum=1)
-LOGS_MAX_BYTES = env_int("LOGS_MAX_BYTES", 256 * 1024, minimum=1024)
+LOGS_DEFAULT_TAIL = env_int(
+    "LOGS_DEFAULT_TAIL",
+    100,
+    minimum=1,
+    doc="Lines a logs call returns when it gives no `tail`.",
+    section="logs",
+)
+LOGS_MAX_TAIL = env_int(
+    "LOGS_MAX_TAIL",
+    2000,
+    minimum=1,
+    doc="The largest `tail`; more is a 400 naming `tail`.",
+    section="logs",
+)
+LOGS_MAX_BYTES = env_int(
+    "LOGS_MAX_BYTES",
+    256 * 1024,
+    minimum=1024,
+    doc="At most this much of an instance's output is read, whatever `tail` says.",
+    section="logs",
+)
 # GET /api/workspaces/{id}/logs/stream/: the last lines, then new ones as Server-Sent Events. A
 # stream lasts at most LOGS_STREAM_MAX_SECONDS (the client opens a new one with tail=0); a user
 # holds at most LOGS_STREAMS_PER_USER at once (429 beyond, counted in Redis like the event
 # streams' places); a line longer than LOGS_STREAM_MAX_LINE_BYTES is cut; the follower looks at
 # the output and the instance every LOGS_FOLLOW_POLL_MS.
-LOGS_STREAM_MAX_SECONDS = env_int("LOGS_STREAM_MAX_SECONDS", 300, minimum=1)
-LOGS_STREAMS_PER_USER = env_int("LOGS_STREAMS_PER_USER", 5, minimum=1)
-LOGS_STREAM_MAX_LINE_BYTES = env_int("LOGS_STREAM_MAX_LINE_BYTES", 8192, minimum=64)
-LOGS_FOLLOW_POLL_MS = env_int("LOGS_FOLLOW_POLL_MS", 1000, minimum=50)
+LOGS_STREAM_MAX_SECONDS = env_int(
+    "LOGS_STREAM_MAX_SECONDS",
+    300,
+    minimum=1,
+    doc="Longest a log stream lasts (then `event: end`).",
+    section="logs",
+)
+LOGS_STREAMS_PER_USER = env_int(
+    "LOGS_STREAMS_PER_USER",
+    5,
+    minimum=1,
+    doc=(
+        "Open log streams a user may hold (their own places, beside the event "
+        "streams'); one more is a 429 with `Retry-After`."
+    ),
+    section="logs",
+)
+LOGS_STREAM_MAX_LINE_BYTES = env_int(
+    "LOGS_STREAM_MAX_LINE_BYTES",
+    8192,
+    minimum=64,
+    doc='A longer line is cut (`"truncated": true`).',
+    section="logs",
+)
+LOGS_FOLLOW_POLL_MS = env_int(
+    "LOGS_FOLLOW_POLL_MS",
+    1000,
+    minimum=50,
+    doc="How often a follower looks at the output and at the instance.",
+    section="logs",
+)
 # /readyz asks the workers for a ping at most once per READYZ_CACHE_SECONDS (the answer is kept in
 # Redis, shared by every web process), waiting READYZ_PING_TIMEOUT_MS for replies.
-READYZ_CACHE_SECONDS = env_int("READYZ_CACHE_SECONDS", 15, minimum=1)
-READYZ_PING_TIMEOUT_MS = env_int("READYZ_PING_TIMEOUT_MS", 1000, minimum=50)
+READYZ_CACHE_SECONDS = env_int(
+    "READYZ_CACHE_SECONDS",
+    15,
+    minimum=1,
+    doc=(
+        "The workers' ping goes out at most this often; its answer is shared in Redis "
+        "by every web process."
+    ),
+    section="readiness",
+)
+READYZ_PING_TIMEOUT_MS = env_int(
+    "READYZ_PING_TIMEOUT_MS",
+    1000,
+    minimum=50,
+    doc="How long the ping waits for replies.",
+    section="readiness",
+)
 # Beat counts as alive when it sent a task within its shortest interval times this factor
 # (plus READYZ_CACHE_SECONDS of slack).
-READYZ_BEAT_GRACE_FACTOR = env_int("READYZ_BEAT_GRACE_FACTOR", 3, minimum=1)
+READYZ_BEAT_GRACE_FACTOR = env_int(
+    "READYZ_BEAT_GRACE_FACTOR",
+    3,
+    minimum=1,
+    doc=(
+        "Beat counts as alive when it sent a task within its shortest interval times "
+        "this (plus `READYZ_CACHE_SECONDS`)."
+    ),
+    section="readiness",
+)
 # Set to false to make /readyz check only PostgreSQL and Redis (a web-only deployment whose
 # workers are monitored elsewhere).
-READYZ_REQUIRE_WORKERS = env_bool("READYZ_REQUIRE_WORKERS", True)
+READYZ_REQUIRE_WORKERS = env_bool(
+    "READYZ_REQUIRE_WORKERS",
+    True,
+    doc=(
+        "`false`: `/readyz` checks PostgreSQL and Redis only (a web-only deployment "
+        "whose workers are monitored elsewhere)."
+    ),
+    section="readiness",
+)
 # --- Restart policy (manifest `restart: on-failure | never`) ------------------------------------
 # A workspace whose instance dies while wanted running is restarted after
 # min(RESTART_BACKOFF_BASE_SECONDS * 2 ** (deaths in the window - 1), RESTART_BACKOFF_MAX_SECONDS);
 # the RESTART_MAX_FAILURES-th death within RESTART_FAILURE_WINDOW_SECONDS makes it `failed`.
-RESTART_BACKOFF_BASE_SECONDS = env_int("RESTART_BACKOFF_BASE_SECONDS", 5, minimum=1)
-RESTART_BACKOFF_MAX_SECONDS = env_int("RESTART_BACKOFF_MAX_SECONDS", 300, minimum=1)
-RESTART_MAX_FAILURES = env_int("RESTART_MAX_FAILURES", 5, minimum=1)
-RESTART_FAILURE_WINDOW_SECONDS = env_int("RESTART_FAILURE_WINDOW_SECONDS", 900, minimum=1)
+RESTART_BACKOFF_BASE_SECONDS = env_int(
+    "RESTART_BACKOFF_BASE_SECONDS",
+    5,
+    minimum=1,
+    doc="The first restart's delay; doubles with each death in the window.",
+    section="restart",
+)
+RESTART_BACKOFF_MAX_SECONDS = env_int(
+    "RESTART_BACKOFF_MAX_SECONDS", 300, minimum=1, doc="The longest delay.", section="restart"
+)
+RESTART_MAX_FAILURES = env_int(
+    "RESTART_MAX_FAILURES",
+    5,
+    minimum=1,
+    doc="Deaths within the window after which the workspace is `failed`.",
+    section="restart",
+)
+RESTART_FAILURE_WINDOW_SECONDS = env_int(
+    "RESTART_FAILURE_WINDOW_SECONDS", 900, minimum=1, doc="The window.", section="restart"
+)
 # How many of the last lines of a workspace's output a death event and last_error carry.
-DEATH_OUTPUT_LINES = env_int("DEATH_OUTPUT_LINES", 20, minimum=0)
+DEATH_OUTPUT_LINES = env_int(
+    "DEATH_OUTPUT_LINES",
+    20,
+    minimum=0,
+    doc="Lines of output a death event and `last_error` carry.",
+    section="restart",
+)
 
 # --- Logging -------------------------------------------------------------------------------------
-LOG_LEVEL = env_choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
+LOG_LEVEL = env_choice(
+    "LOG_LEVEL",
+    "INFO",
+    ("DEBUG", "INFO", "WARNING", "ERROR"),
+    doc="Level of the `workspaces` and `provisioning` loggers.",
+    section="core",
+)
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
