@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.common import Figure, percentile, setup_django
+from bench.common import Figure, get_latencies, percentile, print_figures, setup_django, shell_rows
 from bench.stack import wait_healthz
 
 STREAMS = 200
@@ -49,27 +49,13 @@ def _seed() -> list[str]:
 
     from workspaces import services
     from workspaces.models import ApiToken, Workspace
-    from workspaces.status import WorkspaceStatus
 
     tokens = []
     for index in range(USERS):
         user, _ = get_user_model().objects.get_or_create(username=f"bench-streams-{index}")
         if Workspace.objects.filter(owner=user).count() != ROWS_PER_USER:
             Workspace.objects.filter(owner=user).delete()
-            Workspace.objects.bulk_create(
-                [
-                    Workspace(
-                        owner=user,
-                        name=f"s-{row}",
-                        template="shell-default",
-                        runtime="shell",
-                        backend="process",
-                        status=WorkspaceStatus.STOPPED,
-                        handled_seq=1,
-                    )
-                    for row in range(ROWS_PER_USER)
-                ]
-            )
+            shell_rows(user, [f"s-{row}" for row in range(ROWS_PER_USER)], handled_seq=1)
         ApiToken.objects.filter(user=user).delete()
         tokens.append(services.issue_api_token(user))
     return tokens
@@ -127,18 +113,10 @@ def _open_streams(port: int, tokens: list[str], wait_open: bool) -> list[socket.
 
 def _latencies(port: int, path: str, token: str | None) -> list[float]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    headers = {"Authorization": f"Token {token}"} if token else {}
-    samples = []
-    for _ in range(REQUESTS):
-        started = time.perf_counter()
-        conn.request("GET", path, headers=headers)
-        response = conn.getresponse()
-        response.read()
-        samples.append(time.perf_counter() - started)
-        if response.status != 200:
-            raise RuntimeError(f"GET {path}: {response.status}")
-    conn.close()
-    return samples
+    try:
+        return get_latencies(conn, path, token, REQUESTS)
+    finally:
+        conn.close()
 
 
 def _forget_stream_places() -> None:
@@ -235,8 +213,4 @@ def run(repeats: int) -> list[Figure]:
 
 
 if __name__ == "__main__":
-    for figure in run(int(sys.argv[1]) if len(sys.argv) > 1 else 3):
-        print(figure.line())
-        if figure.notes:
-            print(f"  {figure.notes}")
-    print("done")
+    print_figures(run(int(sys.argv[1]) if len(sys.argv) > 1 else 3))
