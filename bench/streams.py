@@ -1,8 +1,8 @@
 """Open event streams do not starve requests: /healthz and a workspace list with 200 SSE streams
 open, against the same server idle, in one run (ratio = with streams / idle).
 
-Server: the Procfile's web command (gunicorn, uvicorn workers, ``project.asgi``), 2 workers,
-``WEB_THREADS=4``. The 200 streams belong to 20 users (10 each, the default per-user cap) and stay
+Server: the Procfile's web command (gunicorn, uvicorn workers, ``project.asgi``), 2 workers.
+The 200 streams belong to 20 users (10 each, the default per-user cap) and stay
 open while the requests are timed. For contrast the same probe is sent to the previous server
 (gunicorn ``gthread``, 2 workers x 4 threads, ``project.wsgi``) with the same streams open: there
 every stream held a thread, so the probe times out (reported as answered / sent)."""
@@ -68,7 +68,6 @@ def _server(args: list[str]) -> Iterator[int]:
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "project.settings",
         "LOG_LEVEL": "WARNING",
-        "WEB_THREADS": "4",
     }
     server = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", *args, "--bind", f"127.0.0.1:{port}", *QUIET],
@@ -200,7 +199,7 @@ def run(repeats: int) -> list[Figure]:
                 floor_name=f"{name} idle, same server",
                 floor_samples=idle[name],
                 notes=(
-                    f"gunicorn + uvicorn workers (project.asgi), 2 workers, WEB_THREADS=4; "
+                    f"gunicorn + uvicorn workers (project.asgi), 2 workers; "
                     f"previous server (gthread 2x4) with the same streams open: "
                     f"{answered}/{sent} /healthz answered within 5 s"
                 )
