@@ -11,7 +11,7 @@ Both sides run as their users run them, each started by this bench as child proc
   sweep queues), Celery beat and Caddy as the proxy, with the settings' log level (INFO),
   gunicorn's access logs, the worker's gossip, mingle and heartbeat, and the metrics in
   ``PROMETHEUS_MULTIPROC_DIR`` as ``bin/run`` sets them. Only the ports, the Redis (one of the
-  platform's own), ``var/`` (the run's folder) and the admission limits (no quota refuses a
+  platform's own), ``RUN_DIR`` (the run's folder) and the admission limits (no quota refuses a
   batch) are the bench's.
 
 Why the Procfile's lines: the bench once started these processes with lines of its own, which
