@@ -9,10 +9,9 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from bench.common import Figure, percentile, setup_django
+from bench.common import Figure, get_latencies, percentile, print_figures, setup_django, shell_rows
 from bench.stack import wait_healthz
 
 ROWS = 10_000
@@ -36,20 +35,8 @@ def _seed() -> tuple[str, str]:
     if Workspace.objects.filter(owner=user).count() != ROWS:
         Workspace.objects.filter(owner=user).delete()
         statuses = [WorkspaceStatus.STOPPED, WorkspaceStatus.FAILED, WorkspaceStatus.PROVISIONING]
-        Workspace.objects.bulk_create(
-            [
-                Workspace(
-                    owner=user,
-                    name=f"bench-{index}",
-                    template="shell-default",
-                    runtime="shell",
-                    backend="process",
-                    status=statuses[index % len(statuses)],
-                    handled_seq=1,
-                )
-                for index in range(ROWS)
-            ],
-            batch_size=2000,
+        shell_rows(
+            user, [f"bench-{index}" for index in range(ROWS)], tuple(statuses), handled_seq=1
         )
     from workspaces import services
 
@@ -74,20 +61,6 @@ def _queries_per_list(token: str) -> dict[int, int]:
         assert response.status_code == 200, response.content[:200]
         counts[size] = len(captured.captured_queries)
     return counts
-
-
-def _latencies(conn: http.client.HTTPConnection, path: str, token: str | None) -> list[float]:
-    headers = {"Authorization": f"Token {token}"} if token else {}
-    samples = []
-    for _ in range(REQUESTS):
-        started = time.perf_counter()
-        conn.request("GET", path, headers=headers)
-        response = conn.getresponse()
-        response.read()
-        samples.append(time.perf_counter() - started)
-        if response.status != 200:
-            raise RuntimeError(f"GET {path}: {response.status}")
-    return samples
 
 
 def run(repeats: int) -> list[Figure]:
@@ -118,11 +91,11 @@ def run(repeats: int) -> list[Figure]:
         names = ["list p50", "list p95", "retrieve p50", "retrieve p95"]
         results: dict[str, list[float]] = {name: [] for name in names}
         floors: dict[str, list[float]] = {"p50": [], "p95": []}
-        _latencies(conn, "/api/workspaces/", token)  # warm up both workers and caches
+        get_latencies(conn, "/api/workspaces/", token, REQUESTS)  # warm up both workers and caches
         for _ in range(repeats):
-            floor = _latencies(conn, "/healthz", None)
-            listing = _latencies(conn, "/api/workspaces/", token)
-            detail = _latencies(conn, f"/api/workspaces/{sample_id}/", token)
+            floor = get_latencies(conn, "/healthz", None, REQUESTS)
+            listing = get_latencies(conn, "/api/workspaces/", token, REQUESTS)
+            detail = get_latencies(conn, f"/api/workspaces/{sample_id}/", token, REQUESTS)
             floors["p50"].append(percentile(floor, 0.5) * 1000)
             floors["p95"].append(percentile(floor, 0.95) * 1000)
             results["list p50"].append(percentile(listing, 0.5) * 1000)
@@ -151,6 +124,4 @@ def run(repeats: int) -> list[Figure]:
 
 
 if __name__ == "__main__":
-    for figure in run(int(sys.argv[1]) if len(sys.argv) > 1 else 3):
-        print(figure.line())
-    print("done")
+    print_figures(run(int(sys.argv[1]) if len(sys.argv) > 1 else 3))

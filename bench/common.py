@@ -7,6 +7,8 @@ raw engine, the bare Redis call, a peer) in the same run, and reported as a rati
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import statistics
 import time
@@ -105,6 +107,31 @@ def write_block(path: Path, begin: str, end: str, section: list[str]) -> None:
     path.write_text(text)
 
 
+def shell_rows(
+    owner: Any, names: list[str], statuses: tuple[str, ...] = ("stopped",), **fields: Any
+) -> list[Any]:
+    """Workspace rows of ``owner`` written straight to the table (one ``bulk_create``), a row per
+    name: template ``shell-default`` on the process backend, statuses taken in turn from
+    ``statuses``, any other column from ``fields``. Nothing runs for them."""
+    from workspaces.models import Workspace
+
+    return Workspace.objects.bulk_create(
+        (
+            Workspace(
+                owner=owner,
+                name=name,
+                template="shell-default",
+                runtime="shell",
+                backend="process",
+                status=statuses[index % len(statuses)],
+                **fields,
+            )
+            for index, name in enumerate(names)
+        ),
+        batch_size=2000,
+    )
+
+
 def postgres_backends(database: str) -> set[int]:
     """The pids of PostgreSQL's server processes connected to ``database`` (this process's own
     connection aside)."""
@@ -116,3 +143,54 @@ def postgres_backends(database: str) -> set[int]:
             [database],
         )
         return {int(row[0]) for row in cursor.fetchall()}
+
+
+def call_json(
+    port: int, method: str, path: str, headers: dict[str, str], body: Any = None
+) -> tuple[int, Any]:
+    """One HTTP request to the loopback's ``port`` with a JSON body (when given); the status and
+    the answer, parsed as JSON when it is JSON (else its text)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        payload = None
+        if body is not None:
+            payload = json.dumps(body)
+            headers = {**headers, "Content-Type": "application/json"}
+        conn.request(method, path, body=payload, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        try:
+            return response.status, (json.loads(data) if data else {})
+        except ValueError:
+            return response.status, data.decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def get_latencies(
+    conn: http.client.HTTPConnection, path: str, token: str | None, requests: int
+) -> list[float]:
+    """Seconds per ``GET path`` (with the API token, when given), ``requests`` times in a row on
+    one connection; any answer but 200 fails."""
+    headers = {"Authorization": f"Token {token}"} if token else {}
+    samples = []
+    for _ in range(requests):
+        started = time.perf_counter()
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        samples.append(time.perf_counter() - started)
+        if response.status != 200:
+            raise RuntimeError(f"GET {path}: {response.status}")
+    return samples
+
+
+def print_figures(figures: list[Figure]) -> None:
+    """A module run on its own (``python -m bench.<name>``): its figures and their notes."""
+    for figure in figures:
+        print(figure.line())
+        if figure.notes:
+            print(f"  {figure.notes}")
+        for key in ("backend_calls", "engine_requests"):
+            if figure.extra.get(key):
+                print(f"  {key.replace('_', ' ')}: {figure.extra[key]}")

@@ -31,7 +31,7 @@ import tarfile
 import uuid
 from collections.abc import Callable
 
-from bench.common import Figure, setup_django, timed
+from bench.common import Figure, print_figures, setup_django, timed
 
 BATCH = 5  # workspaces per CPU sample: the kernel counts CPU in 10 ms ticks
 
@@ -205,5 +205,4 @@ def run(repeats: int) -> list[Figure]:
 
 
 if __name__ == "__main__":
-    for figure in run(int(os.environ.get("BENCH_REPEATS", "10"))):
-        print(figure.line())
+    print_figures(run(int(os.environ.get("BENCH_REPEATS", "10"))))

@@ -116,7 +116,7 @@ def ensure_agent_image() -> str:
     return tag
 
 
-_TICKS = os.sysconf("SC_CLK_TCK")
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def processes() -> dict[int, Proc]:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
         uid = int(status.split("\nUid:", 1)[1].split()[0])
-        cpu = sum(int(value) for value in fields[11:15]) / _TICKS
+        cpu = sum(int(value) for value in fields[11:15]) / TICKS
         found[int(entry.name)] = Proc(int(fields[1]), uid, cmdline.strip(), cpu)
     return found
 

@@ -15,7 +15,7 @@ import sys
 import time
 import uuid
 
-from bench.common import Figure, setup_django
+from bench.common import Figure, print_figures, setup_django
 
 BATCH = 200
 
@@ -66,5 +66,4 @@ def run(repeats: int = 20) -> list[Figure]:
 
 
 if __name__ == "__main__":
-    for figure in run(int(sys.argv[1]) if len(sys.argv) > 1 else 20):
-        print(figure.line())
+    print_figures(run(int(sys.argv[1]) if len(sys.argv) > 1 else 20))

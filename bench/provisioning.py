@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import Figure, percentile, setup_django
+from bench.common import Figure, percentile, print_figures, setup_django
 from bench.engine import cpu_seconds
 from bench.stack import BareEndpoint, Platform, platform, remove_labelled, wait_until
 
@@ -124,12 +124,7 @@ def platform_run(stack: Platform, n: int) -> Run:
     def create(index: int, barrier: threading.Barrier) -> tuple[str, float]:
         barrier.wait()
         sent = time.time()
-        status, body = stack.request(
-            "POST", "/api/workspaces/", {"name": f"p{tag}-{index}", "template": "shell-default"}
-        )
-        if status != 201:
-            raise RuntimeError(f"POST /api/workspaces/ answered {status}: {body}")
-        return str(body["id"]), sent
+        return stack.create_workspace(f"p{tag}-{index}"), sent
 
     created = dict(_together(n, create))
     ids = list(created)
@@ -212,7 +207,7 @@ def floor_run(client: Any, image: str, endpoint: BareEndpoint, label: str, n: in
     return Run(max(arrivals.values()) - min(started.values()), latencies, phases, cpu)
 
 
-def _phases(runs: list[Run], side: str) -> str:
+def phase_notes(runs: list[Run], side: str) -> str:
     """Median seconds per phase over every workspace of every run, as a sentence."""
     parts = []
     for phase, meaning in PHASES[side].items():
@@ -237,12 +232,10 @@ def _phases(runs: list[Run], side: str) -> str:
 
 
 def _clean_platform(stack: Platform) -> None:
-    from django.conf import settings
-
     from workspaces.models import Workspace
 
-    remove_labelled(f"{settings.DOCKER_LABEL_PREFIX}.platform={stack.platform_id}")
-    Workspace.objects.filter(owner__username="bench-provisioning").delete()
+    remove_labelled(stack.label)
+    Workspace.objects.filter(owner__username=stack.owner).delete()
 
 
 def plot(samples: dict[tuple[str, int], list[float]], sizes: tuple[int, ...], path: Path) -> None:
@@ -337,7 +330,9 @@ def run(repeats: int = 3, sizes: tuple[int, ...] = SIZES) -> list[Figure]:
             }[metric]
             notes = ""
             if metric == "total":
-                notes = f"{_phases(platform_runs, 'platform')}; {_phases(floor_runs, 'floor')}"
+                notes = (
+                    f"{phase_notes(platform_runs, 'platform')}; {phase_notes(floor_runs, 'floor')}"
+                )
             figure = Figure(
                 name=f"provision N={n}: {label}",
                 unit="s",
@@ -359,5 +354,4 @@ def run(repeats: int = 3, sizes: tuple[int, ...] = SIZES) -> list[Figure]:
 
 
 if __name__ == "__main__":
-    for figure in run(int(sys.argv[1]) if len(sys.argv) > 1 else 3):
-        print(figure.line())
+    print_figures(run(int(sys.argv[1]) if len(sys.argv) > 1 else 3))

@@ -33,8 +33,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import Figure, setup_django
-from bench.stack import REPO, _stop, free_port, wait_until, write_proxy_config
+from bench.common import Figure, print_figures, setup_django
+from bench.stack import REPO, free_port, stop, wait_until, write_proxy_config
 
 BATCH = 50
 
@@ -203,11 +203,10 @@ def run(repeats: int = 5) -> list[Figure]:
         )
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop(proc)
         shutil.rmtree(work, ignore_errors=True)
     return figures
 
 
 if __name__ == "__main__":
-    for figure in run(int(sys.argv[1]) if len(sys.argv) > 1 else 5):
-        print(figure.line())
+    print_figures(run(int(sys.argv[1]) if len(sys.argv) > 1 else 5))

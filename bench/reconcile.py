@@ -38,7 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench.common import Figure, setup_django, timed
+from bench.common import Figure, print_figures, setup_django, timed
+from bench.stack import workspace_labels
 
 ROWS = 10_000
 REAL = 5
@@ -285,18 +286,13 @@ def _process_figures(repeats: int, data_dir: str) -> list[Figure]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def _docker_figures(repeats: int, containers: int = DOCKER_CONTAINERS) -> list[Figure]:
+def docker_figures(repeats: int, containers: int = DOCKER_CONTAINERS) -> list[Figure]:
     import docker.errors
     from django.conf import settings
 
     from provisioning.backends import backend_named, reset_backends
     from provisioning.backends.agent_image import build_agent_image
-    from provisioning.backends.docker import (
-        DockerBackend,
-        _label,
-        make_client,
-        platform_filter,
-    )
+    from provisioning.backends.docker import DockerBackend, make_client, platform_filter
 
     reset_backends()  # DOCKER_HOST and PLATFORM_ID were set for this run
     client = make_client()
@@ -311,16 +307,14 @@ def _docker_figures(repeats: int, containers: int = DOCKER_CONTAINERS) -> list[F
     def start_instance(workspace_id: uuid.UUID) -> None:
         # What the Docker backend makes (name, labels, a labelled config volume), running
         # busybox's sleep instead of the agent so nothing calls a platform.
-        labels = {
-            _label("platform"): settings.PLATFORM_ID,
-            _label("workspace-id"): str(workspace_id),
-        }
-        volume = client.volumes.create(name=f"ws-{workspace_id}-configs", labels=labels)
+        volume = client.volumes.create(
+            name=DockerBackend.volume_name(workspace_id), labels=workspace_labels(workspace_id)
+        )
         client.containers.run(
             settings.DOCKER_AGENT_IMAGE,
             entrypoint=["sleep", "3600"],
-            name=f"ws-{workspace_id}",
-            labels={**labels, _label("generation"): "1"},
+            name=DockerBackend.container_name(workspace_id),
+            labels=workspace_labels(workspace_id, generation=1),
             volumes={volume.name: {"bind": settings.DOCKER_CONFIG_MOUNT, "mode": "rw"}},
             network_mode="none",  # listing does not depend on it; nothing to wire
             detach=True,
@@ -375,7 +369,7 @@ def run(repeats: int = 3) -> list[Figure]:
     settings.PLATFORM_ID = os.environ["PLATFORM_ID"]
     settings.WORKSPACE_BACKEND = "process"
     try:
-        return _process_figures(repeats, data_dir) + _docker_figures(repeats)
+        return _process_figures(repeats, data_dir) + docker_figures(repeats)
     finally:
         # Later benchmarks in the same process see the platform they were configured with.
         settings.PLATFORM_ID, settings.WORKSPACE_BACKEND = previous
@@ -386,9 +380,4 @@ def run(repeats: int = 3) -> list[Figure]:
 
 
 if __name__ == "__main__":
-    for figure in run(int(sys.argv[1]) if len(sys.argv) > 1 else 3):
-        print(figure.line())
-        if figure.extra.get("backend_calls"):
-            print(f"  backend calls: {figure.extra['backend_calls']}")
-        if figure.extra.get("engine_requests"):
-            print(f"  engine requests: {figure.extra['engine_requests']}")
+    print_figures(run(int(sys.argv[1]) if len(sys.argv) > 1 else 3))

@@ -24,7 +24,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import Figure, setup_django
+from bench.common import Figure, print_figures, setup_django
 from bench.stack import Platform, platform, remove_labelled, wait_until
 
 STORM = 50
@@ -97,7 +97,6 @@ def run(repeats: int = 3) -> list[Figure]:
     ensure_engine()
     os.environ.setdefault("LOG_LEVEL", "WARNING")
     setup_django("ws_restart_storm_bench", redis_db=10)
-    from django.conf import settings
 
     from workspaces.models import Workspace
     from workspaces.status import WorkspaceStatus
@@ -108,17 +107,9 @@ def run(repeats: int = 3) -> list[Figure]:
     refused_total = 0
     spreads: list[float] = []
     with platform("restart-storm", log_dir) as stack:
-        label = f"{settings.DOCKER_LABEL_PREFIX}.platform={stack.platform_id}"
-        Workspace.objects.filter(owner__username="bench-restart-storm").delete()
+        Workspace.objects.filter(owner__username=stack.owner).delete()
         try:
-            status, body = stack.request(
-                "POST",
-                "/api/workspaces/",
-                {"name": f"storm-{uuid.uuid4().hex[:8]}", "template": "shell-default"},
-            )
-            if status != 201:
-                raise RuntimeError(f"POST /api/workspaces/ answered {status}: {body}")
-            workspace_id = str(body["id"])
+            workspace_id = stack.create_workspace(f"storm-{uuid.uuid4().hex[:8]}")
             wait_until(
                 lambda: Workspace.objects.filter(
                     id=workspace_id, status=WorkspaceStatus.ONLINE
@@ -145,8 +136,8 @@ def run(repeats: int = 3) -> list[Figure]:
                         flush=True,
                     )
         finally:
-            remove_labelled(label)
-            Workspace.objects.filter(owner__username="bench-restart-storm").delete()
+            remove_labelled(stack.label)
+            Workspace.objects.filter(owner__username=stack.owner).delete()
     headline = (
         f"{STORM} concurrent restarts of one workspace ran "
         f"{statistics.median(cycles):.0f} cycles (median) and settled in "
@@ -178,5 +169,4 @@ def run(repeats: int = 3) -> list[Figure]:
 
 
 if __name__ == "__main__":
-    for figure in run(int(sys.argv[1]) if len(sys.argv) > 1 else 3):
-        print(figure.line())
+    print_figures(run(int(sys.argv[1]) if len(sys.argv) > 1 else 3))

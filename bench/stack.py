@@ -28,15 +28,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from bench.common import call_json
+from project.supervise import parse_procfile
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Two cores: the cycle mostly waits on the engine and PostgreSQL, so a few more worker processes
 # than cores keep the engine busy without thrashing. The web and registry processes as in the
-# Procfile (gunicorn with uvicorn workers; the API's WEB_THREADS threads per web worker).
+# Procfile (gunicorn with uvicorn workers).
 WORKER_PROCESSES = int(os.environ.get("BENCH_WORKER_PROCESSES", "1"))
 WORKER_CONCURRENCY = int(os.environ.get("BENCH_WORKER_CONCURRENCY", "4"))
 WEB_WORKERS = int(os.environ.get("BENCH_WEB_WORKERS", "2"))
-WEB_THREADS = int(os.environ.get("BENCH_WEB_THREADS", "4"))
 
 
 def free_port() -> int:
@@ -73,7 +75,7 @@ def wait_healthz(port: int, timeout: float = 30.0) -> None:
             time.sleep(0.2)
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+def stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
     if proc.poll() is not None:
         return
     os.killpg(proc.pid, signal.SIGTERM)
@@ -132,12 +134,13 @@ def private_redis(log_dir: Path) -> Iterator[int]:
         os.environ["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
         yield proc.pid
     finally:
-        _stop(proc)
+        stop(proc)
         log.close()
 
 
 @dataclass
 class Platform:
+    owner: str  # the user name of the token, who owns the workspaces made through the API
     url: str
     port: int
     token: str
@@ -151,22 +154,66 @@ class Platform:
     # a Redis server of this platform's alone (``private_redis``), when it has one
     redis_pid: int | None = None
 
+    @property
+    def label(self) -> str:
+        """The label (key=value) of this platform's containers, volumes and networks."""
+        return f"{label_key('platform')}={self.platform_id}"
+
     def request(
         self, method: str, path: str, body: dict[str, Any] | None = None
-    ) -> tuple[int, dict[str, Any]]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        try:
-            headers = {"Authorization": f"Token {self.token}"}
-            payload = None
-            if body is not None:
-                payload = json.dumps(body)
-                headers["Content-Type"] = "application/json"
-            conn.request(method, path, body=payload, headers=headers)
-            response = conn.getresponse()
-            data = response.read()
-            return response.status, (json.loads(data) if data else {})
-        finally:
-            conn.close()
+    ) -> tuple[int, Any]:
+        return call_json(self.port, method, path, {"Authorization": f"Token {self.token}"}, body)
+
+    def create_workspace(self, name: str, template: str = "shell-default") -> str:
+        """``POST /api/workspaces/``: the new workspace's id; any answer but 201 fails."""
+        status, body = self.request(
+            "POST", "/api/workspaces/", {"name": name, "template": template}
+        )
+        if status != 201:
+            raise RuntimeError(f"POST /api/workspaces/ answered {status}: {body}")
+        return str(body["id"])
+
+
+def procfile_commands() -> dict[str, list[str]]:
+    """The Procfile's processes by name, each line run as ``bin/run`` runs it (``/bin/sh -c 'exec
+    <line>'`` in the checkout, see ``project.supervise``); its ``${...}`` come from the
+    environment the caller gives them."""
+    procfile = parse_procfile((REPO / "Procfile").read_text())
+    return {name: ["/bin/sh", "-c", f"exec {line}"] for name, line in procfile}
+
+
+def _bench_commands(
+    env: dict[str, str], queues: str, *, beat: bool, access_log: bool, log_dir: Path
+) -> tuple[dict[str, list[str]], list[str]]:
+    """The bench's own command lines for the platform's processes, by name, and the Celery
+    node names it gives its workers (see ``platform``)."""
+    python = [sys.executable, "-m"]
+    logged = ["--access-logfile", "-"] if access_log else []
+    uvicorn = ["--worker-class", "uvicorn_worker.UvicornWorker", "--log-level", "warning"]
+    commands = {
+        "registry": [
+            *(*python, "gunicorn", "project.registry_asgi:application", *uvicorn),
+            *("--bind", env["REGISTRY_BIND"], "--workers", "1", *logged),
+        ],
+        "gunicorn": [
+            *(*python, "gunicorn", "project.asgi:application", *uvicorn),
+            *("--bind", env["BIND"], "--workers", str(WEB_WORKERS), *logged),
+        ],
+    }
+    if beat:
+        schedule = str(log_dir / "celerybeat-schedule")
+        commands["beat"] = [*python, "celery", "-A", "project", "beat", "-l", "WARNING"]
+        commands["beat"] += ["--schedule", schedule]
+    names = []
+    for index in range(WORKER_PROCESSES):
+        node = f"bench{index}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+        names.append(node)
+        commands[f"worker{index}"] = [
+            *(*python, "celery", "-A", "project", "worker", "-l", "WARNING", "-P", "prefork"),
+            *("-c", str(WORKER_CONCURRENCY), "-n", node, "-Q", queues),
+            *("--without-gossip", "--without-mingle", "--without-heartbeat"),
+        ]
+    return commands, names
 
 
 @contextlib.contextmanager
@@ -179,6 +226,7 @@ def platform(
     proxy: bool = False,
     beat: bool = False,
     access_log: bool = False,
+    procfile: bool = False,
 ) -> Iterator[Platform]:
     """gunicorn (API and registry listener) + Celery worker(s) on ``backend`` (the one new
     workspaces are recorded on), with this process's database and Redis, and Debian's Caddy as
@@ -188,7 +236,14 @@ def platform(
     also consume the sweep queue, as the Procfile's worker does (the sweeps, liveness among them,
     then run as in production); with ``access_log``, gunicorn logs every request to its log file,
     as the Procfile's web and registry lines do. Django must be set up (setup_django); on the
-    Docker backend, DOCKER_HOST must point at a running engine."""
+    Docker backend, DOCKER_HOST must point at a running engine.
+
+    With ``procfile``, the processes are the Procfile's own lines instead (``procfile_commands``:
+    web, registry, worker, beat and proxy, with their defaults: the settings' log level, access
+    logs, the worker's gossip, mingle and heartbeat, ``RUN_DIR`` and ``PROMETHEUS_MULTIPROC_DIR``
+    as ``bin/run`` sets them, in ``log_dir``), ``proxy``, ``beat`` and ``access_log`` aside; their
+    worker's node name is the Procfile's, so this platform needs a Redis of its own
+    (``private_redis``)."""
     from django.conf import settings
     from django.contrib.auth import get_user_model
 
@@ -206,6 +261,8 @@ def platform(
         "REDIS_URL": settings.REDIS_URL,
         "WORKSPACE_BACKEND": backend,
         "DOCKER_HOST": str(settings.DOCKER_HOST),
+        "BIND": f"127.0.0.1:{port}",
+        "REGISTRY_BIND": f"0.0.0.0:{registry_port}",
         # Agents call the registry listener; on a workspace network the host part becomes the
         # network's gateway (the backend rewrites it).
         "PLATFORM_URL": f"http://127.0.0.1:{registry_port}",
@@ -213,149 +270,112 @@ def platform(
         "PROXY_ADMIN": f"127.0.0.1:{admin_port}",
         "PROXY_BIND": f"127.0.0.1:{proxy_port}",
         "PLATFORM_ID": platform_id,
-        "LOG_LEVEL": "WARNING",
         "PYTHONUNBUFFERED": "1",
         # The benchmarks measure cycles, not admission: no quota or cap refuses their batches.
         "WORKSPACE_QUOTA_PER_USER": "0",
         "PROVISIONING_CONCURRENCY_LIMIT": "0",
-        # Beat and a sweep worker run only with ``beat``, and the bench pings its own workers
-        # below: /readyz answers once the web process reaches PostgreSQL and Redis.
+        # The bench pings its own workers below: /readyz answers once the web process reaches
+        # PostgreSQL and Redis.
         "READYZ_REQUIRE_WORKERS": "false",
-        "WEB_THREADS": str(WEB_THREADS),
+        # The bench's own lines log warnings only; the Procfile's keep the settings' level.
+        **({} if procfile else {"LOG_LEVEL": "WARNING"}),
         **(extra_env or {}),
     }
     log_dir.mkdir(parents=True, exist_ok=True)
-    procs: list[subprocess.Popen[bytes]] = []
-    parts: dict[str, int] = {}
-
-    def spawn(args: list[str], log_name: str, python: bool = True) -> subprocess.Popen[bytes]:
-        log = open(log_dir / log_name, "ab")  # noqa: SIM115 - lives as long as the process
-        proc = subprocess.Popen(
-            [sys.executable, "-m", *args] if python else args,
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+    queues = env.get("CELERY_LIFECYCLE_QUEUE") or str(settings.CELERY_TASK_DEFAULT_QUEUE)
+    if beat:
+        queues += f",{settings.CELERY_SWEEP_QUEUE}"
+    nodes: list[str] = []
+    if procfile:
+        # As bin/run sets them, in the run's own folder.
+        env["RUN_DIR"] = str(log_dir)
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(log_dir / "metrics")
+        (log_dir / "metrics").mkdir(exist_ok=True)
+        commands = procfile_commands()
+        web_name, proxy_name = "web", "proxy" if "proxy" in commands else ""
+    else:
+        commands, nodes = _bench_commands(
+            env, queues, beat=beat, access_log=access_log, log_dir=log_dir
         )
-        procs.append(proc)
-        parts[log_name.removesuffix(".log")] = proc.pid
-        return proc
-
-    try:
         if proxy:
-            config = write_proxy_config(env, log_dir / "caddy.json")
-            spawn(["caddy", "run", "--config", str(config)], "caddy.log", python=False)
-        logged = ["--access-logfile", "-"] if access_log else []
-        registry = spawn(
-            [
-                "gunicorn",
-                "project.registry_asgi:application",
-                "--worker-class",
-                "uvicorn_worker.UvicornWorker",
-                "--bind",
-                f"0.0.0.0:{registry_port}",
-                "--workers",
-                "1",
-                "--log-level",
-                "warning",
-                *logged,
-            ],
-            "registry.log",
-        )
-        web = spawn(
-            [
-                "gunicorn",
-                "project.asgi:application",
-                "--worker-class",
-                "uvicorn_worker.UvicornWorker",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                str(WEB_WORKERS),
-                "--log-level",
-                "warning",
-                *logged,
-            ],
-            "gunicorn.log",
-        )
-        queues = env.get("CELERY_LIFECYCLE_QUEUE") or str(settings.CELERY_TASK_DEFAULT_QUEUE)
-        if beat:
-            queues += f",{settings.CELERY_SWEEP_QUEUE}"
-            spawn(
-                [
-                    "celery",
-                    "-A",
-                    "project",
-                    "beat",
-                    "-l",
-                    "WARNING",
-                    "--schedule",
-                    str(log_dir / "celerybeat-schedule"),
-                ],
-                "beat.log",
+            caddy = ["caddy", "run", "--config", str(log_dir / "caddy.json")]
+            commands = {"caddy": caddy, **commands}
+        web_name, proxy_name = "gunicorn", "caddy" if proxy else ""
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        if proxy_name:
+            write_proxy_config(env, log_dir / "caddy.json")
+        for part, command in commands.items():
+            log = open(log_dir / f"{part}.log", "ab")  # noqa: SIM115 - lives as long as the process
+            procs[part] = subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
-        names = []
-        for index in range(WORKER_PROCESSES):
-            node = f"bench{index}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
-            names.append(node)
-            spawn(
-                [
-                    "celery",
-                    "-A",
-                    "project",
-                    "worker",
-                    "-l",
-                    "WARNING",
-                    "-P",
-                    "prefork",
-                    "-c",
-                    str(WORKER_CONCURRENCY),
-                    "-n",
-                    node,
-                    "-Q",
-                    queues,
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--without-heartbeat",
-                ],
-                f"worker{index}.log",
-            )
-
-        def web_ready() -> bool:
-            if web.poll() is not None:
-                raise RuntimeError(f"gunicorn exited; see {log_dir / 'gunicorn.log'}")
-            try:
-                probe = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                probe.request("GET", "/readyz")
-                return probe.getresponse().status == 200
-            except OSError:
-                return False
-
-        wait_until(web_ready, 60, "gunicorn", interval=0.2)
-
-        def registry_ready() -> bool:
-            if registry.poll() is not None:
-                raise RuntimeError(f"registry exited; see {log_dir / 'registry.log'}")
-            try:
-                probe = http.client.HTTPConnection("127.0.0.1", registry_port, timeout=2)
-                probe.request("GET", "/healthz")
-                return probe.getresponse().status == 404  # answers, and only /api/registry/
-            except OSError:
-                return False
-
-        wait_until(registry_ready, 60, "registry listener", interval=0.2)
+        _wait_ready(procs[web_name], port, "/readyz", 200, log_dir / f"{web_name}.log")
+        # The registry answers only /api/registry/: a 404 elsewhere says it is up.
+        _wait_ready(procs["registry"], registry_port, "/healthz", 404, log_dir / "registry.log")
         from project.celery import app
 
-        def answers(node: str) -> bool:
-            return bool(app.control.ping(destination=[node], timeout=0.5))
+        def answers(node: str | None) -> bool:
+            destination = [node] if node else None
+            return bool(app.control.ping(destination=destination, timeout=0.5))
 
-        for node in names:
-            wait_until(functools.partial(answers, node), 60, f"worker {node}", interval=0.2)
-        yield Platform(url, port, token, platform_id, env, log_dir, [p.pid for p in procs], parts)
+        # The Procfile's worker is the only one on the platform's own Redis: any answer is its.
+        waited: list[str | None] = [*nodes] or [None]
+        for node in waited:
+            wait_until(functools.partial(answers, node), 60, f"worker {node or ''}", interval=0.2)
+        pids = [proc.pid for proc in procs.values()]
+        parts = {part: proc.pid for part, proc in procs.items()}
+        yield Platform(user.username, url, port, token, platform_id, env, log_dir, pids, parts)
     finally:
-        for proc in reversed(procs):
-            _stop(proc)
+        for proc in reversed(procs.values()):
+            stop(proc)
+
+
+def _wait_ready(
+    proc: subprocess.Popen[bytes], port: int, path: str, status: int, log: Path
+) -> None:
+    """Until the server on ``port`` answers ``path`` with ``status``; fails when it exits."""
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited; see {log}")
+        try:
+            probe = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            probe.request("GET", path)
+            return probe.getresponse().status == status
+        except OSError:
+            return False
+
+    wait_until(ready, 60, f"the server on port {port}", interval=0.2)
+
+
+def label_key(name: str) -> str:
+    """A label's key as the Docker and Swarm backends write it on what they make
+    (``DOCKER_LABEL_PREFIX``, a dot, the name), for benches that make instances themselves."""
+    from django.conf import settings
+
+    return f"{settings.DOCKER_LABEL_PREFIX}.{name}"
+
+
+def workspace_labels(
+    workspace_id: uuid.UUID | str, generation: int | None = None
+) -> dict[str, str]:
+    """The labels the backends put on a workspace's volume of this platform (``PLATFORM_ID``),
+    and with ``generation`` on its container or service."""
+    from django.conf import settings
+
+    labels = {
+        label_key("platform"): settings.PLATFORM_ID,
+        label_key("workspace-id"): str(workspace_id),
+    }
+    if generation is not None:
+        labels[label_key("generation")] = str(generation)
+    return labels
 
 
 def remove_labelled(label: str) -> None:

@@ -72,8 +72,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import postgres_backends, setup_django, write_block
-from bench.engine import _TICKS as TICKS
-from bench.engine import Proc, descendants, processes
+from bench.engine import TICKS, Proc, descendants, processes
 from bench.stack import REPO, Platform, platform, wait_until
 
 DOC = REPO / "docs" / "benchmarks.md"

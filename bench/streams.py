@@ -1,8 +1,8 @@
 """Open event streams do not starve requests: /healthz and a workspace list with 200 SSE streams
 open, against the same server idle, in one run (ratio = with streams / idle).
 
-Server: the Procfile's web command (gunicorn, uvicorn workers, ``project.asgi``), 2 workers,
-``WEB_THREADS=4``. The 200 streams belong to 20 users (10 each, the default per-user cap) and stay
+Server: the Procfile's web command (gunicorn, uvicorn workers, ``project.asgi``), 2 workers.
+The 200 streams belong to 20 users (10 each, the default per-user cap) and stay
 open while the requests are timed. For contrast the same probe is sent to the previous server
 (gunicorn ``gthread``, 2 workers x 4 threads, ``project.wsgi``) with the same streams open: there
 every stream held a thread, so the probe times out (reported as answered / sent)."""
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.common import Figure, percentile, setup_django
+from bench.common import Figure, get_latencies, percentile, print_figures, setup_django, shell_rows
 from bench.stack import wait_healthz
 
 STREAMS = 200
@@ -49,27 +49,13 @@ def _seed() -> list[str]:
 
     from workspaces import services
     from workspaces.models import ApiToken, Workspace
-    from workspaces.status import WorkspaceStatus
 
     tokens = []
     for index in range(USERS):
         user, _ = get_user_model().objects.get_or_create(username=f"bench-streams-{index}")
         if Workspace.objects.filter(owner=user).count() != ROWS_PER_USER:
             Workspace.objects.filter(owner=user).delete()
-            Workspace.objects.bulk_create(
-                [
-                    Workspace(
-                        owner=user,
-                        name=f"s-{row}",
-                        template="shell-default",
-                        runtime="shell",
-                        backend="process",
-                        status=WorkspaceStatus.STOPPED,
-                        handled_seq=1,
-                    )
-                    for row in range(ROWS_PER_USER)
-                ]
-            )
+            shell_rows(user, [f"s-{row}" for row in range(ROWS_PER_USER)], handled_seq=1)
         ApiToken.objects.filter(user=user).delete()
         tokens.append(services.issue_api_token(user))
     return tokens
@@ -82,7 +68,6 @@ def _server(args: list[str]) -> Iterator[int]:
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "project.settings",
         "LOG_LEVEL": "WARNING",
-        "WEB_THREADS": "4",
     }
     server = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", *args, "--bind", f"127.0.0.1:{port}", *QUIET],
@@ -127,18 +112,10 @@ def _open_streams(port: int, tokens: list[str], wait_open: bool) -> list[socket.
 
 def _latencies(port: int, path: str, token: str | None) -> list[float]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    headers = {"Authorization": f"Token {token}"} if token else {}
-    samples = []
-    for _ in range(REQUESTS):
-        started = time.perf_counter()
-        conn.request("GET", path, headers=headers)
-        response = conn.getresponse()
-        response.read()
-        samples.append(time.perf_counter() - started)
-        if response.status != 200:
-            raise RuntimeError(f"GET {path}: {response.status}")
-    conn.close()
-    return samples
+    try:
+        return get_latencies(conn, path, token, REQUESTS)
+    finally:
+        conn.close()
 
 
 def _forget_stream_places() -> None:
@@ -222,7 +199,7 @@ def run(repeats: int) -> list[Figure]:
                 floor_name=f"{name} idle, same server",
                 floor_samples=idle[name],
                 notes=(
-                    f"gunicorn + uvicorn workers (project.asgi), 2 workers, WEB_THREADS=4; "
+                    f"gunicorn + uvicorn workers (project.asgi), 2 workers; "
                     f"previous server (gthread 2x4) with the same streams open: "
                     f"{answered}/{sent} /healthz answered within 5 s"
                 )
@@ -235,8 +212,4 @@ def run(repeats: int) -> list[Figure]:
 
 
 if __name__ == "__main__":
-    for figure in run(int(sys.argv[1]) if len(sys.argv) > 1 else 3):
-        print(figure.line())
-        if figure.notes:
-            print(f"  {figure.notes}")
-    print("done")
+    print_figures(run(int(sys.argv[1]) if len(sys.argv) > 1 else 3))

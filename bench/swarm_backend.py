@@ -50,7 +50,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.common import Figure, setup_django, timed
+from bench.common import Figure, print_figures, setup_django, timed
+from bench.stack import label_key, workspace_labels
 
 SIZES = (1, 10, 50)
 SERVICES = 500
@@ -119,9 +120,9 @@ def _clean(stack: Any, backend_name: str) -> None:
     from provisioning.backends import backend_named
     from workspaces.models import Workspace
 
-    rows = Workspace.objects.filter(owner__username=f"bench-{backend_name}-side")
+    rows = Workspace.objects.filter(owner__username=stack.owner)
     if backend_name == "docker":
-        remove_labelled(f"{settings.DOCKER_LABEL_PREFIX}.platform={stack.platform_id}")
+        remove_labelled(stack.label)
     else:
         backend = backend_named("swarm")
         own = settings.PLATFORM_ID
@@ -136,7 +137,7 @@ def _clean(stack: Any, backend_name: str) -> None:
 
 
 def _provisioning(repeats: int) -> list[Figure]:
-    from bench.provisioning import Run, _phases, platform_run
+    from bench.provisioning import Run, phase_notes, platform_run
     from bench.stack import platform
 
     log_dir = Path(tempfile.mkdtemp(prefix="bench-swarm-"))
@@ -185,9 +186,9 @@ def _provisioning(repeats: int) -> list[Figure]:
         ):
             notes = ""
             if metric == "total":
-                notes = (
-                    f"Swarm {_phases(on_swarm, 'platform')}; "
-                    f"Docker {_phases(on_docker, 'platform')}"
+                notes = "; ".join(
+                    f"{side} {phase_notes(side_runs, 'platform')}"
+                    for side, side_runs in (("Swarm", on_swarm), ("Docker", on_docker))
                 )
             figure = Figure(
                 name=f"Swarm: provision N={n}, {label}",
@@ -216,15 +217,11 @@ def _service_maker(client: Any) -> Callable[[uuid.UUID], None]:
     from django.conf import settings
     from docker.types import ContainerSpec, RestartPolicy, ServiceMode, TaskTemplate
 
-    from provisioning.backends.docker import _label
+    from provisioning.backends.swarm import SwarmBackend
 
     def start_instance(workspace_id: uuid.UUID) -> None:
-        labels = {
-            _label("platform"): settings.PLATFORM_ID,
-            _label("workspace-id"): str(workspace_id),
-            _label("generation"): "1",
-        }
-        name = f"ws-{workspace_id}"
+        labels = workspace_labels(workspace_id, generation=1)
+        name = SwarmBackend.container_name(workspace_id)
         client.api.create_service(
             TaskTemplate(
                 # Ends at once on SIGTERM, so removing 500 services does not wait out a grace.
@@ -254,33 +251,23 @@ def _service_maker(client: Any) -> Callable[[uuid.UUID], None]:
 
 
 def _remove_services(backend: Any) -> None:
-    """Every service of the bench's platform, in the backend's order: scaled to 0, its tasks
-    reaped, then removed (see ``SwarmBackend._wait_tasks_gone``)."""
+    """Every service of the bench's platform, in the backend's order: stopped (scaled to 0, its
+    tasks reaped, see ``SwarmBackend.stop``), then removed."""
     from provisioning.backends.docker import platform_filter
 
     client = backend.client
     services = client.api.services(filters={"label": platform_filter()})
+    key = label_key("workspace-id")
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(
-            pool.map(lambda s: backend._scale(s["Spec"]["Labels"][_workspace_label()], 0), services)
+            pool.map(lambda s: backend.stop(uuid.UUID(s["Spec"]["Labels"][key]), {}, 0.0), services)
         )
-    deadline = time.monotonic() + 600
-    while client.api.tasks(filters={"label": platform_filter()}):
-        if time.monotonic() > deadline:
-            raise RuntimeError("the bench's tasks are still there after 600 s")
-        time.sleep(1)
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(lambda s: client.api.remove_service(s["ID"]), services))
 
 
-def _workspace_label() -> str:
-    from provisioning.backends.docker import _label
-
-    return _label("workspace-id")
-
-
 def _reconcile(repeats: int) -> list[Figure]:
-    from bench.reconcile import RequestCounter, _docker_figures, measure
+    from bench.reconcile import RequestCounter, docker_figures, measure
     from provisioning.backends import backend_named, reset_backends
     from provisioning.backends.docker import platform_filter
     from provisioning.backends.swarm import SwarmBackend
@@ -336,9 +323,9 @@ def _reconcile(repeats: int) -> list[Figure]:
         )
     finally:
         _remove_services(backend)
-    docker_figures = _docker_figures(repeats, SERVICES)
-    steady_swarm, steady_docker = figures[1], docker_figures[1]
-    figures += docker_figures
+    docker_side = docker_figures(repeats, SERVICES)
+    steady_swarm, steady_docker = figures[1], docker_side[1]
+    figures += docker_side
     figures.append(
         Figure(
             f"Swarm: reconcile pass over {SERVICES + DEAD} workspaces ({SERVICES} running), "
@@ -353,9 +340,4 @@ def _reconcile(repeats: int) -> list[Figure]:
 
 
 if __name__ == "__main__":
-    for figure in run(int(sys.argv[1]) if len(sys.argv) > 1 else 3):
-        print(figure.line())
-        if figure.notes:
-            print(f"  {figure.notes}")
-        if figure.extra.get("engine_requests"):
-            print(f"  engine requests: {figure.extra['engine_requests']}")
+    print_figures(run(int(sys.argv[1]) if len(sys.argv) > 1 else 3))

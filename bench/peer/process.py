@@ -1,9 +1,9 @@
 """The peer without containers: JupyterHub with its LocalProcessSpawner against this platform's
 process backend, on the same machine, in one run (``python -m bench peer --backend process``).
 
-Rounds, requests, polling, latencies and the report work as in the Docker comparison above: N
-requests at once through each side's REST API, until all N are ready (hub) or ``online`` (here),
-rounds alternating, everything removed between rounds, untimed.
+Rounds, requests, polling, latencies and the report work as in the Docker comparison
+(``bench.peer``): N requests at once through each side's REST API, until all N are ready (hub)
+or ``online`` (here), rounds alternating, everything removed between rounds, untimed.
 
 * **hub**: JupyterHub (sqlite) with configurable-http-proxy and a small subclass of
   LocalProcessSpawner. LocalProcessSpawner runs each user's server as that user's system account
@@ -17,8 +17,8 @@ rounds alternating, everything removed between rounds, untimed.
   on plain sockets, which costs its interpreter less than these modules; ``--hub-server busybox``
   runs busybox ``httpd`` and ``wget`` instead, as the Docker comparison's servers do: the lower
   floor for the "workspace processes" column.
-* **here**: the same stack as the Docker comparison (gunicorn, the registry listener, one Celery
-  worker, Caddy) with ``WORKSPACE_BACKEND=process``, template ``shell-default``: the agent
+* **here**: the same processes as the Docker comparison (the Procfile's) with
+  ``WORKSPACE_BACKEND=process``, template ``shell-default``: the agent
   (``provisioning/agent/workspace_agent.py`` on ``WORKSPACE_PYTHON``) serves its default page on
   the app port, registers once the page answers, then heartbeats every 10 s.
 
@@ -26,8 +26,8 @@ CPU per workspace, read from ``/proc`` around the round: the workspaces' own pro
 every process of a uid of ``WORKSPACE_UID_RANGE`` and its monitor, the root process that
 launched it, waits for it and records its exit; on the hub: every process carrying the run's
 marker in its environment, i.e. the servers and what they started), the control plane (hub +
-configurable-http-proxy minus its servers; gunicorn + registry + Celery + Caddy, with the
-launcher processes the worker runs and reaps) and here the PostgreSQL backends of the bench's
+configurable-http-proxy minus its servers; the Procfile's processes, with the launcher processes
+the worker runs and reaps) and here the PostgreSQL backends of the bench's
 database and the platform's own Redis.
 
 What differs, by design of each product: each workspace here runs as its own uid from
@@ -55,24 +55,18 @@ import contextlib
 import os
 import shutil
 import signal
-import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.common import setup_django
 from bench.engine import descendants, processes
-from bench.peer import (
-    Hub,
-    Variant,
-    alternate,
-    here_round,
-    write_results,
-)
-from bench.stack import platform, private_redis
+from bench.peer.here import here_platform, here_round, own_redis
+from bench.peer.hub import Hub, hub_round
+from bench.peer.report import Start, Variant, write_results
+from bench.peer.rounds import alternate
+from bench.stack import Platform
 
 HUB_UID = 10001
 # The platform's settings this bench gives its own values unless the environment sets them.
@@ -284,13 +278,13 @@ def workspace_processes(uids: tuple[int, int]) -> dict[int, float]:
     return found
 
 
-def here_clean() -> None:
-    """Remove every workspace of the bench's user through the backend (its processes, firewall
-    rule and folders), then its rows."""
+def here_clean(stack: Platform) -> None:
+    """Remove every workspace of the platform's user through the backend (its processes,
+    firewall rule and folders), then its rows."""
     from provisioning.backends import backend_named
     from workspaces.models import Workspace
 
-    rows = Workspace.objects.filter(owner__username="bench-peer")
+    rows = Workspace.objects.filter(owner__username=stack.owner)
     backend = backend_named("process", check=False)
     listed = list(rows.values_list("id", "backend_state"))
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -298,7 +292,7 @@ def here_clean() -> None:
     rows.delete()
 
 
-def run_process(args: Any, argv: list[str] | None) -> int:
+def run(args: Any, argv: list[str] | None, intro: str) -> int:
     """``python -m bench peer --backend process``: see this module's docstring."""
     if os.geteuid() != 0:
         raise SystemExit("the process backend's uid isolation needs root: run the bench as root")
@@ -308,33 +302,27 @@ def run_process(args: Any, argv: list[str] | None) -> int:
     data.chmod(0o711)  # workspace uids traverse it to their own folders
     os.environ["WORKSPACE_BACKEND"] = "process"
     os.environ["WORKSPACE_DATA_DIR"] = str(data)
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
-    started = time.time()
-    load_before = Path("/proc/loadavg").read_text().split()[:3]
-    log_dir = Path(tempfile.mkdtemp(prefix="bench-peer-"))
-    print(f"# logs in {log_dir}", file=sys.stderr, flush=True)
-    # The platform's own Redis, so that its CPU is counted with the platform's.
-    with private_redis(log_dir) as redis_pid:
-        setup_django("ws_peer_bench", redis_db=9)
+    start = Start.now()
+    with own_redis(start.log_dir) as redis_pid:
         from django.conf import settings
-        from django.db import connection
 
         uids = (int(settings.WORKSPACE_UID_RANGE[0]), int(settings.WORKSPACE_UID_RANGE[1]))
         if max(args.sizes) > uids[1] - uids[0] + 1:
             raise SystemExit(f"N = {max(args.sizes)} needs as many uids: widen WORKSPACE_UID_RANGE")
-        database = str(connection.settings_dict["NAME"])
+        python = str(settings.WORKSPACE_PYTHON)
         try:
             with (
-                platform("peer", log_dir, backend="process", proxy=True) as stack,
-                ProcessHub(log_dir, str(settings.WORKSPACE_PYTHON), args.hub_server) as hub,
+                here_platform(start.log_dir, "process", redis_pid) as stack,
+                ProcessHub(start.log_dir, python, args.hub_server) as hub,
             ):
-                stack.redis_pid = redis_pid
                 own = partial(workspace_processes, uids)
                 runs = alternate(
                     args,
-                    lambda n: here_round(stack, database, n, args.interval, workspaces=own),
-                    here_clean,
-                    hub,
+                    (
+                        lambda n: here_round(stack, n, args.interval, workspaces=own),
+                        lambda: here_clean(stack),
+                    ),
+                    (lambda n: hub_round(hub, n, args.interval), hub.clean),
                 )
         finally:
             _kill([pid for pid, proc in processes().items() if uids[0] <= proc.uid <= uids[1]])
@@ -351,23 +339,15 @@ def run_process(args: Any, argv: list[str] | None) -> int:
         phases=PHASES,
         here_label="this platform (process backend)",
         hub_label="JupyterHub + LocalProcessSpawner",
+        spawner=f"LocalProcessSpawner (servers: {args.hub_server}, uid {HUB_UID})",
+        setting="WORKSPACE_BACKEND=process",
     )
     heading = [
         "## peer: JupyterHub on local processes"
         if args.hub_server == "python"
         else f"### peer on local processes, hub servers running {args.hub_server}",
         "",
-        *([(__doc__ or "").strip(), ""] if args.hub_server == "python" else []),
+        *([intro, "", (__doc__ or "").strip(), ""] if args.hub_server == "python" else []),
     ]
-    write_results(
-        runs,
-        args,
-        argv,
-        variant,
-        heading,
-        started,
-        load_before,
-        f"LocalProcessSpawner (servers: {args.hub_server}, uid {HUB_UID})",
-        "WORKSPACE_BACKEND=process",
-    )
+    write_results(runs, args, argv, variant, heading, start)
     return 0
