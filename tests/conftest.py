@@ -146,8 +146,13 @@ def stack(django_db_setup: Any, django_db_blocker: Any, session_templates: Path)
     with django_db_blocker.unblock():
         built = Stack(
             session_templates,
-            # Streams end soon, so each test's pages reconnect within its time.
-            env={"EVENTS_STREAM_MAX_SECONDS": "20", "LOGS_STREAM_MAX_SECONDS": "20"},
+            # Streams end soon, so each test's pages reconnect within its time; few log stream
+            # places, so a test can take them all.
+            env={
+                "EVENTS_STREAM_MAX_SECONDS": "20",
+                "LOGS_STREAM_MAX_SECONDS": "20",
+                "LOGS_STREAMS_PER_USER": "3",
+            },
         )
     try:
         built.start()

@@ -46,6 +46,7 @@ class Stack:
 
     def __init__(self, templates: Path, env: dict[str, str] | None = None) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="stack-"))
+        self.directory.chmod(0o711)  # workspace uids pass through it to their own folders
         self.web_port, self.registry_port = free_port(), free_port()
         self.proxy_port, self.proxy_admin_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.web_port}"
@@ -136,7 +137,9 @@ class Stack:
         if isinstance(body, dict):
             body = json.dumps(body).encode()
             sent.setdefault("Content-Type", "application/json")
-        conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
+        conn = http.client.HTTPConnection(
+            parsed.hostname or "127.0.0.1", parsed.port, timeout=timeout
+        )
         try:
             conn.request(method, path, body=body, headers=sent)
             response = conn.getresponse()

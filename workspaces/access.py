@@ -15,7 +15,8 @@ workspace host; a browser gets in by a handshake:
    bound to the user and the workspace, valid ``WORKSPACE_TICKET_MAX_AGE_SECONDS`` and once;
 3. on the workspace host the platform exchanges the ticket for the workspace cookie: signed,
    host-only, HttpOnly, SameSite=Lax, bound to the user, the workspace and the user's password
-   hash (a password change ends it).
+   hash (a password change ends it) and issued after the user's last logout (a logout ends
+   every workspace cookie of that user: ``end_workspace_sessions``).
 
 API clients send ``Authorization: Token <key>`` to the workspace host instead. The proxy strips
 both credentials before the app sees the request.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import hmac
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -135,9 +137,38 @@ def redeem_ticket(ticket: str, workspace: Workspace) -> Any | None:
 
 
 def cookie_value(user: Any, workspace: Workspace) -> str:
+    issued = time.time()
     return signing.dumps(
-        {"u": user.pk, "w": str(workspace.id), "h": _user_hash(user)}, salt=_COOKIE_SALT
+        {"u": user.pk, "w": str(workspace.id), "h": _user_hash(user), "t": issued},
+        salt=_COOKIE_SALT,
     )
+
+
+def _logout_key(user_pk: Any) -> str:
+    return f"{settings.GATE_KEY_PREFIX}:logout:{user_pk}"
+
+
+def end_workspace_sessions(user: Any) -> None:
+    """The user logged out of the platform: every workspace cookie issued to them before now is
+    refused (the cookies live on the workspaces' hosts, where the logout cannot delete them).
+    Remembered as long as such a cookie could live."""
+    get_redis().set(
+        _logout_key(user.pk), repr(time.time()), ex=settings.WORKSPACE_COOKIE_MAX_AGE_SECONDS
+    )
+
+
+def on_user_logged_out(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
+    """Django's ``user_logged_out`` signal (connected in ``WorkspacesConfig.ready``)."""
+    if user is not None:
+        end_workspace_sessions(user)
+
+
+def _issued_before_logout(data: dict[str, Any]) -> bool:
+    ended: Any = get_redis().get(_logout_key(data["u"]))
+    try:
+        return ended is not None and float(data.get("t", 0)) <= float(ended)
+    except (TypeError, ValueError):
+        return True
 
 
 def user_from_cookie(value: str, workspace_id: str) -> Any | None:
@@ -149,6 +180,8 @@ def user_from_cookie(value: str, workspace_id: str) -> Any | None:
     except signing.BadSignature:
         return None
     if not isinstance(data, dict) or data.get("w") != str(workspace_id):
+        return None
+    if _issued_before_logout(data):
         return None
     user = get_user_model().objects.filter(pk=data["u"], is_active=True).first()
     if user is None or not hmac.compare_digest(str(data.get("h")), _user_hash(user)):

@@ -1,7 +1,14 @@
 from django.apps import AppConfig
+from django.contrib.auth.signals import user_logged_out
 
 
 class WorkspacesConfig(AppConfig):
     name = "workspaces"
     verbose_name = "Workspaces"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        # Signal receivers are connected once the app registry is ready (Django's pattern).
+        from workspaces import access
+
+        user_logged_out.connect(access.on_user_logged_out, dispatch_uid="end-workspace-sessions")

@@ -167,6 +167,22 @@ def test_the_cookie_opens_only_its_own_workspace_for_its_user(user) -> None:
     assert _auth(client, mine).status_code == 401  # a password change ends it
 
 
+def test_a_logout_ends_the_workspace_cookies_issued_before_it(user) -> None:
+    """The workspace cookie lives on the workspace's host, where the platform's logout cannot
+    delete it: the logout makes the platform refuse it. A cookie issued after it is good."""
+    workspace = _workspace(user)
+    before = APIClient()
+    before.cookies[settings.WORKSPACE_COOKIE_NAME] = access.cookie_value(user, workspace)
+    assert _auth(before, workspace).status_code == 204
+    platform = Client()
+    platform.force_login(user)
+    assert platform.post("/accounts/logout/").status_code == 302
+    assert _auth(before, workspace).status_code == 401
+    after = APIClient()
+    after.cookies[settings.WORKSPACE_COOKIE_NAME] = access.cookie_value(user, workspace)
+    assert _auth(after, workspace).status_code == 204
+
+
 def test_a_ticket_is_accepted_once_and_only_for_its_workspace(user, other_user) -> None:
     mine, theirs = _workspace(user, "one"), _workspace(other_user, "two")
     ticket = access.issue_ticket(user, mine)

@@ -8,6 +8,7 @@ is set (CI sets it), then it fails.
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import tempfile
@@ -66,6 +67,17 @@ def browser() -> Iterator[Any]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
+def _password_for_the_stack(user: Any) -> Any:
+    """The test settings hash passwords with MD5 (fast); the stack runs the production settings,
+    which verify only their own hashers: store the password as production does."""
+    from django.contrib.auth.hashers import PBKDF2PasswordHasher
+
+    hasher = PBKDF2PasswordHasher()
+    user.password = hasher.encode("x-password-123", hasher.salt())
+    user.save(update_fields=["password"])
+    return user
+
+
 def _log_in(driver: Any, base: str, path: str, username: str) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -86,12 +98,12 @@ def _log_in(driver: Any, base: str, path: str, username: str) -> None:
 
 
 def _text(driver: Any, selector: str) -> str:
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
 
     try:
         return "\n".join(el.text for el in driver.find_elements(By.CSS_SELECTOR, selector))
-    except StaleElementReferenceException:
+    except WebDriverException:  # the page replaced the element while it was read: read again
         return ""
 
 
@@ -133,6 +145,7 @@ def test_a_person_from_login_to_jupyterlab_and_back(browser, on_stack, user) -> 
     from selenium.webdriver.support.ui import Select
 
     driver, base = browser, on_stack.url
+    _password_for_the_stack(user)
     _log_in(driver, base, "/accounts/login/", "alice")
     assert urlparse(driver.current_url).path == "/"
     assert "No workspaces yet" in driver.page_source
@@ -143,12 +156,18 @@ def test_a_person_from_login_to_jupyterlab_and_back(browser, on_stack, user) -> 
     notebook = wait_for(
         lambda: Workspace.objects.filter(owner=user, name="notebook").first(), message="created"
     )
+    # The form leads to the workspace's page; its badge turns online from the event stream,
+    # with no reload (the mark set on the page now would be gone after one).
+    wait_for(lambda: f"/w/{notebook.id}/" in driver.current_url, message="the workspace page")
+    driver.execute_script("window.notReloaded = true")
+    wait_for(
+        lambda: _badge(driver, notebook.id) == "online",
+        timeout=120,
+        message=f"online (badge: {_badge(driver, notebook.id)!r})",
+    )
+    assert driver.execute_script("return window.notReloaded") is True
     driver.get(base + "/")
-    wait_for(lambda: _badge(driver, notebook.id) == "provisioning", message="provisioning")
-    # Online on the open page, from the event stream: the page is not reloaded.
-    marker = driver.execute_script("window.notReloaded = true; return window.notReloaded")
-    wait_for(lambda: _badge(driver, notebook.id) == "online", timeout=120, message="online")
-    assert driver.execute_script("return window.notReloaded") is marker is True
+    assert _badge(driver, notebook.id) == "online"
     _same_origin_only(driver, base)
     driver.save_screenshot(str(SCREENSHOTS / "first-workspace.png"))
 
@@ -207,16 +226,32 @@ def test_a_person_from_login_to_jupyterlab_and_back(browser, on_stack, user) -> 
     assert status in (302, 404), status
 
 
-def test_dashboard_in_a_real_browser(
-    browser, live_server, platform_url, celery_worker, instances, user, settings
-) -> None:
+def _hold_log_streams(stack: Any, token: str, workspace_id: Any, count: int) -> list[Any]:
+    """``count`` log streams held open by an API client (each takes one of the user's places)."""
+    held = []
+    for _ in range(count):
+        conn = http.client.HTTPConnection("127.0.0.1", stack.web_port, timeout=30)
+        conn.request(
+            "GET",
+            f"/api/workspaces/{workspace_id}/logs/stream/?tail=0",
+            headers={"Authorization": f"Token {token}", "Accept": "text/event-stream"},
+        )
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+        held.append(conn)
+    return held
+
+
+def test_dashboard_in_a_real_browser(browser, on_stack, user) -> None:
+    """The dashboard's live parts on the server bin/run starts: env through the form, the badge
+    and the events from the event stream, the output followed on the log stream (and polled
+    when no stream place is left), a preflight failure in the list, buttons that follow the
+    status, stop and delete."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    settings.EVENTS_STREAM_MAX_SECONDS = 20  # each stream frees its server thread soon
-    settings.LOGS_STREAM_MAX_SECONDS = 20  # the page opens the next one (tail=0) by itself
-    base = live_server.url
-    driver = browser
+    base, driver, token = on_stack.url, browser, services.issue_api_token(user)
+    _password_for_the_stack(user)
     _log_in(driver, base, "/", "alice")
     assert "No workspaces yet" in driver.page_source
 
@@ -243,8 +278,7 @@ def test_dashboard_in_a_real_browser(
     # now shows on the open page.
     log = driver.find_element(By.ID, "log")
     assert log.get_attribute("data-mode") == "stream"
-    output = Path(settings.WORKSPACE_DATA_DIR) / str(demo.id) / "agent.log"
-    with open(output, "a") as handle:
+    with open(on_stack.data_dir / str(demo.id) / "agent.log", "a") as handle:
         handle.write("a line written while the page is open\n")
     wait_for(
         lambda: "a line written while the page is open" in _text(driver, "#log"),
@@ -254,11 +288,13 @@ def test_dashboard_in_a_real_browser(
     _same_origin_only(driver, base)
     driver.save_screenshot(str(SCREENSHOTS / "workspace.png"))
 
-    # A second workspace and a failing one, so the list shows more than one status.
-    services.create_workspace(owner=user, name="notebook", template="shell-default")
-    failing = services.create_workspace(
-        owner=user, name="assistant", template="claude-code-default"
-    )
+    # A second workspace and a failing one (by the API), so the list shows more than one status.
+    for name, template in (("notebook", "shell-default"), ("assistant", "claude-code-default")):
+        status, _ = on_stack.api(
+            "POST", "/api/workspaces/", token, {"name": name, "template": template}
+        )
+        assert status == 201
+    failing = Workspace.objects.get(name="assistant")
     driver.get(base + "/")
     wait_for(lambda: _badge(driver, failing.id) == "failed", timeout=60, message="preflight")
     assert "ANTHROPIC_API_KEY" in _text(driver, f'[data-workspace="{failing.id}"]')
@@ -271,23 +307,29 @@ def test_dashboard_in_a_real_browser(
     driver.save_screenshot(str(SCREENSHOTS / "dashboard.png"))
 
     # No log stream to be had (every place taken): the page falls back to polling the tail.
-    settings.LOGS_STREAMS_PER_USER = 0
-    driver.get(f"{base}/w/{notebook.id}/")
-    wait_for(
-        lambda: driver.find_element(By.ID, "log").get_attribute("data-mode") == "poll",
-        message="the log tail falls back to polling",
+    driver.get(base + "/")  # the workspace page's own stream ends with it
+    held = _hold_log_streams(
+        on_stack, token, notebook.id, int(on_stack.env["LOGS_STREAMS_PER_USER"])
     )
-    wait_for(lambda: "registered workspace" in _text(driver, "#log"), message="polled tail")
-    assert "polling" in _text(driver, "#log-state")
-    settings.LOGS_STREAMS_PER_USER = 5
+    try:
+        driver.get(f"{base}/w/{notebook.id}/")
+        wait_for(
+            lambda: driver.find_element(By.ID, "log").get_attribute("data-mode") == "poll",
+            message="the log tail falls back to polling",
+        )
+        wait_for(lambda: "registered workspace" in _text(driver, "#log"), message="polled tail")
+        assert "polling" in _text(driver, "#log-state")
+    finally:
+        for conn in held:
+            conn.close()
     driver.get(base + "/")
 
     # Stop from the list; the badge follows to stopped.
-    driver.find_element(By.CSS_SELECTOR, f'[data-workspace="{demo.id}"] [data-verb=stop]').click()
+    _click(driver, demo.id, "stop")
     wait_for(lambda: _badge(driver, demo.id) == "stopped", timeout=60, message="stopped, live")
 
     # Delete asks first; confirming removes it.
-    driver.find_element(By.CSS_SELECTOR, f'[data-workspace="{demo.id}"] [data-verb=remove]').click()
+    _click(driver, demo.id, "remove")
     assert "cannot be undone" in driver.page_source
     assert Workspace.objects.get(id=demo.id).status == WorkspaceStatus.STOPPED
     driver.find_element(By.ID, "confirm-remove").click()
@@ -298,12 +340,55 @@ def test_dashboard_in_a_real_browser(
     )
 
 
-def test_admin_is_readable_at_1400px(browser, live_server, make_user, user) -> None:
+def test_an_operator_filters_and_acts_in_the_admin(browser, on_stack, user, make_user) -> None:
+    """An operator logs in at /admin/login/ with a password, filters the workspaces by status
+    and stops one with the list's action: the stack's worker carries it out."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    operator = make_user("operator", staff=True)
+    operator.is_superuser = True
+    operator.save()
+    _password_for_the_stack(operator)
+    token = services.issue_api_token(user)
+    for name in ("first", "second"):
+        status, _ = on_stack.api(
+            "POST", "/api/workspaces/", token, {"name": name, "template": "shell-default"}
+        )
+        assert status == 201
+    first, second = Workspace.objects.get(name="first"), Workspace.objects.get(name="second")
+    for row in (first, second):
+        wait_for(
+            lambda row=row: Workspace.objects.get(id=row.id).status == WorkspaceStatus.ONLINE,
+            timeout=60,
+            message=f"{row.name} online",
+        )
+    driver = browser
+    _log_in(driver, on_stack.url, "/admin/login/?next=/admin/workspaces/workspace/", "operator")
+    wait_for(lambda: "Select workspace" in driver.title, message="the changelist")
+    driver.find_element(
+        By.CSS_SELECTOR, "#changelist-filter a[href*='status__exact=online']"
+    ).click()
+    wait_for(lambda: "status__exact=online" in driver.current_url, message="the filter")
+    driver.find_element(By.CSS_SELECTOR, f"input.action-select[value='{first.id}']").click()
+    Select(driver.find_element(By.NAME, "action")).select_by_value("stop_selected")
+    driver.find_element(By.CSS_SELECTOR, "button[name=index]").click()
+    wait_for(
+        lambda: Workspace.objects.get(id=first.id).status == WorkspaceStatus.STOPPED,
+        timeout=60,
+        message="stopped by the admin's action",
+    )
+    assert Workspace.objects.get(id=second.id).status == WorkspaceStatus.ONLINE
+    driver.save_screenshot(str(SCREENSHOTS / "admin-action.png"))
+
+
+def test_admin_is_readable_at_1400px(browser, on_stack, make_user, user) -> None:
     from selenium.webdriver.common.by import By
 
     operator = make_user("operator", staff=True)
     operator.is_superuser = True
     operator.save()
+    _password_for_the_stack(operator)
     # Their cycles go to a queue no worker consumes: a session worker that began the failed
     # workspace's first cycle (generation 1) would fence out the failure written at generation 0.
     with lifecycle_queue("admin-browser-nobody"):
@@ -316,7 +401,7 @@ def test_admin_is_readable_at_1400px(browser, live_server, make_user, user) -> N
         message="the instance exited with code 1: FATAL: could not load model weights",
     )
     driver = browser
-    _log_in(driver, live_server.url, "/admin/login/?next=/admin/workspaces/workspace/", "operator")
+    _log_in(driver, on_stack.url, "/admin/login/?next=/admin/workspaces/workspace/", "operator")
     wait_for(lambda: "Select workspace" in driver.title, message="the changelist")
     # Readable at 1400 px: neither the page nor the results table scrolls sideways.
     width = driver.execute_script("return document.documentElement.scrollWidth")
@@ -328,12 +413,12 @@ def test_admin_is_readable_at_1400px(browser, live_server, make_user, user) -> N
     assert overflow <= 0, f"the results table is {overflow}px wider than its box"
     assert "FATAL: could not load model weights" in driver.page_source
     driver.save_screenshot(str(SCREENSHOTS / "admin-list.png"))
-    driver.get(f"{live_server.url}/admin/workspaces/workspace/{team.parent.id}/change/")
+    driver.get(f"{on_stack.url}/admin/workspaces/workspace/{team.parent.id}/change/")
     assert "team members" in driver.page_source.lower()
     assert not driver.find_elements(By.NAME, "_save")
     assert driver.find_elements(By.CSS_SELECTOR, "input[name=_restart]")
     driver.save_screenshot(str(SCREENSHOTS / "admin-detail.png"))
-    driver.get(f"{live_server.url}/admin/workspaces/workspaceevent/")
+    driver.get(f"{on_stack.url}/admin/workspaces/workspaceevent/")
     assert "PROVISION_FAILED" in driver.page_source
     overflow = driver.execute_script(
         "const r = document.querySelector('#changelist .results');"
@@ -344,7 +429,7 @@ def test_admin_is_readable_at_1400px(browser, live_server, make_user, user) -> N
 
 
 def test_the_list_reads_its_badges_again_each_time_its_stream_opens(
-    browser, live_server, user, settings
+    browser, on_stack, user
 ) -> None:
     """The list's stream resumes after the newest event id of all workspaces; an older id
     committed late is never replayed. Whatever a missed event said, the badges are read again
@@ -352,10 +437,12 @@ def test_the_list_reads_its_badges_again_each_time_its_stream_opens(
     follows at the next reconnect."""
     from tests.provisioning.test_reconciler import make_row
 
-    settings.EVENTS_STREAM_MAX_SECONDS = 2  # the stream ends and the page reconnects
-    settings.EVENTS_STREAM_RETRY_MS = 200
     row = make_row(user, WorkspaceStatus.ONLINE, name="quiet")
-    _log_in(browser, live_server.url, "/", "alice")
+    _password_for_the_stack(user)
+    _log_in(browser, on_stack.url, "/", "alice")
     assert _badge(browser, row.id) == "online"
+    events = row.events.count()
     Workspace.objects.filter(id=row.id).update(status=WorkspaceStatus.OFFLINE)
-    wait_for(lambda: _badge(browser, row.id) == "offline", timeout=20, message="read again")
+    # The stack's streams end after 20 s (EVENTS_STREAM_MAX_SECONDS) and the page reconnects.
+    wait_for(lambda: _badge(browser, row.id) == "offline", timeout=30, message="read again")
+    assert row.events.count() == events  # no event said so: the badge was read again
