@@ -357,12 +357,12 @@ def test_an_operator_filters_and_acts_in_the_admin(browser, on_stack, user, make
         )
         assert status == 201
     first, second = Workspace.objects.get(name="first"), Workspace.objects.get(name="second")
-    for row in (first, second):
-        wait_for(
-            lambda row=row: Workspace.objects.get(id=row.id).status == WorkspaceStatus.ONLINE,
-            timeout=60,
-            message=f"{row.name} online",
-        )
+    online = WorkspaceStatus.ONLINE
+    wait_for(
+        lambda: Workspace.objects.filter(id__in=[first.id, second.id], status=online).count() == 2,
+        timeout=60,
+        message="both online",
+    )
     driver = browser
     _log_in(driver, on_stack.url, "/admin/login/?next=/admin/workspaces/workspace/", "operator")
     wait_for(lambda: "Select workspace" in driver.title, message="the changelist")
