@@ -93,6 +93,14 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+def _clean(folder: Path) -> None:
+    """Stops what bin/services left running in ``folder`` and removes a cluster kept outside it."""
+    _services("stop", folder, 1, 1)
+    link = folder / "postgres"
+    if link.is_symlink():
+        shutil.rmtree(link.resolve(), ignore_errors=True)
+
+
 @pytest.fixture(params=["reachable", "closed"])
 def services_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Path, bool]]:
     """A RUN_DIR the postgres user can enter ("reachable", as /work/<checkout>/var) or one
@@ -107,10 +115,7 @@ def services_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tup
         parent.mkdir(mode=0o700)
     folder = parent / "var"
     yield folder, request.param == "closed" and os.getuid() == 0
-    _services("stop", folder, 1, 1)
-    link = folder / "postgres"
-    if link.is_symlink():
-        shutil.rmtree(link.resolve(), ignore_errors=True)
+    _clean(folder)
     shutil.rmtree(parent, ignore_errors=True)
 
 
@@ -164,6 +169,7 @@ def test_a_server_that_answers_is_used_as_it_is_and_never_stopped(tmp_path: Path
     db = settings.DATABASES["default"]
     pg_url = f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/x"
     redis_port = _free_port()
+    folder = tmp_path / "var"
     foreign = subprocess.Popen(
         [
             "redis-server",
@@ -175,7 +181,6 @@ def test_a_server_that_answers_is_used_as_it_is_and_never_stopped(tmp_path: Path
     try:
         wait_for(lambda: _redis_answers(redis_port), timeout=10, message="the foreign Redis")
         pg_started = _postmaster_start(db)
-        folder = tmp_path / "var"
         env = {"DATABASE_URL": pg_url}
 
         started = _services("start", folder, 0, redis_port, **env)
@@ -183,11 +188,18 @@ def test_a_server_that_answers_is_used_as_it_is_and_never_stopped(tmp_path: Path
         assert started.stdout.count("used as it is, never stopped here") == 2, started.stdout
         assert not (folder / "postgres").exists() and not (folder / "redis").exists()
 
+        # Pidfiles left by a killed run whose pid is now another process's: not a server of ours.
+        (folder / "redis").mkdir()
+        (folder / "redis" / "redis.pid").write_text(f"{foreign.pid}\n")
+        (folder / "postgres" / "data").mkdir(parents=True)
+        (folder / "postgres" / "data" / "postmaster.pid").write_text(f"{foreign.pid}\n")
         stopped = _services("stop", folder, 0, redis_port, **env)
         assert stopped.returncode == 0, stopped.stderr
+        assert "stopped" not in stopped.stdout
         assert foreign.poll() is None and _redis_answers(redis_port)
         assert _postmaster_start(db) == pg_started
     finally:
+        _clean(folder)
         foreign.terminate()
         foreign.wait(timeout=30)
 
@@ -217,6 +229,7 @@ def test_a_remote_url_where_nothing_answers_is_an_error_naming_it(
     url = f"{scheme}://user:s3cret@127.0.0.2:{_free_port()}/x"
     folder = tmp_path / "var"
     result = _services("start", folder, 1, 1, **{variable: url})
+    _clean(folder)
     assert result.returncode == 1
     assert f"{variable}={scheme}://user:***@127.0.0.2" in result.stderr, result.stderr
     assert "nothing answers" in result.stderr
