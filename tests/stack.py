@@ -179,8 +179,8 @@ class Stack:
         return found
 
     def stop(self, timeout: float = 60.0) -> None:
-        """SIGTERM to supervisord (as Ctrl-C to bin/run), which stops its programs; what is
-        left of its session after ``timeout`` is killed."""
+        """SIGTERM to bin/run, which passes it to supervisord (as Ctrl-C would), which stops its
+        programs; what is left of its session after ``timeout`` is killed."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
