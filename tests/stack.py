@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import urllib.parse
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +29,68 @@ from django.conf import settings
 
 from tests.support import REPO, database_url, free_port, wait_for
 
-# Its own slice of the machine: uids, their firewall table, the Docker links' addresses.
-STACK_UID_RANGE = "201000-201999"
-STACK_FIREWALL_TABLE = "wsfw_stack"
-STACK_VETH_SUBNET = "10.214.0.0/16"
 
-
-def _redis_db_url() -> str:
-    """The session's Redis server, the database after the session's (14 beside 15)."""
+def _redis_db_url(slot: int) -> str:
+    """The session's Redis server, a database of the stack's own below the session's (a
+    session on database 15: 14 for slot 0, 13 for slot 1)."""
     parsed = urllib.parse.urlparse(settings.REDIS_URL)
     db = int(parsed.path.lstrip("/") or 0)
-    return parsed._replace(path=f"/{db - 1 if db > 0 else db + 1}").geturl()
+    own = db - 1 - slot if db > slot else db + 1 + slot
+    return parsed._replace(path=f"/{own}").geturl()
+
+
+@dataclass
+class Answer:
+    """An HTTP answer, read the way tests read the test client's."""
+
+    status_code: int
+    headers: dict[str, str]
+    content: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+class Client:
+    """A REST client of the stack's web process with a user's token, over HTTP."""
+
+    def __init__(self, stack: Stack, token: str) -> None:
+        self.stack, self.token = stack, token
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> Answer:
+        status, headers, content = self.stack.request(
+            method, path, body, {"Authorization": f"Token {self.token}"}
+        )
+        return Answer(status, headers, content)
+
+    def get(self, path: str, params: dict[str, Any] | None = None) -> Answer:
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        return self._call("GET", path + query)
+
+    def post(self, path: str, body: dict | None = None) -> Answer:
+        return self._call("POST", path, body)
+
+    def patch(self, path: str, body: dict) -> Answer:
+        return self._call("PATCH", path, body)
+
+    def delete(self, path: str) -> Answer:
+        return self._call("DELETE", path)
+
+
+def _uid_range(slot: int) -> str:
+    """The range after the session's own (the session's 200000-200999: 201000-201999 for slot
+    0), so that neither firewall table meets the other's uids."""
+    low, high = settings.WORKSPACE_UID_RANGE
+    shift = (high - low + 1) * (slot + 1)
+    return f"{low + shift}-{high + shift}"
 
 
 class Stack:
-    """``bin/run`` with the environment a deployment would give it; ``env`` adds settings."""
+    """``bin/run`` with the environment a deployment would give it; ``env`` adds settings.
+    Stacks of different ``slot`` run side by side: each has its own slice of the machine
+    (Redis database, uids and their firewall table, the Docker links' addresses)."""
 
-    def __init__(self, templates: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, templates: Path, env: dict[str, str] | None = None, slot: int = 0) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="stack-"))
         self.directory.chmod(0o711)  # workspace uids pass through it to their own folders
         self.web_port, self.registry_port = free_port(), free_port()
@@ -52,7 +98,7 @@ class Stack:
         self.url = f"http://127.0.0.1:{self.web_port}"
         self.registry_url = f"http://127.0.0.1:{self.registry_port}"
         self.proxy_url = f"http://127.0.0.1:{self.proxy_port}"
-        self.redis_url = _redis_db_url()
+        self.redis_url = _redis_db_url(slot)
         self.data_dir = self.directory / "workspaces"
         self.log_path = self.directory / "run.log"
         keep = ("PATH", "LANG", "LC_ALL", "TZ", "DOCKER_HOST", "UV_CACHE_DIR", "TMPDIR")
@@ -78,11 +124,11 @@ class Stack:
             WORKSPACE_BACKEND="process",
             WORKSPACE_DATA_DIR=str(self.data_dir),
             WORKSPACE_TEMPLATES_DIR=str(templates),
-            WORKSPACE_UID_RANGE=STACK_UID_RANGE,
-            WORKSPACE_FIREWALL_CHAIN=STACK_FIREWALL_TABLE,
-            DOCKER_VETH_SUBNET=STACK_VETH_SUBNET,
-            GATE_KEY_PREFIX="stack-wsgate",
-            PLATFORM_ID=f"stack-{os.getpid()}",
+            WORKSPACE_UID_RANGE=_uid_range(slot),
+            WORKSPACE_FIREWALL_CHAIN=f"{settings.WORKSPACE_FIREWALL_CHAIN}_stack{slot}",
+            DOCKER_VETH_SUBNET=f"10.{214 + slot}.0.0/16",
+            GATE_KEY_PREFIX=f"stack{slot}-wsgate",
+            PLATFORM_ID=f"stack{slot}-{os.getpid()}",
             STOP_GRACE_SECONDS="3",
         )
         self.env.update(env or {})
@@ -162,6 +208,9 @@ class Stack:
             content[:300],
         )
         return status, json.loads(content) if content else None
+
+    def client(self, token: str) -> Client:
+        return Client(self, token)
 
     def pids(self) -> list[int]:
         """Every process of bin/run's session (it started one of its own): supervisord and the

@@ -1,4 +1,5 @@
-"""End to end on the process backend: a real Celery worker, real agents, a live API server."""
+"""End to end on the process backend, against the stack bin/run starts (tests/stack.py): its API
+over HTTP, its worker, real agents."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from provisioning.backends.process import _alive
 from tests.support import wait_for
+from workspaces import services
 from workspaces.models import Workspace
 from workspaces.status import EventType, WorkspaceStatus
 
@@ -36,11 +38,15 @@ def _pid(workspace_id: str) -> tuple[int, int]:
     return state["pid"], state["start_time"]
 
 
-def test_post_to_online_then_stop_start_delete(api, celery_worker, instances) -> None:
+@pytest.fixture
+def api(on_stack, user) -> Any:
+    return on_stack.client(services.issue_api_token(user))
+
+
+def test_post_to_online_then_stop_start_delete(api, on_stack) -> None:
     response = api.post(
         "/api/workspaces/",
         {"name": "e2e", "template": "shell-default", "env": {"GREETING": "hi"}},
-        format="json",
     )
     assert response.status_code == 201, response.content
     created = response.json()
@@ -76,7 +82,7 @@ def test_post_to_online_then_stop_start_delete(api, celery_worker, instances) ->
     removed = _wait_status(api, workspace_id, WorkspaceStatus.REMOVED)
     assert removed["is_running"] is False
     wait_for(lambda: not _alive(new_pid, new_start), timeout=10, message="agent process gone")
-    assert not os.path.exists(f"{celery_worker.env['WORKSPACE_DATA_DIR']}/{workspace_id}")
+    assert not os.path.exists(on_stack.data_dir / workspace_id)
 
     types = [
         event["type"]
@@ -89,11 +95,10 @@ def test_post_to_online_then_stop_start_delete(api, celery_worker, instances) ->
     assert EventType.PROVISION_FAILED not in types
 
 
-def test_missing_required_env_fails_at_once_naming_it(api, celery_worker) -> None:
+def test_missing_required_env_fails_at_once_naming_it(api) -> None:
     response = api.post(
         "/api/workspaces/",
         {"name": "needs-key", "template": "claude-code-default", "env": {"OTHER": "x"}},
-        format="json",
     )
     assert response.status_code == 201
     failed = _wait_status(api, response.json()["id"], WorkspaceStatus.FAILED, timeout=10)

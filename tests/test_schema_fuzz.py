@@ -1,4 +1,5 @@
-"""Schemathesis over /api/schema/ against the live server: no request it generates, valid or
+"""Schemathesis over /api/schema/ against the server bin/run starts (a stack of the test's own,
+whose streams end after a second, tests/stack.py): no request it generates, valid or
 not, may get a 5xx, and every response must match the schema (status code, content type,
 headers, body). Bounded to a few minutes (FUZZ_MAX_TIME, FUZZ_MAX_EXAMPLES and FUZZ_SEED widen
 a run by hand); hooks in tests/schemathesis_hooks.py make a share of
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.fakes import fake_backend
+from tests.stack import Stack
 from tests.provisioning.test_reconciler import make_row
 from workspaces import services
 from workspaces.status import WorkspaceStatus
@@ -36,16 +37,20 @@ CHECKS = ",".join(
 @pytest.mark.timeout(600)
 @pytest.mark.django_db(transaction=True)
 def test_schemathesis_finds_no_5xx_and_no_schema_violation(
-    user, make_user, live_server, settings, tmp_path
+    user, make_user, session_templates, tmp_path
 ) -> None:
     # Streams end after a second so a generated stream request does not hold the run.
-    settings.EVENTS_STREAM_MAX_SECONDS = 1
-    settings.EVENTS_STREAM_KEEPALIVE_SECONDS = 1
-    settings.LOGS_STREAM_MAX_SECONDS = 1
+    quick = {
+        "EVENTS_STREAM_MAX_SECONDS": "1",
+        "EVENTS_STREAM_KEEPALIVE_SECONDS": "1",
+        "LOGS_STREAM_MAX_SECONDS": "1",
+    }
     token = services.issue_api_token(user)
-    rows = [make_row(user, status) for status in (S.ONLINE, S.STOPPED, S.FAILED, S.REMOVED)]
-    rows.append(make_row(make_user("someone-else"), S.ONLINE))  # another owner's: 404
-    agent_row = make_row(user, S.PROVISIONING, is_running=True)
+    # Rows on the stack's backend, with no instance behind them: their logs are empty.
+    statuses = (S.ONLINE, S.STOPPED, S.FAILED, S.REMOVED)
+    rows = [make_row(user, status, backend="process") for status in statuses]
+    rows.append(make_row(make_user("someone-else"), S.ONLINE, backend="process"))  # 404
+    agent_row = make_row(user, S.PROVISIONING, is_running=True, backend="process")
     agent_token = services.issue_agent_token(agent_row.id, agent_row.generation)
     env: dict[str, Any] = {
         **os.environ,
@@ -56,10 +61,11 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(
         "FUZZ_AGENT_TOKEN": agent_token,
         "FUZZ_USER_TOKEN": token,
     }
+    stack = Stack(session_templates, env=quick, slot=1).start()
     command = [
         str(Path(sys.executable).with_name("schemathesis")),
         "run",
-        f"{live_server.url}/api/schema/",
+        f"{stack.url}/api/schema/",
         "--checks",
         CHECKS,
         "--phases",
@@ -82,12 +88,14 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(
         "--report-dir",
         str(tmp_path),
     ]
-    # The rows run on the fake backend (their logs are read from it); a backend that cannot be
-    # reached answers 503, which tests/workspaces/test_api_filters_and_logs.py covers.
-    with fake_backend():
+    try:
         result = subprocess.run(
             command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540, check=False
         )
+    finally:
+        stack.stop_workspaces()
+        stack.stop()
+        stack.cleanup()
     output = result.stdout + result.stderr
     print(output[-6_000:])  # the run's summary, shown with -s or on failure
     assert result.returncode == 0, output[-20_000:]
