@@ -8,6 +8,8 @@ process backend or a real Docker engine, never this.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -186,11 +188,24 @@ class ScriptedBackend(FakeBackend):
     ``EXTRA_BACKEND_FACTORIES`` in tests/settings.py under the name ``scripted``).
 
     A test writes a script for one workspace into Redis (``script``): how many times a method
-    raises ``TransientBackendError`` before it succeeds, how long it sleeps. Every call is
-    counted in the same hash, so the test sees what every worker child did.
+    raises ``TransientBackendError`` before it succeeds, how long it sleeps, and whether the
+    process stops itself (SIGSTOP) when the lifecycle asks ``config_in_image`` (``pause:config``:
+    right after ``prepare`` returned and its lease confirmation, before the next backend call);
+    the first process to get there stops, once, and records its pid (``paused_pid``). Every call
+    is counted in the same hash, so the test sees what every worker child did.
     """
 
     name = "scripted"
+
+    def config_in_image(self, spec: LaunchSpec) -> bool:
+        from provisioning.redis_client import get_redis
+
+        redis, key = get_redis(), SCRIPT_KEY.format(spec.workspace_id)
+        if redis.hget(key, "pause:config") and cast(int, redis.hincrby(key, "paused", 1)) == 1:
+            redis.hset(key, "paused_pid", str(os.getpid()))
+            # The whole process stops here, its lease renewer too, until the test's SIGCONT.
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return super().config_in_image(spec)
 
     def _call(self, method: str, workspace_id: UUID | str) -> None:
         super()._call(method, workspace_id)
@@ -215,6 +230,14 @@ def script(workspace_id: UUID | str, **fields: int) -> None:
     from provisioning.redis_client import get_redis
 
     get_redis().hset(SCRIPT_KEY.format(workspace_id), mapping=fields)
+
+
+def scripted_state(workspace_id: UUID | str) -> dict[str, str]:
+    """The workspace's whole script hash: its steps, every method's call count, the pause."""
+    from provisioning.redis_client import get_redis
+
+    raw = cast(dict[bytes, bytes], get_redis().hgetall(SCRIPT_KEY.format(workspace_id)))
+    return {key.decode(): value.decode() for key, value in raw.items()}
 
 
 def scripted_calls(workspace_id: UUID | str, method: str) -> int:

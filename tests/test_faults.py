@@ -10,7 +10,8 @@ convergence within a bound and then asserts:
   (counted in /proc by its ``WORKSPACE_ID``; for Docker, running containers by label);
 * nothing is stuck (no pending intent, no ``provisioning``/``stopping``/``removing`` row);
 * no workspace that was stopped or removed has an instance;
-* no response was a 5xx other than 503 (which carries Retry-After);
+* no response was a 5xx other than 503 (which carries Retry-After), and no 503 answered a
+  request that had committed (a create's retry never finds the workspace already made);
 * no intent was lost: each workspace ends as its last accepted request asked.
 
 Measured figures from these runs are in docs/faults.md.
@@ -43,6 +44,7 @@ from django.conf import settings
 from django.db import connection
 from django.test import override_settings
 
+from project.celery import app as celery_app
 from tests.support import (
     Beat,
     Worker,
@@ -215,6 +217,12 @@ class Client:
         self.lock = threading.Lock()
 
     def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
+        statuses, data = self.answers(method, path, body)
+        return statuses[-1], data
+
+    def answers(self, method: str, path: str, body: dict | None = None) -> tuple[list[int], Any]:
+        """Every status the request was answered, the retries' too, and the last body."""
+        statuses: list[int] = []
         for _ in range(60):
             request = urllib.request.Request(
                 self.base + path,
@@ -231,6 +239,7 @@ class Client:
             except urllib.error.HTTPError as exc:
                 status, raw = exc.code, exc.read()
                 retry_after = exc.headers.get("Retry-After")
+            statuses.append(status)
             with self.lock:
                 self.statuses[status] += 1
                 if status >= 500 and status != 503:
@@ -238,7 +247,7 @@ class Client:
                 if status == 503 and retry_after is None:
                     self.bad.append(f"{method} {path} -> 503 without Retry-After")
             if status != 503:
-                return status, json.loads(raw) if raw else None
+                return statuses, json.loads(raw) if raw else None
             time.sleep(min(float(retry_after or 1), 1.0))
         raise AssertionError(f"{method} {path}: still 503 after 60 tries")
 
@@ -258,17 +267,17 @@ def _client(user: Any, live_server: Any) -> Client:
 
 def _create(client: Client, intent: Intent) -> None:
     body = {"name": intent.name, "template": "shell-default"}
-    status, data = client.call("POST", "/api/workspaces/", body)
-    if status == 400 and "already have a workspace" in json.dumps(data):
-        # An earlier attempt answered 503 after its commit: the workspace exists and runs. Asked
-        # of the API, which retries a 503, like the rest: a database connection of this thread
-        # would be one the fault under test terminates.
-        status, data = client.call("GET", f"/api/workspaces/?name={intent.name}")
-        assert status == 200, (status, data)
-        [found] = data["results"] if isinstance(data, dict) else data
-        intent.workspace_id = str(found["id"])
-        return
-    assert status == 201, (status, data)
+    statuses, data = client.answers("POST", "/api/workspaces/", body)
+    # A 503 is for a request that committed nothing: the client's retry then creates the
+    # workspace (201). A retry told "already have a workspace" means the 503 answered a create
+    # that had committed: a committed intent answered 5xx, which invariant 13 rules out.
+    committed_then_503 = (
+        503 in statuses and statuses[-1] == 400 and "already have a workspace" in json.dumps(data)
+    )
+    assert not committed_then_503, (
+        f"create {intent.name}: committed, yet answered 503 (answers {statuses}, last {data})"
+    )
+    assert statuses[-1] == 201, (intent.name, statuses, data)
     intent.workspace_id = data["id"]
 
 
@@ -400,6 +409,8 @@ def report(name: str, **figures: Any) -> None:
 def test_redis_killed_and_restarted_mid_storm(user, live_server, stack) -> None:
     client = _client(user, live_server)
     intents = storm(client, "redis")
+    [worker] = stack.workers
+    assert worker.proc is not None
     stack.redis.kill()
     killed = time.monotonic()
     # The broker is down: requests still record their intents and answer 202 (the row is the
@@ -410,7 +421,10 @@ def test_redis_killed_and_restarted_mid_storm(user, live_server, stack) -> None:
     down = time.monotonic() - killed
     seconds = converge(intents, stack, time.monotonic())
     assert_healthy(client, stack)
-    assert len(stack.workers) == 1  # the same worker survived the broker's restart
+    # The same worker process survived the broker's restart and serves the restarted broker.
+    assert worker.proc.poll() is None, worker.log()[-3000:]
+    assert "Unrecoverable error" not in worker.log()
+    assert celery_app.control.ping(destination=[worker.name], timeout=5), "silent on the new broker"
     report(
         "redis_sigkill_restart_empty",
         down_seconds=round(down, 1),

@@ -8,10 +8,12 @@ worker and a real beat process.
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.core.management import call_command
+from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
 from provisioning import readiness
@@ -35,7 +37,15 @@ def scrape(client: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
+    """The sample's value, 0 when the series is absent (a counter not yet incremented)."""
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def series(samples: dict, name: str, **labels: str) -> float:
+    """The sample's value; the series must be there."""
+    key = (name, tuple(sorted(labels.items())))
+    assert key in samples, f"no series {key} in {sorted(k for k in samples if k[0] == name)}"
+    return float(samples[key])
 
 
 def _wait_status(workspace_id: str, status: WorkspaceStatus, timeout: float = 60) -> Workspace:
@@ -70,7 +80,8 @@ def test_logs_metrics_and_cli_wait_on_a_real_workspace(
 
     after = scrape(client)
     assert value(after, "workspaces", status="online", backend="process") >= 1
-    assert value(after, "workspaces", status="removed", backend="docker") == 0  # every series
+    # Every status and backend has its series, 0 included.
+    assert series(after, "workspaces", status="removed", backend="docker") == 0
     # Counted in the worker's pool child, summed through the multiprocess folder.
     provisioned = ("workspace_cycle_duration_seconds_count", {"action": "provision"})
     assert value(after, provisioned[0], outcome="done", **provisioned[1]) == (
@@ -102,9 +113,23 @@ def test_logs_metrics_and_cli_wait_on_a_real_workspace(
     assert "reached online" in captured.err
 
 
-def test_sweeps_and_reconcile_are_counted(client, celery_worker) -> None:
+def test_sweeps_and_reconcile_are_counted(client, celery_worker, user) -> None:
     from project.celery import app
 
+    # A row stuck in provisioning a day past any deadline, with nothing pending: the sweep's.
+    stuck = Workspace.objects.create(
+        owner=user,
+        name="stuck",
+        template="shell-default",
+        runtime="shell",
+        backend="process",
+        status=WorkspaceStatus.PROVISIONING,
+        generation=1,
+        requested_seq=1,
+        handled_seq=1,
+        provisioning_started_at=timezone.now() - timedelta(days=1),
+    )
+    flipped = {"sweep": "provisioning", "result": "flipped"}
     before = scrape(client)
     app.send_task("provisioning.reconcile", queue="sweeps")
     app.send_task("provisioning.sweep_provisioning", queue="sweeps")
@@ -115,6 +140,20 @@ def test_sweeps_and_reconcile_are_counted(client, celery_worker) -> None:
         ),
         message="a reconcile pass counted",
     )
+    wait_for(
+        lambda: Workspace.objects.get(id=stuck.id).status == WorkspaceStatus.FAILED,
+        message="the stuck row flipped by the sweep",
+    )
+    wait_for(
+        lambda: (
+            value(scrape(client), "workspace_sweep_results_total", **flipped)
+            == value(before, "workspace_sweep_results_total", **flipped) + 1
+        ),
+        message="the sweep's flip counted",
+    )
+
+
+WAITED = 0.3  # seconds the gate stays held after the first caller found it busy
 
 
 def test_gate_waits_are_timed(client) -> None:
@@ -128,6 +167,7 @@ def test_gate_waits_are_timed(client) -> None:
         for _ in range(3):  # three callers find it held: one wait, from the first of them
             with pytest.raises(gate.GateBusy), gate.hold(workspace_id, holder="second"):
                 pass
+            time.sleep(WAITED / 3)
     with gate.hold(workspace_id, holder="second"):
         pass
     with gate.hold(workspace_id, holder="third"):  # nobody waited for this one
@@ -136,9 +176,10 @@ def test_gate_waits_are_timed(client) -> None:
     assert value(after, "workspace_gate_wait_seconds_count") == (
         value(before, "workspace_gate_wait_seconds_count") + 1
     )
-    assert value(after, "workspace_gate_wait_seconds_sum") >= value(
+    waited = value(after, "workspace_gate_wait_seconds_sum") - value(
         before, "workspace_gate_wait_seconds_sum"
     )
+    assert WAITED <= waited < WAITED + 5, waited  # from the first busy caller to the next take
 
 
 def test_readyz_follows_workers_and_beat(client, celery_worker, worker_env, tmp_path) -> None:

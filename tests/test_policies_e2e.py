@@ -286,14 +286,19 @@ def test_patch_env_then_restart_reaches_the_new_instance(api, policy_worker, ins
     )
     assert "GREETING" in row.last_error
     # Fixed by a PATCH and a restart, not a delete and a new workspace.
+    # A second variable holds the old value too: the next PATCH replaces the whole map.
     response = api.patch(
-        f"/api/workspaces/{workspace_id}/", {"env": {"GREETING": old}}, format="json"
+        f"/api/workspaces/{workspace_id}/",
+        {"env": {"GREETING": old, "FAREWELL": old}},
+        format="json",
     )
     assert response.status_code == 200 and response.json()["pending_changes"] == ["env"]
     assert api.post(f"/api/workspaces/{workspace_id}/restart/").status_code == 202
     row = _online(workspace_id, after_generation=row.generation)
     wait_for(lambda: _env_file(workspace_id).get("GREETING") == old, message="the old value")
     assert api.get(f"/api/workspaces/{workspace_id}/").json()["pending_changes"] == []
+    old_instance = (row.backend_state["pid"], row.backend_state.get("start_time"))
+    assert _alive(*old_instance)
 
     response = api.patch(
         f"/api/workspaces/{workspace_id}/", {"env": {"GREETING": new}}, format="json"
@@ -301,18 +306,26 @@ def test_patch_env_then_restart_reaches_the_new_instance(api, policy_worker, ins
     assert response.status_code == 200 and response.json()["pending_changes"] == ["env"]
     assert new not in response.content.decode()
     assert api.post(f"/api/workspaces/{workspace_id}/restart/").status_code == 202
-    _online(workspace_id, after_generation=row.generation)
+    row = _online(workspace_id, after_generation=row.generation)
     wait_for(lambda: _env_file(workspace_id).get("GREETING") == new, message="the new value")
+    assert "FAREWELL" not in _env_file(workspace_id)  # the new instance has the new map alone
     assert api.get(f"/api/workspaces/{workspace_id}/").json()["pending_changes"] == []
-    # The old value is gone from the database: the row, its events, the worker's log.
+    # The old instance is gone: the restart stopped it before the new one started.
+    assert (row.backend_state["pid"], row.backend_state.get("start_time")) != old_instance
+    assert not _alive(*old_instance)
+    # The old value is gone from the database: the stored env opens to the new value alone, and
+    # neither value is in the row as stored (encrypted) nor in any event; nor in the worker's log.
+    assert row.env.reveal() == {"GREETING": new}
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT row_to_json(w)::text FROM workspaces_workspace w WHERE id = %s", [workspace_id]
         )
-        assert old not in cursor.fetchone()[0]
+        stored = cursor.fetchone()[0]
+        assert old not in stored and new not in stored
         cursor.execute(
-            "SELECT count(*) FROM workspaces_workspaceevent WHERE payload::text LIKE %s",
-            [f"%{old}%"],
+            "SELECT count(*) FROM workspaces_workspaceevent "
+            "WHERE payload::text LIKE %s OR payload::text LIKE %s",
+            [f"%{old}%", f"%{new}%"],
         )
         assert cursor.fetchone()[0] == 0
     assert old not in policy_worker.log() and new not in policy_worker.log()

@@ -22,6 +22,7 @@ from django.conf import settings
 
 from provisioning import proxy
 from provisioning.reconciler import reconcile_once
+from tests.apps.echo_app import IDENTITY_HEADER
 from tests.conftest import client_for
 from tests.support import REPO, Caddy, Worker, lifecycle_queue, wait_for
 from workspaces.models import Workspace
@@ -137,6 +138,11 @@ def served(url: str, token: str, text: str) -> requests.Response:
     return response
 
 
+def answered_by(response: requests.Response) -> str:
+    """Which workspace's echo app gave ``response`` (it says so in every answer)."""
+    return str(response.headers.get(IDENTITY_HEADER, ""))
+
+
 def proxy_config() -> Any:
     return proxy._call("GET", "/config/")
 
@@ -217,7 +223,8 @@ def test_a_client_cannot_choose_where_the_proxy_sends_its_request(
         mine["url"], "/headers", token=token, **{"X-Workspace-Upstream": their_upstream}
     )
     assert seen.status_code == 200, seen.text
-    assert seen.json()["Host"] == urlsplit(mine["url"]).netloc  # my own app answered
+    assert answered_by(seen) == mine["id"] != theirs["id"]  # my own app answered
+    assert seen.json()["Host"] == urlsplit(mine["url"]).netloc
     assert "x-workspace-upstream" not in {name.lower() for name in seen.json()}
     # Refused at its own host, the header gets the client nowhere either.
     refused = via_proxy(
@@ -287,7 +294,7 @@ def test_the_app_never_sees_platform_credentials_and_websockets_pass(
     api = client_for(user)
     online = create_online(api, "echo", template=ECHO_TEMPLATE)
     url, token = online["url"], token_of(user)
-    served(url, token, "echo app")
+    assert answered_by(served(url, token, "echo app")) == online["id"]
 
     cookie = (
         f"app_pref=dark; {settings.SESSION_COOKIE_NAME}=s3cret; "
@@ -295,6 +302,7 @@ def test_the_app_never_sees_platform_credentials_and_websockets_pass(
     )
     seen = via_proxy(url, "/headers", token=token, Cookie=cookie)
     assert seen.status_code == 200, seen.text
+    assert answered_by(seen) == online["id"]
     headers = {name.lower(): value for name, value in seen.json().items()}
     assert "authorization" not in headers
     assert "app_pref=dark" in headers["cookie"] and "theme=light" in headers["cookie"]
@@ -302,8 +310,8 @@ def test_the_app_never_sees_platform_credentials_and_websockets_pass(
 
     sock = _ws_handshake(url, token)
     try:
-        assert _ws_echo(sock, "hello") == "echo: hello"
-        assert _ws_echo(sock, "again") == "echo: again"
+        assert _ws_echo(sock, "hello") == f"echo from {online['id']}: hello"
+        assert _ws_echo(sock, "again") == f"echo from {online['id']}: again"
     finally:
         sock.close()
 
@@ -317,7 +325,7 @@ def test_an_app_that_stops_answering_degrades_the_workspace_and_back(
 ) -> None:
     api = client_for(user)
     online = create_online(api, "flaky", template=ECHO_TEMPLATE)
-    served(online["url"], token_of(user), "echo app")
+    assert answered_by(served(online["url"], token_of(user), "echo app")) == online["id"]
     row = Workspace.objects.get(id=online["id"])
     app_pid = _app_pid(row.backend_state["pid"])
     os.kill(app_pid, 19)  # SIGSTOP: the app stops answering, its port stays taken

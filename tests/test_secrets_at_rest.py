@@ -167,8 +167,8 @@ def test_no_secret_in_a_dump_or_any_log(stack, make_user, instances) -> None:
         assert "workspace_name_unique_per_owner" in ours
         assert re.search(r'STATEMENT:\s+INSERT INTO "workspaces_workspace"', ours)
         sources["PostgreSQL log"] = ours
-    elif os.environ.get("CI"):
-        pytest.fail(f"no readable PostgreSQL log under {PG_LOG_DIR}")
+    else:
+        pytest.fail(f"no readable PostgreSQL log under {PG_LOG_DIR}: one channel is unchecked")
 
     for label, text in sources.items():
         for value in [*all_secrets, *user_tokens, *agent_tokens]:

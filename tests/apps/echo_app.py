@@ -3,6 +3,10 @@
 ``GET /headers`` answers the request's headers as JSON (what the app sees behind the proxy);
 ``GET /ws`` is a WebSocket that echoes text frames; anything else is a small page. Listens on
 127.0.0.1:$WORKSPACE_APP_PORT.
+
+Every answer says which workspace's app gave it (``X-Echo-Workspace``: the ``WORKSPACE_ID`` of
+its environment; the page and the WebSocket's greeting say it too): a request the proxy sent to
+another workspace's app is told apart from one that reached the right app.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import struct
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 _GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+IDENTITY_HEADER = "X-Echo-Workspace"
+WORKSPACE_ID = os.environ.get("WORKSPACE_ID", "")
 
 
 def _recv_exact(handler: BaseHTTPRequestHandler, size: int) -> bytes:
@@ -56,9 +62,13 @@ class Handler(BaseHTTPRequestHandler):
             body = json.dumps(dict(self.headers.items())).encode()
             kind = "application/json"
         else:
-            body = b"<!doctype html><title>echo app</title><h1>echo app</h1>"
+            body = (
+                "<!doctype html><title>echo app</title>"
+                f"<h1>echo app of workspace {WORKSPACE_ID}</h1>"
+            ).encode()
             kind = "text/html"
         self.send_response(200)
+        self.send_header(IDENTITY_HEADER, WORKSPACE_ID)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -68,6 +78,7 @@ class Handler(BaseHTTPRequestHandler):
         key = self.headers["Sec-WebSocket-Key"]
         accept = base64.b64encode(hashlib.sha1((key + _GUID).encode()).digest()).decode()
         self.send_response(101)
+        self.send_header(IDENTITY_HEADER, WORKSPACE_ID)
         self.send_header("Upgrade", "websocket")
         self.send_header("Connection", "Upgrade")
         self.send_header("Sec-WebSocket-Accept", accept)
@@ -79,7 +90,7 @@ class Handler(BaseHTTPRequestHandler):
                 if opcode == 0x8:
                     self.wfile.write(frame(0x8, b""))
                     return
-                self.wfile.write(frame(0x1, b"echo: " + payload))
+                self.wfile.write(frame(0x1, f"echo from {WORKSPACE_ID}: ".encode() + payload))
                 self.wfile.flush()
         except ConnectionError:
             return

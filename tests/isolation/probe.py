@@ -11,11 +11,15 @@ import sys
 
 
 def connect(host: str, port: int) -> str:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    """``host`` may carry an IPv6 scope (``fe80::1%eth0``): getaddrinfo resolves it into the
+    address's scope id."""
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
+        [(family, kind, _, _, address)] = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+        )
+        with socket.socket(family, kind) as sock:
             sock.settimeout(3)
-            sock.connect((host, port))
+            sock.connect(address)
         return "connected"
     except OSError as exc:
         return f"refused: {exc.__class__.__name__}"

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,78 @@ def _own_queue(use_session_templates: Path) -> Iterator[None]:
         yield
 
 
+# Addresses given to an interface of the test's own when the host has no address but loopback's:
+# the firewall's subject is every local address, and a host with only loopback would prove
+# nothing about the others. Documentation ranges (RFC 5737, RFC 3849), routed nowhere.
+PROBE_INTERFACE = f"wsp{os.getpid() % 100000}"
+PROBE_ADDRESSES = ("198.51.100.77/32", "2001:db8:77::1/128")
+
+
+def _ip(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *argv], capture_output=True, text=True, timeout=10, check=False)
+
+
+def _host_addresses() -> list[tuple[str, str]]:
+    """Every local address of the host, as ``(address, interface)``: each interface's IPv4 and
+    IPv6 addresses, read from ``ip -j addr`` now (link-local ones need their interface)."""
+    listed = _ip("-j", "addr")
+    assert listed.returncode == 0, listed.stderr
+    found = []
+    for interface in json.loads(listed.stdout):
+        for address in interface.get("addr_info", []):
+            if address.get("family") in ("inet", "inet6") and not address.get("tentative"):
+                found.append((str(address["local"]), str(interface["ifname"])))
+    return found
+
+
+def _add_probe_interface() -> None:
+    """A dummy interface, or a veth pair where the kernel has no dummy driver, with an IPv4
+    and an IPv6 address (deleting it deletes its peer)."""
+    if _ip("link", "add", PROBE_INTERFACE, "type", "dummy").returncode != 0:
+        peer = f"{PROBE_INTERFACE}p"
+        made = _ip("link", "add", PROBE_INTERFACE, "type", "veth", "peer", "name", peer)
+        assert made.returncode == 0, made.stderr
+    for address in PROBE_ADDRESSES:
+        dad = ["nodad"] if ":" in address else []
+        added = _ip("addr", "add", address, "dev", PROBE_INTERFACE, *dad)
+        assert added.returncode == 0, added.stderr
+    assert _ip("link", "set", PROBE_INTERFACE, "up").returncode == 0
+
+
+@pytest.fixture(scope="module")
+def host_addresses() -> Iterator[list[tuple[str, str]]]:
+    """The host's local addresses; an interface of the test's own with an IPv4 and an IPv6
+    address is added for the module (and removed after it) when loopback's are all there is."""
+    found = _host_addresses()
+    created = all(name == "lo" for _, name in found)
+    try:
+        if created:
+            _add_probe_interface()
+            found = _host_addresses()
+        assert any(name != "lo" for _, name in found), found
+        assert {"127.0.0.1", "::1"} <= {address for address, _ in found}, found
+        yield found
+    finally:
+        if created:
+            _ip("link", "del", PROBE_INTERFACE)
+
+
+def _target(address: str, interface: str) -> str:
+    """How the probe names an address: a link-local IPv6 one with its interface (scope)."""
+    return f"{address}%{interface}" if address.lower().startswith("fe80:") else address
+
+
+def _listen_on(stack: ExitStack, host: str) -> int:
+    """A TCP listener of the test's own on ``host`` (closed with ``stack``); its port."""
+    [(family, kind, _, _, address)] = socket.getaddrinfo(
+        host, 0, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+    )
+    listener = stack.enter_context(socket.socket(family, kind))
+    listener.bind(address)
+    listener.listen(16)
+    return int(listener.getsockname()[1])
+
+
 def _listening(port: int) -> bool:
     out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True)
     return bool(out.stdout.strip())
@@ -76,7 +150,7 @@ def _probe_as(workspace: Workspace | None, targets: dict[str, Any]) -> dict[str,
 
 
 def test_a_workspace_reaches_nothing_of_the_host_or_another_workspace(
-    api, isolation_worker, instances
+    api, isolation_worker, instances, host_addresses
 ) -> None:
     assert settings.WORKSPACE_PROCESS_ISOLATION == "uid"
     b_port = free_port()
@@ -88,13 +162,40 @@ def test_a_workspace_reaches_nothing_of_the_host_or_another_workspace(
     assert a.isolation_uid != b.isolation_uid
     wait_for(lambda: _listening(b_port), timeout=30, message="B's app listening")
 
-    b_pid = b.backend_state["pid"]
     b_dir = Path(settings.WORKSPACE_DATA_DIR) / str(b.id)
     (b_dir / "configs" / "secret.txt").write_text(SECRET)
     for folder in ("configs", "home"):
         info = (b_dir / folder).stat()
         assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (b.isolation_uid, 0o700)
     redis_port = int(settings.REDIS_URL.split(":")[-1].split("/")[0])
+    # A listener of the test's own on every local address of the host (every interface's IPv4
+    # and IPv6 addresses, loopback's too): the firewall must refuse the workspace's uid each.
+    # Read again now: the module's fixture made sure of an address beyond loopback's, and other
+    # work on the host may have added interfaces since.
+    addresses = _host_addresses()
+    own: dict[str, int] = {}
+    with ExitStack() as listeners:
+        for address, interface in addresses:
+            host = _target(address, interface)
+            try:
+                own[host] = _listen_on(listeners, host)
+            except OSError:
+                # Other work on the host adds and removes interfaces (a container's veth): an
+                # address gone since it was listed has nothing left to probe.
+                if (address, interface) in _host_addresses():
+                    raise
+        beyond_loopback = {host for host in own if host not in ("127.0.0.1", "::1")}
+        assert {":" in host for host in beyond_loopback} == {True, False}, addresses
+        assert a.app_port not in own.values() and registry_port() not in own.values()
+        own_tcp = [[host, port] for host, port in own.items()]
+        _probe_the_boundary(a, b, b_port, redis_port, own_tcp)
+
+
+def _probe_the_boundary(
+    a: Workspace, b: Workspace, b_port: int, redis_port: int, own_tcp: list[list[Any]]
+) -> None:
+    b_pid = b.backend_state["pid"]
+    b_dir = Path(settings.WORKSPACE_DATA_DIR) / str(b.id)
     engine = settings.DOCKER_HOST
     engine_socket = [engine.removeprefix("unix://")] if engine.startswith("unix://") else []
     targets = {
@@ -104,6 +205,7 @@ def test_a_workspace_reaches_nothing_of_the_host_or_another_workspace(
             ["::1", redis_port],
             ["127.0.0.1", b_port],
             ["127.0.0.1", registry_port()],
+            *own_tcp,
         ],
         "unix": [PG_SOCKET, *engine_socket],
         "read": [
@@ -119,6 +221,11 @@ def test_a_workspace_reaches_nothing_of_the_host_or_another_workspace(
     # boundary's doing, not a broken probe.
     control = _probe_as(None, targets)
     assert control["tcp"]["127.0.0.1:5432"] == "connected"
+    # Redis listens on both loopback addresses; each of the test's listeners answers the host.
+    assert control["tcp"][f"127.0.0.1:{redis_port}"] == "connected"
+    assert control["tcp"][f"::1:{redis_port}"] == "connected"
+    for host, port in own_tcp:
+        assert control["tcp"][f"{host}:{port}"] == "connected", (host, control["tcp"])
     assert control["tcp"][f"127.0.0.1:{b_port}"] == "connected"
     assert control["read"][f"/proc/{b_pid}/environ"] == "read"
     if os.path.exists(PG_SOCKET):
@@ -139,6 +246,8 @@ def test_a_workspace_reaches_nothing_of_the_host_or_another_workspace(
     assert tcp[f"::1:{redis_port}"].startswith("refused"), tcp
     assert tcp[f"127.0.0.1:{b_port}"].startswith("refused"), tcp
     assert tcp[f"127.0.0.1:{registry_port()}"] == "connected", tcp
+    for host, port in own_tcp:
+        assert tcp[f"{host}:{port}"].startswith("refused"), (host, tcp)
     # PostgreSQL's trust socket is hidden; the engine's is the docker group's, which A is not in.
     assert all(v.startswith("refused") for v in inside["unix"].values()), inside["unix"]
     assert all(v.startswith("refused") for v in inside["read"].values()), inside["read"]

@@ -24,7 +24,12 @@ from workspaces import services
 from workspaces.models import Workspace
 from workspaces.status import EventSource, WorkspaceStatus
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.e2e,
+    pytest.mark.browser,
+    pytest.mark.django_db(transaction=True),
+]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
