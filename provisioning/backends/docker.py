@@ -17,9 +17,9 @@ gets its own internal bridge network ``ws-<id>-net`` (labelled like the containe
 it and by orphan removal), its bridge named the same way. Either way workspaces cannot reach one
 another nor anything outside the host; of the host, only the registry listener's port at the
 workspace's gateway address (``PLATFORM_URL``'s host is replaced by the gateway): the host
-firewall (``firewall.bridge_rules``, ``DOCKER_HOST_FIREWALL``) refuses everything else that comes
-in from such an interface, so a service listening on all the host's addresses is not reachable
-either.
+firewall (``docker_firewall.bridge_rules``, ``DOCKER_HOST_FIREWALL``) refuses everything else
+that comes in from such an interface, so a service listening on all the host's addresses is not
+reachable either.
 Containers run as ``DOCKER_WORKSPACE_USER`` with ``no-new-privileges``, every
 capability dropped and the manifest's ``resources`` (or the ``DOCKER_DEFAULT_*`` limits).
 ``DOCKER_NETWORK_MODE=host`` is the documented opt-out.
@@ -51,7 +51,7 @@ from django.conf import settings
 from docker.models.containers import Container
 from docker.types import Mount
 
-from provisioning.backends import firewall, follow, veth
+from provisioning.backends import docker_firewall, follow, veth
 from provisioning.backends.base import (
     CONFIG_MARKER,
     BackendError,
@@ -439,12 +439,12 @@ class DockerBackend(WorkspaceBackend):
         parsed = urlparse(platform_url)
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
         try:
-            firewall.ensure_bridge_firewall(port)
-        except firewall.FirewallError as exc:
+            docker_firewall.ensure_bridge_firewall(port)
+        except docker_firewall.FirewallError as exc:
             raise BackendError(
                 f"docker: cannot install the workspace bridge firewall (chain "
-                f"{firewall.bridge_chain(settings.WORKSPACE_FIREWALL_CHAIN)}): {exc}; without it "
-                "workspaces reach every host service listening on all addresses. "
+                f"{docker_firewall.bridge_chain(settings.WORKSPACE_FIREWALL_CHAIN)}): {exc}; "
+                "without it workspaces reach every host service listening on all addresses. "
                 "DOCKER_HOST_FIREWALL=off if the engine's host is firewalled otherwise"
             ) from exc
 
