@@ -208,7 +208,7 @@ def docker_engine() -> Iterator[Any]:
             pytest.fail("REQUIRE_DOCKER is set but DOCKER_HOST is not: start dockerd, export it")
         pytest.skip("no Docker engine configured (set DOCKER_HOST, or run bin/test)")
     from provisioning.backends.agent_image import build_agent_image
-    from provisioning.backends.docker import make_client, platform_filter
+    from provisioning.backends.engine import make_client, platform_filter
 
     client = make_client()
     client.ping()  # an unreachable configured engine is an error, never a skip

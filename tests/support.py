@@ -253,7 +253,7 @@ def api_events(api: Any, workspace_id: str) -> list[dict]:
 
 def docker_containers(engine: Any, workspace_id: str) -> list[Any]:
     """Every container on the engine labelled with the workspace's id, running or not."""
-    from provisioning.backends.docker import platform_filter, workspace_filter
+    from provisioning.backends.engine import platform_filter, workspace_filter
 
     labels = [platform_filter(), workspace_filter(workspace_id)]
     return list(engine.containers.list(all=True, filters={"label": labels}))

@@ -13,7 +13,7 @@ import pytest
 from django.conf import settings
 
 from provisioning.backends.base import CONFIG_COPIED, CONFIG_MARKER
-from provisioning.backends.docker import _label
+from provisioning.backends.engine import label as _label
 from tests.support import api_events, docker_containers, wait_for
 from workspaces.models import Workspace
 from workspaces.status import EventType, WorkspaceStatus

@@ -653,7 +653,7 @@ def _restart_engine(host: str) -> float:
 
 
 def _running_containers(engine: Any) -> Callable[[], Counter[str]]:
-    from provisioning.backends.docker import platform_filter
+    from provisioning.backends.engine import platform_filter
 
     def count() -> Counter[str]:
         labelled = {"label": platform_filter(), "status": "running"}

@@ -17,11 +17,11 @@ from django.conf import settings
 
 from provisioning.agent import AGENT_PAGE, AGENT_SCRIPT
 from provisioning.backends.base import CONFIG_COPIED, CONFIG_MARKER, BackendError
-from provisioning.backends.docker import (
-    _label,
-    _safe_relative,
+from provisioning.backends.engine import (
     engine_errors,
+    label,
     make_client,
+    safe_relative,
     workspace_user_ids,
 )
 
@@ -88,7 +88,7 @@ def agent_image_context(busybox: Path | None = None) -> bytes:
 
         uid, gid = workspace_user_ids()
         dockerfile = AGENT_DOCKERFILE.format(
-            label=_label("image"), uid=uid, gid=gid, mount=settings.DOCKER_CONFIG_MOUNT.rstrip("/")
+            label=label("image"), uid=uid, gid=gid, mount=settings.DOCKER_CONFIG_MOUNT.rstrip("/")
         )
         add("Dockerfile", dockerfile.encode())
         for name in ("rootfs", "rootfs/bin", "rootfs/workspace", "rootfs/www"):
@@ -174,10 +174,10 @@ def config_image_context(base: str, files: Mapping[str, bytes]) -> bytes:
             uid=uid,
             gid=gid,
             mount=settings.DOCKER_CONFIG_MOUNT.rstrip("/"),
-            label=_label("image"),
+            label=label("image"),
         )
         entries = {"Dockerfile": dockerfile.encode()}
-        entries.update({f"config/{_safe_relative(name)}": data for name, data in files.items()})
+        entries.update({f"config/{safe_relative(name)}": data for name, data in files.items()})
         folders: set[str] = {"config"}
         for name in entries:
             parts = name.split("/")[:-1]

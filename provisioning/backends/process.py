@@ -13,7 +13,7 @@ into a private mount namespace where ``WORKSPACE_HIDDEN_PATHS`` (PostgreSQL's, R
 engine's unix sockets) are covered up, then drops to the workspace's uid and gid with no
 supplementary groups and sets ``no_new_privs`` before the workspace's program runs
 (``process_launch`` and ``process_monitor``: small programs, no interpreter of the worker's per
-start). ``provisioning.backends.firewall`` keeps those uids off the host's ports except the
+start). ``provisioning.backends.process_firewall`` keeps those uids off the host's ports except the
 registry's. Stopping kills every process of the uid (a child of the worker with that uid calls
 ``kill(-1, SIGKILL)``), so nothing a workspace daemonized survives into the next holder of that uid.
 """
@@ -50,13 +50,13 @@ from provisioning.backends.base import (
     WorkspaceBackend,
     last_lines,
 )
-from provisioning.backends.firewall import (
+from provisioning.backends.follow import Seen, follow_file
+from provisioning.backends.process_firewall import (
     FirewallError,
     allow_own_app,
     ensure_workspace_firewall,
     revoke_own_app,
 )
-from provisioning.backends.follow import Seen, follow_file
 
 NOT_ROOT = (
     "WORKSPACE_PROCESS_ISOLATION=uid (the default) runs each workspace as its own uid, which "

@@ -1,7 +1,8 @@
 """The Swarm backend: each workspace is a replicated service ``ws-<id>`` on a Docker Swarm.
 
-``DOCKER_HOST`` names a manager's engine; the engine client, labels, image, resources and error
-mapping are the Docker backend's (``provisioning.backends.docker``). One service per workspace,
+``SWARM_MANAGER_HOST`` (else ``DOCKER_HOST``) names a manager's engine; the engine client,
+labels, image, resources and error mapping are the ones the Docker backend uses too
+(``provisioning.backends.engine``). One service per workspace,
 one replica, restart condition ``none`` (the platform's restart policy decides what runs again),
 labelled like a Docker container (``<prefix>.platform``, ``.workspace-id``, ``.generation``) on
 the service and on its tasks' containers, so one ``tasks`` call lists every instance.
@@ -16,9 +17,9 @@ What a cycle holds lives in the swarm's state, not on a node, so a workspace can
   as EMPTY and the lifecycle recovers it (``WORKSPACE_CONFIG_RECOVERED``).
 
 Networking is the host's (``--network host``): overlay networks need a data path between nodes
-that this deployment may not have (README "Docker Swarm"). Tasks run as ``DOCKER_WORKSPACE_USER``
-with every capability dropped and the Docker backend's limits; Swarm on API 1.41 cannot set
-``no-new-privileges``.
+that this deployment may not have (README "Docker Swarm"); ``DOCKER_NETWORK_MODE`` is the Docker
+backend's. Tasks run as ``DOCKER_WORKSPACE_USER`` with every capability dropped and the Docker
+backend's limits; Swarm on API 1.41 cannot set ``no-new-privileges``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from docker.types import (
     TaskTemplate,
 )
 
-from provisioning.backends import follow
+from provisioning.backends import follow, swarm_tasks
 from provisioning.backends.base import (
     CONFIG_MARKER,
     BackendError,
@@ -57,20 +58,26 @@ from provisioning.backends.base import (
     State,
     last_lines,
 )
-from provisioning.backends.docker import (
-    DockerBackend,
-    _label,
-    _safe_relative,
+from provisioning.backends.engine import (
+    EngineBackend,
+    config_mount,
+    container_name,
     engine_errors,
     engine_url,
+    environment,
+    generation_of,
+    image_for,
+    label,
+    labelled,
+    labels,
+    limits,
     platform_filter,
-    workspace_filter,
+    safe_relative,
     workspace_user_ids,
 )
 
 ENV_FILE = "/run/secrets/workspace-env"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_FAILED = frozenset({"failed", "rejected", "orphaned", "remove", "shutdown", "complete"})
 # How long tasks that have all ended may stay before the orchestrator is asked to reconcile again.
 _REAP_NUDGE_SECONDS = 3.0
 _SIZE = re.compile(r"^(\d+)([bkmg]?)$")
@@ -97,8 +104,8 @@ def env_file(env: Mapping[str, str]) -> bytes:
     return "".join(lines).encode()
 
 
-class SwarmBackend(DockerBackend):
-    """Reuses the Docker backend's client, names, labels, limits and image defaults."""
+class SwarmBackend(EngineBackend):
+    """The engine client, names, labels, limits and image defaults are ``engine``'s."""
 
     name = "swarm"
 
@@ -109,7 +116,7 @@ class SwarmBackend(DockerBackend):
         return engine_errors(f"swarm: {doing}", self.engine_host())
 
     def check_available(self) -> None:
-        super().check_available()
+        self.check_engine()
         try:
             with self._errors("asking for the swarm state"):
                 swarm = self.client.info().get("Swarm") or {}
@@ -126,42 +133,37 @@ class SwarmBackend(DockerBackend):
     def app_address(self, workspace_id: UUID, state: State, port: int) -> str:
         return f"{settings.DOCKER_APP_HOST}:{port}"
 
-    def _wired(self) -> bool:
-        # Tasks use the host's network on whichever node runs them (DOCKER_NETWORK_MODE is the
-        # Docker backend's).
-        return False
-
     # -- names ---------------------------------------------------------------------------------
-    @classmethod
-    def secret_name(cls, workspace_id: UUID | str, generation: int) -> str:
-        return f"{cls.container_name(workspace_id)}-env-g{generation}"
+    @staticmethod
+    def secret_name(workspace_id: UUID | str, generation: int) -> str:
+        return f"{container_name(workspace_id)}-env-g{generation}"
 
-    @classmethod
-    def config_name(cls, workspace_id: UUID | str, generation: int, index: int) -> str:
-        return f"{cls.container_name(workspace_id)}-g{generation}-{index}"
-
-    def _labelled(self, workspace_id: UUID | str) -> dict[str, Any]:
-        return {"label": [platform_filter(), workspace_filter(workspace_id)]}
+    @staticmethod
+    def config_name(workspace_id: UUID | str, generation: int, index: int) -> str:
+        return f"{container_name(workspace_id)}-g{generation}-{index}"
 
     # -- engine objects ------------------------------------------------------------------------
     def _service(self, workspace_id: UUID | str) -> dict[str, Any] | None:
-        name = self.container_name(workspace_id)
-        with self._errors(f"inspecting service {name}"):
+        return self._service_by_id(container_name(workspace_id))
+
+    def _service_by_id(self, ref: str) -> dict[str, Any] | None:
+        """The service whose name or id is ``ref``; None when there is none."""
+        with self._errors(f"inspecting service {ref}"):
             try:
-                return dict(self.client.api.inspect_service(name))
+                return dict(self.client.api.inspect_service(ref))
             except docker.errors.NotFound:
                 return None
 
     def _tasks(self, workspace_id: UUID | str) -> list[dict[str, Any]]:
-        with self._errors(f"listing the tasks of {self.container_name(workspace_id)}"):
-            return list(self.client.api.tasks(filters=self._labelled(workspace_id)))
+        with self._errors(f"listing the tasks of {container_name(workspace_id)}"):
+            return list(self.client.api.tasks(filters=labelled(workspace_id)))
 
     def _nodes(self) -> dict[str, dict[str, Any]]:
         with self._errors("listing the swarm's nodes"):
             return {node["ID"]: node for node in self.client.api.nodes()}
 
     def _remove_service(self, workspace_id: UUID | str) -> None:
-        name = self.container_name(workspace_id)
+        name = container_name(workspace_id)
         with self._errors(f"removing service {name}"), contextlib.suppress(docker.errors.NotFound):
             self.client.api.remove_service(name)
 
@@ -175,7 +177,7 @@ class SwarmBackend(DockerBackend):
             else (api.secrets, api.remove_secret)
         )
         with self._errors(f"listing the {kind}s of {workspace_id}"):
-            found = lister(filters=self._labelled(workspace_id))
+            found = lister(filters=labelled(workspace_id))
         deadline = time.monotonic() + 15
         for item in found:
             name = item["Spec"]["Name"]
@@ -194,13 +196,6 @@ class SwarmBackend(DockerBackend):
                         break  # in use by a live service: the next removal takes it
                     time.sleep(0.5)
 
-    def _service_by_id(self, service_id: str) -> dict[str, Any] | None:
-        with self._errors(f"inspecting service {service_id}"):
-            try:
-                return dict(self.client.api.inspect_service(service_id))
-            except docker.errors.NotFound:
-                return None
-
     def _wait_tasks_gone(self, workspace_id: UUID | str, seconds: float) -> None:
         """Until the swarm has reaped every task of the workspace's service (scaled to 0, each
         ends with SIGTERM, then SIGKILL after the grace period, and is then deleted). Waiting
@@ -216,7 +211,10 @@ class SwarmBackend(DockerBackend):
             if not tasks:
                 return
             nodes = self._nodes()
-            if all(t.get("NodeID") in nodes and _node_down(nodes[t["NodeID"]]) for t in tasks):
+            if all(
+                t.get("NodeID") in nodes and swarm_tasks.node_down(nodes[t["NodeID"]])
+                for t in tasks
+            ):
                 return
             if time.monotonic() > deadline:
                 states = sorted(
@@ -227,10 +225,10 @@ class SwarmBackend(DockerBackend):
                     }
                 )
                 raise BackendError(
-                    f"swarm: the tasks of {self.container_name(workspace_id)} are still there "
+                    f"swarm: the tasks of {container_name(workspace_id)} are still there "
                     f"({', '.join(states)}) after {seconds:.0f} s"
                 )
-            if time.monotonic() > nudge_at and all(_task_ended(t) for t in tasks):
+            if time.monotonic() > nudge_at and all(swarm_tasks.ended(t) for t in tasks):
                 # Every task has ended and none will run again, yet the swarm keeps them: the
                 # orchestrator deletes such tasks when it reconciles the service, which a
                 # service update makes it do; scaling to 0 again is that update.
@@ -241,18 +239,17 @@ class SwarmBackend(DockerBackend):
     def _marked_generations(self, workspace_id: UUID | str) -> dict[int, list[dict[str, Any]]]:
         """Config sets by generation, complete ones only (those holding the marker)."""
         with self._errors(f"listing the configs of {workspace_id}"):
-            configs = self.client.api.configs(filters=self._labelled(workspace_id))
+            configs = self.client.api.configs(filters=labelled(workspace_id))
         sets: dict[int, list[dict[str, Any]]] = {}
         for config in configs:
-            labels = config["Spec"].get("Labels") or {}
-            value = labels.get(_label("generation"), "")
-            if value.isdigit():
-                sets.setdefault(int(value), []).append(config)
+            generation = generation_of(config["Spec"].get("Labels"))
+            if generation is not None:
+                sets.setdefault(generation, []).append(config)
         return {
             generation: items
             for generation, items in sets.items()
             if any(
-                (c["Spec"].get("Labels") or {}).get(_label("path")) == CONFIG_MARKER for c in items
+                (c["Spec"].get("Labels") or {}).get(label("path")) == CONFIG_MARKER for c in items
             )
         }
 
@@ -265,15 +262,12 @@ class SwarmBackend(DockerBackend):
             self._remove_service(spec.workspace_id)
         self._remove_objects("secret", spec.workspace_id)
         name = self.secret_name(spec.workspace_id, spec.generation)
-        environment = self._environment(spec, host_net=True)  # tasks use host networking
+        env = environment(spec, host_net=True)  # tasks use host networking
         with self._errors(f"creating secret {name}"):
             created = self.client.api.create_secret(
-                name, env_file(environment), labels=self._labels(spec.workspace_id, spec.generation)
+                name, env_file(env), labels=labels(spec.workspace_id, spec.generation)
             )
         return {"secret_id": created["ID"], "generation": spec.generation}
-
-    def config_in_image(self, spec: LaunchSpec) -> bool:
-        return False  # Swarm configs carry the files (write_config)
 
     def config_state(self, spec: LaunchSpec, state: State) -> ConfigState:
         if self._marked_generations(spec.workspace_id):
@@ -284,22 +278,22 @@ class SwarmBackend(DockerBackend):
         # Configs are immutable: a set of this generation left by an interrupted attempt is
         # replaced whole; the marker comes last, so a set without it is never mounted.
         self._remove_configs_of(spec.workspace_id, spec.generation)
-        payload = [(_safe_relative(path), data) for path, data in files.items()]
+        payload = [(safe_relative(path), data) for path, data in files.items()]
         payload = [(path, data) for path, data in payload if path != CONFIG_MARKER]
         payload.append((CONFIG_MARKER, f'{{"template": "{spec.template.name}"}}'.encode()))
         for index, (path, data) in enumerate(payload):
             name = self.config_name(spec.workspace_id, spec.generation, index)
-            labels = {**self._labels(spec.workspace_id, spec.generation), _label("path"): path}
+            marks = {**labels(spec.workspace_id, spec.generation), label("path"): path}
             with self._errors(f"creating config {name} ({path})"):
-                self.client.api.create_config(name, data, labels=labels)
+                self.client.api.create_config(name, data, labels=marks)
 
     def _remove_configs_of(self, workspace_id: UUID | str, generation: int) -> None:
         with self._errors(f"listing the configs of {workspace_id}"):
-            configs = self.client.api.configs(filters=self._labelled(workspace_id))
+            configs = self.client.api.configs(filters=labelled(workspace_id))
         self._remove_configs(
             config
             for config in configs
-            if (config["Spec"].get("Labels") or {}).get(_label("generation")) == str(generation)
+            if (config["Spec"].get("Labels") or {}).get(label("generation")) == str(generation)
         )
 
     def _remove_configs(self, configs: Iterable[dict[str, Any]]) -> None:
@@ -312,7 +306,7 @@ class SwarmBackend(DockerBackend):
 
     def _container_spec(self, spec: LaunchSpec, state: State) -> ContainerSpec:
         uid, gid = workspace_user_ids()
-        mount = self._mount(spec).rstrip("/")
+        mount = config_mount(spec).rstrip("/")
         sets = self._marked_generations(spec.workspace_id)
         if not sets:
             raise BackendError(f"swarm: no config set for {spec.name}; the next cycle writes it")
@@ -320,7 +314,7 @@ class SwarmBackend(DockerBackend):
             ConfigReference(
                 config["ID"],
                 config["Spec"]["Name"],
-                filename=f"{mount}/{(config['Spec'].get('Labels') or {})[_label('path')]}",
+                filename=f"{mount}/{(config['Spec'].get('Labels') or {})[label('path')]}",
                 uid=str(uid),
                 gid=str(gid),
                 mode=0o444,
@@ -339,13 +333,13 @@ class SwarmBackend(DockerBackend):
         # environment file: the token never appears in the service's spec.
         command = list(spec.template.command or self._image_entrypoint(spec))
         return ContainerSpec(
-            self._image(spec),
+            image_for(spec),
             command=["/bin/sh", "-c", f'set -a; . {ENV_FILE}; set +a; exec "$@"', "sh"],
             args=command,
             user=settings.DOCKER_WORKSPACE_USER,
             labels={
-                **self._labels(spec.workspace_id, spec.generation),
-                _label("template"): spec.template.name,
+                **labels(spec.workspace_id, spec.generation),
+                label("template"): spec.template.name,
             },
             configs=configs,
             secrets=[secret],
@@ -355,20 +349,20 @@ class SwarmBackend(DockerBackend):
         )
 
     def _image_entrypoint(self, spec: LaunchSpec) -> list[str]:
-        with self._errors(f"inspecting image {self._image(spec)}"):
-            config = self.client.api.inspect_image(self._image(spec)).get("Config") or {}
+        with self._errors(f"inspecting image {image_for(spec)}"):
+            config = self.client.api.inspect_image(image_for(spec)).get("Config") or {}
         return [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
 
     def _task_resources(self, spec: LaunchSpec) -> Resources:
-        limits = self._limits(spec)
-        resources = Resources(cpu_limit=limits["nano_cpus"], mem_limit=_bytes(limits["mem_limit"]))
-        resources["Limits"]["Pids"] = limits["pids_limit"]
+        found = limits(spec)
+        resources = Resources(cpu_limit=found["nano_cpus"], mem_limit=_bytes(found["mem_limit"]))
+        resources["Limits"]["Pids"] = found["pids_limit"]
         return resources
 
     def start(self, spec: LaunchSpec, state: State) -> State:
         service = self._service(spec.workspace_id)
-        labels = (service or {}).get("Spec", {}).get("Labels") or {}
-        if service is not None and labels.get(_label("generation")) != str(spec.generation):
+        current = (service or {}).get("Spec", {}).get("Labels") or {}
+        if service is not None and current.get(label("generation")) != str(spec.generation):
             state = self.prepare(spec, state)
             service = None
         if "secret_id" not in state:
@@ -381,13 +375,13 @@ class SwarmBackend(DockerBackend):
                 placement=Placement(constraints=list(spec.template.placement)),
                 networks=["host"],
             )
-            with self._errors(f"creating service {spec.name} from {self._image(spec)}"):
+            with self._errors(f"creating service {spec.name} from {image_for(spec)}"):
                 self.client.api.create_service(
                     template,
                     name=spec.name,
                     labels={
-                        **self._labels(spec.workspace_id, spec.generation),
-                        _label("template"): spec.template.name,
+                        **labels(spec.workspace_id, spec.generation),
+                        label("template"): spec.template.name,
                     },
                     mode=ServiceMode("replicated", replicas=1),
                 )
@@ -403,7 +397,7 @@ class SwarmBackend(DockerBackend):
         return state
 
     def _scale(self, workspace_id: UUID | str, replicas: int) -> None:
-        name = self.container_name(workspace_id)
+        name = container_name(workspace_id)
         self._scale_service(name, lambda: self._service(workspace_id), replicas)
 
     def _scale_service(
@@ -433,7 +427,7 @@ class SwarmBackend(DockerBackend):
     def _wait_task_running(self, spec: LaunchSpec, state: State) -> State:
         deadline = time.monotonic() + settings.DOCKER_START_WAIT_SECONDS
         while True:
-            task = self._current(self._tasks(spec.workspace_id), spec.generation)
+            task = swarm_tasks.current(self._tasks(spec.workspace_id), spec.generation)
             status = (task or {}).get("Status") or {}
             if status.get("State") == "running":
                 return {
@@ -444,10 +438,10 @@ class SwarmBackend(DockerBackend):
                     "network": "host",
                     "started_at": time.time(),
                 }
-            if task is not None and status.get("State") in _FAILED:
+            if task is not None and status.get("State") in swarm_tasks.FAILED:
                 raise BackendError(
-                    f"swarm: the task of {spec.name} ended at once: {self._describe(task, {})}"
-                    f"{self._last_output(spec.workspace_id)}"
+                    f"swarm: the task of {spec.name} ended at once: "
+                    f"{swarm_tasks.describe(task, {})}{self._last_output(spec.workspace_id)}"
                 )
             if time.monotonic() > deadline:
                 raise BackendError(
@@ -464,48 +458,6 @@ class SwarmBackend(DockerBackend):
             return ""
         return f"; last output: {output}" if output else ""
 
-    @staticmethod
-    def _current(
-        tasks: list[dict[str, Any]], generation: int | None = None
-    ) -> dict[str, Any] | None:
-        """The newest task (of ``generation`` when given): the one that says what runs now."""
-
-        def generation_of(task: dict[str, Any]) -> int | None:
-            labels = (task.get("Spec", {}).get("ContainerSpec") or {}).get("Labels") or {}
-            value = labels.get(_label("generation"), "")
-            return int(value) if value.isdigit() else None
-
-        if generation is not None:
-            tasks = [t for t in tasks if generation_of(t) == generation]
-        if not tasks:
-            return None
-        return max(tasks, key=lambda t: t.get("Meta", {}).get("Version", {}).get("Index", 0))
-
-    @staticmethod
-    def _describe(task: dict[str, Any], nodes: Mapping[str, dict[str, Any]]) -> str:
-        status = task.get("Status") or {}
-        text = str(status.get("State") or "unknown")
-        code = (status.get("ContainerStatus") or {}).get("ExitCode")
-        if code is not None and status.get("State") != "running":
-            text += f" with code {code}"
-        if status.get("Err"):
-            text += f" ({status['Err']})"
-        node = nodes.get(task.get("NodeID", ""))
-        if node is not None:
-            text += f" on node {_node_name(node)}"
-            if _node_down(node):
-                text += f", which is {node.get('Status', {}).get('State', 'down')}"
-        return text
-
-    def _running(self, task: dict[str, Any] | None, nodes: Mapping[str, dict[str, Any]]) -> bool:
-        if task is None or (task.get("Status") or {}).get("State") != "running":
-            return False
-        if task.get("DesiredState") != "running":
-            return False
-        # A node that went away leaves its tasks looking running: its state is the truth.
-        node = nodes.get(task.get("NodeID", ""))
-        return node is None or not _node_down(node)
-
     def stop(self, workspace_id: UUID, state: State, grace_seconds: float) -> State:
         service = self._service(workspace_id)
         if service is None:
@@ -513,11 +465,9 @@ class SwarmBackend(DockerBackend):
         self._scale(workspace_id, 0)
         # The task ends with SIGTERM, then SIGKILL after the service's stop grace period.
         self._wait_tasks_gone(workspace_id, grace_seconds + settings.DOCKER_START_WAIT_SECONDS)
-        labels = service.get("Spec", {}).get("Labels") or {}
-        generation = labels.get(_label("generation"), "")
         return {
-            "service": self.container_name(workspace_id),
-            "generation": int(generation) if generation.isdigit() else None,
+            "service": container_name(workspace_id),
+            "generation": generation_of(service.get("Spec", {}).get("Labels")),
         }
 
     def remove(self, workspace_id: UUID, state: State) -> None:
@@ -529,9 +479,8 @@ class SwarmBackend(DockerBackend):
         self._remove_objects("config", workspace_id)
 
     def remove_orphan(self, instance: InstanceInfo) -> None:
-        labels = self._labelled(instance.workspace_id)
         with self._errors(f"listing the services of orphan {instance.workspace_id}"):
-            services = self.client.api.services(filters=labels)
+            services = self.client.api.services(filters=labelled(instance.workspace_id))
         # As remove: every service scaled down and its tasks reaped before it goes
         # (_wait_tasks_gone says why); a pass that times out raises, and the next one retries.
         for service in services:
@@ -554,26 +503,25 @@ class SwarmBackend(DockerBackend):
 
     def status(self, workspace_id: UUID, state: State) -> InstanceStatus:
         service = self._service(workspace_id)
-        name = self.container_name(workspace_id)
+        name = container_name(workspace_id)
         if service is None:
             return InstanceStatus(exists=False, running=False, detail="no service")
-        task = self._current(self._tasks(workspace_id))
+        task = swarm_tasks.current(self._tasks(workspace_id))
         if task is None:
             return InstanceStatus(exists=True, running=False, detail=f"service {name} has no task")
         nodes = self._nodes()
-        code = ((task.get("Status") or {}).get("ContainerStatus") or {}).get("ExitCode")
-        running = self._running(task, nodes)
+        running = swarm_tasks.running(task, nodes)
         return InstanceStatus(
             exists=True,
             running=running,
-            exit_code=None if running else code,
-            detail=f"service {name}: task {self._describe(task, nodes)}",
+            exit_code=None if running else swarm_tasks.exit_code(task),
+            detail=f"service {name}: task {swarm_tasks.describe(task, nodes)}",
         )
 
     def logs(self, workspace_id: UUID, state: State, tail: int, max_bytes: int) -> str:
         if tail <= 0 or self._service(workspace_id) is None:
             return ""
-        name = self.container_name(workspace_id)
+        name = container_name(workspace_id)
         with self._errors(f"reading the logs of {name}"):
             try:
                 chunks = self.client.api.service_logs(
@@ -594,19 +542,21 @@ class SwarmBackend(DockerBackend):
         max_line_bytes: int,
         poll_seconds: float,
     ) -> AsyncIterator[LogItem]:
-        name = self.container_name(workspace_id)
+        name = container_name(workspace_id)
 
         def look() -> follow.Seen:
             service = self._service(workspace_id)
             if service is None:
                 return follow.Seen(None, False, "no service")
-            task = self._current(self._tasks(workspace_id))
+            task = swarm_tasks.current(self._tasks(workspace_id))
             if task is None:
                 return follow.Seen((service["ID"], None), False, f"service {name} has no task")
             nodes = self._nodes()
-            detail = f"service {name}: task {self._describe(task, nodes)}"
+            detail = f"service {name}: task {swarm_tasks.describe(task, nodes)}"
             # Swarm replaces a task that dies with a new one: a new task id is a new instance.
-            return follow.Seen((service["ID"], task["ID"]), self._running(task, nodes), detail)
+            return follow.Seen(
+                (service["ID"], task["ID"]), swarm_tasks.running(task, nodes), detail
+            )
 
         # The service's log stream carries every task's output, the replacements' included.
         return follow.follow_engine(
@@ -628,41 +578,21 @@ class SwarmBackend(DockerBackend):
         nodes = self._nodes()
         by_workspace: dict[str, list[dict[str, Any]]] = {}
         for task in tasks:
-            labels = (task.get("Spec", {}).get("ContainerSpec") or {}).get("Labels") or {}
-            workspace_id = labels.get(_label("workspace-id"))
+            workspace_id = swarm_tasks.container_labels(task).get(label("workspace-id"))
             if workspace_id:
                 by_workspace.setdefault(workspace_id, []).append(task)
         found = []
         for workspace_id, items in by_workspace.items():
-            task = self._current(items)
+            task = swarm_tasks.current(items)
             assert task is not None
-            labels = (task.get("Spec", {}).get("ContainerSpec") or {}).get("Labels") or {}
-            generation = labels.get(_label("generation"), "")
-            running = self._running(task, nodes)
-            code = ((task.get("Status") or {}).get("ContainerStatus") or {}).get("ExitCode")
+            running = swarm_tasks.running(task, nodes)
             found.append(
                 InstanceInfo(
                     workspace_id=workspace_id,
                     running=running,
-                    generation=int(generation) if generation.isdigit() else None,
+                    generation=generation_of(swarm_tasks.container_labels(task)),
                     ref=str(task.get("ServiceID", "")),
-                    exit_code=None if running else code,
+                    exit_code=None if running else swarm_tasks.exit_code(task),
                 )
             )
         return found
-
-
-def _node_name(node: Mapping[str, Any]) -> str:
-    hostname = (node.get("Description") or {}).get("Hostname") or ""
-    address = (node.get("Status") or {}).get("Addr") or ""
-    return f"{hostname} ({address}, {str(node.get('ID', ''))[:12]})"
-
-
-def _task_ended(task: Mapping[str, Any]) -> bool:
-    """The task has ended and is not meant to run again."""
-    state = (task.get("Status") or {}).get("State", "")
-    return state in _FAILED and task.get("DesiredState", "") in _FAILED
-
-
-def _node_down(node: Mapping[str, Any]) -> bool:
-    return (node.get("Status") or {}).get("State") != "ready"

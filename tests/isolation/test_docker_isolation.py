@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from django.conf import settings
 
-from provisioning.backends import docker as docker_backend
+from provisioning.backends import docker_networks as docker_backend
 from provisioning.backends.base import BackendError
 from provisioning.backends.docker import DockerBackend
-from provisioning.backends.firewall import bridge_chain, bridge_ports, bridge_rules
+from provisioning.backends.docker_firewall import bridge_chain, bridge_ports, bridge_rules
 from tests.isolation import create_online
 from tests.support import RegistryListener, docker_containers, wait_for
 from workspaces.models import Workspace

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 
-from provisioning.backends.firewall import registry_port
+from provisioning.backends.process_firewall import registry_port
 from tests.isolation import create_online
 from tests.support import Worker, free_port, lifecycle_queue, wait_for
 from workspaces.models import Workspace

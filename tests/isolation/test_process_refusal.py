@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from provisioning.backends import firewall, process_launch
+from provisioning.backends import process_firewall as firewall
+from provisioning.backends import process_launch
 from provisioning.backends.base import BackendUnavailable
 from provisioning.backends.process import ProcessBackend
 from provisioning.checks import check_process_isolation

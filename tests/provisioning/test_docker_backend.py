@@ -26,7 +26,8 @@ from provisioning.backends.base import (
     LaunchSpec,
     TransientBackendError,
 )
-from provisioning.backends.docker import DockerBackend, _label
+from provisioning.backends.docker import DockerBackend
+from provisioning.backends.engine import label as _label
 from provisioning.manifests import Template, templates
 from tests.support import next_backend_uid, wait_for
 

@@ -15,7 +15,9 @@ from django.conf import settings
 from django.utils import timezone
 
 from provisioning.backends import backend_named
-from provisioning.backends.docker import DockerBackend, _label, platform_filter
+from provisioning.backends.docker import DockerBackend
+from provisioning.backends.engine import label as _label
+from provisioning.backends.engine import platform_filter
 from provisioning.reconciler import Drift, reconcile_once
 from tests.support import docker_containers, settled, wait_for
 from workspaces.models import Workspace, WorkspaceEvent

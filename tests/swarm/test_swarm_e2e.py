@@ -13,7 +13,8 @@ from django.conf import settings
 
 from provisioning.backends import backend_named, reset_backends
 from provisioning.backends.base import CONFIG_MARKER
-from provisioning.backends.docker import _label, platform_filter, workspace_filter
+from provisioning.backends.engine import label as _label
+from provisioning.backends.engine import platform_filter, workspace_filter
 from provisioning.reconciler import Drift, reconcile_once
 from tests.support import api_events, settled, wait_for
 from tests.swarm.conftest import Swarm

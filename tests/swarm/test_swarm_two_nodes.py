@@ -11,7 +11,7 @@ import pytest
 
 from provisioning import gate
 from provisioning.backends.agent_image import build_agent_image
-from provisioning.backends.docker import workspace_filter
+from provisioning.backends.engine import workspace_filter
 from provisioning.reconciler import reconcile_once
 from tests.support import wait_for
 from tests.swarm.conftest import Swarm

@@ -11,7 +11,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from provisioning.backends.agent_image import build_agent_image
 from provisioning.backends.base import BackendError
-from provisioning.backends.docker import engine_url
+from provisioning.backends.engine import engine_url
 
 
 class Command(BaseCommand):
