@@ -70,7 +70,7 @@ def run(repeats: int) -> list[Figure]:
 
     from provisioning import lifecycle
     from provisioning.backends import backend_for
-    from provisioning.backends.docker import make_client, platform_filter
+    from provisioning.backends.engine import make_client, platform_filter
     from workspaces import services
     from workspaces.models import Workspace
 

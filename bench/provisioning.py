@@ -276,7 +276,7 @@ def run(repeats: int = 3, sizes: tuple[int, ...] = SIZES) -> list[Figure]:
     ensure_engine()
     os.environ.setdefault("LOG_LEVEL", "WARNING")
     setup_django("ws_provisioning_bench", redis_db=9)
-    from provisioning.backends.docker import make_client
+    from provisioning.backends.engine import make_client
 
     image = ensure_agent_image()
     out_dir = Path(

@@ -292,7 +292,8 @@ def docker_figures(repeats: int, containers: int = DOCKER_CONTAINERS) -> list[Fi
 
     from provisioning.backends import backend_named, reset_backends
     from provisioning.backends.agent_image import build_agent_image
-    from provisioning.backends.docker import DockerBackend, make_client, platform_filter
+    from provisioning.backends.docker import DockerBackend
+    from provisioning.backends.engine import make_client, platform_filter
 
     reset_backends()  # DOCKER_HOST and PLATFORM_ID were set for this run
     client = make_client()

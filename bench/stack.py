@@ -355,33 +355,27 @@ def _wait_ready(
 
 
 def label_key(name: str) -> str:
-    """A label's key as the Docker and Swarm backends write it on what they make
-    (``DOCKER_LABEL_PREFIX``, a dot, the name), for benches that make instances themselves."""
-    from django.conf import settings
+    """A label's key as the Docker and Swarm backends write it (``provisioning.backends.engine``),
+    for benches that make instances themselves. Django is set up by then."""
+    from provisioning.backends.engine import label
 
-    return f"{settings.DOCKER_LABEL_PREFIX}.{name}"
+    return label(name)
 
 
 def workspace_labels(
     workspace_id: uuid.UUID | str, generation: int | None = None
 ) -> dict[str, str]:
-    """The labels the backends put on a workspace's volume of this platform (``PLATFORM_ID``),
-    and with ``generation`` on its container or service."""
-    from django.conf import settings
+    """The labels the backends put on a workspace's volume, and with ``generation`` on its
+    container or service."""
+    from provisioning.backends.engine import labels
 
-    labels = {
-        label_key("platform"): settings.PLATFORM_ID,
-        label_key("workspace-id"): str(workspace_id),
-    }
-    if generation is not None:
-        labels[label_key("generation")] = str(generation)
-    return labels
+    return labels(workspace_id, generation)
 
 
 def remove_labelled(label: str) -> None:
     """Force-remove every container, volume and network carrying ``label`` (key=value), in
     parallel."""
-    from provisioning.backends.docker import make_client
+    from provisioning.backends.engine import make_client
 
     client = make_client()
     try:

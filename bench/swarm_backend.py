@@ -253,7 +253,7 @@ def _service_maker(client: Any) -> Callable[[uuid.UUID], None]:
 def _remove_services(backend: Any) -> None:
     """Every service of the bench's platform, in the backend's order: stopped (scaled to 0, its
     tasks reaped, see ``SwarmBackend.stop``), then removed."""
-    from provisioning.backends.docker import platform_filter
+    from provisioning.backends.engine import platform_filter
 
     client = backend.client
     services = client.api.services(filters={"label": platform_filter()})
@@ -269,7 +269,7 @@ def _remove_services(backend: Any) -> None:
 def _reconcile(repeats: int) -> list[Figure]:
     from bench.reconcile import RequestCounter, docker_figures, measure
     from provisioning.backends import backend_named, reset_backends
-    from provisioning.backends.docker import platform_filter
+    from provisioning.backends.engine import platform_filter
     from provisioning.backends.swarm import SwarmBackend
 
     reset_backends()

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.stack import Stack
 from tests.provisioning.test_reconciler import make_row
+from tests.stack import Stack
 from workspaces import services
 from workspaces.status import WorkspaceStatus
 

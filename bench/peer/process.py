@@ -327,7 +327,7 @@ def run(args: Any, argv: list[str] | None, intro: str) -> int:
         finally:
             _kill([pid for pid, proc in processes().items() if uids[0] <= proc.uid <= uids[1]])
             if OWN_SETTINGS["WORKSPACE_FIREWALL_CHAIN"] == settings.WORKSPACE_FIREWALL_CHAIN:
-                from provisioning.backends.firewall import remove_workspace_firewall
+                from provisioning.backends.process_firewall import remove_workspace_firewall
 
                 remove_workspace_firewall(str(settings.WORKSPACE_FIREWALL_CHAIN))
             shutil.rmtree(data, ignore_errors=True)
