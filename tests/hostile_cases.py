@@ -23,9 +23,11 @@ How a runner uses a case:
 
 from __future__ import annotations
 
+import http.client
 import json
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 SEED_NAME = "hostile-seed"
 SEED_TEMPLATE = "shell-default"
@@ -299,3 +301,61 @@ CASES: tuple[Case, ...] = (
         json=False,
     ),
 )
+
+
+def request_parts(case: Case, *, seed_id: str, api_key: str) -> tuple[str, dict[str, str], bytes]:
+    """The path, headers and body to send for ``case`` (``Host`` among the headers only when the
+    case sets one; without it, the client's own)."""
+    headers = dict(case.headers)
+    if case.body is not None:
+        headers.setdefault("Content-Type", "application/json")
+    if case.auth == "token":
+        headers["Authorization"] = f"Token {api_key}"
+    body = b"" if case.body is None else case.body.replace(b"{seed}", seed_id.encode())
+    return case.path.replace("{seed}", seed_id), headers, body
+
+
+def send_http(case: Case, base_url: str, *, seed_id: str, api_key: str) -> tuple[int, str, bytes]:
+    """Send ``case`` over HTTP to the server at ``base_url`` (``http://host:port``) and return
+    the status, the Content-Type and the body. http.client, so a hostile ``Host`` is sent as is."""
+    url = urlsplit(base_url)
+    path, headers, body = request_parts(case, seed_id=seed_id, api_key=api_key)
+    connection = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=30)
+    try:
+        connection.putrequest(
+            case.method, path, skip_host="Host" in headers, skip_accept_encoding=True
+        )
+        for name, value in headers.items():
+            connection.putheader(name, value)
+        if case.body is not None or case.method in ("POST", "PUT", "PATCH"):
+            connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body or None)
+        response = connection.getresponse()
+        return response.status, response.getheader("Content-Type") or "", response.read()
+    finally:
+        connection.close()
+
+
+def answer_problems(case: Case, status: int, content_type: str, body: bytes) -> list[str]:
+    """What is wrong with an answer to ``case`` (empty: it is the refusal the case expects)."""
+    problems = []
+    if status != case.status:
+        problems.append(f"status {status}, expected {case.status}: {body[:300]!r}")
+    wanted = "application/json" if case.json else "text/html"
+    if not content_type.startswith(wanted):
+        return [*problems, f"Content-Type {content_type!r}, expected {wanted}: {body[:300]!r}"]
+    if not case.json:
+        return problems
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return [*problems, f"not JSON: {body[:300]!r}"]
+    detail = answer.get("detail") if isinstance(answer, dict) else None
+    if not isinstance(detail, str) or not detail:
+        return [*problems, f"no detail: {answer!r}"]
+    for name in case.fields:
+        if name not in (answer.get("errors") or {}):
+            problems.append(f"errors does not name {name}: {answer!r}")
+        elif name != "non_field_errors" and name not in detail:
+            problems.append(f"detail does not name {name}: {answer!r}")
+    return problems

@@ -24,6 +24,8 @@ from drf_spectacular.plumbing import build_bearer_security_scheme_object
 from rest_framework import serializers
 from rest_framework.authentication import SessionAuthentication
 
+from workspaces.api.serializers import BodySerializer
+
 DESCRIPTIONS = {
     400: "Bad request: a field, parameter or header is invalid; `errors` names it.",
     401: "No credentials, or credentials that are unknown or revoked.",
@@ -75,6 +77,12 @@ class AutoSchema(openapi.AutoSchema):
         key = getattr(self.view, "action", None) or self.method.lower()
         codes.update(declared.get(key, ()))
         return codes
+
+    def _map_basic_serializer(self, serializer: Any, direction: Any) -> Any:
+        schema = super()._map_basic_serializer(serializer, direction)
+        if direction == "request" and isinstance(serializer, BodySerializer):
+            schema["additionalProperties"] = False  # other keys are a 400 naming them
+        return schema
 
     def _get_response_bodies(self, direction: Any = "response") -> Any:
         responses = super()._get_response_bodies(direction)

@@ -356,9 +356,9 @@ class TemplateSerializer(serializers.Serializer):
 
 
 class AgentCallSerializer(serializers.Serializer):
-    """Read as DRF reads (other keys ignored, "true" for true): the registry listener's fast path
-    (project/registry_wsgi.py) answers the common calls with these rules and hands the view only
-    the rest, so the view keeps them until both change together."""
+    """Read as DRF reads, other keys ignored: the registry listener's fast path
+    (project/registry_wsgi.py) answers the common calls itself and ignores other keys too, so
+    the view refusing them would answer one body two ways; the two change together."""
 
     workspace_id = serializers.UUIDField()
     healthy = serializers.BooleanField(required=False, default=True)
