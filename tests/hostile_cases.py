@@ -279,6 +279,17 @@ CASES: tuple[Case, ...] = (
         ("query",),
     ),
     Case("csrf-healthz", "POST", "/healthz", b"{}", 403, auth="none"),
+    # The API answers JSON only, and says so in JSON.
+    Case("accept-html", "GET", W, None, 406, headers={"Accept": "text/html"}),
+    Case(
+        "accept-xml-create",
+        "POST",
+        W,
+        create(),
+        406,
+        headers={"Accept": "application/xml"},
+        absent=(NEW,),
+    ),
     # The HTML pages keep Django's HTML answers.
     Case(
         "host-evil-login-page",

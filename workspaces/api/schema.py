@@ -4,6 +4,7 @@
   before any view; most operations also validate a body or parameters), 401 (no or a bad token),
   413 (a body above ``API_MAX_BODY_BYTES``, refused whatever the operation) and 503 (PostgreSQL
   or Redis lost mid-request: ``workspaces.api.middleware.ServiceUnavailableMiddleware``);
+* every operation but the event streams: 406 (an Accept header that refuses JSON);
 * operations that write (POST, PUT, PATCH, DELETE) with a session login among their schemes: 403
   (a session-authenticated write without its CSRF token);
 * operations with a body, and those that refuse one (start, stop, restart, delete): 415 (JSON
@@ -23,6 +24,7 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.plumbing import build_bearer_security_scheme_object
 from rest_framework import serializers
 from rest_framework.authentication import SessionAuthentication
+from rest_framework.views import APIView
 
 from workspaces.api.serializers import BodySerializer
 
@@ -31,6 +33,7 @@ DESCRIPTIONS = {
     401: "No credentials, or credentials that are unknown or revoked.",
     403: "A request authenticated by a session login that writes without its CSRF token.",
     404: "No such workspace (or it belongs to someone else), or no such page.",
+    406: "The Accept header refuses application/json, the only type the API answers.",
     409: "The request conflicts with the platform's state; `detail` says why: the workspace's "
     "current status forbids it, or the process backend's isolation forbids a new workspace "
     "(every uid of WORKSPACE_UID_RANGE in use; another owner's unisolated workspaces).",
@@ -63,6 +66,11 @@ class AutoSchema(openapi.AutoSchema):
         codes = {400, 413, 503}
         if self.get_auth():
             codes.add(401)
+        # DRF refuses an Accept header without application/json, unless the view forces its
+        # negotiation (the event streams answer errors in JSON whatever was asked).
+        negotiation = type(self.view).perform_content_negotiation
+        if negotiation is APIView.perform_content_negotiation:
+            codes.add(406)
         authenticators = self.view.get_authenticators()
         if self.method in ("POST", "PUT", "PATCH", "DELETE") and any(
             isinstance(auth, SessionAuthentication) for auth in authenticators
