@@ -91,6 +91,8 @@ CSRF_TRUSTED_ORIGINS = env_list(
     ),
     section="core",
 )
+# A CSRF refusal on the API's paths is JSON like every API error; HTML elsewhere.
+CSRF_FAILURE_VIEW = "workspaces.api.errors.csrf_failure"
 
 INSTALLED_APPS = [
     "django.contrib.admin",

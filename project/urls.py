@@ -22,5 +22,8 @@ urlpatterns = [
     path("metrics", views.metrics, name="metrics"),
 ]
 
+# JSON in the API's shape on the API's paths, Django's pages elsewhere (workspaces.api.errors).
+handler400 = "workspaces.api.errors.bad_request"
+handler403 = "workspaces.api.errors.permission_denied"
 handler404 = "workspaces.api.errors.json_404"
 handler500 = "workspaces.api.errors.json_500"

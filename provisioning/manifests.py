@@ -18,24 +18,13 @@ from typing import Any
 import yaml
 from django.conf import settings
 
+from workspaces.naming import ENV_NAME_RE, RESERVED_ENV, is_env_name
+
 MANIFEST_NAME = "config.yaml"
 RELOAD_CHECK_SECONDS = 1.0
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
-RUNTIME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# Keys a template or a user may not set: the platform owns them.
-RESERVED_ENV = frozenset(
-    {
-        "WORKSPACE_ID",
-        "WORKSPACE_TOKEN",
-        "PLATFORM_URL",
-        "WORKSPACE_GENERATION",
-        "WORKSPACE_APP_PORT",
-        "WORKSPACE_APP_HEALTH_PATH",
-        "WORKSPACE_APP_COMMAND",
-        "WORKSPACE_APP_HOST",
-    }
-)
+# Every rule ends in \Z and is applied with fullmatch: "$" also matches before a final newline.
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}\Z")
+RUNTIME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}\Z")
 _KNOWN_KEYS = {
     "runtime",
     "image",
@@ -50,7 +39,7 @@ _KNOWN_KEYS = {
     "placement",
 }
 _KNOWN_RESOURCE_KEYS = {"memory", "cpus", "pids"}
-MEMORY_RE = re.compile(r"^[1-9][0-9]*[bkmg]?$")
+MEMORY_RE = re.compile(r"^[1-9][0-9]*[bkmg]?\Z")
 _KNOWN_RUNTIME_KEYS = {"provision_timeout_seconds", "required_env", "idle_timeout_seconds"}
 _KNOWN_APP_KEYS = {"port", "health_path", "command"}
 RESTART_POLICIES = ("on-failure", "never")
@@ -137,12 +126,12 @@ def _str_list(path: Path, name: str, value: Any, pattern: re.Pattern[str] | None
         raise _fail(path, name, "must be a list of non-empty strings")
     if pattern is not None:
         for item in value:
-            if not pattern.match(item):
+            if not pattern.fullmatch(item):
                 raise _fail(path, name, f"{item!r} is not a valid name")
     return tuple(value)
 
 
-PLACEMENT_RE = re.compile(r"^[A-Za-z0-9_.\-]+ *(==|!=) *[^\s].*$")
+PLACEMENT_RE = re.compile(r"^[A-Za-z0-9_.\-]+ *(==|!=) *[^\s].*\Z")
 
 
 def _placement(path: Path, value: Any) -> tuple[str, ...]:
@@ -155,7 +144,7 @@ def _placement(path: Path, value: Any) -> tuple[str, ...]:
     if not isinstance(constraints, list):
         raise _fail(path, "placement.constraints", "must be a list of strings")
     for item in constraints:
-        if not isinstance(item, str) or not PLACEMENT_RE.match(item):
+        if not isinstance(item, str) or not PLACEMENT_RE.fullmatch(item):
             raise _fail(path, "placement.constraints", f"{item!r} is not like 'node.labels.x==y'")
     return tuple(constraints)
 
@@ -169,7 +158,7 @@ def _resources(path: Path, value: Any) -> Resources:
     if unknown:
         raise _fail(path, f"resources.{unknown[0]}", "unknown key")
     memory = value.get("memory")
-    if memory is not None and (not isinstance(memory, str) or not MEMORY_RE.match(memory)):
+    if memory is not None and (not isinstance(memory, str) or not MEMORY_RE.fullmatch(memory)):
         raise _fail(path, "resources.memory", "must be a size like '512m' or '2g'")
     cpus = value.get("cpus")
     if cpus is not None and (
@@ -184,7 +173,7 @@ def _resources(path: Path, value: Any) -> Resources:
 
 def parse_manifest(name: str, manifest_path: Path) -> Template:
     """Parse and validate one manifest; raise ``InvalidManifest`` naming the path and field."""
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise _fail(manifest_path, "name", f"template folder name {name!r} is not a valid name")
     try:
         data = yaml.safe_load(manifest_path.read_text(encoding="utf-8"))
@@ -199,7 +188,7 @@ def parse_manifest(name: str, manifest_path: Path) -> Template:
         raise _fail(manifest_path, unknown[0], "unknown key")
 
     runtime = data.get("runtime")
-    if not isinstance(runtime, str) or not RUNTIME_RE.match(runtime):
+    if not isinstance(runtime, str) or not RUNTIME_RE.fullmatch(runtime):
         raise _fail(manifest_path, "runtime", "is required: a lowercase name like 'claude-code'")
     image = data.get("image")
     if image is not None and (not isinstance(image, str) or not image.strip()):
@@ -215,7 +204,7 @@ def parse_manifest(name: str, manifest_path: Path) -> Template:
     ):
         raise _fail(manifest_path, "env", "must be a mapping of strings to strings")
     for key in env:
-        if not ENV_NAME_RE.match(key) or key in RESERVED_ENV:
+        if not is_env_name(key) or key in RESERVED_ENV:
             raise _fail(manifest_path, f"env.{key}", "is not an allowed variable name")
     config_mount = data.get("config_mount")
     if config_mount is not None and (

@@ -177,3 +177,35 @@ def test_start_up_logs_every_malformed_manifest(tmp_path, settings, caplog: Any)
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "runtime_config.provision_timeout_seconds" in logged
     assert "bad-timeout/config.yaml" in logged
+
+
+@pytest.mark.parametrize(
+    ("folder", "text", "field"),
+    [
+        ("shell-x\n", "runtime: shell\n", "name"),
+        ("newline", 'runtime: "shell\\n"\n', "runtime"),
+        ("newline", 'runtime: shell\nenv:\n  "PATH_X\\n": x\n', "env.PATH_X\n"),
+        ("newline", 'runtime: shell\nmembers: ["shell-default\\n"]\n', "members"),
+        (
+            "newline",
+            'runtime: shell\nruntime_config:\n  required_env: ["API_KEY\\n"]\n',
+            "runtime_config.required_env",
+        ),
+        ("newline", 'runtime: shell\nresources:\n  memory: "512m\\n"\n', "resources.memory"),
+        (
+            "newline",
+            'runtime: shell\nplacement:\n  constraints: ["node.role==worker\\n"]\n',
+            "placement.constraints",
+        ),
+    ],
+)
+def test_a_final_newline_passes_no_rule(tmp_path, folder, text, field) -> None:
+    """Each rule is a whole match: a "$"-anchored pattern under re.match accepts a final newline."""
+    good = tmp_path / "good.yaml"
+    good.write_text(text.replace("\\n", ""))
+    manifests.parse_manifest(folder.strip(), good)  # the newline alone is what is refused
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(manifests.InvalidManifest) as refused:
+        manifests.parse_manifest(folder, path)
+    assert refused.value.error.field == field

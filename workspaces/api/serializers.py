@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
@@ -33,27 +34,110 @@ class StrictStringMapField(serializers.Field):
 MAX_ID = 2**63 - 1
 
 
+class StrictCharField(serializers.CharField):
+    """A JSON string, taken exactly as sent. DRF's CharField turns a number into its text
+    (``1e999`` became a workspace named ``inf``) and trims whitespace (``"abc\\n"`` became
+    ``abc``, ``" shell-default"`` the template ``shell-default``); this one refuses anything but a
+    string and keeps every character, so the rule that judges the value sees what was sent."""
+
+    default_error_messages = {"invalid": "must be a JSON string"}
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("trim_whitespace", False)
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return str(super().to_internal_value(data))
+
+
+class BodySerializer(serializers.Serializer):
+    """A request body: a JSON object whose every key is one of the declared fields. DRF ignores
+    other keys, so ``{"owner": ..., "status": ...}`` on a create was accepted and silently
+    dropped; here each one is a 400 naming it (with the errors of the declared fields, if any).
+    ``read_only_names`` are fields the answer shows but a request cannot set."""
+
+    read_only_names: frozenset[str] = frozenset()
+
+    def _unknown(self, data: Any) -> dict[str, list[str]]:
+        if not isinstance(data, Mapping):
+            return {}
+        accepted = ", ".join(name for name, field in self.fields.items() if not field.read_only)
+        return {
+            str(name): [
+                "is read-only"
+                if name in self.read_only_names
+                else f"is not a field of this request (accepted: {accepted or 'none'})"
+            ]
+            for name in sorted(set(data) - set(self.fields), key=str)
+        }
+
+    def to_internal_value(self, data: Any) -> Any:
+        unknown = self._unknown(data)
+        try:
+            value = super().to_internal_value(data)
+        except serializers.ValidationError as exc:
+            if unknown and isinstance(exc.detail, dict):
+                raise serializers.ValidationError({**exc.detail, **unknown}) from None
+            raise
+        if unknown:
+            raise serializers.ValidationError(unknown)
+        return value
+
+
+# The fields of the workspace's representation (WorkspaceSerializer), in their order. A request
+# that sends one it cannot set hears that it is read-only rather than unknown.
+WORKSPACE_FIELDS = (
+    "id",
+    "name",
+    "owner",
+    "template",
+    "runtime",
+    "backend",
+    "parent",
+    "members",
+    "status",
+    "desired_state",
+    "is_running",
+    "last_started_at",
+    "last_heartbeat_at",
+    "last_activity_at",
+    "idle_stop_at",
+    "pending_changes",
+    "last_error",
+    "provision_timeout_ms",
+    "url",
+    "generation",
+    "created_at",
+    "updated_at",
+)
+
+
 @extend_schema_field(
     {"type": "string", "pattern": services.NAME_RE.pattern, "minLength": 1, "maxLength": 63}
 )
-class NameField(serializers.CharField):
+class NameField(StrictCharField):
     """A workspace name; the schema carries its pattern."""
 
 
-class WorkspaceCreateSerializer(serializers.Serializer):
+ENV_SCHEMA = {
+    "type": "object",
+    "maxProperties": services.MAX_ENV_VARS,
+    "additionalProperties": {"type": "string"},
+    "description": "write-only; names match `[A-Za-z_][A-Za-z0-9_]*`; at most "
+    f"{services.MAX_ENV_VARS} variables, each value "
+    f"at most {services.MAX_ENV_VALUE_BYTES} bytes, names and values together at most "
+    f"{services.MAX_ENV_TOTAL_BYTES} bytes (UTF-8)",
+}
+
+
+class WorkspaceCreateSerializer(BodySerializer):
+    read_only_names = frozenset(WORKSPACE_FIELDS) - {"name", "template"}
+
     name = NameField(max_length=63)
-    template = serializers.CharField(max_length=100)
-    env = extend_schema_field(
-        {
-            "type": "object",
-            "maxProperties": services.MAX_ENV_VARS,
-            "additionalProperties": {"type": "string"},
-            "description": "write-only; names match `[A-Za-z_][A-Za-z0-9_]*`; at most "
-            f"{services.MAX_ENV_VARS} variables, each value "
-            f"at most {services.MAX_ENV_VALUE_BYTES} bytes, names and values together at most "
-            f"{services.MAX_ENV_TOTAL_BYTES} bytes (UTF-8)",
-        }
-    )(StrictStringMapField)(required=False, write_only=True)
+    template = StrictCharField(max_length=100)
+    env = extend_schema_field(ENV_SCHEMA)(StrictStringMapField)(required=False, write_only=True)
 
     def validate_name(self, value: str) -> str:
         try:
@@ -62,11 +146,13 @@ class WorkspaceCreateSerializer(serializers.Serializer):
             raise serializers.ValidationError(exc.message) from None
 
 
-class WorkspaceUpdateSerializer(serializers.Serializer):
+class WorkspaceUpdateSerializer(BodySerializer):
     """``PATCH /api/workspaces/{id}/``: ``name`` and/or ``env`` (write-only; replaces the whole
     map). The env reaches the instance at its next start or restart (``pending_changes``)."""
 
-    name = serializers.CharField(max_length=63, required=False)
+    read_only_names = frozenset(WORKSPACE_FIELDS) - set(services.UPDATABLE_FIELDS)
+
+    name = NameField(max_length=63, required=False)
     env = extend_schema_field({"type": "object", "additionalProperties": {"type": "string"}})(
         StrictStringMapField
     )(required=False, write_only=True)
@@ -76,6 +162,13 @@ class WorkspaceUpdateSerializer(serializers.Serializer):
             return services.validate_name(value)
         except services.InvalidInput as exc:
             raise serializers.ValidationError(exc.message) from None
+
+
+class EmptyBodySerializer(BodySerializer):
+    """The body of a request that takes none (start, stop, restart, delete): nothing, or ``{}``.
+    Anything else is refused like an unknown field of any other body, not silently ignored."""
+
+    read_only_names = frozenset(WORKSPACE_FIELDS)
 
 
 class TeamMemberSerializer(serializers.ModelSerializer):
@@ -103,30 +196,7 @@ class WorkspaceSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Workspace
-        fields = [
-            "id",
-            "name",
-            "owner",
-            "template",
-            "runtime",
-            "backend",
-            "parent",
-            "members",
-            "status",
-            "desired_state",
-            "is_running",
-            "last_started_at",
-            "last_heartbeat_at",
-            "last_activity_at",
-            "idle_stop_at",
-            "pending_changes",
-            "last_error",
-            "provision_timeout_ms",
-            "url",
-            "generation",
-            "created_at",
-            "updated_at",
-        ]
+        fields = list(WORKSPACE_FIELDS)
         read_only_fields = fields
 
     def to_representation(self, workspace: Workspace) -> dict[str, Any]:
@@ -286,6 +356,10 @@ class TemplateSerializer(serializers.Serializer):
 
 
 class AgentCallSerializer(serializers.Serializer):
+    """Read as DRF reads, other keys ignored: the registry listener's fast path
+    (project/registry_wsgi.py) answers the common calls itself and ignores other keys too, so
+    the view refusing them would answer one body two ways; the two change together."""
+
     workspace_id = serializers.UUIDField()
     healthy = serializers.BooleanField(required=False, default=True)
     # Heartbeats only: the agent saw activity in the workspace since its previous heartbeat.

@@ -30,6 +30,7 @@ from workspaces.api.serializers import (
     MAX_ID,
     AgentCallSerializer,
     AgentResponseSerializer,
+    EmptyBodySerializer,
     EventsFilterSerializer,
     EventStreamFilterSerializer,
     LogsFilterSerializer,
@@ -54,12 +55,14 @@ class WorkspaceViewSet(
     serializer_class = WorkspaceSerializer
     # Beyond the errors every operation documents (workspaces.api.schema).
     error_responses = {
-        "create": (429,),
+        # 409: the process backend's isolation refuses a new workspace (IsolationRefused).
+        "create": (409, 429),
         "partial_update": (409,),
-        "start": (409, 429),
-        "stop": (409,),
-        "restart": (409, 429),
-        "logs": (503,),
+        # 415: a body they do not take is still parsed, to be refused if it has fields.
+        "destroy": (415,),
+        "start": (409, 415, 429),
+        "stop": (409, 415),
+        "restart": (409, 415, 429),
     }
     lookup_value_regex = "[0-9a-fA-F-]{36}"
 
@@ -87,17 +90,6 @@ class WorkspaceViewSet(
     @extend_schema(request=WorkspaceUpdateSerializer, responses={200: WorkspaceSerializer})
     def partial_update(self, request: Request, pk: str | None = None) -> Response:
         workspace_id = self.get_object().id
-        if not isinstance(request.data, dict):
-            raise exceptions.ValidationError({"non_field_errors": ["expected a JSON object"]})
-        others = sorted(set(request.data) - set(services.UPDATABLE_FIELDS))
-        if others:
-            shown = set(WorkspaceSerializer.Meta.fields)
-            raise exceptions.ValidationError(
-                {
-                    name: ["is read-only" if name in shown else "is not a workspace field"]
-                    for name in others
-                }
-            )
         data = WorkspaceUpdateSerializer(data=request.data, partial=True)
         data.is_valid(raise_exception=True)
         workspace = services.update_workspace(
@@ -110,24 +102,28 @@ class WorkspaceViewSet(
 
     @extend_schema(request=None, responses={202: WorkspaceSerializer})
     def destroy(self, request: Request, pk: str | None = None) -> Response:
+        _no_body(request)
         workspace = services.request_remove(self.get_object().id, actor=audit.user(request.user))
         return Response(WorkspaceSerializer(workspace).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=None, responses={202: WorkspaceSerializer})
     @action(detail=True, methods=["post"])
     def start(self, request: Request, pk: str | None = None) -> Response:
+        _no_body(request)
         workspace = services.request_start(self.get_object().id, actor=audit.user(request.user))
         return Response(WorkspaceSerializer(workspace).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=None, responses={202: WorkspaceSerializer})
     @action(detail=True, methods=["post"])
     def stop(self, request: Request, pk: str | None = None) -> Response:
+        _no_body(request)
         workspace = services.request_stop(self.get_object().id, actor=audit.user(request.user))
         return Response(WorkspaceSerializer(workspace).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=None, responses={202: WorkspaceSerializer})
     @action(detail=True, methods=["post"])
     def restart(self, request: Request, pk: str | None = None) -> Response:
+        _no_body(request)
         workspace = services.request_restart(self.get_object().id, actor=audit.user(request.user))
         return Response(WorkspaceSerializer(workspace).data, status=status.HTTP_202_ACCEPTED)
 
@@ -168,6 +164,11 @@ class WorkspaceViewSet(
             "lines": output.splitlines() if output else [],
         }
         return Response(WorkspaceLogsSerializer(data).data)
+
+
+def _no_body(request: Request) -> None:
+    """A request that takes no body refuses one with fields instead of ignoring it."""
+    EmptyBodySerializer(data=request.data).is_valid(raise_exception=True)
 
 
 class BackendUnreachable(exceptions.APIException):
@@ -339,7 +340,7 @@ class LogStreamUnavailable(exceptions.APIException):
 
 
 class TeamCreateView(APIView):
-    error_responses = {"post": (429,)}
+    error_responses = {"post": (409, 429)}
 
     @extend_schema(request=TeamCreateSerializer, responses={201: TeamSerializer})
     def post(self, request: Request) -> Response:

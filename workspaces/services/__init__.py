@@ -33,7 +33,6 @@ from workspaces.services.agent import (
     register_agent,
 )
 from workspaces.services.common import (
-    ENV_NAME_RE,
     MAX_ENV_TOTAL_BYTES,
     MAX_ENV_VALUE_BYTES,
     MAX_ENV_VARS,
@@ -107,7 +106,6 @@ from workspaces.services.requests import (
 )
 
 __all__ = [
-    "ENV_NAME_RE",
     "IDLE_POLICY",
     "LIFECYCLE_REQUESTS",
     "MAX_ENV_TOTAL_BYTES",

@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from workspaces import audit, statements
 from workspaces.models import Workspace, WorkspaceEvent
+from workspaces.naming import RESERVED_ENV, is_env_name
 from workspaces.status import (
     EventSource,
     EventType,
@@ -25,8 +26,9 @@ from workspaces.status import (
 
 logger = logging.getLogger(__name__)
 
+# The OpenAPI schema publishes this pattern, so it keeps ECMA's "$" (end of input there); Python
+# applies it with fullmatch only, since its "$" also matches before a final newline.
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_ENV_VARS = 200
 MAX_ENV_VALUE_BYTES = 32 * 1024
 # All names and values together. It keeps every valid env inside a request body of
@@ -130,7 +132,6 @@ class IntentChanged(ServiceError):
 
 # --- validation shared by the API, the admin and manage.py ---------------------------------------
 def validate_name(name: Any) -> str:
-    # fullmatch: NAME_RE's "$" would also accept a trailing newline.
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidInput(
             "name",
@@ -141,8 +142,6 @@ def validate_name(name: Any) -> str:
 
 
 def validate_env(env: Any) -> dict[str, str]:
-    from provisioning.manifests import RESERVED_ENV
-
     if env is None:
         return {}
     if not isinstance(env, Mapping):
@@ -150,7 +149,7 @@ def validate_env(env: Any) -> dict[str, str]:
     if len(env) > MAX_ENV_VARS:
         raise InvalidInput("env", f"must have at most {MAX_ENV_VARS} variables")
     for key, value in env.items():
-        if not isinstance(key, str) or not ENV_NAME_RE.match(key):
+        if not is_env_name(key):
             raise InvalidInput("env", f"{key!r} is not a valid variable name")
         if key in RESERVED_ENV or env_name_denied(key):
             raise InvalidInput(

@@ -232,7 +232,7 @@ def create_team(
         raise InvalidInput("template", f"{template!r} is not a team template (it lists no members)")
     member_names = team_member_names(name, manifest.members)
     for member_name in member_names:
-        if not NAME_RE.match(member_name):
+        if not NAME_RE.fullmatch(member_name):
             raise InvalidInput(
                 "name",
                 f"the member name {member_name!r} would be invalid: use a shorter team name",
