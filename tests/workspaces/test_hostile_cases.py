@@ -115,15 +115,15 @@ def test_a_hostile_request_is_refused_cleanly_and_writes_nothing(case, user, see
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_cases_over_http_against_a_live_server(user, live_server) -> None:
-    """The runner the real stack uses (send_http: raw HTTP, a hostile Host sent as is), here
-    against Django's live server: the same answers as through the test client."""
+def test_the_cases_over_http_against_the_stack(user, on_stack) -> None:
+    """Every case over raw HTTP (a hostile Host sent as is) to the server bin/run starts: the
+    same answers as through the test client, and nothing written."""
     workspace = services.create_workspace(owner=user, name=SEED_NAME, template=SEED_TEMPLATE)
     api_key = api_key_for(user)
     for case in CASES:
         before = _snapshot()
         status, content_type, body = send_http(
-            case, live_server.url, seed_id=str(workspace.id), api_key=api_key
+            case, on_stack.url, seed_id=str(workspace.id), api_key=api_key
         )
         assert_refused(case, status, content_type, body)
         assert_nothing_written(case, before, user)
