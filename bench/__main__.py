@@ -8,7 +8,8 @@ because a number is high.
 
 ``python -m bench peer [options]`` runs the JupyterHub comparison instead (``bench.peer``: an
 optional dependency group, not part of the default run); the default run keeps its section of
-the report.
+the report. ``python -m bench server_path --against REV`` likewise (``bench.server_path``: this
+tree's web and registry processes against another revision's, served side by side).
 
 When ``DATABASE_URL`` is set, module ``<name>`` gets ``<that database>_<name>``, so benches never
 share tables. The Docker benches use the engine in ``DOCKER_HOST``, or one private dockerd that
@@ -159,16 +160,21 @@ def _child(name: str, repeats: int, result: Path) -> int:
 
 
 def _kept_sections(path: Path) -> list[str]:
-    """The peer and steady blocks of the existing report (``bench.peer`` and ``bench.steady``
-    write them between markers), in the order they appear."""
+    """The peer, steady and server_path blocks of the existing report (``bench.peer``,
+    ``bench.steady`` and ``bench.server_path`` write them between markers), in the order they
+    appear."""
     from bench.peer import MARKERS as PEER
+    from bench.server_path import MARKERS as SERVER_PATH
     from bench.steady import MARKERS as STEADY
 
     try:
         text = path.read_text()
     except OSError:
         return []
-    found = sorted([*PEER.finditer(text), *STEADY.finditer(text)], key=lambda match: match.start())
+    found = sorted(
+        [*PEER.finditer(text), *STEADY.finditer(text), *SERVER_PATH.finditer(text)],
+        key=lambda match: match.start(),
+    )
     return [match.group(0).rstrip("\n") + "\n" for match in found]
 
 
@@ -181,6 +187,10 @@ def main() -> int:
         from bench.steady import main as steady
 
         return steady(sys.argv[2:])
+    if sys.argv[1:2] == ["server_path"]:
+        from bench.server_path import main as server_path
+
+        return server_path(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5, help="runs per figure (default 5)")
     parser.add_argument("--only", nargs="*", choices=MODULES, help="run only these benchmarks")
