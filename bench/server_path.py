@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -528,11 +529,43 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         "every round. Ratios are new / old, taken per round: the median, and (min-max) over "
         "the rounds; the absolute figures are the medians over the rounds.",
         "",
-        f"- load average {load_before} at the start, {_load()} at the end (2 cores, shared)",
+        f"- load average {load_before} at the start, {_load()} at the end "
+        f"({os.cpu_count()} cores, shared with other work)",
         f"- PostgreSQL backends on the bench database (both trees' four servers): {held} "
         f"after the warm-up, {held_after} at the end",
     ]
     return lines, about
+
+
+HOW = [
+    "`python -m bench server_path --against REV` serves this tree and revision REV side by side, "
+    "in one run. REV is checked out in a temporary git worktree with a venv of its own "
+    "(`uv sync --frozen`); each tree serves its Procfile's `web` line (2 workers) and its "
+    "`registry` line (1 worker), all four on one bench database, migrated and seeded (a user "
+    "with an API token, 50 workspaces, 8 online ones with an agent token each: each client "
+    "beats and writes for its own workspace).",
+    "Per round, each block (an endpoint at 1 and at 8 concurrent clients, keep-alive) runs on "
+    "both trees one after the other, and which tree goes first flips every round. Per block and "
+    "tree: p50 and p95 latency; the server's CPU per request (utime + stime of the gunicorn "
+    "master and its workers, from `/proc`, before and after the block); PostgreSQL's CPU per "
+    "request (the bench database's backends, from `pg_stat_activity` and `/proc`; a backend "
+    "that both began and ended within a block would be missed, hence the backend counts below).",
+]
+
+
+def section(about: list[str], lines: list[str]) -> list[str]:
+    """The report's block: how the figures are made, this run's description, the table."""
+    prose = [line for text in [*HOW, about[0]] for line in [*textwrap.wrap(text, 100), ""]]
+    items = [textwrap.wrap(item, 100, subsequent_indent="  ") for item in about[1:] if item]
+    return [
+        "## The web server's path",
+        "",
+        *prose,
+        *[line for item in items for line in item],
+        "",
+        *lines,
+        "",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -540,17 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     lines, about = run(args)
     print("\n".join([*about, "", *lines]))
     if not args.no_report:
-        section = [
-            "## The web server's path",
-            "",
-            (__doc__ or "").strip().split("\n\n", 1)[1],
-            "",
-            *about,
-            "",
-            *lines,
-            "",
-        ]
-        write_block(args.out, BEGIN, END, section)
+        write_block(args.out, BEGIN, END, section(about, lines))
         print(f"wrote {args.out}")
     return 0
 

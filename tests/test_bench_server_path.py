@@ -26,6 +26,7 @@ from bench.server_path import (
     endpoints,
     parse_args,
     ratios,
+    section,
     server_cpu,
     shares,
     spread,
@@ -168,3 +169,12 @@ def test_a_servers_cpu_counts_its_workers() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_the_reports_block_wraps_its_prose_and_keeps_the_table() -> None:
+    about = ["Made by " + "word " * 40, "", "- load average " + "1.0 " * 30]
+    rows = ["| a | b |", "|---|---|", "| " + "x" * 150 + " | y |"]
+    block = section(about, rows)
+    assert block[0] == "## The web server's path"
+    assert block[-1 - len(rows) : -1] == rows  # the table as measured, however wide
+    assert all(len(line) <= 100 for line in block if not line.startswith("|"))
