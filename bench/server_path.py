@@ -524,7 +524,8 @@ def run(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     about = [
         f"Made by `python -m bench server_path --against {args.against}` on {when} in "
         f"{time.time() - started:.0f} s: new = this tree ({new_rev}), old = {old_rev}. "
-        f"{args.rounds} rounds; per round, endpoint and client count, {args.requests} requests "
+        f"{args.rounds} round{'s' if args.rounds > 1 else ''}; per round, endpoint and client "
+        f"count, {args.requests} requests "
         "on each tree (keep-alive, the clients' share each), the tree that goes first flipping "
         "every round. Ratios are new / old, taken per round: the median, and (min-max) over "
         "the rounds; the absolute figures are the medians over the rounds.",
