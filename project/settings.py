@@ -126,6 +126,28 @@ MIDDLEWARE = [
 
 ROOT_URLCONF = "project.urls"
 WSGI_APPLICATION = "project.wsgi.application"
+# The registry listener (project/registry_asgi.py sets PLATFORM_LISTENER=registry) serves the
+# agents' endpoints alone: a URLconf of those, any other path a JSON 404, and only the
+# middleware an agent call needs (no sessions, CSRF, messages or static files: agents send a
+# bearer token and JSON). Agents call it by whatever address reaches the host from their
+# network, and the token, not the Host header, is what it trusts: it answers every Host.
+PLATFORM_LISTENER = env_choice(
+    "PLATFORM_LISTENER",
+    "web",
+    ("web", "registry"),
+    doc=(
+        "Which of the platform's listeners this process is; `project/registry_asgi.py` sets"
+        " `registry`. Not set by hand."
+    ),
+    section="core",
+)
+if PLATFORM_LISTENER == "registry":
+    ROOT_URLCONF = "project.registry_urls"
+    ALLOWED_HOSTS = ["*"]
+    MIDDLEWARE = [
+        "workspaces.api.middleware.RequestGuardMiddleware",
+        "workspaces.api.middleware.ServiceUnavailableMiddleware",
+    ]
 # project/asgi.py and project/registry_asgi.py (project/request_body.py): a request whose body has
 # not arrived whole within this many seconds is answered 408 before Django reads it, so clients
 # that stall (a workspace that opens connections and sends half a request, an agent stopped
