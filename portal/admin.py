@@ -21,14 +21,15 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from provisioning import idle, logs
 from provisioning.backends.base import BackendError
-from workspaces import audit, selectors, services
+from workspaces import audit, services
 from workspaces.models import ApiToken, Workspace, WorkspaceEvent
 from workspaces.status import WorkspaceStatus
 
 S = WorkspaceStatus
 
-# Status colours, shared with the dashboard's CSS (workspaces/static/workspaces/dashboard.css).
+# Status colours, shared with the dashboard's CSS (portal/static/workspaces/dashboard.css).
 STATUS_COLOURS: dict[str, str] = {
     S.PROVISIONING: "#2563eb",
     S.ONLINE: "#15803d",
@@ -258,9 +259,7 @@ class WorkspaceAdmin(admin.ModelAdmin):
     # -- columns ----------------------------------------------------------------------------------
     @admin.display(description="idle stop at")
     def idle_stop_at(self, obj: Workspace) -> Any:
-        from provisioning.idle import idle_stop_at
-
-        return idle_stop_at(obj)
+        return idle.idle_stop_at(obj)
 
     @admin.display(description="status", ordering="status")
     def status_display(self, obj: Workspace) -> SafeString:
@@ -278,7 +277,7 @@ class WorkspaceAdmin(admin.ModelAdmin):
     @admin.display(description="last lines of output")
     def recent_output(self, obj: Workspace) -> SafeString:
         try:
-            output = selectors.workspace_logs(obj, ADMIN_LOG_TAIL)
+            output = logs.workspace_logs(obj, ADMIN_LOG_TAIL)
         except BackendError as exc:
             output = f"(the backend cannot be asked: {exc})"
         return format_html(

@@ -1,5 +1,6 @@
-"""Live events: every recorded event is published on Redis pub/sub once committed, and
-``GET /api/events/stream`` turns the caller's share of them into Server-Sent Events.
+"""Live events: every recorded event is published on Redis pub/sub once committed
+(``workspaces.event_channel``), and ``GET /api/events/stream`` turns the caller's share of them
+into Server-Sent Events.
 
 Channels: one per owner (``<EVENTS_CHANNEL_PREFIX>:owner:<user id>``); a non-staff stream
 subscribes to its owner's channel only, so it never receives another owner's events; a staff
@@ -36,51 +37,19 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import connection
 from redis.exceptions import RedisError
-from rest_framework.fields import DateTimeField
 
-from provisioning.redis_client import get_redis
 from workspaces import selectors
-from workspaces.models import WorkspaceEvent
+from workspaces.event_channel import event_data, owner_channel
+from workspaces.redis_client import get_redis
 
 logger = logging.getLogger(__name__)
 REPLAY_BATCH = 500
 # Poll granularity of the live loop: bounds how late a keepalive or the end of the stream is.
 _POLL_SECONDS = 1.0
-_DATETIME = DateTimeField()  # the API's representation of a time (ISO 8601, "Z" for UTC)
-
-
-def owner_channel(owner_id: int) -> str:
-    return f"{settings.EVENTS_CHANNEL_PREFIX}:owner:{owner_id}"
 
 
 def _all_owners_pattern() -> str:
     return f"{settings.EVENTS_CHANNEL_PREFIX}:owner:*"
-
-
-def event_data(event: WorkspaceEvent) -> dict[str, Any]:
-    """The event as the API shows it (``LiveEventSerializer``'s fields and values, which a test
-    checks), plus the workspace it belongs to. Built directly: it runs for every event published
-    and every event a stream replays, where a serializer costs fifty times as much."""
-    return {
-        "id": event.id,
-        "workspace_id": str(event.workspace_id),
-        "type": str(event.type),
-        "source": str(event.source),
-        "actor": event.actor,
-        "generation": event.generation,
-        "payload": event.payload,
-        "created_at": _DATETIME.to_representation(event.created_at),
-    }
-
-
-def publish(event: WorkspaceEvent, owner_id: int) -> None:
-    """Publish a committed event to its owner's channel: the row as it was written, not read
-    back. Never raises: the event is in the database, and a client that missed it finds it there
-    (polling or Last-Event-ID)."""
-    try:
-        get_redis().publish(owner_channel(owner_id), json.dumps(event_data(event)))
-    except RedisError as exc:
-        logger.warning("could not publish event %s: %s", event.pk, exc)
 
 
 def sse_message(data: dict[str, Any]) -> bytes:

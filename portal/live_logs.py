@@ -11,7 +11,7 @@ Frames:
 * ``event: end`` + ``data: {"reason": "max_seconds" | "lease" | "error", "detail": "..."}``:
   the last frame. After ``max_seconds``, open a new stream with ``tail=0`` to go on.
 
-Bounded like the event stream (``workspaces.live_events``, whose per-user places it shares the
+Bounded like the event stream (``portal.live_events``, whose per-user places it shares the
 mechanism of, with a cap of its own): at most ``LOGS_STREAM_MAX_SECONDS`` per stream and
 ``LOGS_STREAMS_PER_USER`` open streams per user; a line is cut to
 ``LOGS_STREAM_MAX_LINE_BYTES``; the tail is at most ``LOGS_MAX_TAIL`` lines and
@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 from django.conf import settings
 from redis.exceptions import RedisError
 
+from portal.live_events import StreamSlot, open_frame
 from provisioning.backends.base import (
     BackendError,
     InstanceNotice,
@@ -41,7 +42,6 @@ from provisioning.backends.base import (
     WorkspaceBackend,
 )
 from provisioning.backends.follow import get_within
-from workspaces.live_events import StreamSlot, open_frame
 
 logger = logging.getLogger(__name__)
 _DONE = object()

@@ -19,6 +19,8 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any, cast
 
+from django.conf import settings
+from django.db.models import Count
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -30,6 +32,10 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+from workspaces.models import Workspace
+from workspaces.redis_client import get_redis
+from workspaces.status import WorkspaceStatus
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +97,6 @@ class StateCollector(Collector):
     """Gauges read at scrape time from PostgreSQL and Redis."""
 
     def collect(self) -> Iterator[Metric]:
-        from django.conf import settings
-        from django.db.models import Count
-
-        from provisioning.redis_client import get_redis
-        from workspaces.models import Workspace
-        from workspaces.status import WorkspaceStatus
-
         by_status = GaugeMetricFamily(
             "workspaces", "Workspaces by status and backend", labels=["status", "backend"]
         )

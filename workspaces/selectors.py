@@ -9,7 +9,6 @@ from uuid import UUID
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import Prefetch, Q, QuerySet
 
-from provisioning.backends.base import WorkspaceBackend
 from workspaces import statements
 from workspaces.crypto import token_digest
 from workspaces.models import ApiToken, Workspace, WorkspaceEvent
@@ -131,30 +130,6 @@ def workspace_and_members(workspace_id: UUID) -> frozenset[str]:
     """The ids of a workspace and of its team's members (a team workspace's page shows both)."""
     rows = Workspace.objects.filter(Q(id=workspace_id) | Q(parent_id=workspace_id))
     return frozenset({str(workspace_id), *(str(row) for row in rows.values_list("id", flat=True))})
-
-
-def workspace_logs(workspace: Workspace, tail: int) -> str:
-    """The last ``tail`` lines of the workspace's instance output, from its backend (bounded by
-    ``LOGS_MAX_BYTES``). Raises ``BackendError`` when the backend cannot be asked."""
-    from django.conf import settings
-
-    from provisioning.backends import backend_for
-
-    backend = backend_for(workspace, check=False)
-    return backend.logs(
-        workspace.id, {}, min(tail, settings.LOGS_MAX_TAIL), settings.LOGS_MAX_BYTES
-    )
-
-
-def logs_backend(workspace: Workspace) -> WorkspaceBackend:
-    """The backend to follow ``workspace``'s output on, once a one-line read showed it answers
-    (``check_available`` is not that probe: it may set a backend up, e.g. a firewall). Raises
-    ``BackendError`` when it cannot be asked."""
-    from provisioning.backends import backend_for
-
-    backend = backend_for(workspace, check=False)
-    backend.logs(workspace.id, {}, 1, 1024)
-    return backend
 
 
 def api_token(key: str) -> ApiToken | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from django.conf import settings
 
-from provisioning.manifests import TemplateSet, templates
+from workspaces.manifests import TemplateSet, templates
 
 
 def provision_timeout_seconds(

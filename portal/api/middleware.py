@@ -22,7 +22,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from workspaces.api.parsers import bad_text_reason
+from portal.api.parsers import bad_text_reason
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from typing import Any
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
-from workspaces.api.authentication import AgentPrincipal
+from portal.api.authentication import AgentPrincipal
 
 
 class IsAgent(BasePermission):

@@ -17,10 +17,10 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from portal.api.authentication import ApiTokenAuthentication
 from provisioning import proxy, routes
 from provisioning.backends.base import BackendError
 from workspaces import access, services
-from workspaces.api.authentication import ApiTokenAuthentication
 from workspaces.models import Workspace
 
 

@@ -3,7 +3,7 @@
 * every operation: 400 (a bad ``Host``, or a NUL in a header or query parameter, is refused
   before any view; most operations also validate a body or parameters), 401 (no or a bad token),
   413 (a body above ``API_MAX_BODY_BYTES``, refused whatever the operation) and 503 (PostgreSQL
-  or Redis lost mid-request: ``workspaces.api.middleware.ServiceUnavailableMiddleware``);
+  or Redis lost mid-request: ``portal.api.middleware.ServiceUnavailableMiddleware``);
 * every operation but the event streams: 406 (an Accept header that refuses JSON);
 * operations that write (POST, PUT, PATCH, DELETE) with a session login among their schemes: 403
   (a session-authenticated write without its CSRF token);
@@ -26,7 +26,7 @@ from rest_framework import serializers
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.views import APIView
 
-from workspaces.api.serializers import BodySerializer
+from portal.api.serializers import BodySerializer
 
 DESCRIPTIONS = {
     400: "Bad request: a field, parameter or header is invalid; `errors` names it.",
@@ -118,7 +118,7 @@ class AutoSchema(openapi.AutoSchema):
 class AgentTokenScheme(OpenApiAuthenticationExtension):
     """``Authorization: Bearer <workspace token>`` on the agents' registry endpoints."""
 
-    target_class = "workspaces.api.authentication.AgentTokenAuthentication"
+    target_class = "portal.api.authentication.AgentTokenAuthentication"
     name = "workspaceToken"
 
     def get_security_definition(self, auto_schema: Any) -> dict[str, Any]:

@@ -8,12 +8,12 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from provisioning import idle
-from provisioning.manifests import Template
 from provisioning.routes import workspace_url
-from provisioning.timeouts import idle_timeout_seconds, provision_timeout_seconds
 from workspaces import selectors, services
+from workspaces.manifests import Template
 from workspaces.models import Workspace, WorkspaceEvent
 from workspaces.status import WorkspaceStatus
+from workspaces.timeouts import idle_timeout_seconds, provision_timeout_seconds
 
 
 class StrictStringMapField(serializers.Field):

@@ -1,7 +1,7 @@
 from django.urls import include, path
 from rest_framework.routers import DefaultRouter
 
-from workspaces.api import views
+from portal.api import views
 
 router = DefaultRouter(trailing_slash=True)
 router.include_root_view = False

@@ -20,13 +20,10 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from provisioning.backends.base import BackendError
-from provisioning.manifests import templates
-from provisioning.redis_client import get_redis
-from workspaces import audit, live_events, live_logs, selectors, services
-from workspaces.api.authentication import AgentTokenAuthentication
-from workspaces.api.permissions import IsAgent
-from workspaces.api.serializers import (
+from portal import live_events, live_logs
+from portal.api.authentication import AgentTokenAuthentication
+from portal.api.permissions import IsAgent
+from portal.api.serializers import (
     MAX_ID,
     AgentCallSerializer,
     AgentResponseSerializer,
@@ -44,7 +41,13 @@ from workspaces.api.serializers import (
     WorkspaceSerializer,
     WorkspaceUpdateSerializer,
 )
+from provisioning import logs, readiness
+from provisioning.backends.base import BackendError
+from workspaces import audit, selectors, services
+from workspaces import metrics as workspace_metrics
+from workspaces.manifests import templates
 from workspaces.models import AgentToken, Workspace
+from workspaces.redis_client import get_redis
 
 
 class WorkspaceViewSet(
@@ -53,7 +56,7 @@ class WorkspaceViewSet(
     viewsets.GenericViewSet,
 ):
     serializer_class = WorkspaceSerializer
-    # Beyond the errors every operation documents (workspaces.api.schema).
+    # Beyond the errors every operation documents (portal.api.schema).
     error_responses = {
         # 409: the process backend's isolation refuses a new workspace (IsolationRefused).
         "create": (409, 429),
@@ -152,7 +155,7 @@ class WorkspaceViewSet(
         workspace = self.get_object()
         tail = params.validated_data.get("tail", settings.LOGS_DEFAULT_TAIL)
         try:
-            output = selectors.workspace_logs(workspace, tail)
+            output = logs.workspace_logs(workspace, tail)
         except BackendError as exc:
             raise BackendUnreachable(str(exc)) from exc
         data = {
@@ -311,7 +314,7 @@ class WorkspaceLogStreamView(APIView):
         if workspace is None:
             raise exceptions.NotFound()
         try:
-            backend = selectors.logs_backend(workspace)
+            backend = logs.logs_backend(workspace)
         except BackendError as exc:
             raise BackendUnreachable(str(exc)) from exc
         try:
@@ -429,8 +432,6 @@ def readyz(request: HttpRequest) -> JsonResponse:
     except Exception as exc:
         checks["redis"] = f"error: {exc.__class__.__name__}: {exc}"
     if settings.READYZ_REQUIRE_WORKERS and checks["redis"] == "ok":
-        from provisioning import readiness
-
         checks["workers"] = readiness.check_workers()
         checks["beat"] = readiness.check_beat()
     ready = all(value == "ok" for value in checks.values())
@@ -440,8 +441,6 @@ def readyz(request: HttpRequest) -> JsonResponse:
 
 
 def metrics(request: HttpRequest) -> HttpResponse:
-    """Prometheus exposition (see ``project/metrics.py``)."""
-    from project import metrics as project_metrics
-
-    body, content_type = project_metrics.render()
+    """Prometheus exposition (see ``workspaces/metrics.py``)."""
+    body, content_type = workspace_metrics.render()
     return HttpResponse(body, content_type=content_type)

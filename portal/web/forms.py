@@ -5,7 +5,7 @@ from typing import Any
 from django import forms
 from django.conf import settings
 
-from provisioning.manifests import Template, templates
+from workspaces.manifests import Template, templates
 
 
 def template_choices() -> list[tuple[str, str]]:

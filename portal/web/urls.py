@@ -1,6 +1,6 @@
 from django.urls import path
 
-from workspaces.web import views
+from portal.web import views
 
 app_name = "dashboard"
 

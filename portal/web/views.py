@@ -15,11 +15,11 @@ from django.shortcuts import redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods, require_POST
 
-from provisioning.manifests import templates
+from portal.admin import STATUS_COLOURS
+from portal.web.forms import CreateWorkspaceForm
 from workspaces import audit, selectors, services
-from workspaces.admin import STATUS_COLOURS
+from workspaces.manifests import templates
 from workspaces.models import Workspace, WorkspaceEvent
-from workspaces.web.forms import CreateWorkspaceForm
 
 # The dashboard's buttons (removal has its own confirmation page).
 REQUESTS = {verb: services.LIFECYCLE_REQUESTS[verb] for verb in ("start", "stop", "restart")}

@@ -313,7 +313,7 @@ def test_health_schema_and_docs(client) -> None:
 
 
 def test_readyz_is_503_when_redis_is_unreachable(client, settings) -> None:
-    from provisioning import redis_client
+    from workspaces import redis_client
 
     settings.REDIS_URL = "redis://127.0.0.1:1/0"
     try:

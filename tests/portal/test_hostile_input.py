@@ -212,7 +212,7 @@ def test_a_body_over_a_lowered_limit_is_a_413_everywhere(api, settings) -> None:
 def test_the_parser_bounds_a_body_the_middleware_did_not_see(settings) -> None:
     from io import BytesIO
 
-    from workspaces.api.parsers import JSONParser, RequestTooLarge
+    from portal.api.parsers import JSONParser, RequestTooLarge
 
     settings.API_MAX_BODY_BYTES = 10
     with pytest.raises(RequestTooLarge):
@@ -307,7 +307,7 @@ def test_the_guard_works_in_front_of_async_views_too(rf, settings) -> None:
 
     from django.http import HttpResponse
 
-    from workspaces.api.middleware import RequestGuardMiddleware
+    from portal.api.middleware import RequestGuardMiddleware
 
     async def view(request: Any) -> HttpResponse:
         return HttpResponse("ok")

@@ -16,12 +16,13 @@ from urllib.parse import urlparse
 import pytest
 from django.db import transaction
 
-from provisioning.redis_client import get_redis
+from portal import live_events
 from tests.conftest import client_for
 from tests.provisioning.test_reconciler import make_row
 from tests.support import wait_for
-from workspaces import live_events, services
+from workspaces import event_channel, services
 from workspaces.models import Workspace, WorkspaceEvent
+from workspaces.redis_client import get_redis
 from workspaces.status import EventSource, EventType, WorkspaceStatus
 
 S = WorkspaceStatus
@@ -64,7 +65,7 @@ def _next_message(pubsub: Any, timeout: float) -> dict[str, Any] | None:
 def test_events_are_published_after_commit_only(user, django_capture_on_commit_callbacks) -> None:
     workspace = make_row(user, S.ONLINE, backend="process")
     pubsub = get_redis().pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(live_events.owner_channel(user.pk))
+    pubsub.subscribe(event_channel.owner_channel(user.pk))
     try:
         with django_capture_on_commit_callbacks(execute=True):
             with pytest.raises(RuntimeError), transaction.atomic():
@@ -240,7 +241,7 @@ def test_a_published_event_is_exactly_what_the_api_shows(user) -> None:
     """``event_data`` builds the event directly (it runs for every event published and replayed):
     the same fields and values as ``LiveEventSerializer``, for an event as inserted (enum members,
     a fresh time) and as read back."""
-    from workspaces.api.serializers import LiveEventSerializer
+    from portal.api.serializers import LiveEventSerializer
 
     workspace = make_row(user, WorkspaceStatus.ONLINE)
     inserted = services.record_event(
@@ -251,7 +252,7 @@ def test_a_published_event_is_exactly_what_the_api_shows(user) -> None:
         {"missing_env": ["A", "B"], "template": "x", "n": 1.5},
     )
     for event in (inserted, WorkspaceEvent.objects.get(id=inserted.id)):
-        built = live_events.event_data(event)
+        built = event_channel.event_data(event)
         assert built == dict(LiveEventSerializer(event).data)
         assert json.dumps(built) == json.dumps(dict(LiveEventSerializer(event).data))
 
@@ -316,7 +317,7 @@ def test_a_workspace_stream_carries_only_its_own_and_its_members_live_events(use
     reader.start()
     time.sleep(0.3)
     for workspace, event_id in ((other, 20_001), (page_of, 20_002), (member, 20_003)):
-        live_events.publish(_event(workspace, event_id), user.pk)
+        event_channel.publish(_event(workspace, event_id), user.pk)
     reader.join(timeout=10)
     assert [(e["id"], e["workspace_id"]) for e in received] == [
         (20_002, str(page_of.id)),

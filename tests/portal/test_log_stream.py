@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
+from portal import live_events
 from tests.conftest import client_for
 from tests.fakes import FakeBackend, fake_backend
-from workspaces import live_events, services
+from workspaces import services
 
 pytestmark = pytest.mark.django_db
 

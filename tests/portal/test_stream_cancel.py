@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID, uuid4
 
+from portal import live_events, live_logs
 from provisioning.backends import follow
 from provisioning.backends.base import LogItem, LogLine
-from workspaces import live_events, live_logs
 
 ROUNDS = 150
 

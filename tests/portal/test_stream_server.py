@@ -24,10 +24,11 @@ import pytest
 from django.conf import settings
 from django.db import transaction
 
+from portal import live_events
+from tests.portal.test_live_events import StreamReader
 from tests.provisioning.test_reconciler import make_row
 from tests.support import WebServer, wait_for
-from tests.workspaces.test_live_events import StreamReader
-from workspaces import live_events, services
+from workspaces import services
 from workspaces.status import EventSource, EventType, WorkspaceStatus
 
 CAP = 3

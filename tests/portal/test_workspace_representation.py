@@ -11,8 +11,8 @@ from django.utils import timezone
 from rest_framework import serializers
 from rest_framework.renderers import JSONRenderer
 
+from portal.api.serializers import WorkspaceSerializer
 from workspaces import selectors, services
-from workspaces.api.serializers import WorkspaceSerializer
 from workspaces.models import Workspace
 from workspaces.status import DesiredState, WorkspaceStatus
 

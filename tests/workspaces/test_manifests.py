@@ -13,10 +13,9 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 
-from provisioning import manifests
-from provisioning.manifests import invalidate_templates, load_templates, templates
-from tests.provisioning.conftest import write_templates
-from tests.support import REPO, service_env
+from tests.support import REPO, service_env, write_templates
+from workspaces import manifests
+from workspaces.manifests import invalidate_templates, load_templates, templates
 
 BAD_MANIFESTS = {
     "bad-timeout": (
@@ -165,13 +164,13 @@ def test_registry_is_cached_and_reloads_when_a_file_changes(
 
 
 def test_start_up_logs_every_malformed_manifest(tmp_path, settings, caplog: Any) -> None:
-    from provisioning.apps import ProvisioningConfig
+    from workspaces.apps import WorkspacesConfig
 
     settings.WORKSPACE_TEMPLATES_DIR = _bad_dir(tmp_path)
     invalidate_templates()
     try:
-        with caplog.at_level(logging.WARNING, logger="provisioning"):
-            ProvisioningConfig.ready(ProvisioningConfig("provisioning", manifests))
+        with caplog.at_level(logging.WARNING, logger="workspaces"):
+            WorkspacesConfig.ready(WorkspacesConfig("workspaces", manifests))
     finally:
         invalidate_templates()
     logged = "\n".join(record.getMessage() for record in caplog.records)

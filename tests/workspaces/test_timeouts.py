@@ -12,10 +12,10 @@ import pytest
 from django.utils import timezone
 
 from provisioning import sweeper
-from provisioning.manifests import invalidate_templates, templates
-from provisioning.timeouts import provision_timeout_seconds
+from workspaces.manifests import invalidate_templates, templates
 from workspaces.models import Workspace, WorkspaceEvent
 from workspaces.status import EventSource, WorkspaceStatus
+from workspaces.timeouts import provision_timeout_seconds
 
 pytestmark = pytest.mark.django_db
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,22 +137,22 @@ def test_the_accessor_guard_catches_every_way_of_reading_a_timeout(snippet: str)
 
 
 def test_the_accessor_guard_passes_the_accessor_call() -> None:
-    source = "from provisioning.timeouts import provision_timeout_seconds as t\nt('a', 'b')\n"
+    source = "from workspaces.timeouts import provision_timeout_seconds as t\nt('a', 'b')\n"
     assert timeout_reads("x = settings.GATE_LEASE_SECONDS\n") == []
     assert timeout_reads(source) == []
 
 
 def test_nothing_but_the_accessor_reads_the_timeout_settings() -> None:
-    """Every caller goes through provisioning.timeouts; nothing re-implements the order."""
+    """Every caller goes through workspaces.timeouts; nothing re-implements the order."""
     allowed = {
-        ROOT / "provisioning" / "timeouts.py",
+        ROOT / "workspaces" / "timeouts.py",
         ROOT / "project" / "settings.py",
         # The manifest parser reads the manifest's own field; the accessor is its only reader.
-        ROOT / "provisioning" / "manifests.py",
+        ROOT / "workspaces" / "manifests.py",
     }
     offenders = []
     scanned = 0
-    for package in ("workspaces", "provisioning", "project"):
+    for package in ("workspaces", "provisioning", "portal", "project"):
         for path in (ROOT / package).rglob("*.py"):
             if path in allowed or "migrations" in path.parts:
                 continue
@@ -160,15 +160,15 @@ def test_nothing_but_the_accessor_reads_the_timeout_settings() -> None:
             for where in timeout_reads(path.read_text()):
                 offenders.append(f"{path.relative_to(ROOT)}:{where}")
     assert scanned > 20
-    assert not offenders, "timeouts resolved outside provisioning.timeouts: " + ", ".join(offenders)
+    assert not offenders, "timeouts resolved outside workspaces.timeouts: " + ", ".join(offenders)
 
-    for module in ("provisioning/sweeper.py", "workspaces/api/serializers.py"):
+    for module in ("provisioning/sweeper.py", "portal/api/serializers.py"):
         tree = ast.parse((ROOT / module).read_text())
         imports = [
             node
             for node in ast.walk(tree)
             if isinstance(node, ast.ImportFrom)
-            and node.module == "provisioning.timeouts"
+            and node.module == "workspaces.timeouts"
             and any(alias.name == "provision_timeout_seconds" for alias in node.names)
         ]
-        assert imports, f"{module} does not use provisioning.timeouts.provision_timeout_seconds"
+        assert imports, f"{module} does not use workspaces.timeouts.provision_timeout_seconds"

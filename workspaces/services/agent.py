@@ -10,9 +10,9 @@ from uuid import UUID
 from django.db import connection, transaction
 from django.utils import timezone
 
-from project import metrics
-from workspaces import statements
+from workspaces import metrics, statements
 from workspaces.crypto import token_digest
+from workspaces.manifests import templates
 from workspaces.models import AgentToken, Workspace, WorkspaceEvent, event_payload
 from workspaces.services.common import (
     AgentAuthError,
@@ -55,8 +55,6 @@ def _record_config_copy(workspace: Workspace, generation: int) -> None:
     """The agent found its config volume freshly filled from the template's config image. After
     an earlier registration that is a recovery (the volume had been emptied); before any, it is
     the first population (recorded by the cycle), or one whose agent never got to report it."""
-    from provisioning.manifests import templates
-
     if generation <= 1:
         return  # the first cycle: nothing registered before it
     registered_before = WorkspaceEvent.objects.filter(

@@ -10,11 +10,14 @@ from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
+from celery import current_app
 from django.db import transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import RedisError
 
-from workspaces import audit, statements
+from workspaces import audit, event_channel, statements
 from workspaces.models import Workspace, WorkspaceEvent
 from workspaces.naming import RESERVED_ENV, is_env_name
 from workspaces.status import (
@@ -25,6 +28,10 @@ from workspaces.status import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The engine's task that converges a workspace, enqueued by its name: the domain does not import
+# the engine (provisioning.tasks registers the task under this name).
+CONVERGE_TASK = "provisioning.converge"
 
 # The OpenAPI schema publishes this pattern, so it keeps ECMA's "$" (end of input there); Python
 # applies it with fullmatch only, since its "$" also matches before a final newline.
@@ -195,13 +202,8 @@ def _enqueue_converge(workspace_id: UUID) -> None:
 
 def send_converge(workspace_id: UUID) -> bool:
     """Publish a converge task now; False (logged) when the broker cannot take it."""
-    from kombu.exceptions import OperationalError as BrokerError
-    from redis.exceptions import RedisError
-
-    from provisioning.tasks import converge_workspace
-
     try:
-        converge_workspace.apply_async((str(workspace_id),))
+        current_app.send_task(CONVERGE_TASK, (str(workspace_id),))
     except (BrokerError, RedisError, OSError) as exc:
         logger.warning(
             "could not enqueue workspace %s (%s); the redrive sweep will", workspace_id, exc
@@ -258,14 +260,10 @@ def record_event(
     # Live subscribers hear of the event only once it is committed: a stream must never show an
     # event that a rollback then takes back, and a client that resumes from its id must find it.
     if owner_id is not None:
-        transaction.on_commit(functools.partial(_publish, event, owner_id), robust=True)
+        transaction.on_commit(
+            functools.partial(event_channel.publish, event, owner_id), robust=True
+        )
     return event
-
-
-def _publish(event: WorkspaceEvent, owner_id: int) -> None:
-    from workspaces import live_events
-
-    live_events.publish(event, owner_id)
 
 
 def transition(

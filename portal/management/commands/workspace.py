@@ -19,6 +19,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
+from provisioning import logs
 from provisioning.backends.base import BackendError
 from provisioning.idle import idle_stop_at
 from workspaces import audit, selectors, services
@@ -152,7 +153,7 @@ class Command(BaseCommand):
     # (a restart storm runs many at once) starts without loading DRF and its schema tools.
     @staticmethod
     def _shape(workspace: Any, many: bool = False) -> Any:
-        from workspaces.api.serializers import WorkspaceSerializer
+        from portal.api.serializers import WorkspaceSerializer
 
         return WorkspaceSerializer(workspace, many=many).data
 
@@ -193,7 +194,7 @@ class Command(BaseCommand):
         if not 0 <= options["tail"] <= settings.LOGS_MAX_TAIL:
             raise CommandError(f"--tail must be between 0 and {settings.LOGS_MAX_TAIL}")
         try:
-            output = selectors.workspace_logs(workspace, options["tail"])
+            output = logs.workspace_logs(workspace, options["tail"])
         except BackendError as exc:
             raise CommandError(f"{label(workspace)}: {exc}") from None
         if options["json"]:
@@ -207,7 +208,7 @@ class Command(BaseCommand):
         events = list(selectors.workspace_events(workspace.id).order_by("-id")[: options["limit"]])
         events.reverse()
         if options["json"]:
-            from workspaces.api.serializers import WorkspaceEventSerializer
+            from portal.api.serializers import WorkspaceEventSerializer
 
             self._json(WorkspaceEventSerializer(events, many=True).data)
             return

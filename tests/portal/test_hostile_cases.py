@@ -18,6 +18,7 @@ from django.core.exceptions import PermissionDenied
 from django.test import Client
 from drf_spectacular.generators import SchemaGenerator
 
+from portal.api import errors
 from tests.conftest import api_key_for
 from tests.hostile_cases import (
     CASES,
@@ -29,7 +30,6 @@ from tests.hostile_cases import (
     send_http,
 )
 from workspaces import services
-from workspaces.api import errors
 from workspaces.models import Workspace
 
 pytestmark = pytest.mark.django_db
@@ -220,8 +220,8 @@ def test_django_handlers_answer_json_on_api_paths_and_html_elsewhere(rf) -> None
 def test_the_url_conf_installs_the_handlers(settings) -> None:
     from project import urls
 
-    assert urls.handler400 == "workspaces.api.errors.bad_request"
-    assert urls.handler403 == "workspaces.api.errors.permission_denied"
-    assert urls.handler404 == "workspaces.api.errors.json_404"
-    assert urls.handler500 == "workspaces.api.errors.json_500"
-    assert settings.CSRF_FAILURE_VIEW == "workspaces.api.errors.csrf_failure"
+    assert urls.handler400 == "portal.api.errors.bad_request"
+    assert urls.handler403 == "portal.api.errors.permission_denied"
+    assert urls.handler404 == "portal.api.errors.json_404"
+    assert urls.handler500 == "portal.api.errors.json_500"
+    assert settings.CSRF_FAILURE_VIEW == "portal.api.errors.csrf_failure"
