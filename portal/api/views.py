@@ -421,9 +421,9 @@ def healthz(request: HttpRequest) -> JsonResponse:
 def readyz(request: HttpRequest) -> JsonResponse:
     checks: dict[str, str] = {}
     try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-        checks["database"] = "ok"
+        # Django's own liveness probe of a connection (a round trip on it), opened if needed.
+        connection.ensure_connection()
+        checks["database"] = "ok" if connection.is_usable() else "error: the connection is broken"
     except Exception as exc:  # readiness reports any failure, it never raises
         checks["database"] = f"error: {exc.__class__.__name__}: {exc}"
     try:

@@ -1,6 +1,7 @@
-"""``workspaces.statements``: the locked read, the status UPDATE, the event INSERT and the agent
-token read, their SQL built once per process. Each must give what its ORM twin gives: the same
-instances (values, types, the owner at hand), the same rows written, the same refusals."""
+"""The hottest reads and writes of a workspace's life: the locked read, the status UPDATE
+(``transition``), the event INSERT, the token reads, the app ports in use and a cycle's fenced
+UPDATE. Each loads whole instances (values, types, the owner at hand) in one statement, writes
+what it is given, and refuses what it must (fencing, the row lock, the transition table)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from django.db.models import F, Q
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from workspaces import selectors, services, statements
+from workspaces import selectors, services
 from workspaces.crypto import SealedEnv
+from workspaces.manifests import templates
 from workspaces.models import AgentToken, ApiToken, Workspace, WorkspaceEvent
 from workspaces.services import requests
-from workspaces.services.common import _locked, record_event, transition
+from workspaces.services.common import LeaseLost, _locked, record_event, transition
+from workspaces.services.cycles import record_backend_facts
 from workspaces.status import DesiredState, EventSource, EventType, WorkspaceStatus
 
 S = WorkspaceStatus
@@ -58,17 +61,12 @@ def _running(user: Any, name: str) -> Workspace:
 
 
 @pytest.mark.django_db
-def test_the_locked_read_is_what_the_orm_reads(user: Any) -> None:
+def test_the_locked_read_loads_the_whole_row_and_its_owner(user: Any) -> None:
     created = _running(user, "locked")
+    orm = Workspace.objects.select_related("owner").get(id=created.id)
     with transaction.atomic():
-        orm = (
-            Workspace.objects.select_for_update(of=("self",))
-            .select_related("owner")
-            .get(id=created.id)
-        )
         with CaptureQueriesContext(connection) as queries:
-            row = statements.locked_workspace(created.id)
-            assert row is not None
+            row = _locked(created.id)
             assert row.owner.username == user.username
         assert len(queries) == 1 and "FOR UPDATE OF" in queries[0]["sql"]
     assert _values(row) == _values(orm)
@@ -77,7 +75,6 @@ def test_the_locked_read_is_what_the_orm_reads(user: Any) -> None:
     assert row.backend_state == {"pid": 12, "nested": {"a": [1, 2]}}
     assert row.get_deferred_fields() == set() == orm.get_deferred_fields()
     assert row._state.db == orm._state.db and not row._state.adding
-    assert statements.locked_workspace(uuid.uuid4()) is None
     with pytest.raises(Workspace.DoesNotExist):
         _locked(uuid.uuid4())
 
@@ -102,7 +99,7 @@ def test_the_locked_read_locks_the_row_until_the_transaction_ends(
         with other.cursor() as cursor:
             # The owner is read, not locked: another transaction may lock it meanwhile.
             with transaction.atomic():
-                statements.locked_workspace(created.id)
+                _locked(created.id)
                 with pytest.raises(psycopg2.errors.LockNotAvailable):
                     cursor.execute(
                         "SELECT 1 FROM workspaces_workspace WHERE id = %s FOR UPDATE NOWAIT",
@@ -153,25 +150,29 @@ def _row(workspace_id: uuid.UUID) -> dict[str, Any]:
         (S.ONLINE, {"last_heartbeat_at": "now", "stop_reason": {}}),
     ],
 )
-def test_the_status_update_writes_what_the_orm_writes(
+def test_the_status_update_writes_what_it_is_given(
     user: Any, to: WorkspaceStatus, fields: dict[str, Any]
 ) -> None:
-    """The same transition on two equal rows, one through the statement, one through the ORM
-    (a ``when`` condition takes the ORM's path): the rows end up equal."""
+    """The same transition on two equal rows, one plain, one with a ``when`` condition that holds,
+    and the same values written by a plain UPDATE on a third: the rows end up equal."""
     fast, slow = _running(user, "fast"), _running(user, "slow")
+    plain = _running(user, "plain")
     now = timezone.now()
     values: dict[str, Any] = {
         name: now if value == "now" else value for name, value in fields.items()
     }
-    assert statements.plain_values(values)
     with CaptureQueriesContext(connection) as queries:
         assert transition(fast.id, to, expect_generation=4, **values)
     assert len(queries) == 1 and queries[0]["sql"].startswith("UPDATE")
     assert transition(slow.id, to, expect_generation=4, when=Q(id=slow.id), **values)
+    assert Workspace.objects.filter(id=plain.id).update(status=to, **values) == 1
+    plain_row = _row(plain.id)
+    for clock in ("updated_at", "status_changed_at"):
+        plain_row.pop(clock)
     fast_row, slow_row = _row(fast.id), _row(slow.id)
     for clock in ("updated_at", "status_changed_at"):
         assert abs(fast_row.pop(clock) - slow_row.pop(clock)) < timedelta(seconds=5)
-    assert fast_row == slow_row
+    assert fast_row == slow_row == plain_row
     assert fast_row["status"] == to
     changed_at = Workspace.objects.get(id=fast.id).status_changed_at
     assert changed_at is not None
@@ -196,14 +197,8 @@ def test_the_status_update_refuses_what_the_orm_refuses(user: Any) -> None:
     assert Workspace.objects.get(id=workspace.id).status == S.STOPPING
 
 
-def test_computed_values_take_the_orms_path() -> None:
-    assert statements.plain_values({"a": 1, "b": {"x": 1}, "c": F("d")})
-    assert not statements.plain_values({"requested_seq": F("requested_seq") + 1})
-    assert not statements.plain_values({"parent": Workspace(id=uuid.uuid4())})
-
-
 @pytest.mark.django_db
-def test_a_computed_value_is_written_by_the_orm(user: Any) -> None:
+def test_a_computed_value_is_written(user: Any) -> None:
     workspace = _running(user, "computed")
     seq = Workspace.objects.get(id=workspace.id).requested_seq
     assert transition(
@@ -217,7 +212,7 @@ def test_a_computed_value_is_written_by_the_orm(user: Any) -> None:
 
 
 @pytest.mark.django_db
-def test_the_event_insert_is_what_the_orm_creates(user: Any) -> None:
+def test_the_event_insert_is_one_statement_and_what_the_orm_creates(user: Any) -> None:
     workspace = _running(user, "events")
     payload = {"action": "start", "nested": {"list": [1, "two", None]}, "unicode": "ü"}
     with transaction.atomic():
@@ -253,66 +248,72 @@ def test_the_event_insert_is_what_the_orm_creates(user: Any) -> None:
 
 
 @pytest.mark.django_db
-def test_the_token_read_is_what_the_orm_reads(user: Any) -> None:
+def test_the_agent_token_read_is_one_statement(user: Any) -> None:
     workspace = _running(user, "tokens")
     raw = services.issue_agent_token(workspace.id, 4)
-    digest = services.hash_token(raw)
-    orm = AgentToken.objects.get(token_hash=digest)
+    orm = AgentToken.objects.get(token_hash=services.hash_token(raw))
     with CaptureQueriesContext(connection) as queries:
-        token = statements.agent_token(digest)
+        token = services.authenticate_agent(raw)
     assert len(queries) == 1
     assert token is not None and _values(token) == _values(orm)
     assert not token._state.adding
-    assert services.authenticate_agent(raw) == orm
-    assert statements.agent_token("0" * 64) is None
     assert services.authenticate_agent("not-a-token") is None
 
 
 @pytest.mark.django_db
-def test_the_api_token_read_is_what_the_orm_reads(user: Any) -> None:
+def test_the_api_token_read_is_one_statement_with_its_user(user: Any) -> None:
     key = services.issue_api_token(user)
-    digest = services.hash_token(key)
-    orm = ApiToken.objects.select_related("user").get(digest=digest)
+    orm = ApiToken.objects.select_related("user").get(digest=services.hash_token(key))
     with CaptureQueriesContext(connection) as queries:
-        token = statements.api_token(digest)
+        token = selectors.api_token(key)
         assert token is not None and token.user.username == user.username
     assert len(queries) == 1  # the user came with the token
     assert _values(token) == _values(orm)
     assert _values(token.user) == _values(orm.user)
-    assert selectors.api_token(key) == orm
-    assert statements.api_token("0" * 64) is None
+    assert selectors.api_token("not-a-key") is None
 
 
 @pytest.mark.django_db
-def test_ports_in_use_are_those_of_live_workspaces(user: Any) -> None:
+def test_ports_in_use_are_those_of_live_workspaces(user: Any, settings: Any) -> None:
     live, removed = _running(user, "live"), _running(user, "gone")
     Workspace.objects.filter(id=live.id).update(app_port=16001)
     Workspace.objects.filter(id=removed.id).update(
         app_port=16002, status=S.REMOVED, is_running=False
     )
-    assert statements.ports_in_use({16001, 16002, 16003}) == {16001}
-    assert statements.ports_in_use([]) == set()
+    manifest = templates().get("jupyterlab")
+    assert manifest is not None and manifest.app is not None and manifest.app.port is None
+    settings.WORKSPACE_APP_PORT_RANGE = (16001, 16003)
+    # A removed workspace's port is free again; a live one's never is.
+    assert {requests._free_app_port(manifest) for _ in range(40)} == {16002, 16003}
+    settings.WORKSPACE_APP_PORT_RANGE = (16001, 16001)
+    with pytest.raises(services.InvalidInput, match="no free app port"):
+        requests._free_app_port(manifest)
 
 
 @pytest.mark.django_db
-def test_the_fenced_update_writes_what_the_orm_writes(user: Any) -> None:
-    fast, slow = _running(user, "fast"), _running(user, "slow")
-    fields: dict[str, Any] = {
-        "is_running": True,
-        "backend_state": {"pid": 7, "nested": {"ok": True}},
-        "updated_at": STARTED,
-        "last_started_at": STARTED,
-        "config_populated_at": STARTED,
-        "handled_seq": 1,
-    }
+def test_the_backend_facts_are_one_fenced_update(user: Any) -> None:
+    fast = _running(user, "fast")
+    backend_state = {"pid": 7, "nested": {"ok": True}}
     with CaptureQueriesContext(connection) as queries:
-        assert statements.update_fenced(fast.id, 4, fields)
-    assert len(queries) == 1
-    assert Workspace.objects.filter(id=slow.id, generation=4).update(**fields) == 1
-    assert _row(fast.id) == _row(slow.id)
-    # Fenced: another generation, or a status it must not be at, changes nothing.
-    assert not statements.update_fenced(fast.id, 3, {"handled_seq": 0})
-    assert not statements.update_fenced(fast.id, 4, {"handled_seq": 0}, (S.ONLINE, S.DEGRADED))
+        record_backend_facts(
+            fast.id,
+            4,
+            is_running=True,
+            backend_state=backend_state,
+            started=True,
+            handled_seq=1,
+            config_populated=True,
+        )
+    assert len(queries) == 1 and queries[0]["sql"].startswith("UPDATE")
+    row = Workspace.objects.get(id=fast.id)
+    assert (row.is_running, row.backend_state, row.handled_seq) == (True, backend_state, 1)
+    assert row.last_started_at == row.config_populated_at == row.updated_at
+    # Fenced: another generation, or online/degraded with nothing running, changes nothing.
+    with pytest.raises(LeaseLost):
+        record_backend_facts(fast.id, 3, is_running=True, backend_state={}, handled_seq=0)
+    with pytest.raises(LeaseLost):
+        record_backend_facts(fast.id, 4, is_running=False, backend_state={}, handled_seq=0)
     assert Workspace.objects.get(id=fast.id).handled_seq == 1
-    assert statements.update_fenced(fast.id, 4, {"handled_seq": 0}, (S.STOPPED,))
+    Workspace.objects.filter(id=fast.id).update(status=S.STOPPING)
+    record_backend_facts(fast.id, 4, is_running=False, backend_state={}, handled_seq=0)
     assert Workspace.objects.get(id=fast.id).handled_seq == 0

@@ -17,7 +17,7 @@ from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 
-from workspaces import audit, event_channel, statements
+from workspaces import audit, event_channel
 from workspaces.models import Workspace, WorkspaceEvent
 from workspaces.naming import RESERVED_ENV, is_env_name
 from workspaces.status import (
@@ -244,8 +244,13 @@ def record_event(
     name, owner, owner_id, requested_by = row or ("?", "?", None, "")
     if actor is None:
         actor = audit.SOURCE_ACTORS.get(source) or requested_by or audit.SYSTEM
-    event = statements.insert_event(
-        workspace_id, type, source, generation, payload or {}, actor, timezone.now()
+    event = WorkspaceEvent.objects.create(
+        workspace_id=workspace_id,
+        type=type,
+        source=source,
+        generation=generation,
+        payload=payload or {},
+        actor=actor,
     )
     logger.info(
         "workspace %s/%s (%s) event %s source=%s actor=%s generation=%s",
@@ -285,10 +290,6 @@ def transition(
             raise ValueError(f"{expect_status} -> {to} is not in the transition table")
         sources = frozenset({expect_status})
     now = timezone.now()
-    if when is None and statements.plain_values(fields):
-        # Nearly every transition (not a sweep's, whose condition is a Q, nor one that computes
-        # a value): SQL built once per shape.
-        return statements.update_status(workspace_id, to, sources, now, expect_generation, fields)
     rows = Workspace.objects.filter(id=workspace_id, status__in=sources)
     if expect_generation is not None:
         rows = rows.filter(generation=expect_generation)
@@ -301,8 +302,14 @@ def transition(
 
 
 def _locked(workspace_id: UUID) -> Workspace:
-    """The row, locked until the transaction ends, with its owner (read, not locked)."""
-    workspace = statements.locked_workspace(workspace_id)
+    """The row, locked until the transaction ends, with its owner (read, not locked: another
+    transaction may lock the owner meanwhile, e.g. the quota check)."""
+    workspace = (
+        Workspace.objects.select_for_update(of=("self",))
+        .select_related("owner")
+        .filter(id=workspace_id)
+        .first()
+    )
     if workspace is None:
         raise Workspace.DoesNotExist(f"no workspace {workspace_id}")
     return workspace

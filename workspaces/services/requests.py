@@ -17,7 +17,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, prefetch_related_objects
 from django.utils import timezone
 
-from workspaces import audit, statements
+from workspaces import audit
 from workspaces.access import subdomain
 from workspaces.manifests import Template, templates
 from workspaces.models import Workspace
@@ -87,7 +87,12 @@ def _free_app_port(manifest: Template) -> int | None:
     # A few random candidates first: one small query whatever the number of workspaces (the
     # constraint's unique index answers it). Only a range nearly full reads every port in use.
     candidates = {secrets.randbelow(high - low + 1) + low for _ in range(_PORT_CANDIDATES)}
-    taken = statements.ports_in_use(candidates)
+    # Served by the unique index of workspace_app_port_unique_live.
+    taken = set(
+        Workspace.objects.exclude(status=S.REMOVED)
+        .filter(app_port__in=candidates)
+        .values_list("app_port", flat=True)
+    )
     if candidates - taken:
         return secrets.choice(sorted(candidates - taken))
     live = Workspace.objects.exclude(status=S.REMOVED)
