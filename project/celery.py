@@ -1,5 +1,5 @@
-"""The Celery app: queues and beat schedule. The engine's hooks in the Celery processes (the
-``workspace_gates`` inspect command among them) are in ``provisioning.worker``."""
+"""The Celery app: queues, beat schedule and the ``workspace_gates`` inspect command. The
+engine's hooks in the worker and beat processes are in ``provisioning.worker``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from celery import Celery, signals
+from celery.worker.control import inspect_command
 from django.conf import settings
 from django.db import close_old_connections
 
@@ -60,6 +61,22 @@ def _configure_routes_and_beat(sender: Celery, **_: Any) -> None:
             "options": {"queue": sweep_queue, "expires": settings.IDLE_SWEEP_INTERVAL_SECONDS},
         },
     }
+
+
+@inspect_command()
+def workspace_gates(state: Any) -> dict[str, Any]:
+    """List the workspace gates held by this worker node: workspace id, generation, seconds held.
+
+    Gates are held by the pool's child processes, so each holder records itself in Redis under
+    the node's hostname; this command runs in the node's main process and reads that record.
+    """
+    # Registered with the app, so that ``celery -A project inspect`` knows the command; the app
+    # loads with the settings, before Django's apps, which the gate's module needs: it is
+    # imported when the command runs.
+    from provisioning.gate import gates_held_by
+
+    hostname = state.consumer.hostname if state and state.consumer else ""
+    return {"gates": gates_held_by(hostname)}
 
 
 # Database connections outlive a task, as they outlive a request in the web processes

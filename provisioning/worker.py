@@ -1,5 +1,5 @@
-"""The engine's hooks in the Celery processes: the ``workspace_gates`` inspect command, beat's
-record of its ticks for ``/readyz``, and what a worker's main process loads before it forks."""
+"""The engine's hooks in the Celery processes: beat's record of its ticks for ``/readyz``, and
+what a worker's main process loads before it forks."""
 
 from __future__ import annotations
 
@@ -7,25 +7,12 @@ import logging
 from typing import Any
 
 from celery import signals
-from celery.worker.control import inspect_command
 from redis.exceptions import RedisError
 
 from provisioning.backends import preload_modules
-from provisioning.gate import gates_held_by
 from provisioning.readiness import record_beat_tick
 
 logger = logging.getLogger(__name__)
-
-
-@inspect_command()
-def workspace_gates(state: Any) -> dict[str, Any]:
-    """List the workspace gates held by this worker node: workspace id, generation, seconds held.
-
-    Gates are held by the pool's child processes, so each holder records itself in Redis under
-    the node's hostname; this command runs in the node's main process and reads that record.
-    """
-    hostname = state.consumer.hostname if state and state.consumer else ""
-    return {"gates": gates_held_by(hostname)}
 
 
 # Readiness: the beat process records each task it sends, so /readyz can tell a beat that stopped
