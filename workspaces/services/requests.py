@@ -87,7 +87,6 @@ def _free_app_port(manifest: Template) -> int | None:
     # A few random candidates first: one small query whatever the number of workspaces (the
     # constraint's unique index answers it). Only a range nearly full reads every port in use.
     candidates = {secrets.randbelow(high - low + 1) + low for _ in range(_PORT_CANDIDATES)}
-    # Served by the unique index of workspace_app_port_unique_live.
     taken = set(
         Workspace.objects.exclude(status=S.REMOVED)
         .filter(app_port__in=candidates)
