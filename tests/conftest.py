@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.db.models import F
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -166,9 +168,18 @@ def stack(django_db_setup: Any, django_db_blocker: Any, session_templates: Path)
 
 
 @pytest.fixture
-def on_stack(stack: Stack) -> Iterator[Stack]:
-    """The session's stack for one test; the workspaces it started are stopped after it."""
+def on_stack(stack: Stack, django_db_blocker: Any) -> Iterator[Stack]:
+    """The session's stack for one test; the workspaces it started are stopped after it, once
+    the cycles its requests asked for have ended: a cycle still writing while the test's tables
+    are emptied deadlocks with the TRUNCATE (it holds a row, the TRUNCATE the next table)."""
     yield stack
+    with django_db_blocker.unblock():
+        deadline = time.monotonic() + 30
+        pending = Workspace.objects.filter(requested_seq__gt=F("handled_seq"))
+        while pending.exclude(status=WorkspaceStatus.REMOVED).exists():
+            if time.monotonic() > deadline:
+                break  # a cycle that never ends is the test's to report, not the teardown's
+            time.sleep(0.1)
     stack.stop_workspaces()
 
 
