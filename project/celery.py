@@ -1,17 +1,17 @@
-"""The Celery app: queues, beat schedule and the ``workspace_gates`` inspect command."""
+"""The Celery app: queues, beat schedule and the ``workspace_gates`` inspect command. The
+engine's hooks in the worker and beat processes are in ``provisioning.worker``."""
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
 from celery import Celery, signals
 from celery.worker.control import inspect_command
+from django.conf import settings
+from django.db import close_old_connections
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
-
-logger = logging.getLogger(__name__)
 
 app = Celery("project")
 app.config_from_object("django.conf:settings", namespace="CELERY")
@@ -20,8 +20,6 @@ app.autodiscover_tasks(["provisioning"])
 
 @app.on_after_finalize.connect
 def _configure_routes_and_beat(sender: Celery, **_: Any) -> None:
-    from django.conf import settings
-
     sweep_queue = settings.CELERY_SWEEP_QUEUE
     sender.conf.task_routes = {
         "provisioning.sweep_provisioning": {"queue": sweep_queue},
@@ -72,40 +70,13 @@ def workspace_gates(state: Any) -> dict[str, Any]:
     Gates are held by the pool's child processes, so each holder records itself in Redis under
     the node's hostname; this command runs in the node's main process and reads that record.
     """
+    # Registered with the app, so that ``celery -A project inspect`` knows the command; the app
+    # loads with the settings, before Django's apps, which the gate's module needs: it is
+    # imported when the command runs.
     from provisioning.gate import gates_held_by
 
     hostname = state.consumer.hostname if state and state.consumer else ""
     return {"gates": gates_held_by(hostname)}
-
-
-# Readiness: the beat process records each task it sends, so /readyz can tell a beat that stopped
-# ticking (provisioning/readiness.py). Only beat connects the hook.
-@signals.beat_init.connect
-def _beat_records_ticks(sender: Any = None, **_: Any) -> None:
-    signals.before_task_publish.connect(_beat_tick, weak=False)
-
-
-def _beat_tick(sender: Any = None, **_: Any) -> None:
-    from redis.exceptions import RedisError
-
-    from provisioning.readiness import record_beat_tick
-
-    try:
-        record_beat_tick()
-    except RedisError as exc:  # a Redis hiccup must never stop beat from sending its sweeps
-        logger.warning("could not record beat's tick for /readyz: %s", exc)
-
-
-# A worker's main process loads every backend's module (the engine SDK is most of a cold child's
-# first cycle) and the live events module before it forks its pool, so no child pays those
-# imports in a workspace's cycle.
-@signals.worker_init.connect
-def _preload_backends(**_: Any) -> None:
-    from project import warmup
-    from provisioning.backends import preload_modules
-
-    preload_modules()
-    warmup.events()
 
 
 # Database connections outlive a task, as they outlive a request in the web processes
@@ -114,6 +85,4 @@ def _preload_backends(**_: Any) -> None:
 # own end-of-request rule before each task instead: close a connection that is too old or broken.
 @signals.task_prerun.connect
 def _close_old_connections(**_: Any) -> None:
-    from django.db import close_old_connections
-
     close_old_connections()

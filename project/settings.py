@@ -92,7 +92,7 @@ CSRF_TRUSTED_ORIGINS = env_list(
     section="core",
 )
 # A CSRF refusal on the API's paths is JSON like every API error; HTML elsewhere.
-CSRF_FAILURE_VIEW = "workspaces.api.errors.csrf_failure"
+CSRF_FAILURE_VIEW = "portal.api.errors.csrf_failure"
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -106,12 +106,13 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "workspaces",
     "provisioning",
+    "portal",
 ]
 
 MIDDLEWARE = [
     # First: an oversized body or a NUL in a header or query parameter is refused before
     # anything else reads the request.
-    "workspaces.api.middleware.RequestGuardMiddleware",
+    "portal.api.middleware.RequestGuardMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -121,7 +122,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Innermost, so it sees the view's exceptions: a lost database or Redis is a 503.
-    "workspaces.api.middleware.ServiceUnavailableMiddleware",
+    "portal.api.middleware.ServiceUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "project.urls"
@@ -275,18 +276,18 @@ WHITENOISE_USE_FINDERS = True
 REST_FRAMEWORK = {
     # Token first: an anonymous call gets 401 with a WWW-Authenticate header, not 403.
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "workspaces.api.authentication.ApiTokenAuthentication",
+        "portal.api.authentication.ApiTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_PAGINATION_CLASS": "workspaces.api.pagination.WorkspacePagination",
-    "DEFAULT_SCHEMA_CLASS": "workspaces.api.schema.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "portal.api.pagination.WorkspacePagination",
+    "DEFAULT_SCHEMA_CLASS": "portal.api.schema.AutoSchema",
     # JSON only: a form or multipart body cannot carry ``env`` (a map), so none is accepted (415).
-    "DEFAULT_PARSER_CLASSES": ["workspaces.api.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["portal.api.parsers.JSONParser"],
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
     # Escape non-ASCII in responses: an error that echoes input can never fail to encode.
     "UNICODE_JSON": False,
-    "EXCEPTION_HANDLER": "workspaces.api.errors.exception_handler",
+    "EXCEPTION_HANDLER": "portal.api.errors.exception_handler",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }

@@ -2,15 +2,15 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from workspaces.api import proxy_views, views
+from portal.api import proxy_views, views
 
 urlpatterns = [
-    path("", include("workspaces.web.urls")),
+    path("", include("portal.web.urls")),
     path("accounts/", include("django.contrib.auth.urls")),
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
-    path("api/", include("workspaces.api.urls")),
+    path("api/", include("portal.api.urls")),
     # Workspace access through the proxy (workspaces/access.py).
     path("api/proxy/auth", proxy_views.ProxyAuthView.as_view(), name="proxy-auth"),
     path("workspaces/<uuid:workspace_id>/open", proxy_views.open_workspace, name="workspace-open"),
@@ -22,8 +22,8 @@ urlpatterns = [
     path("metrics", views.metrics, name="metrics"),
 ]
 
-# JSON in the API's shape on the API's paths, Django's pages elsewhere (workspaces.api.errors).
-handler400 = "workspaces.api.errors.bad_request"
-handler403 = "workspaces.api.errors.permission_denied"
-handler404 = "workspaces.api.errors.json_404"
-handler500 = "workspaces.api.errors.json_500"
+# JSON in the API's shape on the API's paths, Django's pages elsewhere (portal.api.errors).
+handler400 = "portal.api.errors.bad_request"
+handler403 = "portal.api.errors.permission_denied"
+handler404 = "portal.api.errors.json_404"
+handler500 = "portal.api.errors.json_500"

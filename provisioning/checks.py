@@ -4,7 +4,7 @@ from typing import Any
 
 from django.core.checks import CheckMessage, Error, register
 
-from provisioning.manifests import templates
+from workspaces.manifests import templates
 
 
 @register("provisioning")

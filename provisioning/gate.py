@@ -31,8 +31,8 @@ from django.conf import settings
 from redis.exceptions import LockNotOwnedError, RedisError
 from redis.lock import Lock
 
-from provisioning.redis_client import get_redis
-from workspaces import services
+from workspaces import metrics, services
+from workspaces.redis_client import get_redis
 
 logger = logging.getLogger(__name__)
 
@@ -235,8 +235,6 @@ def _waiting_key(workspace_id: UUID | str) -> str:
 
 def _acquire(lease: Lease, token: bytes) -> bool:
     """Take the gate with ``token`` and record the holder, ending a wait; or mark the wait."""
-    from project import metrics
-
     keys = [gate_key(lease.workspace_id), _waiting_key(lease.workspace_id), _held_key(lease.holder)]
     args = [
         token,

@@ -36,11 +36,11 @@ from django.db import connection
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
-from provisioning.manifests import TemplateSet, templates
-from provisioning.timeouts import idle_timeout_seconds
 from workspaces import services
+from workspaces.manifests import TemplateSet, templates
 from workspaces.models import Workspace
 from workspaces.status import IDLE_STOPPABLE_STATUSES, DesiredState, WorkspaceStatus
+from workspaces.timeouts import idle_timeout_seconds
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from uuid import UUID
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
-from project import metrics
 from provisioning import gate
 from provisioning.backends import backend_for
 from provisioning.backends.base import (
@@ -31,9 +30,9 @@ from provisioning.backends.base import (
     TransientBackendError,
     WorkspaceBackend,
 )
-from provisioning.manifests import Template, templates
-from workspaces import selectors, services
+from workspaces import metrics, selectors, services
 from workspaces.crypto import EnvDecryptionError
+from workspaces.manifests import Template, templates
 from workspaces.models import Workspace
 from workspaces.status import DesiredState, EventSource, WorkspaceStatus
 

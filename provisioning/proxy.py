@@ -12,7 +12,7 @@ The route (see ``workspace_route``):
 
 1. ``X-Workspace-Upstream`` is deleted from the request: only the platform's answer sets it;
 2. ``/_platform/*`` on a workspace host goes to the platform (the ticket exchange that sets the
-   workspace cookie, ``workspaces.api.proxy_views``), with ``X-Workspace-Host`` set by the proxy;
+   workspace cookie, ``portal.api.proxy_views``), with ``X-Workspace-Host`` set by the proxy;
 3. everything else first asks the platform (``forward_auth``: a GET to ``/api/proxy/auth``
    carrying the request's headers, with ``X-Workspace-Host`` set to the request's host by the
    proxy, never by the client). A 2xx lets the request through and carries

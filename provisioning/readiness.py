@@ -4,9 +4,10 @@
   consumes), at most once per ``READYZ_CACHE_SECONDS``; the answer (positive or not) is kept in
   Redis, so every web process and every probe share one broadcast. Ready needs a worker on the
   lifecycle queue and one on the sweeps queue.
-* **Beat**: the beat process records the time of each task it sends (``record_beat_tick``, hooked
-  to ``before_task_publish`` in beat only, see ``project/celery.py``). Beat is late when nothing
-  was sent for ``READYZ_BEAT_GRACE_FACTOR`` times its shortest interval (plus the cache time).
+* **Beat**: the beat process records the time of each task it sends (``record_beat_tick``,
+  hooked to ``before_task_publish`` in beat only, see ``provisioning/worker.py``). Beat is late
+  when nothing was sent for ``READYZ_BEAT_GRACE_FACTOR`` times its shortest interval (plus the
+  cache time).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import json
 import time
 from typing import Any, cast
 
+from celery import current_app
 from django.conf import settings
 
-from provisioning.redis_client import get_redis
+from workspaces.redis_client import get_redis
 
 WORKERS_KEY = "readyz:workers"
 BEAT_TICK_KEY = "readyz:beat-tick"
@@ -51,10 +53,9 @@ def check_beat() -> str:
 
 def _consumed_queues() -> list[str]:
     """The queues the answering workers consume (one broadcast, like a ping)."""
-    from project.celery import app
-
     replies: dict[str, Any] = (
-        app.control.inspect(timeout=settings.READYZ_PING_TIMEOUT_MS / 1000).active_queues() or {}
+        current_app.control.inspect(timeout=settings.READYZ_PING_TIMEOUT_MS / 1000).active_queues()
+        or {}
     )
     return sorted({queue["name"] for queues in replies.values() for queue in queues or ()})
 

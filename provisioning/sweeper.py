@@ -40,12 +40,12 @@ from django.db.models import QuerySet
 from django.utils import timezone
 from redis.exceptions import LockError, RedisError
 
-from provisioning.manifests import TemplateSet, templates
-from provisioning.redis_client import get_redis
-from provisioning.timeouts import provision_timeout_seconds
 from workspaces import services
+from workspaces.manifests import TemplateSet, templates
 from workspaces.models import Workspace
+from workspaces.redis_client import get_redis
 from workspaces.status import WorkspaceStatus
+from workspaces.timeouts import provision_timeout_seconds
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,11 @@ from django.db.models import F
 from django.utils import timezone
 from redis.exceptions import RedisError
 
-from project import metrics
-from provisioning import gate, lifecycle
+from provisioning import gate, idle, lifecycle, sweeper
 from provisioning.backends.base import TransientBackendError
-from workspaces import services
+from provisioning.liveness import sweep_missed_heartbeats
+from provisioning.reconciler import reconcile_once
+from workspaces import metrics, services
 from workspaces.models import Workspace
 from workspaces.status import WorkspaceStatus
 
@@ -31,7 +32,7 @@ TRANSIENT_SERVICE_ERRORS = (OperationalError, InterfaceError, RedisError)
 
 @shared_task(
     bind=True,
-    name="provisioning.converge",
+    name=services.CONVERGE_TASK,
     acks_late=True,
     autoretry_for=(TransientBackendError, *TRANSIENT_SERVICE_ERRORS),
     retry_backoff=settings.CONVERGE_RETRY_BACKOFF_SECONDS,
@@ -111,7 +112,7 @@ def redrive_pending() -> int:
 
 
 @shared_task(
-    name="provisioning.restart_due",
+    name=services.RESTART_DUE_TASK,
     acks_late=True,
     autoretry_for=TRANSIENT_SERVICE_ERRORS,
     retry_backoff=2,
@@ -128,8 +129,6 @@ def restart_due(workspace_id: str) -> bool:
 @_sweep_task("provisioning.reconcile")
 def reconcile() -> dict[str, Any]:
     """One reconciliation pass: the rows follow what the backends say; orphans are removed."""
-    from provisioning.reconciler import reconcile_once
-
     summary = reconcile_once().summary()
     metrics.record_reconcile(summary)
     return summary
@@ -138,8 +137,6 @@ def reconcile() -> dict[str, Any]:
 @_sweep_task("provisioning.sweep_liveness")
 def sweep_liveness() -> int:
     """Online or degraded workspaces whose heartbeats stopped become offline."""
-    from provisioning.liveness import sweep_missed_heartbeats
-
     count = len(sweep_missed_heartbeats())
     metrics.record_sweep("liveness", {"offline": count})
     return count
@@ -148,8 +145,6 @@ def sweep_liveness() -> int:
 @_sweep_task("provisioning.sweep_provisioning")
 def sweep_provisioning() -> dict[str, Any]:
     """Fail workspaces stuck in provisioning past their deadline (run by beat; see sweeper)."""
-    from provisioning import sweeper
-
     summary = sweeper.sweep().summary()
     metrics.record_sweep(
         "provisioning",
@@ -165,8 +160,6 @@ def sweep_provisioning() -> dict[str, Any]:
 @_sweep_task("provisioning.sweep_idle")
 def sweep_idle() -> dict[str, Any]:
     """Stop workspaces idle longer than their template's idle timeout (see provisioning.idle)."""
-    from provisioning import idle
-
     summary = idle.sweep_idle().summary()
     metrics.record_sweep(
         "idle", {key: len(summary[key]) for key in ("stopped", "left_alone", "skipped")}

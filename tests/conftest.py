@@ -3,17 +3,20 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.db.models import F
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from project.env import env_bool
-from provisioning.redis_client import get_redis
 from tests.stack import Stack
 from tests.support import (
     Caddy,
@@ -22,7 +25,12 @@ from tests.support import (
     kill_all_instances,
     lifecycle_queue,
     service_env,
+    write_templates,
 )
+from workspaces.manifests import invalidate_templates, templates
+from workspaces.models import Workspace
+from workspaces.redis_client import get_redis
+from workspaces.status import DesiredState, WorkspaceStatus
 
 # Tests that need any of these are slow by nature: real workers, a real engine, a live server.
 SLOW_FIXTURES = {
@@ -115,16 +123,12 @@ def instances() -> Iterator[None]:
 def session_templates(tmp_path_factory: Any) -> Path:
     """The shipped templates plus the tests' own (agent settings such as fast heartbeats come
     from a manifest: users cannot set AGENT_* env). The session's workers load this folder."""
-    from tests.provisioning.conftest import write_templates
-
     return write_templates(tmp_path_factory.mktemp("session") / "templates")
 
 
 @pytest.fixture
 def use_session_templates(session_templates: Path, settings: Any) -> Iterator[Path]:
     """This test reads the templates the session's workers load (``session_templates``)."""
-    from provisioning.manifests import invalidate_templates
-
     settings.WORKSPACE_TEMPLATES_DIR = session_templates
     invalidate_templates()
     yield session_templates
@@ -164,9 +168,18 @@ def stack(django_db_setup: Any, django_db_blocker: Any, session_templates: Path)
 
 
 @pytest.fixture
-def on_stack(stack: Stack) -> Iterator[Stack]:
-    """The session's stack for one test; the workspaces it started are stopped after it."""
+def on_stack(stack: Stack, django_db_blocker: Any) -> Iterator[Stack]:
+    """The session's stack for one test; the workspaces it started are stopped after it, once
+    the cycles its requests asked for have ended: a cycle still writing while the test's tables
+    are emptied deadlocks with the TRUNCATE (it holds a row, the TRUNCATE the next table)."""
     yield stack
+    with django_db_blocker.unblock():
+        deadline = time.monotonic() + 30
+        pending = Workspace.objects.filter(requested_seq__gt=F("handled_seq"))
+        while pending.exclude(status=WorkspaceStatus.REMOVED).exists():
+            if time.monotonic() > deadline:
+                break  # a cycle that never ends is the test's to report, not the teardown's
+            time.sleep(0.1)
     stack.stop_workspaces()
 
 
@@ -300,3 +313,58 @@ def on_docker_networks(docker_networks_worker: Worker, settings: Any) -> Iterato
     settings.DOCKER_NETWORK_MODE = "workspace"
     with lifecycle_queue(DOCKER_NETWORKS_QUEUE):
         yield docker_networks_worker
+
+
+@pytest.fixture
+def templates_dir(tmp_path: Path, settings: Any) -> Iterator[Path]:
+    """The shipped templates plus EXTRA_MANIFESTS, in a folder this test may edit."""
+    directory = write_templates(tmp_path / "templates")
+    settings.WORKSPACE_TEMPLATES_DIR = directory
+    settings.PROVISION_TIMEOUT_SECONDS = None
+    invalidate_templates()
+    yield directory
+    invalidate_templates()
+
+
+MakeRow = Callable[..., Workspace]
+
+
+@pytest.fixture
+def make_row(user: Any) -> MakeRow:
+    """A workspace row in ``provisioning`` whose cycle began ``age`` ago (the test sets the
+    deadline in the database; nothing sleeps)."""
+    counter = iter(range(1, 1_000_000))
+
+    def make(
+        template: str = "shell-default",
+        *,
+        age: timedelta,
+        now: datetime | None = None,
+        runtime: str | None = None,
+        name: str | None = None,
+        backend: str = "process",
+        generation: int = 1,
+        pending: bool = False,
+        env: dict[str, str] | None = None,
+        **fields: Any,
+    ) -> Workspace:
+        manifest = templates().get(template)
+        return Workspace.objects.create(
+            owner=user,
+            name=name or f"ws-{next(counter)}",
+            template=template,
+            runtime=runtime or (manifest.runtime if manifest else "shell"),
+            backend=backend,
+            status=WorkspaceStatus.PROVISIONING,
+            desired_state=DesiredState.RUNNING,
+            generation=generation,
+            # A finished cycle waiting for its agent has handled the request; `pending` models a
+            # cycle that never finished (a killed worker) or a request queued behind it.
+            requested_seq=1,
+            handled_seq=0 if pending else 1,
+            provisioning_started_at=(now or timezone.now()) - age,
+            env=env or {},
+            **fields,
+        )
+
+    return make

@@ -198,7 +198,7 @@ class ScriptedBackend(FakeBackend):
     name = "scripted"
 
     def config_in_image(self, spec: LaunchSpec) -> bool:
-        from provisioning.redis_client import get_redis
+        from workspaces.redis_client import get_redis
 
         redis, key = get_redis(), SCRIPT_KEY.format(spec.workspace_id)
         if redis.hget(key, "pause:config") and cast(int, redis.hincrby(key, "paused", 1)) == 1:
@@ -209,7 +209,7 @@ class ScriptedBackend(FakeBackend):
 
     def _call(self, method: str, workspace_id: UUID | str) -> None:
         super()._call(method, workspace_id)
-        from provisioning.redis_client import get_redis
+        from workspaces.redis_client import get_redis
 
         redis, key = get_redis(), SCRIPT_KEY.format(workspace_id)
         calls = cast(int, redis.hincrby(key, f"calls:{method}", 1))
@@ -227,21 +227,21 @@ def scripted_backend() -> ScriptedBackend:
 
 def script(workspace_id: UUID | str, **fields: int) -> None:
     """``script(id, **{"transient:prepare": 3, "sleep:start": 30})``."""
-    from provisioning.redis_client import get_redis
+    from workspaces.redis_client import get_redis
 
     get_redis().hset(SCRIPT_KEY.format(workspace_id), mapping=fields)
 
 
 def scripted_state(workspace_id: UUID | str) -> dict[str, str]:
     """The workspace's whole script hash: its steps, every method's call count, the pause."""
-    from provisioning.redis_client import get_redis
+    from workspaces.redis_client import get_redis
 
     raw = cast(dict[bytes, bytes], get_redis().hgetall(SCRIPT_KEY.format(workspace_id)))
     return {key.decode(): value.decode() for key, value in raw.items()}
 
 
 def scripted_calls(workspace_id: UUID | str, method: str) -> int:
-    from provisioning.redis_client import get_redis
+    from workspaces.redis_client import get_redis
 
     value = cast(bytes | None, get_redis().hget(SCRIPT_KEY.format(workspace_id), f"calls:{method}"))
     return int(value or 0)

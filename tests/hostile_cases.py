@@ -1,5 +1,5 @@
 """Hostile requests and what the platform must answer to each, as plain data (str, bytes, dicts),
-so the same list runs through Django's test client (tests/workspaces/test_hostile_cases.py) and
+so the same list runs through Django's test client (tests/portal/test_hostile_cases.py) and
 over HTTP against the Procfile's real stack.
 
 How a runner uses a case:

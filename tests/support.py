@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,46 @@ from django.conf import settings
 from django.db import connection
 
 REPO = Path(__file__).resolve().parent.parent
+
+REPO_TEMPLATES = Path(settings.BASE_DIR) / "workspace_templates"
+
+# Extra manifests the tests need next to the shipped ones.
+EXTRA_MANIFESTS = {
+    # runtime "shell" has no runtime default in settings, so without the manifest it gets 600 s.
+    "slowboot": "runtime: shell\nruntime_config:\n  provision_timeout_seconds: 1200\n",
+    "needs-two": "runtime: shell\nruntime_config:\n  required_env: [ALPHA_KEY, BETA_KEY]\n",
+    "no-restart": "runtime: shell\nrestart: never\n",
+    # A process that runs but never registers: what a stuck boot looks like to the platform.
+    # Fast heartbeats: agent settings come from a manifest (users cannot set AGENT_* env).
+    "shell-fastbeat": "runtime: shell\nenv:\n  AGENT_HEARTBEAT_SECONDS: '0.3'\n",
+    # An agent that ignores SIGTERM: a stop waits out the grace period (test-only behaviour,
+    # reachable from a manifest only).
+    "shell-stubborn": "runtime: shell\nenv:\n  AGENT_IGNORE_SIGTERM: '1'\n",
+    # An app listening on $APP_PORT next to the agent (the isolation tests' workspace B).
+    "shell-listener": (
+        'runtime: shell\ncommand: ["sh", "-c", "{python} -m http.server --bind 127.0.0.1 '
+        '$APP_PORT >/dev/null 2>&1 & exec {python} {agent}"]\n'
+    ),
+    # The same on the Docker backend's busybox image: busybox httpd on 8080, then the agent.
+    "docker-listener": (
+        'runtime: shell\ncommand: ["/bin/sh", "-c", "httpd -p 8080 -h /tmp && '
+        'exec /bin/sh /agent.sh"]\n'
+    ),
+    # Swarm placement: each on the node labelled for it (tests/swarm).
+    "swarm-zone-a": 'runtime: shell\nplacement:\n  constraints: ["node.labels.ws-zone==a"]\n',
+    "swarm-zone-b": 'runtime: shell\nplacement:\n  constraints: ["node.labels.ws-zone==b"]\n',
+    "never-registers": (
+        'runtime: shell\ncommand: ["{python}", "-c", "import time; time.sleep(600)"]\n'
+    ),
+}
+
+
+def write_templates(directory: Path, extra: dict[str, str] | None = None) -> Path:
+    shutil.copytree(REPO_TEMPLATES, directory, dirs_exist_ok=True)
+    for name, text in {**EXTRA_MANIFESTS, **(extra or {})}.items():
+        (directory / name).mkdir(parents=True, exist_ok=True)
+        (directory / name / "config.yaml").write_text(text)
+    return directory
 
 
 def wait_for(

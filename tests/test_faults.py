@@ -168,7 +168,7 @@ def _use_broker(url: str) -> None:
 @pytest.fixture
 def stack(live_server: Any, tmp_path: Path, session_templates: Path) -> Iterator[Stack]:
     from project.celery import app
-    from provisioning.manifests import invalidate_templates
+    from workspaces.manifests import invalidate_templates
 
     directory = Path(tempfile.mkdtemp(prefix="faults-"))
     redis = RedisServer(_free_port(), directory).start()
@@ -473,7 +473,7 @@ def test_a_cycle_running_through_a_redis_restart_does_not_kill_the_worker(
 
 
 def _a_cycle_runs() -> bool:
-    from provisioning.redis_client import get_redis
+    from workspaces.redis_client import get_redis
 
     prefix = f"{settings.GATE_KEY_PREFIX}:".encode()
     # A gate's key is the prefix and a workspace id; the other keys (held, retry, ...) say more.

@@ -17,9 +17,9 @@ from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
 from provisioning import readiness
-from provisioning.redis_client import get_redis
 from tests.support import Beat, wait_for
 from workspaces.models import Workspace
+from workspaces.redis_client import get_redis
 from workspaces.status import WorkspaceStatus
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]

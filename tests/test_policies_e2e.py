@@ -25,10 +25,17 @@ from django.conf import settings as django_settings
 from django.db import connection, transaction
 
 from provisioning.backends.process import _alive
-from provisioning.manifests import invalidate_templates
-from tests.provisioning.conftest import write_templates
-from tests.support import Beat, Worker, api_events, lifecycle_queue, service_env, wait_for
+from tests.support import (
+    Beat,
+    Worker,
+    api_events,
+    lifecycle_queue,
+    service_env,
+    wait_for,
+    write_templates,
+)
 from workspaces import services
+from workspaces.manifests import invalidate_templates
 from workspaces.models import Workspace, WorkspaceEvent
 from workspaces.status import EventSource, EventType, WorkspaceStatus
 

@@ -37,8 +37,8 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.core import signing
 
-from provisioning.redis_client import get_redis
 from workspaces.models import Workspace
+from workspaces.redis_client import get_redis
 from workspaces.status import WorkspaceStatus
 
 _LABEL_RE = re.compile(r"[^a-z0-9-]+")

@@ -267,6 +267,17 @@ class ApiToken(models.Model):
         return f"token {self.digest[:8]}… of user {self.user_id}"
 
 
+class Lock(models.Model):
+    """A named row that serialises one kind of count-then-write across transactions: a
+    transaction that must see every other one's rows before it writes its own locks the row
+    (``locks.hold``) and keeps it until it ends."""
+
+    name = models.CharField(primary_key=True, max_length=64)
+
+    def __str__(self) -> str:
+        return f"lock {self.name}"
+
+
 def event_payload(**values: Any) -> dict[str, Any]:
     """Drop ``None`` values so payloads stay small and stable."""
     return {key: value for key, value in values.items() if value is not None}

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Collection
 from uuid import UUID
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import Prefetch, Q, QuerySet
 
-from provisioning.backends.base import WorkspaceBackend
-from workspaces import statements
 from workspaces.crypto import token_digest
 from workspaces.models import ApiToken, Workspace, WorkspaceEvent
 from workspaces.status import WorkspaceStatus
@@ -49,26 +46,16 @@ PLAN_FIELDS = (
 )
 
 
-@functools.cache
-def _plan_read() -> statements.Read:
-    return statements.Read(
-        Workspace,
-        "id",
-        "owner",
-        only=("id", "owner_id", *PLAN_FIELDS),
-        user_only=("id", "username"),
-    )
-
-
 def plan_row(workspace_id: UUID) -> Workspace | None:
-    """The workspace with ``PLAN_FIELDS`` loaded (the others deferred, as ``.only()`` leaves
-    them) and its owner with the username, or None when there is no such row. The lifecycle
-    reads this before every cycle and once more after the last: SQL built once per process
-    (``workspaces.statements``) instead of the ORM building the same query each time (about
-    1 ms of a worker's CPU per read)."""
-    workspace = _plan_read()(workspace_id)
-    assert workspace is None or isinstance(workspace, Workspace)
-    return workspace
+    """The workspace with ``PLAN_FIELDS`` loaded (the others deferred) and its owner with the
+    username, in one query, or None when there is no such row. The lifecycle reads this before
+    every cycle and once more after the last."""
+    return (
+        Workspace.objects.select_related("owner")
+        .only("owner__username", *PLAN_FIELDS)
+        .filter(id=workspace_id)
+        .first()
+    )
 
 
 # ?ordering= values: each may be prefixed with "-" for descending.
@@ -133,30 +120,6 @@ def workspace_and_members(workspace_id: UUID) -> frozenset[str]:
     return frozenset({str(workspace_id), *(str(row) for row in rows.values_list("id", flat=True))})
 
 
-def workspace_logs(workspace: Workspace, tail: int) -> str:
-    """The last ``tail`` lines of the workspace's instance output, from its backend (bounded by
-    ``LOGS_MAX_BYTES``). Raises ``BackendError`` when the backend cannot be asked."""
-    from django.conf import settings
-
-    from provisioning.backends import backend_for
-
-    backend = backend_for(workspace, check=False)
-    return backend.logs(
-        workspace.id, {}, min(tail, settings.LOGS_MAX_TAIL), settings.LOGS_MAX_BYTES
-    )
-
-
-def logs_backend(workspace: Workspace) -> WorkspaceBackend:
-    """The backend to follow ``workspace``'s output on, once a one-line read showed it answers
-    (``check_available`` is not that probe: it may set a backend up, e.g. a firewall). Raises
-    ``BackendError`` when it cannot be asked."""
-    from provisioning.backends import backend_for
-
-    backend = backend_for(workspace, check=False)
-    backend.logs(workspace.id, {}, 1, 1024)
-    return backend
-
-
 def api_token(key: str) -> ApiToken | None:
     """The user API token whose key this is (looked up by its SHA-256), with its user."""
-    return statements.api_token(token_digest(key))
+    return ApiToken.objects.select_related("user").filter(digest=token_digest(key)).first()

@@ -40,7 +40,7 @@ FACTORIES: dict[str, Callable[[], WorkspaceBackend]] = {
 
 def preload_modules() -> None:
     """Import the built-in backends' modules without constructing a backend: a worker's main
-    process does it before forking (project.celery), so its children share the loaded engine
+    process does it before forking (provisioning.worker), so its children share the loaded engine
     SDK instead of each importing it in its first cycle."""
     import provisioning.backends.docker
     import provisioning.backends.process

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from uuid import UUID
 
-from provisioning.manifests import Template
+from workspaces.manifests import Template
 
 State = dict[str, Any]
 CONFIG_MARKER = ".provisioned"

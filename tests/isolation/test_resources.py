@@ -12,8 +12,8 @@ import pytest
 
 from provisioning.backends.base import LaunchSpec
 from provisioning.backends.docker import DockerBackend
-from provisioning.manifests import InvalidManifest, Resources, parse_manifest, templates
 from tests.support import next_backend_uid
+from workspaces.manifests import InvalidManifest, Resources, parse_manifest, templates
 
 
 def _manifest(tmp_path: Path, text: str) -> Path:

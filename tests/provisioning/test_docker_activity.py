@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from provisioning.redis_client import get_redis
 from tests.support import docker_containers, wait_for
 from workspaces.models import Workspace
+from workspaces.redis_client import get_redis
 from workspaces.services.activity import _activity_key
 from workspaces.status import WorkspaceStatus
 

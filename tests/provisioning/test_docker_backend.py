@@ -28,8 +28,8 @@ from provisioning.backends.base import (
 )
 from provisioning.backends.docker import DockerBackend
 from provisioning.backends.engine import label as _label
-from provisioning.manifests import Template, templates
 from tests.support import next_backend_uid, wait_for
+from workspaces.manifests import Template, templates
 
 pytestmark = pytest.mark.docker
 

@@ -1,7 +1,7 @@
 """``follow_logs`` of the real backends: the process backend's follower on a real ``agent.log``
 appended by real processes (cut, replaced, restarted instances), and the Docker backend's on a
 real engine's container writing lines (stopped, replaced). The API around them is tested on the
-fake backend in tests/workspaces/test_log_stream.py."""
+fake backend in tests/portal/test_log_stream.py."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from provisioning.backends.base import (
 )
 from provisioning.backends.follow import Seen, changes
 from provisioning.backends.process import ProcessBackend
-from provisioning.manifests import Template
 from tests.support import next_backend_uid
+from workspaces.manifests import Template
 
 # A guard against a follower that never delivers (the test fails instead of hanging); never
 # an assertion about how fast anything is.

@@ -33,10 +33,10 @@ from redis.exceptions import LockError
 from rest_framework.test import APIClient
 
 from provisioning import gate
-from provisioning.redis_client import get_redis
 from tests.support import REPO, Worker, kill_all_instances, service_env, set_celery_conf, wait_for
 from workspaces import services
 from workspaces.models import AgentToken, Workspace, WorkspaceEvent
+from workspaces.redis_client import get_redis
 from workspaces.status import EventSource, EventType, WorkspaceStatus
 
 S = WorkspaceStatus

@@ -17,14 +17,14 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from provisioning import idle, lifecycle
-from provisioning.manifests import invalidate_templates
-from provisioning.redis_client import get_redis
-from provisioning.timeouts import idle_timeout_seconds
 from tests.fakes import fake_backend
 from workspaces import services
+from workspaces.manifests import invalidate_templates
 from workspaces.models import AgentToken, Workspace, WorkspaceEvent
+from workspaces.redis_client import get_redis
 from workspaces.services.activity import _activity_key
 from workspaces.status import DesiredState, EventSource, EventType, WorkspaceStatus
+from workspaces.timeouts import idle_timeout_seconds
 
 pytestmark = pytest.mark.django_db
 S = WorkspaceStatus

@@ -23,10 +23,10 @@ from django.utils import timezone
 
 from provisioning import gate, lifecycle, sweeper
 from provisioning.backends.base import BackendError
-from provisioning.redis_client import get_redis
 from tests.fakes import FakeBackend, fake_backend
 from workspaces import services
 from workspaces.models import AgentToken, Workspace, WorkspaceEvent
+from workspaces.redis_client import get_redis
 from workspaces.status import EventType, WorkspaceStatus
 
 pytestmark = pytest.mark.django_db

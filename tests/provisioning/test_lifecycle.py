@@ -15,9 +15,9 @@ from django.test.utils import CaptureQueriesContext
 
 from provisioning import lifecycle
 from provisioning.backends.base import BackendError
-from provisioning.manifests import templates
 from tests.fakes import FakeBackend, fake_backend
 from workspaces import services
+from workspaces.manifests import templates
 from workspaces.models import Workspace
 from workspaces.status import DesiredState, EventSource, EventType, WorkspaceStatus
 
@@ -92,9 +92,9 @@ def test_a_first_provision_writes_the_database_in_two_transactions(user, fake) -
         assert lifecycle.converge(workspace.id) == ["provision"]
     statements = [q["sql"].split()[0] for q in queries.captured_queries]
     writes = [sql for sql in statements if sql in ("INSERT", "UPDATE", "DELETE", "WITH")]
-    # begin: UPDATE the row, replace the token (one WITH: DELETE the others, INSERT this one),
-    # INSERT the event; end: UPDATE the row
-    assert writes == ["UPDATE", "WITH", "INSERT", "UPDATE"], statements
+    # begin: UPDATE the row, replace the token (DELETE the others, INSERT this one), INSERT the
+    # event; end: UPDATE the row
+    assert writes == ["UPDATE", "DELETE", "INSERT", "INSERT", "UPDATE"], statements
     assert statements.count("COMMIT") == 1  # the end is one autocommitted UPDATE
     workspace.refresh_from_db()
     assert workspace.config_populated_at == workspace.last_started_at
@@ -363,7 +363,7 @@ def test_an_emptied_volume_is_recovered_from_the_runtime_default_when_its_templa
     """Invariant 9: the workspace's own template first, then ``<runtime>-default``."""
     import shutil
 
-    from provisioning.manifests import invalidate_templates
+    from workspaces.manifests import invalidate_templates
 
     workspace = _create(user, template="claude-code-reviewer", env={"ANTHROPIC_API_KEY": "k"})
     lifecycle.converge(workspace.id)
@@ -391,7 +391,7 @@ def test_with_no_template_left_the_restart_fails_saying_so_and_nothing_runs(
 ) -> None:
     import shutil
 
-    from provisioning.manifests import invalidate_templates
+    from workspaces.manifests import invalidate_templates
 
     workspace = _create(user, template="hermes-default")
     lifecycle.converge(workspace.id)

@@ -18,8 +18,8 @@ import pytest
 from provisioning.backends import process_launch
 from provisioning.backends.base import CONFIG_MARKER, BackendError, ConfigState, LaunchSpec
 from provisioning.backends.process import ProcessBackend, _alive
-from provisioning.manifests import Template
 from tests.support import next_backend_uid, wait_for
+from workspaces.manifests import Template
 
 
 @pytest.fixture

@@ -22,9 +22,9 @@ from django.utils import timezone
 from provisioning.backends.base import InstanceInfo, LaunchSpec
 from provisioning.backends.process import ProcessBackend, _alive
 from provisioning.liveness import sweep_missed_heartbeats
-from provisioning.manifests import templates
 from provisioning.reconciler import Drift, reconcile_once
 from tests.support import next_backend_uid, settled, wait_for
+from workspaces.manifests import templates
 from workspaces.models import Workspace, WorkspaceEvent
 from workspaces.status import DesiredState, EventSource, EventType, WorkspaceStatus
 

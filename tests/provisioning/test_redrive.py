@@ -13,10 +13,10 @@ from django.conf import settings
 from django.utils import timezone
 
 from provisioning import gate
-from provisioning.redis_client import get_redis
 from provisioning.tasks import redrive_pending
 from tests.provisioning.test_reconciler import make_row
 from workspaces.models import Workspace
+from workspaces.redis_client import get_redis
 from workspaces.status import WorkspaceStatus
 
 pytestmark = pytest.mark.django_db

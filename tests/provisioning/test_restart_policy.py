@@ -221,7 +221,7 @@ def test_the_redrive_sweep_acts_on_a_due_restart_whose_timer_was_lost(
 
 
 def test_the_manifest_rejects_an_unknown_policy(tmp_path) -> None:
-    from provisioning.manifests import InvalidManifest, parse_manifest
+    from workspaces.manifests import InvalidManifest, parse_manifest
 
     folder = tmp_path / "bad"
     folder.mkdir()

@@ -102,22 +102,9 @@ def test_transient_errors_past_the_limit_fail_the_workspace_saying_why(user, ret
     assert row.last_error == failure.payload["message"]
 
 
-@pytest.fixture
-def worker_time_limits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Publish with the retry worker's time limits. A task message carries the publisher's
-    limits (Celery's ``timelimit`` header) and the worker obeys them, so web, worker and beat
-    must share CYCLE_TIME_LIMIT_SECONDS (they share settings in every deployment here); this
-    test process publishes as if it had the worker's value."""
-    from provisioning.tasks import converge_workspace
-
-    monkeypatch.setattr(converge_workspace, "time_limit", SOFT_LIMIT + 5)
-    monkeypatch.setattr(converge_workspace, "soft_time_limit", SOFT_LIMIT)
-    monkeypatch.setattr(converge_workspace, "_exec_options", None)  # Celery caches them
-
-
-def test_the_soft_time_limit_fires_in_a_real_worker_and_fails_the_cycle(
-    user, retry_worker, worker_time_limits
-) -> None:
+def test_the_soft_time_limit_fires_in_a_real_worker_and_fails_the_cycle(user, retry_worker) -> None:
+    # The request enqueues the cycle by the task's name, with no time limits of its own: the
+    # worker applies its own (SOFT_LIMIT here).
     workspace = _create_scripted(user, **{"sleep:start": 60})
     row = wait_settled(workspace.id, S.FAILED, timeout=60)
     failure = row.events.get(type=EventType.PROVISION_FAILED)

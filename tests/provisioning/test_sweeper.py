@@ -17,10 +17,10 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from provisioning import lifecycle, sweeper
-from provisioning.redis_client import get_redis
 from tests.fakes import fake_backend
 from workspaces import services
 from workspaces.models import Workspace, WorkspaceEvent
+from workspaces.redis_client import get_redis
 from workspaces.status import DesiredState, EventSource, EventType, WorkspaceStatus
 
 pytestmark = pytest.mark.django_db
@@ -112,7 +112,7 @@ def test_manifest_edited_on_disk_counts_at_the_next_sweep(make_row, templates_di
     (templates_dir / "slowboot" / "config.yaml").write_text(
         "runtime: shell\nruntime_config:\n  provision_timeout_seconds: 900\n"
     )
-    from provisioning.manifests import invalidate_templates
+    from workspaces.manifests import invalidate_templates
 
     invalidate_templates()  # what the registry does on its own within a second
     report = sweeper.sweep(now=now)
@@ -301,7 +301,7 @@ def test_malformed_manifest_row_is_skipped_and_reported_never_a_crash(
     (broken_dir / "config.yaml").write_text(
         "runtime: shell\nruntime_config:\n  provision_timeout_seconds: twenty\n"
     )
-    from provisioning.manifests import invalidate_templates
+    from workspaces.manifests import invalidate_templates
 
     invalidate_templates()
     broken = make_row("broken", runtime="shell", age=31 * MIN, now=now)

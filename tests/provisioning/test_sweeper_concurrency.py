@@ -16,9 +16,9 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from project.celery import app
-from provisioning.redis_client import get_redis
 from tests.support import REPO, database_url, service_env, wait_for
 from workspaces.models import Workspace, WorkspaceEvent
+from workspaces.redis_client import get_redis
 from workspaces.status import DesiredState, EventSource, EventType, WorkspaceStatus
 
 S = WorkspaceStatus

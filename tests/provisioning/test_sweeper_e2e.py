@@ -14,9 +14,8 @@ from django.db import connection
 from django.utils import timezone
 
 from provisioning.backends.process import _alive
-from provisioning.manifests import invalidate_templates
-from tests.provisioning.conftest import write_templates
-from tests.support import Beat, Worker, lifecycle_queue, service_env, wait_for
+from tests.support import Beat, Worker, lifecycle_queue, service_env, wait_for, write_templates
+from workspaces.manifests import invalidate_templates
 from workspaces.models import Workspace, WorkspaceEvent
 from workspaces.status import EventSource, EventType, WorkspaceStatus
 

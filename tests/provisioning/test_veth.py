@@ -17,8 +17,8 @@ from django.conf import settings
 from provisioning.backends import veth
 from provisioning.backends.base import BackendError, BackendUnavailable, LaunchSpec
 from provisioning.backends.docker import DockerBackend
-from provisioning.manifests import templates
 from tests.support import wait_for
+from workspaces.manifests import templates
 
 
 def test_a_slot_picks_its_own_31() -> None:

@@ -22,9 +22,9 @@ from project.env import env_bool
 from provisioning.backends import reset_backends
 from provisioning.backends.agent_image import build_agent_image
 from provisioning.backends.engine import make_client, platform_filter
-from provisioning.manifests import invalidate_templates
 from tests.support import RegistryListener, Worker, lifecycle_queue
 from tests.swarm_support import Engine, free_loopback
+from workspaces.manifests import invalidate_templates
 
 SWARM_QUEUE = "lifecycle-swarm"
 

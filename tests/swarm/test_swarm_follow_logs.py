@@ -11,8 +11,8 @@ import pytest
 
 from provisioning.backends import backend_named, reset_backends
 from provisioning.backends.base import InstanceChange, InstanceNotice, LaunchSpec
-from provisioning.manifests import Template
 from tests.provisioning.test_follow_logs import Follow, line, notice, starts, texts
+from workspaces.manifests import Template
 
 pytestmark = pytest.mark.docker
 

@@ -13,9 +13,9 @@ from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from provisioning.manifests import InvalidManifest, parse_manifest
 from tests.conftest import client_for
 from workspaces import access, services
+from workspaces.manifests import InvalidManifest, parse_manifest
 from workspaces.models import Workspace
 from workspaces.status import WorkspaceStatus
 
@@ -74,7 +74,7 @@ def test_a_request_let_through_is_activity_and_a_refused_one_is_not(
 
     from django.utils import timezone
 
-    from provisioning.redis_client import get_redis
+    from workspaces.redis_client import get_redis
     from workspaces.services.activity import _activity_key
 
     workspace = _workspace(user)

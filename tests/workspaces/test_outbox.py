@@ -54,7 +54,7 @@ def test_requests_answer_as_usual_when_the_broker_is_down(api, broker_down) -> N
 def test_a_lost_database_is_a_503_with_retry_after(rf, settings) -> None:
     from django.db import OperationalError
 
-    from workspaces.api.middleware import ServiceUnavailableMiddleware
+    from portal.api.middleware import ServiceUnavailableMiddleware
 
     settings.RETRY_AFTER_SECONDS = 7
     middleware = ServiceUnavailableMiddleware(lambda request: None)  # type: ignore[arg-type,return-value]

@@ -1,6 +1,6 @@
-"""``selectors.plan_row``: the lifecycle's read before each cycle, SQL built once per process. It
-must give what the ORM's ``select_related("owner").only(...)`` gives: the same values, the same
-deferred fields, the owner at hand without a query."""
+"""``selectors.plan_row``: the lifecycle's read before each cycle. It must give the same values,
+the same deferred fields as ``select_related("owner").only(...)``, the owner at hand without a
+query."""
 
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ def test_no_status_string_literals_outside_the_enum() -> None:
     root = Path(__file__).resolve().parents[2]
     offenders = []
     scanned = 0
-    for package in ("workspaces", "provisioning", "project"):
+    for package in ("workspaces", "provisioning", "portal", "project"):
         for path in (root / package).rglob("*.py"):
             if path.name == "status.py" or "migrations" in path.parts:
                 continue

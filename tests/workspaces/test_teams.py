@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from provisioning import lifecycle
-from provisioning.manifests import templates
 from tests.fakes import fake_backend
 from tests.support import (
     Worker,
@@ -20,6 +19,7 @@ from tests.support import (
     wait_for,
 )
 from workspaces import services
+from workspaces.manifests import templates
 from workspaces.models import Workspace
 from workspaces.services import team_member_names
 from workspaces.status import EventSource, EventType, WorkspaceStatus

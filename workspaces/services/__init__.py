@@ -33,6 +33,7 @@ from workspaces.services.agent import (
     register_agent,
 )
 from workspaces.services.common import (
+    CONVERGE_TASK,
     MAX_ENV_TOTAL_BYTES,
     MAX_ENV_VALUE_BYTES,
     MAX_ENV_VARS,
@@ -46,7 +47,6 @@ from workspaces.services.common import (
     TransitionNotAllowed,
     _enqueue_converge,
     _locked,
-    _publish,
     check_env_size,
     record_event,
     send_converge,
@@ -81,6 +81,7 @@ from workspaces.services.isolation import (
 )
 from workspaces.services.limits import check_concurrency, check_quota
 from workspaces.services.repairs import (
+    RESTART_DUE_TASK,
     mark_missed_heartbeats,
     record_instance_found_running,
     record_instance_gone,
@@ -106,12 +107,14 @@ from workspaces.services.requests import (
 )
 
 __all__ = [
+    "CONVERGE_TASK",
     "IDLE_POLICY",
     "LIFECYCLE_REQUESTS",
     "MAX_ENV_TOTAL_BYTES",
     "MAX_ENV_VALUE_BYTES",
     "MAX_ENV_VARS",
     "NAME_RE",
+    "RESTART_DUE_TASK",
     "UPDATABLE_FIELDS",
     "AgentAuthError",
     "CycleStart",
@@ -130,7 +133,6 @@ __all__ = [
     "_fenced",
     "_insert_workspace",
     "_locked",
-    "_publish",
     "_template_for",
     "authenticate_agent",
     "beat",

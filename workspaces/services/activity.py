@@ -21,6 +21,7 @@ from django.utils import timezone
 from redis.exceptions import RedisError
 
 from workspaces.models import Workspace
+from workspaces.redis_client import get_redis
 from workspaces.services.common import _enqueue_converge, transition
 from workspaces.status import DesiredState, EventSource, WorkspaceStatus
 
@@ -44,8 +45,6 @@ def record_activity(workspace_id: UUID | str, source: str = "proxy") -> bool:
     shorter than the interval as the interval, so a call skipped here can never be what lets the
     sweep stop it.
     """
-    from provisioning.redis_client import get_redis
-
     try:
         workspace_id = UUID(str(workspace_id))
     except ValueError:

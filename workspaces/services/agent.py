@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 
-from project import metrics
-from workspaces import statements
+from workspaces import metrics, sql
 from workspaces.crypto import token_digest
+from workspaces.manifests import templates
 from workspaces.models import AgentToken, Workspace, WorkspaceEvent, event_payload
 from workspaces.services.common import (
     AgentAuthError,
@@ -34,7 +34,7 @@ S = WorkspaceStatus
 
 # --- the agent -------------------------------------------------------------------------------
 def authenticate_agent(raw_token: str) -> AgentToken | None:
-    return statements.agent_token(token_digest(raw_token))
+    return AgentToken.objects.filter(token_hash=token_digest(raw_token)).first()
 
 
 def _agent_workspace(token: AgentToken, workspace_id: UUID) -> Workspace:
@@ -55,8 +55,6 @@ def _record_config_copy(workspace: Workspace, generation: int) -> None:
     """The agent found its config volume freshly filled from the template's config image. After
     an earlier registration that is a recovery (the volume had been emptied); before any, it is
     the first population (recorded by the cycle), or one whose agent never got to report it."""
-    from provisioning.manifests import templates
-
     if generation <= 1:
         return  # the first cycle: nothing registered before it
     registered_before = WorkspaceEvent.objects.filter(
@@ -141,13 +139,8 @@ def beat(
     token, a status to change, a removed workspace): ``record_heartbeat`` decides and says why."""
     now = timezone.now()
     target = S.ONLINE if healthy else S.DEGRADED
-    clocks = [now, now] if active else [now]
-    with connection.cursor() as cursor:
-        cursor.execute(
-            statements.beat_sql(active), [*clocks, token_hash, str(workspace_id), target.value]
-        )
-        row = cursor.fetchone()
-    return None if row is None else HeartbeatAnswer(workspace_id, target, int(row[0]))
+    generation = sql.beat(token_hash, workspace_id, target.value, now, active)
+    return None if generation is None else HeartbeatAnswer(workspace_id, target, generation)
 
 
 def record_heartbeat(

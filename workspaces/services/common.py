@@ -10,11 +10,14 @@ from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
+from celery import current_app
 from django.db import transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import RedisError
 
-from workspaces import audit, statements
+from workspaces import audit, event_channel
 from workspaces.models import Workspace, WorkspaceEvent
 from workspaces.naming import RESERVED_ENV, is_env_name
 from workspaces.status import (
@@ -25,6 +28,10 @@ from workspaces.status import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The engine's task that converges a workspace, enqueued by its name: the domain does not import
+# the engine (provisioning.tasks registers the task under this name).
+CONVERGE_TASK = "provisioning.converge"
 
 # The OpenAPI schema publishes this pattern, so it keeps ECMA's "$" (end of input there); Python
 # applies it with fullmatch only, since its "$" also matches before a final newline.
@@ -195,13 +202,8 @@ def _enqueue_converge(workspace_id: UUID) -> None:
 
 def send_converge(workspace_id: UUID) -> bool:
     """Publish a converge task now; False (logged) when the broker cannot take it."""
-    from kombu.exceptions import OperationalError as BrokerError
-    from redis.exceptions import RedisError
-
-    from provisioning.tasks import converge_workspace
-
     try:
-        converge_workspace.apply_async((str(workspace_id),))
+        current_app.send_task(CONVERGE_TASK, (str(workspace_id),))
     except (BrokerError, RedisError, OSError) as exc:
         logger.warning(
             "could not enqueue workspace %s (%s); the redrive sweep will", workspace_id, exc
@@ -242,8 +244,13 @@ def record_event(
     name, owner, owner_id, requested_by = row or ("?", "?", None, "")
     if actor is None:
         actor = audit.SOURCE_ACTORS.get(source) or requested_by or audit.SYSTEM
-    event = statements.insert_event(
-        workspace_id, type, source, generation, payload or {}, actor, timezone.now()
+    event = WorkspaceEvent.objects.create(
+        workspace_id=workspace_id,
+        type=type,
+        source=source,
+        generation=generation,
+        payload=payload or {},
+        actor=actor,
     )
     logger.info(
         "workspace %s/%s (%s) event %s source=%s actor=%s generation=%s",
@@ -258,14 +265,10 @@ def record_event(
     # Live subscribers hear of the event only once it is committed: a stream must never show an
     # event that a rollback then takes back, and a client that resumes from its id must find it.
     if owner_id is not None:
-        transaction.on_commit(functools.partial(_publish, event, owner_id), robust=True)
+        transaction.on_commit(
+            functools.partial(event_channel.publish, event, owner_id), robust=True
+        )
     return event
-
-
-def _publish(event: WorkspaceEvent, owner_id: int) -> None:
-    from workspaces import live_events
-
-    live_events.publish(event, owner_id)
 
 
 def transition(
@@ -287,10 +290,6 @@ def transition(
             raise ValueError(f"{expect_status} -> {to} is not in the transition table")
         sources = frozenset({expect_status})
     now = timezone.now()
-    if when is None and statements.plain_values(fields):
-        # Nearly every transition (not a sweep's, whose condition is a Q, nor one that computes
-        # a value): SQL built once per shape.
-        return statements.update_status(workspace_id, to, sources, now, expect_generation, fields)
     rows = Workspace.objects.filter(id=workspace_id, status__in=sources)
     if expect_generation is not None:
         rows = rows.filter(generation=expect_generation)
@@ -303,8 +302,14 @@ def transition(
 
 
 def _locked(workspace_id: UUID) -> Workspace:
-    """The row, locked until the transaction ends, with its owner (read, not locked)."""
-    workspace = statements.locked_workspace(workspace_id)
+    """The row, locked until the transaction ends, with its owner (read, not locked: another
+    transaction may lock the owner meanwhile, e.g. the quota check)."""
+    workspace = (
+        Workspace.objects.select_for_update(of=("self",))
+        .select_related("owner")
+        .filter(id=workspace_id)
+        .first()
+    )
     if workspace is None:
         raise Workspace.DoesNotExist(f"no workspace {workspace_id}")
     return workspace

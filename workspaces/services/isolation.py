@@ -2,10 +2,10 @@
 number of its link), and the single-owner rule of unisolated development
 (``WORKSPACE_PROCESS_ISOLATION=none``).
 
-A uid is taken from ``WORKSPACE_UID_RANGE`` under a transaction-scoped advisory lock (allocations
-queue instead of racing); the partial unique constraint ``workspace_uid_unique_live`` is what
-guarantees that two live workspaces never share one. Removal releases it: the constraint and the
-allocator both ignore removed rows.
+A uid is taken from ``WORKSPACE_UID_RANGE`` under the named lock ``locks.UIDS``, held until the
+transaction ends (allocations queue instead of racing); the partial unique constraint
+``workspace_uid_unique_live`` is what guarantees that two live workspaces never share one.
+Removal releases it: the constraint and the allocator both ignore removed rows.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from typing import Any
 from uuid import UUID
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
+from django.db.models import Exists, F, OuterRef
 
+from workspaces import locks
 from workspaces.models import Workspace
 from workspaces.services.common import LeaseLost, TransitionNotAllowed, _fenced
 from workspaces.status import WorkspaceStatus
 
 S = WorkspaceStatus
-# pg_advisory_xact_lock key of uid allocation (and of the unisolated single-owner check).
-_ALLOCATION_LOCK = 0x75696473  # "uids"
 
 
 class IsolationRefused(TransitionNotAllowed):
@@ -38,42 +38,28 @@ def uid_isolation_applies(backend: str) -> bool:
     return backend == "docker" and settings.DOCKER_NETWORK_MODE == "veth"
 
 
-def _lock_allocation() -> None:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_ALLOCATION_LOCK])
-
-
 def allocate_uid() -> int:
     """The lowest uid of ``WORKSPACE_UID_RANGE`` no live workspace holds. Call inside a
     transaction that then writes it; the lock is held until that transaction ends.
 
     The lowest free uid is the range's first or one past a live uid: PostgreSQL finds it among
-    the live uids through their unique index and returns that one number, where the create read
-    every live uid back and searched them in Python."""
-    _lock_allocation()
+    the live uids through their unique index and returns that one number, instead of every live
+    uid read back and searched in Python."""
+    locks.hold(locks.UIDS)
     low, high = settings.WORKSPACE_UID_RANGE
-    table = Workspace._meta.db_table
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"""
-            SELECT candidate FROM (
-                SELECT %s::integer AS candidate
-                UNION ALL
-                SELECT isolation_uid + 1 FROM "{table}"
-                WHERE status <> %s AND isolation_uid >= %s AND isolation_uid < %s
-            ) AS candidates
-            WHERE NOT EXISTS (
-                SELECT 1 FROM "{table}" AS live
-                WHERE live.status <> %s AND live.isolation_uid = candidates.candidate
-            )
-            ORDER BY candidate
-            LIMIT 1
-            """,
-            [low, S.REMOVED.value, low, high, S.REMOVED.value],
-        )
-        row = cursor.fetchone()
-    if row is not None:
-        return int(row[0])
+    live = Workspace.objects.exclude(status=S.REMOVED)
+    if not live.filter(isolation_uid=low).exists():
+        return int(low)
+    after_live = (
+        live.filter(isolation_uid__gte=low, isolation_uid__lt=high)
+        .annotate(candidate=F("isolation_uid") + 1)
+        .filter(~Exists(live.filter(isolation_uid=OuterRef("candidate"))))
+        .order_by("candidate")
+        .values_list("candidate", flat=True)
+        .first()
+    )
+    if after_live is not None:
+        return int(after_live)
     raise IsolationRefused(
         f"every workspace uid of WORKSPACE_UID_RANGE={low}-{high} is in use: remove a workspace "
         "or widen the range"
@@ -85,7 +71,7 @@ def check_unisolated_owner(owner: Any, backend: str) -> None:
     other's files and env, so only one owner may have live workspaces on the process backend."""
     if backend != "process" or settings.WORKSPACE_PROCESS_ISOLATION != "none":
         return
-    _lock_allocation()
+    locks.hold(locks.UIDS)
     others = (
         Workspace.objects.exclude(status=S.REMOVED).filter(backend="process").exclude(owner=owner)
     )

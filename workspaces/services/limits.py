@@ -13,26 +13,22 @@ transaction rolls back, so nothing is written. ``0`` switches a limit off.
 Both checks count rows and then insert or update them; two requests that count at the same time
 would both see room for one more. So each check first takes a lock that every request of its kind
 takes too, and holds it until its transaction commits: the owner's ``auth_user`` row (``FOR NO
-KEY UPDATE``: other owners, and inserts that reference the row, do not wait) for the quota, and a
-transaction-scoped advisory lock for the global cap. Lock order is always the owner's row or the
-workspace's row first, the advisory lock last, so the two cannot deadlock."""
+KEY UPDATE``: other owners, and inserts that reference the row, do not wait) for the quota, and the
+named lock ``locks.ADMISSION`` for the global cap. Lock order is always the owner's row or the
+workspace's row first, the admission lock last, so the two cannot deadlock."""
 
 from __future__ import annotations
 
-import zlib
-
 from django.conf import settings
 from django.contrib.auth.models import User
-from django.db import connection
 from django.db.models import F, Q
 
+from workspaces import locks
 from workspaces.models import Workspace
 from workspaces.services.common import LimitExceeded
 from workspaces.status import WorkspaceStatus
 
 S = WorkspaceStatus
-# pg_advisory_xact_lock takes a bigint; a fixed key derived from a name nobody else uses.
-_ADMISSION_LOCK_KEY = zlib.crc32(b"workspaces.provisioning_admission")
 
 
 def in_flight() -> Q:
@@ -66,9 +62,8 @@ def check_concurrency(adding: int) -> None:
     limit: int = settings.PROVISIONING_CONCURRENCY_LIMIT
     if limit <= 0 or adding <= 0:
         return
-    with connection.cursor() as cursor:
-        # Held until commit: the next admission counts this one's rows.
-        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_ADMISSION_LOCK_KEY])
+    # Held until commit: the next admission counts this one's rows.
+    locks.hold(locks.ADMISSION)
     busy = Workspace.objects.filter(in_flight()).count()
     if busy + adding > limit:
         raise LimitExceeded(

@@ -8,11 +8,15 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+from celery import current_app
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import RedisError
 
+from workspaces.manifests import templates
 from workspaces.models import Workspace, WorkspaceEvent, event_payload
 from workspaces.services.common import _enqueue_converge, _locked, record_event, transition
 from workspaces.status import (
@@ -24,6 +28,8 @@ from workspaces.status import (
 
 logger = logging.getLogger(__name__)
 S = WorkspaceStatus
+# The engine's task that acts on a due restart, enqueued by its name (provisioning.tasks).
+RESTART_DUE_TASK = "provisioning.restart_due"
 
 
 # --- reconciliation and liveness -----------------------------------------------------------------
@@ -150,8 +156,6 @@ def _restart_wanted(workspace: Workspace) -> bool:
     """A workspace is a long-running service: under ``on-failure`` any exit the platform did not
     ask for while it is wanted running is a failure, exit code 0 included (an agent that handles
     SIGTERM exits 0 when an engine restart or a person outside the platform stops it)."""
-    from provisioning.manifests import templates
-
     if workspace.desired_state != DesiredState.RUNNING:
         return False
     manifest = templates().get(workspace.template)
@@ -184,13 +188,8 @@ def _last_line(output_tail: str) -> str:
 
 
 def _schedule_restart(workspace_id: UUID, delay: int) -> None:
-    from kombu.exceptions import OperationalError as BrokerError
-    from redis.exceptions import RedisError
-
-    from provisioning.tasks import restart_due
-
     try:
-        restart_due.apply_async((str(workspace_id),), countdown=delay)
+        current_app.send_task(RESTART_DUE_TASK, (str(workspace_id),), countdown=delay)
     except (BrokerError, RedisError, OSError) as exc:
         # restart_at is committed: the redrive sweep restarts it once the broker is back.
         logger.warning("could not schedule the restart of %s (%s)", workspace_id, exc)

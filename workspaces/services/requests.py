@@ -8,7 +8,7 @@ import logging
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from uuid import UUID
 
 from django.conf import settings
@@ -17,8 +17,9 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, prefetch_related_objects
 from django.utils import timezone
 
-from workspaces import audit, statements
+from workspaces import audit
 from workspaces.access import subdomain
+from workspaces.manifests import Template, templates
 from workspaces.models import Workspace
 from workspaces.services.common import (
     NAME_RE,
@@ -31,14 +32,12 @@ from workspaces.services.common import (
     validate_env,
     validate_name,
 )
+from workspaces.services.isolation import isolation_fields
 from workspaces.services.limits import adds_cycle, check_concurrency, check_quota
 from workspaces.status import (
     DesiredState,
     WorkspaceStatus,
 )
-
-if TYPE_CHECKING:
-    from provisioning.manifests import Template
 
 logger = logging.getLogger(__name__)
 S = WorkspaceStatus
@@ -56,8 +55,6 @@ def _answerable(*workspaces: Workspace) -> None:
 
 
 def _template_for(template: Any) -> Template:
-    from provisioning.manifests import templates
-
     manifest = templates().get(template) if isinstance(template, str) else None
     if manifest is None:
         raise InvalidInput("template", f"unknown template {template!r}")
@@ -90,7 +87,11 @@ def _free_app_port(manifest: Template) -> int | None:
     # A few random candidates first: one small query whatever the number of workspaces (the
     # constraint's unique index answers it). Only a range nearly full reads every port in use.
     candidates = {secrets.randbelow(high - low + 1) + low for _ in range(_PORT_CANDIDATES)}
-    taken = statements.ports_in_use(candidates)
+    taken = set(
+        Workspace.objects.exclude(status=S.REMOVED)
+        .filter(app_port__in=candidates)
+        .values_list("app_port", flat=True)
+    )
     if candidates - taken:
         return secrets.choice(sorted(candidates - taken))
     live = Workspace.objects.exclude(status=S.REMOVED)
@@ -114,8 +115,6 @@ def _insert_workspace(
     actor: str,
 ) -> Workspace:
     """Insert one workspace asking to run and enqueue its converge after the commit."""
-    from workspaces.services.isolation import isolation_fields
-
     isolation = isolation_fields(owner, backend)
     for attempt in range(APP_PORT_ATTEMPTS):
         app_port = _free_app_port(manifest)
@@ -168,8 +167,6 @@ def create_workspace(
     backend: str | None = None,
     actor: str | None = None,
 ) -> Workspace:
-    from provisioning.backends import default_backend_name
-
     clean_env, manifest = _validated(name, env, template)
     if manifest.is_team:
         raise InvalidInput("template", f"{template!r} is a team template: use POST /api/teams/")
@@ -181,7 +178,7 @@ def create_workspace(
             name=name,
             manifest=manifest,
             env=clean_env,
-            backend=backend or default_backend_name(),
+            backend=backend or settings.WORKSPACE_BACKEND,
             actor=actor or audit.user(owner),
         )
         # What the answer reads is at hand: the owner is the caller's object, and a row
@@ -224,9 +221,6 @@ def create_team(
     all in one transaction. The parent runs the team template's own runtime like any workspace;
     every member gets the same env and is provisioned (and preflighted) on its own, so one
     member's failure shows on that member."""
-    from provisioning.backends import default_backend_name
-    from provisioning.manifests import templates
-
     clean_env, manifest = _validated(name, env, template)
     if not manifest.is_team:
         raise InvalidInput("template", f"{template!r} is not a team template (it lists no members)")
@@ -242,7 +236,7 @@ def create_team(
     if missing:
         raise InvalidInput("template", f"member templates not found: {', '.join(missing)}")
     member_manifests = [template_set.templates[member] for member in manifest.members]
-    backend_name = backend or default_backend_name()
+    backend_name = backend or settings.WORKSPACE_BACKEND
     actor = actor or audit.user(owner)
     with transaction.atomic():
         # A team counts its parent and every member, against the quota and the cap alike.
