@@ -28,9 +28,9 @@ def run(repeats: int = 20) -> list[Figure]:
     from django.contrib.auth.models import User
     from django.utils import timezone
 
-    from provisioning.redis_client import get_redis
     from workspaces import services
     from workspaces.models import Workspace
+    from workspaces.redis_client import get_redis
 
     owner, _ = User.objects.get_or_create(username="bench-activity")
     Workspace.objects.filter(owner=owner).delete()

@@ -25,7 +25,7 @@ def run(repeats: int = 20) -> list[Figure]:
     from django.conf import settings
 
     from provisioning import gate
-    from provisioning.redis_client import get_redis
+    from workspaces.redis_client import get_redis
 
     client = get_redis()
     lease_ms = int(settings.GATE_LEASE_SECONDS) * 1000

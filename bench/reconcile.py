@@ -262,7 +262,7 @@ def _process_figures(repeats: int, data_dir: str) -> list[Figure]:
 
     from provisioning.backends import backend_named
     from provisioning.backends.base import LaunchSpec
-    from provisioning.manifests import templates
+    from workspaces.manifests import templates
 
     settings.WORKSPACE_DATA_DIR = data_dir
     backend = backend_named("process")

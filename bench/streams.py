@@ -123,7 +123,7 @@ def _forget_stream_places() -> None:
     would only lapse after the lease. Start the next server with a clean count."""
     from django.conf import settings
 
-    from provisioning.redis_client import get_redis
+    from workspaces.redis_client import get_redis
 
     client = get_redis()
     for key in client.scan_iter(f"{settings.EVENTS_CHANNEL_PREFIX}:streams:*"):

@@ -123,7 +123,7 @@ def _reset(ids: list[str], overdue: int) -> None:
     young (untimed)."""
     from django.db import connection
 
-    from provisioning.redis_client import get_redis
+    from workspaces.redis_client import get_redis
     from workspaces.status import DesiredState, WorkspaceStatus
 
     with connection.cursor() as cursor:

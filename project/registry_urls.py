@@ -4,12 +4,12 @@ API, the admin or the docs."""
 
 from django.urls import path
 
-from workspaces.api import views
+from portal.api import views
 
 urlpatterns = [
     path("api/registry/register", views.RegisterView.as_view(), name="registry-register"),
     path("api/registry/heartbeat", views.HeartbeatView.as_view(), name="registry-heartbeat"),
 ]
 
-handler404 = "workspaces.api.errors.json_404"
-handler500 = "workspaces.api.errors.json_500"
+handler404 = "portal.api.errors.json_404"
+handler500 = "portal.api.errors.json_500"

@@ -146,8 +146,8 @@ if PLATFORM_LISTENER == "registry":
     ROOT_URLCONF = "project.registry_urls"
     ALLOWED_HOSTS = ["*"]
     MIDDLEWARE = [
-        "workspaces.api.middleware.RequestGuardMiddleware",
-        "workspaces.api.middleware.ServiceUnavailableMiddleware",
+        "portal.api.middleware.RequestGuardMiddleware",
+        "portal.api.middleware.ServiceUnavailableMiddleware",
     ]
 # project/asgi.py and project/registry_asgi.py (project/request_body.py): a request whose body has
 # not arrived whole within this many seconds is answered 408 before Django reads it, so clients
