@@ -3,8 +3,9 @@
 Every reader fails loudly with ``ImproperlyConfigured`` naming the variable and the bad value, so a
 typo in a deployment stops start-up instead of surfacing later as odd behaviour.
 
-A reader given ``doc=`` (and a ``section=`` from ``SECTIONS``) also records the variable, its
-default, its type and that text in ``DECLARED``; ``python -m project.env`` imports the settings and
+A reader given ``doc=`` also records the variable, its default, its type and that text in
+``DECLARED``, under the section of the reference the last ``section(...)`` call named (or its own
+``section=``); ``python -m project.env`` imports the settings and
 prints the whole reference as markdown (docs/configuration.md is its output, and a test fails when
 the two differ or a variable settings.py reads is missing from it). ``shown=`` replaces a default
 that is computed (a path under the checkout, a value derived from another variable) by the words
@@ -26,7 +27,7 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 
 # The sections of the configuration reference, in the order it prints them, each with the
-# sentence that opens it. A reader's ``section=`` must be one of these keys.
+# sentence that opens it. ``section()`` and a reader's ``section=`` take one of these keys.
 SECTIONS: dict[str, tuple[str, str]] = {
     "core": ("Core", "The services the platform needs, Django, and the processes that serve it."),
     "secrets": ("Secrets at rest", "Keys for what is stored encrypted (docs/operating.md)."),
@@ -66,11 +67,31 @@ class Declared:
 
 # Filled as settings.py runs its readers: variable name -> declaration (the first one with a doc).
 DECLARED: dict[str, Declared] = {}
+# The section the declarations that follow belong to (``section()``).
+_current_section = ""
+
+
+def section(key: str) -> None:
+    """Put the declarations that follow, up to the next call, in the reference's section ``key``
+    (one of ``SECTIONS``): settings.py calls it before each group of readers."""
+    if key not in SECTIONS:
+        raise ImproperlyConfigured(f"section {key!r} is not one of project.env.SECTIONS")
+    _set_section(key)
+
+
+def _set_section(key: str) -> str:
+    """Make ``key`` the current section, unchecked; returns the one it replaces."""
+    global _current_section
+    previous, _current_section = _current_section, key
+    return previous
 
 
 def _declare(name: str, default: str, kind: str, doc: str, section: str, shown: str | None) -> None:
     if not doc or name in DECLARED:
         return
+    section = section or _current_section
+    if not section:
+        raise ImproperlyConfigured(f"{name}: no section: call project.env.section() before it")
     if section not in SECTIONS:
         raise ImproperlyConfigured(
             f"{name}: section={section!r} is not one of project.env.SECTIONS"
@@ -467,16 +488,33 @@ def load_declarations(module_name: str = "project.settings") -> Mapping[str, Dec
     with open(path, encoding="utf-8") as source:
         tree = ast.parse(source.read())
     readers = {name for name in vars(registry) if name.startswith("env_")}
-    for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Name)
-            and node.func.id in readers
-            and node.args
-            and isinstance(node.args[0], ast.Constant)
-            and node.args[0].value not in registry.DECLARED
-        ):
-            eval(compile(ast.Expression(node), path, "eval"), vars(module))
+    # The module's section() calls by line: a reader evaluated here is in the last one above it.
+    markers = sorted(
+        (node.lineno, node.value.args[0].value)
+        for node in tree.body
+        if isinstance(node, ast.Expr)
+        and isinstance(node.value, ast.Call)
+        and isinstance(node.value.func, ast.Name)
+        and node.value.func.id == "section"
+        and node.value.args
+        and isinstance(node.value.args[0], ast.Constant)
+    )
+    previous = registry._set_section("")
+    try:
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in readers
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and node.args[0].value not in registry.DECLARED
+            ):
+                above = [key for line, key in markers if line < node.lineno]
+                registry._set_section(above[-1] if above else "")
+                eval(compile(ast.Expression(node), path, "eval"), vars(module))
+    finally:
+        registry._set_section(previous)
     declared: Mapping[str, Declared] = registry.DECLARED
     return declared
 

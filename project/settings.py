@@ -2,6 +2,10 @@
 
 Every value has a local default that works against PostgreSQL and Redis on 127.0.0.1. A malformed
 value stops start-up with a message naming the variable (see ``project.env``).
+
+Each reader's ``doc=`` is its text in the configuration reference (docs/configuration.md, printed
+by ``python -m project.env``), under the section the last ``section(...)`` call above it names; a
+comment beside a reader says only what its doc does not: why.
 """
 
 from __future__ import annotations
@@ -27,16 +31,19 @@ from project.env import (
     env_redis_url,
     env_str,
     env_url,
+    section,
 )
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-DEBUG = env_bool("DJANGO_DEBUG", False, doc="Django debug mode.", section="core")
+section("core")
+DEBUG = env_bool("DJANGO_DEBUG", False, doc="Django debug mode.")
+
+section("secrets")
 SECRET_KEY = env_str(
     "SECRET_KEY",
     "dev-only-insecure-secret-key-change-me",
     doc="Django's secret key: set it in production.",
-    section="secrets",
     shown="(a development key)",
 )
 if (
@@ -49,7 +56,6 @@ if (
             "When true (production), start-up refuses the development `SECRET_KEY` and the "
             "development `ENV_ENCRYPTION_KEYS`."
         ),
-        section="secrets",
     )
 ):
     raise ImproperlyConfigured("SECRET_KEY must be set when REQUIRE_SECRET_KEY is true")
@@ -65,7 +71,6 @@ ENV_ENCRYPTION_KEYS = env_fernet_keys(
         "decrypts (key rotation: docs/operating.md). Give web, worker and beat the same"
         " value."
     ),
-    section="secrets",
     shown="(a public development key)",
 )
 if (
@@ -76,11 +81,12 @@ if (
     raise ImproperlyConfigured(
         "ENV_ENCRYPTION_KEYS must be set to keys of your own when REQUIRE_SECRET_KEY is true"
     )
+
+section("core")
 ALLOWED_HOSTS = env_list(
     "ALLOWED_HOSTS",
     ["localhost", "127.0.0.1", "[::1]"],
     doc="Host names the web process answers (the test settings add `testserver`).",
-    section="core",
 )
 CSRF_TRUSTED_ORIGINS = env_list(
     "CSRF_TRUSTED_ORIGINS",
@@ -89,7 +95,6 @@ CSRF_TRUSTED_ORIGINS = env_list(
         "Origins trusted for the dashboard's and the admin's forms when they are served"
         " behind a proxy on another origin (Django's setting)."
     ),
-    section="core",
 )
 # A CSRF refusal on the API's paths is JSON like every API error; HTML elsewhere.
 CSRF_FAILURE_VIEW = "portal.api.errors.csrf_failure"
@@ -140,7 +145,6 @@ PLATFORM_LISTENER = env_choice(
         "Which of the platform's listeners this process is; `project/registry_asgi.py` sets"
         " `registry`. Not set by hand."
     ),
-    section="core",
 )
 if PLATFORM_LISTENER == "registry":
     ROOT_URLCONF = "project.registry_urls"
@@ -149,10 +153,8 @@ if PLATFORM_LISTENER == "registry":
         "portal.api.middleware.RequestGuardMiddleware",
         "portal.api.middleware.ServiceUnavailableMiddleware",
     ]
-# project/asgi.py and project/registry_asgi.py (project/request_body.py): a request whose body has
-# not arrived whole within this many seconds is answered 408 before Django reads it, so clients
-# that stall (a workspace that opens connections and sends half a request, an agent stopped
-# mid-call) cannot keep requests open.
+# So that clients that stall (a workspace that opens connections and sends half a request, an
+# agent stopped mid-call) cannot keep requests open.
 REQUEST_BODY_SECONDS = env_int(
     "REQUEST_BODY_SECONDS",
     10,
@@ -161,7 +163,6 @@ REQUEST_BODY_SECONDS = env_int(
         "A request to the API or the registry listener whose body has not arrived whole"
         " by then is answered 408 before Django reads it."
     ),
-    section="core",
 )
 
 TEMPLATES = [
@@ -184,7 +185,6 @@ DATABASES = {
         "DATABASE_URL",
         "postgres://postgres@127.0.0.1:5432/workspaces",
         doc="PostgreSQL (required; nothing else is supported).",
-        section="core",
     ),
 }
 DATABASES["default"]["CONN_MAX_AGE"] = env_int(
@@ -195,15 +195,12 @@ DATABASES["default"]["CONN_MAX_AGE"] = env_int(
         "Seconds a database connection is kept for reuse (Django's `CONN_MAX_AGE`; `0` "
         "closes it after each request); connections are health-checked before reuse."
     ),
-    section="core",
 )
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 # The ASGI entry points (project/asgi.py, project/registry_asgi.py) set DATABASE_POOL: Django runs
 # each request's sync part in a thread of its own there, so connections come from psycopg's pool
 # (at most DATABASE_POOL_MAX_SIZE per process, a request waits up to DATABASE_POOL_TIMEOUT seconds
 # for one, then 503) instead of one kept per thread. Celery workers and manage.py keep theirs.
-# The name each process gives its connections (pg_stat_activity.application_name): the ASGI
-# entry points set "web" and "registry".
 if _application_name := env_str(
     "DATABASE_APPLICATION_NAME",
     "",
@@ -212,7 +209,6 @@ if _application_name := env_str(
         "(`pg_stat_activity.application_name`); the ASGI entry points set `web` and "
         "`registry`; empty: none."
     ),
-    section="core",
 ):
     DATABASES["default"].setdefault("OPTIONS", {})["application_name"] = _application_name
 if env_bool(
@@ -224,7 +220,6 @@ if env_bool(
         "`CONN_MAX_AGE` is then 0. The ASGI entry points (web and registry listener) "
         "set it; Celery workers and `manage.py` keep their connections."
     ),
-    section="core",
 ):
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
@@ -234,7 +229,6 @@ if env_bool(
             10,
             minimum=1,
             doc="With `DATABASE_POOL`: the most connections a process's pool opens.",
-            section="core",
         ),
         "timeout": env_int(
             "DATABASE_POOL_TIMEOUT",
@@ -244,7 +238,6 @@ if env_bool(
                 "With `DATABASE_POOL`: how long a request waits for a connection from the pool,"
                 " then 503."
             ),
-            section="core",
         ),
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -302,19 +295,16 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
 }
 
-# --- Limits (README "Limits") --------------------------------------------------------------------
-# Largest request body (413 above it). The default fits the largest valid env (MAX_ENV_TOTAL_BYTES,
-# 256 KiB, even at JSON's worst escaping) with room to spare; Django's own form limit follows it.
+section("limits")
+# The default fits the largest valid env (MAX_ENV_TOTAL_BYTES, 256 KiB, even at JSON's worst
+# escaping) with room to spare; Django's own form limit follows it.
 API_MAX_BODY_BYTES = env_int(
     "API_MAX_BODY_BYTES",
     2 * 1024 * 1024,
     minimum=64 * 1024,
     doc=("Largest request body; 413 above it. Below about 1.6 MiB some valid envs cannot be sent."),
-    section="limits",
 )
 DATA_UPLOAD_MAX_MEMORY_SIZE = API_MAX_BODY_BYTES
-# Workspaces (any status but removed) one non-staff owner may have; a team counts its parent and
-# every member. 0: no quota. Over it: 429 with Retry-After.
 WORKSPACE_QUOTA_PER_USER = env_int(
     "WORKSPACE_QUOTA_PER_USER",
     100,
@@ -323,17 +313,13 @@ WORKSPACE_QUOTA_PER_USER = env_int(
         "Workspaces (any status but `removed`) per non-staff user; a team counts its "
         "parent and every member. `0`: no quota."
     ),
-    section="limits",
 )
 WORKSPACE_QUOTA_RETRY_AFTER_SECONDS = env_int(
     "WORKSPACE_QUOTA_RETRY_AFTER_SECONDS",
     60,
     minimum=1,
     doc="`Retry-After` of a quota 429.",
-    section="limits",
 )
-# Cycles in flight platform-wide (requested and not finished, or provisioning until the agent
-# registers) above which create, start and restart answer 429. 0: no cap.
 PROVISIONING_CONCURRENCY_LIMIT = env_int(
     "PROVISIONING_CONCURRENCY_LIMIT",
     100,
@@ -343,25 +329,22 @@ PROVISIONING_CONCURRENCY_LIMIT = env_int(
         "until the agent registers) above which create, start and restart answer 429. "
         "`0`: no cap."
     ),
-    section="limits",
 )
 PROVISIONING_RETRY_AFTER_SECONDS = env_int(
     "PROVISIONING_RETRY_AFTER_SECONDS",
     10,
     minimum=1,
     doc="`Retry-After` of a cap 429.",
-    section="limits",
 )
 
-# --- Redis and Celery -------------------------------------------------------------------------
+section("core")
 REDIS_URL = env_redis_url(
     "REDIS_URL",
     "redis://127.0.0.1:6379/0",
     doc="Celery broker, the per-workspace gate, stream places and live events.",
-    section="core",
 )
 
-# Longest a lifecycle cycle may run before the worker kills it (hard) or interrupts it (soft).
+section("celery")
 CYCLE_TIME_LIMIT_SECONDS = env_int(
     "CYCLE_TIME_LIMIT_SECONDS",
     300,
@@ -372,7 +355,6 @@ CYCLE_TIME_LIMIT_SECONDS = env_int(
         "message carries the limits of the process that sent it, so give web, worker "
         "and beat the same value."
     ),
-    section="celery",
 )
 CYCLE_SOFT_TIME_LIMIT_SECONDS = CYCLE_TIME_LIMIT_SECONDS - 5
 SWEEP_TIME_LIMIT_SECONDS = env_int(
@@ -380,7 +362,6 @@ SWEEP_TIME_LIMIT_SECONDS = env_int(
     120,
     minimum=10,
     doc=("Hard time limit of a sweep task (the soft limit is 5 s less), and its lock's lifetime."),
-    section="celery",
 )
 SWEEP_SOFT_TIME_LIMIT_SECONDS = SWEEP_TIME_LIMIT_SECONDS - 5
 
@@ -408,7 +389,6 @@ CELERY_BROKER_VISIBILITY_TIMEOUT_SECONDS = max(
             "How long Redis keeps a task a dead worker had taken before delivering it "
             "again; never less than 60 s above either time limit."
         ),
-        section="celery",
         shown="(twice `CYCLE_TIME_LIMIT_SECONDS`)",
     ),
     CYCLE_TIME_LIMIT_SECONDS + 60,
@@ -437,7 +417,6 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {
         doc=(
             "Quick publish retries after a commit before leaving the intent to the redrive sweep."
         ),
-        section="celery",
     ),
     "interval_start": 0,
     "interval_step": 0.2,
@@ -451,7 +430,6 @@ CELERY_TASK_DEFAULT_QUEUE = env_str(
     "CELERY_LIFECYCLE_QUEUE",
     "lifecycle",
     doc="The queue of lifecycle cycles (Celery's default queue).",
-    section="celery",
 )
 CELERY_SWEEP_QUEUE = env_str(
     "CELERY_SWEEP_QUEUE",
@@ -460,17 +438,18 @@ CELERY_SWEEP_QUEUE = env_str(
         "The queue of the sweeps (stuck provisioning, liveness, idle, redrive) and the "
         "reconciliation passes."
     ),
-    section="celery",
 )
 
+section("timeouts")
 # Beat intervals (seconds). Exactly one beat process must run; sweeps are also safe to overlap.
 SWEEP_PROVISIONING_INTERVAL_SECONDS = env_int(
     "SWEEP_PROVISIONING_INTERVAL_SECONDS",
     30,
     minimum=1,
     doc="How often beat runs the stuck-provisioning sweep.",
-    section="timeouts",
 )
+
+section("celery")
 REDRIVE_INTERVAL_SECONDS = env_int(
     "REDRIVE_INTERVAL_SECONDS",
     30,
@@ -479,12 +458,8 @@ REDRIVE_INTERVAL_SECONDS = env_int(
         "How often beat re-enqueues workspaces whose request waited that long with no "
         "gate held (after a whole worker node died)."
     ),
-    section="celery",
 )
 
-# Transient backend errors (engine unreachable, timeouts, 5xx) retry the converge task with
-# exponential backoff (1, 2, 4 ... times this, jittered, at most 60 s apart); the attempt after
-# the last retry fails the workspace with the engine's message.
 CONVERGE_MAX_RETRIES = env_int(
     "CONVERGE_MAX_RETRIES",
     5,
@@ -495,27 +470,23 @@ CONVERGE_MAX_RETRIES = env_int(
         "(`WORKSPACE_PROVISION_FAILED`, `source=backend`, `payload.transient` true, the"
         ' engine\'s message and "still failing on the final attempt").'
     ),
-    section="celery",
 )
 CONVERGE_RETRY_BACKOFF_SECONDS = env_int(
     "CONVERGE_RETRY_BACKOFF_SECONDS",
     2,
     minimum=1,
     doc="First retry delay; it doubles per retry (jittered, at most 60 s).",
-    section="celery",
 )
-# What a 503 (the database or the broker is unreachable) tells clients to wait before retrying.
+
+section("core")
 RETRY_AFTER_SECONDS = env_int(
     "RETRY_AFTER_SECONDS",
     5,
     minimum=1,
     doc="The `Retry-After` of a 503 (the database or the broker is unreachable).",
-    section="core",
 )
 
-# --- The gate (per-workspace Redis lock) ------------------------------------------------------
-# A holder renews its lease every GATE_LEASE_SECONDS / 3; a dead holder frees the gate within
-# GATE_LEASE_SECONDS.
+section("gate")
 GATE_LEASE_SECONDS = env_int(
     "GATE_LEASE_SECONDS",
     30,
@@ -524,15 +495,12 @@ GATE_LEASE_SECONDS = env_int(
         "Lease of a held gate; renewed every third of it while the cycle runs. A holder"
         " that dies frees the gate within this time."
     ),
-    section="gate",
 )
 GATE_KEY_PREFIX = env_str(
     "GATE_KEY_PREFIX",
     "wsgate",
     doc=("Redis key prefix of the gates (`<prefix>:<workspace id>`) and their bookkeeping."),
-    section="gate",
 )
-# How long a task whose gate is busy waits before it asks again (it never blocks a worker).
 GATE_BUSY_RETRY_SECONDS = env_int(
     "GATE_BUSY_RETRY_SECONDS",
     2,
@@ -541,17 +509,16 @@ GATE_BUSY_RETRY_SECONDS = env_int(
         "When a task finds the gate busy, one retry per workspace comes back after this"
         " long (it never blocks a worker)."
     ),
-    section="gate",
 )
 
-# --- Workspaces --------------------------------------------------------------------------------
 WORKSPACE_BACKENDS = ("docker", "process", "swarm")
+
+section("workspaces")
 WORKSPACE_BACKEND = env_choice(
     "WORKSPACE_BACKEND",
     "process",
     WORKSPACE_BACKENDS,
     doc=("Where new workspaces run: local processes, Docker containers, or Swarm services."),
-    section="workspaces",
 )
 # Backends registered by dotted path, name -> factory. Never read from the environment: only the
 # test settings register one (a scripted backend that runs inside real worker processes).
@@ -561,7 +528,6 @@ WORKSPACE_TEMPLATES_DIR = Path(
         "WORKSPACE_TEMPLATES_DIR",
         str(BASE_DIR / "workspace_templates"),
         doc="Template manifests, one folder each.",
-        section="workspaces",
         shown="./workspace_templates",
     )
 ).resolve()
@@ -572,11 +538,7 @@ WORKSPACE_DEFAULT_TEMPLATE = env_str(
         "The template `manage.py workspace create` uses without `--template`, and the "
         "one the dashboard's create form shows first."
     ),
-    section="workspaces",
 )
-# What agents call back: the registry listener (project/registry_asgi.py, `registry` in the
-# Procfile), which serves /api/registry/* alone. On the Docker backend its host part is replaced
-# by each workspace network's gateway address.
 PLATFORM_URL = env_url(
     "PLATFORM_URL",
     "http://127.0.0.1:8001",
@@ -585,15 +547,12 @@ PLATFORM_URL = env_url(
         "alone. On the Docker backend its host part is replaced by each workspace "
         "network's gateway address."
     ),
-    section="workspaces",
 )
-# Where the process backend keeps each workspace's config directory, pid file and log.
 WORKSPACE_DATA_DIR = Path(
     env_str(
         "WORKSPACE_DATA_DIR",
         str(BASE_DIR / "var" / "workspaces"),
         doc="The process backend's per-workspace folders (config, home, pid file, output).",
-        section="workspaces",
         shown="./var/workspaces",
     )
 )
@@ -602,10 +561,9 @@ STOP_GRACE_SECONDS = env_int(
     10,
     minimum=0,
     doc="A stop sends SIGTERM, then SIGKILL after this long.",
-    section="workspaces",
 )
 
-# --- Workspace isolation (README "Workspace isolation"; docs/architecture.md threat model) ------
+section("isolation")
 # Process backend: "uid" runs each workspace as its own unprivileged uid/gid from
 # WORKSPACE_UID_RANGE behind a firewall; "none" runs workspaces as the platform's own user, for
 # single-user development only (then only one owner may have workspaces on this backend).
@@ -616,14 +574,12 @@ WORKSPACE_PROCESS_ISOLATION = env_choice(
     doc=(
         "`uid`: a uid per workspace (needs root); `none`: unisolated, single-user development only."
     ),
-    section="isolation",
 )
 WORKSPACE_UID_RANGE = env_int_range(
     "WORKSPACE_UID_RANGE",
     (200000, 200999),
     minimum=1000,
     doc=("Uids (and gids) handed to process-backend workspaces; at most that many live at once."),
-    section="isolation",
 )
 # The Python that runs the platform's agent (and `{python}` in a manifest's command) on the
 # process backend. Workspace uids must be able to run it: the platform's own virtualenv may sit
@@ -637,11 +593,8 @@ WORKSPACE_PYTHON = env_str(
         " folder above `WORKSPACE_DATA_DIR` must be enterable by them, `o+x`, or the "
         "backend refuses to start saying so)."
     ),
-    section="isolation",
 )
-# The Python of `{python}` in a template's app command (e.g. JupyterLab) when workspaces run
-# under their own uids: a virtualenv they can run, holding the `apps` dependency group
-# (`bin/apps-venv` makes it). Without isolation the platform's own interpreter is used.
+# Without isolation the platform's own interpreter is used.
 WORKSPACE_APPS_PYTHON = env_str(
     "WORKSPACE_APPS_PYTHON",
     "/opt/workspace-apps/bin/python",
@@ -649,11 +602,7 @@ WORKSPACE_APPS_PYTHON = env_str(
         "`{python}` in a template's app command under uid isolation: a virtualenv of "
         "the system Python with the `apps` group (JupyterLab), made by `bin/apps-venv`."
     ),
-    section="isolation",
 )
-# The iptables/ip6tables chain (hooked into OUTPUT) that lets workspace uids reach only the
-# registry port on the host's own addresses; ``<chain>-BRIDGE`` (hooked into INPUT and FORWARD)
-# does the same for what comes in from Docker workspace networks.
 WORKSPACE_FIREWALL_CHAIN = env_str(
     "WORKSPACE_FIREWALL_CHAIN",
     "WS-ISOLATION",
@@ -661,10 +610,7 @@ WORKSPACE_FIREWALL_CHAIN = env_str(
         "The nftables table (`inet`) the process backend owns, and the prefix of the "
         "Docker bridges' iptables chain (`<name>-BRIDGE`)."
     ),
-    section="isolation",
 )
-# The one host port workspace uids may connect to: the registry listener's. Unset: the port of
-# PLATFORM_URL. Every platform process of a host must agree on it (they share the chain).
 WORKSPACE_REGISTRY_PORT = env_optional_int(
     "WORKSPACE_REGISTRY_PORT",
     minimum=1,
@@ -672,10 +618,7 @@ WORKSPACE_REGISTRY_PORT = env_optional_int(
         "The one host port workspace uids may connect to; unset: the port of "
         "`PLATFORM_URL`. Every platform process of the host must agree."
     ),
-    section="isolation",
 )
-# Unix sockets a workspace must not reach (they bypass the firewall): hidden from workspace
-# processes by a private mount namespace (an empty tmpfs over folders, /dev/null over files).
 WORKSPACE_HIDDEN_PATHS = env_list(
     "WORKSPACE_HIDDEN_PATHS",
     [
@@ -690,22 +633,20 @@ WORKSPACE_HIDDEN_PATHS = env_list(
         "Unix sockets hidden from workspace processes by a private mount namespace "
         "(they would bypass the firewall)."
     ),
-    section="isolation",
     shown="(PostgreSQL's, Redis's and Docker's socket paths under /run and /var/run)",
 )
 
+section("timeouts")
 # Provisioning timeouts: PROVISION_TIMEOUT_SECONDS > manifest > per-runtime default > 600 s.
 PROVISION_TIMEOUT_SECONDS = env_optional_int(
     "PROVISION_TIMEOUT_SECONDS",
     minimum=1,
     doc="Global override of every provisioning timeout.",
-    section="timeouts",
 )
 RUNTIME_PROVISION_TIMEOUTS = env_int_map(
     "RUNTIME_PROVISION_TIMEOUTS",
     {"hermes": 1800, "claude-code": 900},
     doc=("Per-runtime provisioning timeouts, used when a manifest gives none (then 600 s)."),
-    section="timeouts",
 )
 DEFAULT_PROVISION_TIMEOUT_SECONDS = 600
 
@@ -717,7 +658,6 @@ SWEEP_PROVISIONING_BATCH_SIZE = env_int(
     500,
     minimum=1,
     doc="In-flight rows the sweep reads per query.",
-    section="timeouts",
 )
 # A row whose flip raised is skipped by later sweeps for this long (a poison row is pushed
 # forward instead of failing every sweep).
@@ -726,12 +666,9 @@ SWEEP_PROVISIONING_POISON_BACKOFF_SECONDS = env_int(
     300,
     minimum=1,
     doc="How long a row that made the sweep fail is left alone.",
-    section="timeouts",
 )
 
-# --- Idle auto-stop (provisioning/idle.py) -----------------------------------------------------
-# A workspace idle longer than its template's runtime_config.idle_timeout_seconds (or this, for
-# templates that do not say; 0 = never) is stopped by the idle sweep.
+section("idle")
 IDLE_TIMEOUT_SECONDS = env_int(
     "IDLE_TIMEOUT_SECONDS",
     0,
@@ -740,21 +677,18 @@ IDLE_TIMEOUT_SECONDS = env_int(
         "Idle timeout of templates whose manifest has no "
         "`runtime_config.idle_timeout_seconds`; `0`: never."
     ),
-    section="idle",
 )
 IDLE_SWEEP_INTERVAL_SECONDS = env_int(
     "IDLE_SWEEP_INTERVAL_SECONDS",
     60,
     minimum=1,
     doc="How often beat runs the idle sweep.",
-    section="idle",
 )
 IDLE_SWEEP_BATCH_SIZE = env_int(
     "IDLE_SWEEP_BATCH_SIZE",
     500,
     minimum=1,
     doc="Rows read per batch by the idle sweep.",
-    section="idle",
 )
 # services.record_activity (the proxy's per-request signal) writes a workspace's row at most once
 # per this many seconds. An idle timeout shorter than this counts as this long, so an activity
@@ -767,10 +701,9 @@ ACTIVITY_WRITE_INTERVAL_SECONDS = env_int(
         "`record_activity` writes a workspace's row at most this often; shorter idle "
         "timeouts count as this long."
     ),
-    section="idle",
 )
 
-# Docker backend.
+section("docker")
 DOCKER_HOST = env_str(
     "DOCKER_HOST",
     "",
@@ -778,7 +711,6 @@ DOCKER_HOST = env_str(
         "The engine, `unix://…` or `tcp://…`; empty: the Docker SDK's default "
         "(`unix:///var/run/docker.sock`)."
     ),
-    section="docker",
 )
 # "veth" (default): each container starts with networking disabled and the worker gives it a
 # link of its own, a veth pair to the host (a /31 of DOCKER_VETH_SUBNET); needs the worker as root
@@ -795,7 +727,6 @@ DOCKER_NETWORK_MODE = env_choice(
         "host); `workspace`: one internal network per workspace, made through the "
         "engine; `host`: the host's network (an opt-in with a risk, docs/operating.md)."
     ),
-    section="docker",
 )
 # DOCKER_NETWORK_MODE=veth: the IPv4 range of the links. A workspace takes the /31 its slot picks
 # (its isolation uid's offset in WORKSPACE_UID_RANGE): the even address is the host's end (its
@@ -808,7 +739,6 @@ DOCKER_VETH_SUBNET = env_str(
         "`veth`: the IPv4 range of the links, a /31 per uid of `WORKSPACE_UID_RANGE` "
         "(start-up refuses a range too small); used by nothing else on the host."
     ),
-    section="docker",
 )
 try:
     _veth_subnet = ipaddress.IPv4Network(DOCKER_VETH_SUBNET)
@@ -832,7 +762,6 @@ DOCKER_BRIDGE_PREFIX = env_str(
         "The name prefix of workspace networks' bridges and of links' host ends (1-6 "
         "lowercase letters or digits), which the host firewall matches."
     ),
-    section="docker",
 )
 if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", DOCKER_BRIDGE_PREFIX):
     raise ImproperlyConfigured(
@@ -854,7 +783,6 @@ DOCKER_HOST_FIREWALL = env_choice(
         " on this host, `on` also fails a launch whose bridge is not, `off` never "
         "installs it."
     ),
-    section="docker",
 )
 # The non-root user containers run as, and their default limits (a manifest's `resources`
 # block overrides them).
@@ -865,29 +793,25 @@ DOCKER_WORKSPACE_USER = env_str(
         "Numeric `uid:gid` containers run as (and own their config files); the agent "
         "image is built with it."
     ),
-    section="docker",
 )
 DOCKER_DEFAULT_MEMORY = env_str(
     "DOCKER_DEFAULT_MEMORY",
     "512m",
     doc="Memory limit of a container whose manifest has no `resources`.",
-    section="docker",
 )
 DOCKER_DEFAULT_CPUS = env_float(
     "DOCKER_DEFAULT_CPUS",
     1.0,
     doc="CPU limit of a container whose manifest has no `resources`.",
-    section="docker",
 )
 DOCKER_DEFAULT_PIDS = env_int(
     "DOCKER_DEFAULT_PIDS",
     256,
     minimum=1,
     doc="Process limit of a container whose manifest has no `resources`.",
-    section="docker",
 )
-# Where the proxy reaches a host-networked container's app (compose: the host's gateway); a
-# container with an address of its own is reached there instead.
+
+section("proxy")
 DOCKER_APP_HOST = env_str(
     "DOCKER_APP_HOST",
     "127.0.0.1",
@@ -895,19 +819,18 @@ DOCKER_APP_HOST = env_str(
         "Where the proxy reaches a host-networked container's app; a container with an "
         "address of its own is reached there instead."
     ),
-    section="proxy",
 )
+
+section("docker")
 DOCKER_AGENT_IMAGE = env_str(
     "DOCKER_AGENT_IMAGE",
     "workspace-agent:dev",
     doc="Image of templates without `image:`, and the tag `build_agent_image` builds.",
-    section="docker",
 )
 DOCKER_CONFIG_MOUNT = env_str(
     "DOCKER_CONFIG_MOUNT",
     "/workspace/config",
     doc="Config volume mount point unless the template sets `config_mount`.",
-    section="docker",
 )
 # How a container's config volume gets the template's files. "image": the backend builds (once
 # per template content) an image FROM the agent image with the files at DOCKER_CONFIG_MOUNT, and
@@ -925,22 +848,15 @@ DOCKER_CONFIG_DELIVERY = env_choice(
         "`archive` (one `put_archive` per provision). Templates with their own "
         "`command` use `archive`."
     ),
-    section="docker",
 )
-# The repository of those config images (tags: <template>-<digest>).
 DOCKER_CONFIG_IMAGE = env_str(
     "DOCKER_CONFIG_IMAGE",
     "workspace-config",
     doc="The repository of the config images (tags `<template>-<digest>`).",
-    section="docker",
 )
 DOCKER_TIMEOUT_SECONDS = env_int(
-    "DOCKER_TIMEOUT_SECONDS", 30, minimum=1, doc="Timeout of one engine call.", section="docker"
+    "DOCKER_TIMEOUT_SECONDS", 30, minimum=1, doc="Timeout of one engine call."
 )
-# Docker backend: labels, start wait and the agent image build.
-# Every container and volume the platform creates carries ``<prefix>.platform=<PLATFORM_ID>``;
-# listing and orphan cleanup only ever touch objects with this platform's label, so several
-# control planes (or test sessions) can share one engine.
 PLATFORM_ID = env_str(
     "PLATFORM_ID",
     "default",
@@ -949,28 +865,19 @@ PLATFORM_ID = env_str(
         "containers and volumes carrying this platform's value, so several control "
         "planes can share one engine."
     ),
-    section="docker",
 )
-DOCKER_LABEL_PREFIX = env_str(
-    "DOCKER_LABEL_PREFIX", "io.workspaces", doc="Prefix of every label.", section="docker"
-)
-# Pinned engine API version, or "auto" to ask the engine (one extra call per process).
+DOCKER_LABEL_PREFIX = env_str("DOCKER_LABEL_PREFIX", "io.workspaces", doc="Prefix of every label.")
 DOCKER_API_VERSION = env_str(
     "DOCKER_API_VERSION",
     "auto",
     doc="Engine API version to speak (`auto` asks the engine once per process).",
-    section="docker",
 )
-# How long start() waits for the engine to report the container running.
 DOCKER_START_WAIT_SECONDS = env_int(
     "DOCKER_START_WAIT_SECONDS",
     20,
     minimum=1,
     doc="How long a start waits for the engine to report the container running.",
-    section="docker",
 )
-# Where `manage.py build_agent_image` takes the static busybox binary from (Debian's
-# busybox-static package installs it at /bin/busybox).
 DOCKER_AGENT_BUSYBOX = env_str(
     "DOCKER_AGENT_BUSYBOX",
     "/bin/busybox",
@@ -978,11 +885,9 @@ DOCKER_AGENT_BUSYBOX = env_str(
         "Static busybox binary copied into the agent image (Debian's `busybox-static` "
         "installs it at `/bin/busybox`)."
     ),
-    section="docker",
 )
 
-# Swarm backend (WORKSPACE_BACKEND=swarm): a manager's engine (unix or tcp); empty means
-# DOCKER_HOST. The Docker backend's image, user, limits, labels and config mount apply.
+section("swarm")
 SWARM_MANAGER_HOST = env_str(
     "SWARM_MANAGER_HOST",
     "",
@@ -992,24 +897,19 @@ SWARM_MANAGER_HOST = env_str(
         "Docker backend skips the containers of Swarm tasks, which carry the same "
         "labels)."
     ),
-    section="swarm",
 )
 
-# --- Workspace apps and the proxy (provisioning/proxy.py, provisioning/routes.py) -------------
+section("proxy")
 # Caddy serves every workspace's app at http://<name>--<owner>.<WORKSPACE_DOMAIN>:<port>/ (one
 # browser origin per workspace); the platform writes its routes through Caddy's admin API.
-PROXY_BIND = env_str(
-    "PROXY_BIND", "127.0.0.1:8080", doc="Where the proxy serves workspace apps.", section="proxy"
-)
+PROXY_BIND = env_str("PROXY_BIND", "127.0.0.1:8080", doc="Where the proxy serves workspace apps.")
 PROXY_ADMIN = env_str(
     "PROXY_ADMIN",
     "127.0.0.1:2019",
     doc="Caddy's admin API (keep it on a private address).",
-    section="proxy",
 )
-# Where the proxy reaches the platform for its forward_auth check (host:port); by default the
-# host and port of PLATFORM_PUBLIC_URL (the web process, never the registry-only listener that
-# PLATFORM_URL names for agents).
+# By default the web process's address (PLATFORM_PUBLIC_URL), never the registry-only listener
+# that PLATFORM_URL names for agents.
 PROXY_AUTH_UPSTREAM = env_str(
     "PROXY_AUTH_UPSTREAM",
     "",
@@ -1017,7 +917,6 @@ PROXY_AUTH_UPSTREAM = env_str(
         "Where the proxy asks the platform (`host:port`); empty: the host and port of "
         "`PLATFORM_PUBLIC_URL`."
     ),
-    section="proxy",
 )
 # Browsers resolve *.localhost to the loopback address, so the default needs no DNS.
 WORKSPACE_DOMAIN = env_str(
@@ -1027,26 +926,19 @@ WORKSPACE_DOMAIN = env_str(
         "Workspace hosts are `<name>--<owner>.<WORKSPACE_DOMAIN>` (browsers resolve "
         "`*.localhost` to the loopback address without DNS)."
     ),
-    section="proxy",
 )
 WORKSPACE_URL_SCHEME = env_choice(
     "WORKSPACE_URL_SCHEME",
     "http",
     ("http", "https"),
     doc="`https` when TLS ends in front of the proxy (the cookie is then `Secure`).",
-    section="proxy",
 )
-# The port in workspace URLs (0: the port of PROXY_BIND; the scheme's default port is omitted).
 WORKSPACE_PUBLIC_PORT = env_int(
     "WORKSPACE_PUBLIC_PORT",
     0,
     minimum=0,
     doc="The port in `url`; `0`: the port of `PROXY_BIND` (80/443 are left out).",
-    section="proxy",
 )
-# Where browsers and API clients reach the platform's web process (login, authorize, the
-# proxy's forward_auth): bin/run's web process by default. PLATFORM_URL is what agents call (the
-# registry-only listener), a different listener.
 PLATFORM_PUBLIC_URL = env_url(
     "PLATFORM_PUBLIC_URL",
     "http://127.0.0.1:8000",
@@ -1054,41 +946,33 @@ PLATFORM_PUBLIC_URL = env_url(
         "Where browsers, API clients and the proxy's forward_auth reach the web process"
         " (never the registry-only listener agents call)."
     ),
-    section="proxy",
 )
-# Ports the platform allocates to workspace apps (manifest `app: {port: auto}`), "low-high".
 WORKSPACE_APP_PORT_RANGE = env_int_range(
     "WORKSPACE_APP_PORTS",
     (20000, 29999),
     minimum=1024,
     maximum=65535,
     doc="Ports allocated to apps (`app: {port: auto}`).",
-    section="proxy",
 )
-# The signed, host-only cookie that lets a browser into one workspace, and its lifetime.
 WORKSPACE_COOKIE_NAME = env_str(
     "WORKSPACE_COOKIE_NAME",
     "workspace_session",
     doc="The signed, host-only cookie that lets a browser into one workspace.",
-    section="proxy",
 )
 WORKSPACE_COOKIE_MAX_AGE_SECONDS = env_int(
     "WORKSPACE_COOKIE_MAX_AGE_SECONDS",
     12 * 3600,
     minimum=60,
     doc="The workspace cookie's lifetime.",
-    section="proxy",
 )
-# A ticket (platform -> workspace host redirect) is valid this long and once.
 WORKSPACE_TICKET_MAX_AGE_SECONDS = env_int(
     "WORKSPACE_TICKET_MAX_AGE_SECONDS",
     60,
     minimum=5,
     doc="A ticket's lifetime (each is accepted once).",
-    section="proxy",
 )
 
-# --- Reconciliation, liveness and live events ---------------------------------------------------
+section("reconcile")
 # One reconciliation pass compares every non-removed workspace with its backend (one
 # list_instances() call per backend) and repairs drift; see provisioning/reconciler.py.
 RECONCILE_INTERVAL_SECONDS = env_int(
@@ -1096,15 +980,12 @@ RECONCILE_INTERVAL_SECONDS = env_int(
     60,
     minimum=1,
     doc="How often beat runs a reconciliation pass.",
-    section="reconcile",
 )
-# An online or degraded workspace whose last heartbeat is older than this becomes offline.
 LIVENESS_WINDOW_SECONDS = env_int(
     "LIVENESS_WINDOW_SECONDS",
     30,
     minimum=1,
     doc="Heartbeats older than this make an online or degraded workspace offline.",
-    section="reconcile",
 )
 # The heartbeat interval the platform gives every agent (a template's env may set its own): a
 # third of the window by default, so a workspace goes offline only after three missed beats and
@@ -1117,7 +998,6 @@ AGENT_HEARTBEAT_SECONDS = env_float(
         "The heartbeat interval the platform passes to every agent (a template's `env` "
         "overrides it)."
     ),
-    section="reconcile",
     shown="(a third of `LIVENESS_WINDOW_SECONDS`: 10)",
 )
 LIVENESS_SWEEP_INTERVAL_SECONDS = env_int(
@@ -1125,10 +1005,7 @@ LIVENESS_SWEEP_INTERVAL_SECONDS = env_int(
     10,
     minimum=1,
     doc="How often beat runs the liveness sweep.",
-    section="reconcile",
 )
-# Server-Sent Events: under the ASGI server (project/asgi.py) an open stream holds no thread; a
-# stream lasts at most EVENTS_STREAM_MAX_SECONDS, then the client reconnects with Last-Event-ID.
 EVENTS_STREAM_MAX_SECONDS = env_int(
     "EVENTS_STREAM_MAX_SECONDS",
     300,
@@ -1136,18 +1013,13 @@ EVENTS_STREAM_MAX_SECONDS = env_int(
     doc=(
         "Longest a single event stream response lasts (the client reconnects with `Last-Event-ID`)."
     ),
-    section="reconcile",
 )
 EVENTS_STREAM_KEEPALIVE_SECONDS = env_int(
     "EVENTS_STREAM_KEEPALIVE_SECONDS",
     15,
     minimum=1,
     doc="Idle time before a keepalive comment on an event stream.",
-    section="reconcile",
 )
-# At most this many open streams per user, across every web process (counted in Redis); one more
-# is a 429 with Retry-After. A stream renews its place every EVENTS_STREAM_LEASE_SECONDS / 3; the
-# place of a stream whose process died is free again after EVENTS_STREAM_LEASE_SECONDS.
 EVENTS_STREAMS_PER_USER = env_int(
     "EVENTS_STREAMS_PER_USER",
     10,
@@ -1155,22 +1027,18 @@ EVENTS_STREAMS_PER_USER = env_int(
     doc=(
         "Open event streams a user may hold at once (across all web processes); one more is a 429."
     ),
-    section="reconcile",
 )
 EVENTS_STREAM_LEASE_SECONDS = env_int(
     "EVENTS_STREAM_LEASE_SECONDS",
     30,
     minimum=3,
     doc=("A stream renews its place every third of this; a dead process's places free after it."),
-    section="reconcile",
 )
-# What the stream tells EventSource clients to wait before reconnecting.
 EVENTS_STREAM_RETRY_MS = env_int(
     "EVENTS_STREAM_RETRY_MS",
     2000,
     minimum=0,
     doc="Reconnect delay told to `EventSource` clients.",
-    section="reconcile",
 )
 # Redis pub/sub channels are shared by every database of a Redis server, so the default prefix
 # names the database, like the keys it sits beside.
@@ -1182,45 +1050,33 @@ EVENTS_CHANNEL_PREFIX = env_str(
     "EVENTS_CHANNEL_PREFIX",
     f"wsevents:{_redis_db or '0'}",
     doc=("Redis pub/sub channel prefix (channels are shared by all databases of a Redis server)."),
-    section="reconcile",
     shown="wsevents:<redis db>",
 )
 
-# --- Observability (logs, metrics, readiness) -----------------------------------------------------
-# GET /api/workspaces/{id}/logs/?tail=N: N defaults to LOGS_DEFAULT_TAIL and may not exceed
-# LOGS_MAX_TAIL; at most LOGS_MAX_BYTES of the instance's output are read, whatever N.
+section("logs")
 LOGS_DEFAULT_TAIL = env_int(
     "LOGS_DEFAULT_TAIL",
     100,
     minimum=1,
     doc="Lines a logs call returns when it gives no `tail`.",
-    section="logs",
 )
 LOGS_MAX_TAIL = env_int(
     "LOGS_MAX_TAIL",
     2000,
     minimum=1,
     doc="The largest `tail`; more is a 400 naming `tail`.",
-    section="logs",
 )
 LOGS_MAX_BYTES = env_int(
     "LOGS_MAX_BYTES",
     256 * 1024,
     minimum=1024,
     doc="At most this much of an instance's output is read, whatever `tail` says.",
-    section="logs",
 )
-# GET /api/workspaces/{id}/logs/stream/: the last lines, then new ones as Server-Sent Events. A
-# stream lasts at most LOGS_STREAM_MAX_SECONDS (the client opens a new one with tail=0); a user
-# holds at most LOGS_STREAMS_PER_USER at once (429 beyond, counted in Redis like the event
-# streams' places); a line longer than LOGS_STREAM_MAX_LINE_BYTES is cut; the follower looks at
-# the output and the instance every LOGS_FOLLOW_POLL_MS.
 LOGS_STREAM_MAX_SECONDS = env_int(
     "LOGS_STREAM_MAX_SECONDS",
     300,
     minimum=1,
     doc="Longest a log stream lasts (then `event: end`).",
-    section="logs",
 )
 LOGS_STREAMS_PER_USER = env_int(
     "LOGS_STREAMS_PER_USER",
@@ -1230,24 +1086,21 @@ LOGS_STREAMS_PER_USER = env_int(
         "Open log streams a user may hold (their own places, beside the event "
         "streams'); one more is a 429 with `Retry-After`."
     ),
-    section="logs",
 )
 LOGS_STREAM_MAX_LINE_BYTES = env_int(
     "LOGS_STREAM_MAX_LINE_BYTES",
     8192,
     minimum=64,
     doc='A longer line is cut (`"truncated": true`).',
-    section="logs",
 )
 LOGS_FOLLOW_POLL_MS = env_int(
     "LOGS_FOLLOW_POLL_MS",
     1000,
     minimum=50,
     doc="How often a follower looks at the output and at the instance.",
-    section="logs",
 )
-# /readyz asks the workers for a ping at most once per READYZ_CACHE_SECONDS (the answer is kept in
-# Redis, shared by every web process), waiting READYZ_PING_TIMEOUT_MS for replies.
+
+section("readiness")
 READYZ_CACHE_SECONDS = env_int(
     "READYZ_CACHE_SECONDS",
     15,
@@ -1256,17 +1109,13 @@ READYZ_CACHE_SECONDS = env_int(
         "The workers' ping goes out at most this often; its answer is shared in Redis "
         "by every web process."
     ),
-    section="readiness",
 )
 READYZ_PING_TIMEOUT_MS = env_int(
     "READYZ_PING_TIMEOUT_MS",
     1000,
     minimum=50,
     doc="How long the ping waits for replies.",
-    section="readiness",
 )
-# Beat counts as alive when it sent a task within its shortest interval times this factor
-# (plus READYZ_CACHE_SECONDS of slack).
 READYZ_BEAT_GRACE_FACTOR = env_int(
     "READYZ_BEAT_GRACE_FACTOR",
     3,
@@ -1275,10 +1124,7 @@ READYZ_BEAT_GRACE_FACTOR = env_int(
         "Beat counts as alive when it sent a task within its shortest interval times "
         "this (plus `READYZ_CACHE_SECONDS`)."
     ),
-    section="readiness",
 )
-# Set to false to make /readyz check only PostgreSQL and Redis (a web-only deployment whose
-# workers are monitored elsewhere).
 READYZ_REQUIRE_WORKERS = env_bool(
     "READYZ_REQUIRE_WORKERS",
     True,
@@ -1286,10 +1132,11 @@ READYZ_REQUIRE_WORKERS = env_bool(
         "`false`: `/readyz` checks PostgreSQL and Redis only (a web-only deployment "
         "whose workers are monitored elsewhere)."
     ),
-    section="readiness",
 )
-# --- Restart policy (manifest `restart: on-failure | never`) ------------------------------------
-# A workspace whose instance dies while wanted running is restarted after
+
+section("restart")
+# The manifest's `restart: on-failure | never`: a workspace whose instance dies while wanted
+# running is restarted after
 # min(RESTART_BACKOFF_BASE_SECONDS * 2 ** (deaths in the window - 1), RESTART_BACKOFF_MAX_SECONDS);
 # the RESTART_MAX_FAILURES-th death within RESTART_FAILURE_WINDOW_SECONDS makes it `failed`.
 RESTART_BACKOFF_BASE_SECONDS = env_int(
@@ -1297,37 +1144,33 @@ RESTART_BACKOFF_BASE_SECONDS = env_int(
     5,
     minimum=1,
     doc="The first restart's delay; doubles with each death in the window.",
-    section="restart",
 )
 RESTART_BACKOFF_MAX_SECONDS = env_int(
-    "RESTART_BACKOFF_MAX_SECONDS", 300, minimum=1, doc="The longest delay.", section="restart"
+    "RESTART_BACKOFF_MAX_SECONDS", 300, minimum=1, doc="The longest delay."
 )
 RESTART_MAX_FAILURES = env_int(
     "RESTART_MAX_FAILURES",
     5,
     minimum=1,
     doc="Deaths within the window after which the workspace is `failed`.",
-    section="restart",
 )
 RESTART_FAILURE_WINDOW_SECONDS = env_int(
-    "RESTART_FAILURE_WINDOW_SECONDS", 900, minimum=1, doc="The window.", section="restart"
+    "RESTART_FAILURE_WINDOW_SECONDS", 900, minimum=1, doc="The window."
 )
-# How many of the last lines of a workspace's output a death event and last_error carry.
 DEATH_OUTPUT_LINES = env_int(
     "DEATH_OUTPUT_LINES",
     20,
     minimum=0,
     doc="Lines of output a death event and `last_error` carry.",
-    section="restart",
 )
 
+section("core")
 # --- Logging -------------------------------------------------------------------------------------
 LOG_LEVEL = env_choice(
     "LOG_LEVEL",
     "INFO",
     ("DEBUG", "INFO", "WARNING", "ERROR"),
     doc="Level of the `workspaces` and `provisioning` loggers.",
-    section="core",
 )
 LOGGING = {
     "version": 1,

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
@@ -74,3 +75,15 @@ def test_a_reader_without_a_known_section_is_refused() -> None:
     with pytest.raises(ImproperlyConfigured, match="section"):
         env.env_int("NOT_A_SETTING", 1, environ={}, doc="text", section="nowhere")
     assert "NOT_A_SETTING" not in env.DECLARED
+
+
+def test_a_section_marker_puts_the_readers_after_it_in_its_section(monkeypatch: Any) -> None:
+    monkeypatch.setattr(env, "_current_section", "")
+    with pytest.raises(ImproperlyConfigured, match="no section"):
+        env.env_int("NOT_A_SETTING_BEFORE", 1, environ={}, doc="text")
+    with pytest.raises(ImproperlyConfigured, match="SECTIONS"):
+        env.section("nowhere")
+    env.section("gate")
+    env.env_int("NOT_A_SETTING_AFTER", 1, environ={}, doc="text")
+    assert env.DECLARED.pop("NOT_A_SETTING_AFTER").section == "gate"
+    assert "NOT_A_SETTING_BEFORE" not in env.DECLARED
