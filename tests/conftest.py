@@ -143,10 +143,13 @@ def worker_env(
         return service_env(live_server.url, WORKSPACE_TEMPLATES_DIR=str(session_templates))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stack(django_db_setup: Any, django_db_blocker: Any, session_templates: Path) -> Iterator[Stack]:
-    """The platform as ``bin/run`` starts it (tests/stack.py), once per session: the tests of
-    record for the pages, the API over HTTP, the streams and the browser use it."""
+    """The platform as ``bin/run`` starts it (tests/stack.py), once per test module that uses
+    it: the tests of record for the pages, the API over HTTP, the streams and the browser. It
+    shares the test database, so it runs only while its module's tests do: its beat's sweeps
+    and reconciler would otherwise act on the rows of every other test (a second platform on
+    one database), and nothing of it is left to meet the next module."""
     with django_db_blocker.unblock():
         built = Stack(
             session_templates,
@@ -169,7 +172,7 @@ def stack(django_db_setup: Any, django_db_blocker: Any, session_templates: Path)
 
 @pytest.fixture
 def on_stack(stack: Stack, django_db_blocker: Any) -> Iterator[Stack]:
-    """The session's stack for one test; the workspaces it started are stopped after it, once
+    """The module's stack for one test; the workspaces it started are stopped after it, once
     the cycles its requests asked for have ended: a cycle still writing while the test's tables
     are emptied deadlocks with the TRUNCATE (it holds a row, the TRUNCATE the next table)."""
     yield stack

@@ -5,14 +5,19 @@ a large or slow body is refused in bounded size and time on every path and both 
 from __future__ import annotations
 
 import contextlib
+import http.cookiejar
 import json
+import re
 import socket
 import threading
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from typing import Any
 
 import pytest
+from django.contrib.auth.hashers import PBKDF2PasswordHasher
 from django.db import connection
 
 from workspaces import services
@@ -51,6 +56,34 @@ def test_every_page_answers_with_and_without_a_stale_session(on_stack, path) -> 
 def test_the_dashboard_sends_a_person_to_log_in(on_stack) -> None:
     status, answered, _ = on_stack.request("GET", "/")
     assert status == 302 and answered["location"].startswith("/accounts/login/"), answered
+
+
+def test_the_pages_of_a_logged_in_person_answer(on_stack, user) -> None:
+    """Logged in with a password through the login form (its CSRF cookie and token), a person's
+    pages answer: the dashboard, a workspace's page, the password change form."""
+    hasher = PBKDF2PasswordHasher()  # the stack verifies the production settings' hashers
+    user.password = hasher.encode("x-password-123", hasher.salt())
+    user.save(update_fields=["password"])
+    token = _token(user)
+    status, created = on_stack.api(
+        "POST", "/api/workspaces/", token, {"name": "pages", "template": "shell-default"}
+    )
+    assert status == 201, created
+    jar = http.cookiejar.CookieJar()
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    form = browser.open(on_stack.url + "/accounts/login/", timeout=30).read().decode()
+    csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form)
+    assert csrf, form[:500]
+    fields = {"username": "alice", "password": "x-password-123", "csrfmiddlewaretoken": csrf[1]}
+    answer = browser.open(
+        on_stack.url + "/accounts/login/", urllib.parse.urlencode(fields).encode(), timeout=30
+    )
+    assert answer.status == 200 and answer.geturl().rstrip("/") == on_stack.url, answer.geturl()
+    assert any(cookie.name == "sessionid" for cookie in jar)
+    for path in ("/", f"/w/{created['id']}/", "/accounts/password_change/"):
+        page = browser.open(on_stack.url + path, timeout=30)
+        assert page.status == 200 and page.geturl().endswith(path), (path, page.geturl())
+        assert page.read(), path
 
 
 def test_a_stale_session_cookie_on_the_api(on_stack, user) -> None:
