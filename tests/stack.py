@@ -138,6 +138,9 @@ class Stack:
             WORKSPACE_UID_RANGE=_uid_range(slot),
             WORKSPACE_FIREWALL_CHAIN=f"{settings.WORKSPACE_FIREWALL_CHAIN}_stack{slot}",
             DOCKER_VETH_SUBNET=_link_subnet(slot),
+            # Links named so that no host firewall matching the session's prefix (or the
+            # default's, another platform's) takes the stack's links for its own.
+            DOCKER_BRIDGE_PREFIX=f"s{slot}{settings.DOCKER_BRIDGE_PREFIX[:4]}",
             GATE_KEY_PREFIX=f"stack{slot}-wsgate",
             PLATFORM_ID=f"stack{slot}-{os.getpid()}",
             STOP_GRACE_SECONDS="3",
