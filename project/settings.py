@@ -651,9 +651,9 @@ WORKSPACE_APPS_PYTHON = env_str(
     ),
     section="isolation",
 )
-# The iptables/ip6tables chain (hooked into OUTPUT) that lets workspace uids reach only the
-# registry port on the host's own addresses; ``<chain>-BRIDGE`` (hooked into INPUT and FORWARD)
-# does the same for what comes in from Docker workspace networks.
+# The nftables table (hooked into input and forward) that lets process workspaces' links reach
+# only the registry port on the host's own addresses; ``<chain>-BRIDGE`` (iptables, hooked into
+# INPUT and FORWARD) does the same for what comes in from Docker workspace networks.
 WORKSPACE_FIREWALL_CHAIN = env_str(
     "WORKSPACE_FIREWALL_CHAIN",
     "WS-ISOLATION",
@@ -663,19 +663,21 @@ WORKSPACE_FIREWALL_CHAIN = env_str(
     ),
     section="isolation",
 )
-# The one host port workspace uids may connect to: the registry listener's. Unset: the port of
-# PLATFORM_URL. Every platform process of a host must agree on it (they share the chain).
+# The one host port workspaces may connect to from their links: the registry listener's. Unset:
+# the port of PLATFORM_URL. Every platform process of a host must agree on it (they share the
+# table).
 WORKSPACE_REGISTRY_PORT = env_optional_int(
     "WORKSPACE_REGISTRY_PORT",
     minimum=1,
     doc=(
-        "The one host port workspace uids may connect to; unset: the port of "
-        "`PLATFORM_URL`. Every platform process of the host must agree."
+        "The one host port workspaces may connect to from their links; unset: the port "
+        "of `PLATFORM_URL`. Every platform process of the host must agree."
     ),
     section="isolation",
 )
-# Unix sockets a workspace must not reach (they bypass the firewall): hidden from workspace
-# processes by a private mount namespace (an empty tmpfs over folders, /dev/null over files).
+# Named paths a process workspace must not reach, hidden by its mount namespace (an empty tmpfs
+# over folders, /dev/null over files) when they lie outside WORKSPACE_PRIVATE_PATHS (the defaults
+# lie under /run, which is the workspace's own already).
 WORKSPACE_HIDDEN_PATHS = env_list(
     "WORKSPACE_HIDDEN_PATHS",
     [
@@ -687,8 +689,8 @@ WORKSPACE_HIDDEN_PATHS = env_list(
         "/run/docker.sock",
     ],
     doc=(
-        "Unix sockets hidden from workspace processes by a private mount namespace "
-        "(they would bypass the firewall)."
+        "Paths hidden from process workspaces (an empty tmpfs or /dev/null in their mount "
+        "namespace) when outside `WORKSPACE_PRIVATE_PATHS`."
     ),
     section="isolation",
     shown="(PostgreSQL's, Redis's and Docker's socket paths under /run and /var/run)",
