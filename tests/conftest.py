@@ -37,6 +37,7 @@ SLOW_FIXTURES = {
     "stack",
     "on_stack",
     "celery_worker",
+    "module_worker",
     "docker_engine",
     "docker_worker",
     "live_server",
@@ -170,12 +171,10 @@ def stack(django_db_setup: Any, django_db_blocker: Any, session_templates: Path)
         built.cleanup()
 
 
-@pytest.fixture
-def on_stack(stack: Stack, django_db_blocker: Any) -> Iterator[Stack]:
-    """The module's stack for one test; the workspaces it started are stopped after it, once
-    the cycles its requests asked for have ended: a cycle still writing while the test's tables
-    are emptied deadlocks with the TRUNCATE (it holds a row, the TRUNCATE the next table)."""
-    yield stack
+def _let_requested_cycles_end(django_db_blocker: Any) -> None:
+    """Wait (bounded) until every cycle a test's requests asked for has ended. A cycle still
+    writing while the test's tables are emptied deadlocks with the TRUNCATE (it holds a row, the
+    TRUNCATE the next table), and the next test then meets the last one's rows."""
     with django_db_blocker.unblock():
         deadline = time.monotonic() + 30
         pending = Workspace.objects.filter(requested_seq__gt=F("handled_seq"))
@@ -183,17 +182,36 @@ def on_stack(stack: Stack, django_db_blocker: Any) -> Iterator[Stack]:
             if time.monotonic() > deadline:
                 break  # a cycle that never ends is the test's to report, not the teardown's
             time.sleep(0.1)
+
+
+@pytest.fixture
+def on_stack(stack: Stack, django_db_blocker: Any) -> Iterator[Stack]:
+    """The module's stack for one test; the workspaces it started are stopped after it, once
+    the cycles its requests asked for have ended."""
+    yield stack
+    _let_requested_cycles_end(django_db_blocker)
     stack.stop_workspaces()
 
 
-@pytest.fixture(scope="session")
-def celery_worker(worker_env: dict[str, str]) -> Iterator[Worker]:
-    """One real Celery worker process (prefork, 2 children) for the session's e2e tests."""
+@pytest.fixture(scope="module")
+def module_worker(worker_env: dict[str, str]) -> Iterator[Worker]:
+    """One real Celery worker process (prefork, 2 children) per test module that asks for one.
+    Like the stack, it lives only while its module's tests do: a worker left running would take
+    the tasks that other modules' tests enqueue (they expect none to run) and run their cycles
+    while those tests' tables are emptied."""
     worker = Worker(worker_env, concurrency=2, name="e2e").start()
     yield worker
     worker.stop()
     # Keep the log where a person can read it after the data folder is cleaned up.
     shutil.copy(worker.log_path, Path(tempfile.gettempdir()) / "e2e-worker.log")
+
+
+@pytest.fixture
+def celery_worker(module_worker: Worker, django_db_blocker: Any) -> Iterator[Worker]:
+    """The module's worker for one test; the cycles the test asked for end before its tables
+    are emptied."""
+    yield module_worker
+    _let_requested_cycles_end(django_db_blocker)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -283,11 +301,12 @@ def docker_worker(
 
 
 @pytest.fixture
-def on_docker(docker_worker: Worker, settings: Any) -> Iterator[Worker]:
+def on_docker(docker_worker: Worker, settings: Any, django_db_blocker: Any) -> Iterator[Worker]:
     """New workspaces are recorded on the docker backend and their tasks go to docker_worker."""
     settings.WORKSPACE_BACKEND = "docker"
     with lifecycle_queue(DOCKER_QUEUE):
         yield docker_worker
+    _let_requested_cycles_end(django_db_blocker)
 
 
 DOCKER_NETWORKS_QUEUE = "lifecycle-docker-networks"
@@ -310,12 +329,15 @@ def docker_networks_worker(
 
 
 @pytest.fixture
-def on_docker_networks(docker_networks_worker: Worker, settings: Any) -> Iterator[Worker]:
+def on_docker_networks(
+    docker_networks_worker: Worker, settings: Any, django_db_blocker: Any
+) -> Iterator[Worker]:
     """As on_docker, with the worker whose workspaces sit on Docker networks."""
     settings.WORKSPACE_BACKEND = "docker"
     settings.DOCKER_NETWORK_MODE = "workspace"
     with lifecycle_queue(DOCKER_NETWORKS_QUEUE):
         yield docker_networks_worker
+    _let_requested_cycles_end(django_db_blocker)
 
 
 @pytest.fixture
