@@ -34,11 +34,29 @@ UNAVAILABLE = (OperationalError, InterfaceError, RedisConnectionError, RedisTime
 
 
 class ServiceUnavailableMiddleware:
-    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
-        self.get_response = get_response
+    """Sync and async alike, as every middleware of the registry listener is: under ASGI, one
+    sync-only middleware makes Django hop from the event loop to a thread and back around it
+    (``async_to_sync`` inside ``sync_to_async``) on every request, the agents' heartbeats
+    included. Its ``process_exception`` stays sync: Django runs it in a thread only when a view
+    raised."""
 
-    def __call__(self, request: HttpRequest) -> HttpResponse:
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.is_async:
+            return self._acall(request)
         return self.get_response(request)
+
+    async def _acall(self, request: HttpRequest) -> HttpResponse:
+        response: HttpResponse = await self.get_response(request)
+        return response
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
         if not isinstance(exception, UNAVAILABLE):
