@@ -57,7 +57,7 @@ def test_a_lost_database_is_a_503_with_retry_after(rf, settings) -> None:
     from portal.api.middleware import ServiceUnavailableMiddleware
 
     settings.RETRY_AFTER_SECONDS = 7
-    middleware = ServiceUnavailableMiddleware(lambda request: None)  # type: ignore[arg-type,return-value]
+    middleware = ServiceUnavailableMiddleware(lambda request: None)
     request = rf.post("/api/workspaces/")
     response = middleware.process_exception(request, OperationalError("server closed"))
     assert response is not None
