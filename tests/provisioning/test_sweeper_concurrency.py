@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -104,7 +105,10 @@ def test_concurrent_sweeps_flip_each_row_exactly_once(user: Any) -> None:
             message="every sweeper scanned and is waiting to flip",
         )
     try:
-        outputs = [proc.communicate(timeout=120) for proc in procs]
+        # Every sweeper's pipes are drained at once: one that logs into a full pipe while it holds
+        # a row's lock (an event is logged inside its transaction) would stall the others.
+        with ThreadPoolExecutor(len(procs)) as pool:
+            outputs = list(pool.map(lambda proc: proc.communicate(timeout=120), procs))
     finally:
         for proc in procs:
             if proc.poll() is None:
