@@ -8,14 +8,18 @@ pid the platform signals nor rewrite its own log. The process runs in its own se
 outlives the worker that started it; a later worker finds it again by the pid file, and the start
 time read from ``/proc`` guards against a recycled pid.
 
-Isolation (``WORKSPACE_PROCESS_ISOLATION=uid``, the default): the launch runs as root, moves
-into a private mount namespace where ``WORKSPACE_HIDDEN_PATHS`` (PostgreSQL's, Redis's and the
-engine's unix sockets) are covered up, then drops to the workspace's uid and gid with no
-supplementary groups and sets ``no_new_privs`` before the workspace's program runs
-(``process_launch`` and ``process_monitor``: small programs, no interpreter of the worker's per
-start). ``provisioning.backends.process_firewall`` keeps those uids off the host's ports except the
-registry's. Stopping kills every process of the uid (a child of the worker with that uid calls
-``kill(-1, SIGKILL)``), so nothing a workspace daemonized survives into the next holder of that uid.
+Isolation (``WORKSPACE_PROCESS_ISOLATION=uid``, the default): the boundary is what the workspace
+is given, not a list of what it is denied. The launch runs as root and moves into namespaces of
+the workspace's own: a mount namespace where ``WORKSPACE_PRIVATE_PATHS`` (``/run``, ``/tmp``,
+``/dev/shm``, ...) are empty folders of its own, so the host's sockets there are absent, and a
+network namespace whose one way out is a veth link to the host (``process_network``), over which
+it reaches the registry and nothing else of the host (``process_firewall``) and the proxy reaches
+its app. It then drops to the workspace's uid and gid with no supplementary groups and sets
+``no_new_privs`` before the workspace's program runs (``process_launch`` and
+``process_monitor``: small programs, no interpreter of the worker's per start). The data folder
+is passable but not listable by workspace uids. Stopping kills every process of the uid (a child
+of the worker with that uid calls ``kill(-1, SIGKILL)``), so nothing a workspace daemonized
+survives into the next holder of that uid.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -36,7 +39,7 @@ from uuid import UUID
 from django.conf import settings
 
 from provisioning.agent import AGENT_PAGE, AGENT_PYTHON_FLAGS, AGENT_SCRIPT
-from provisioning.backends import process_launch
+from provisioning.backends import process_launch, process_network, veth
 from provisioning.backends.base import (
     CONFIG_MARKER,
     BackendError,
@@ -51,12 +54,7 @@ from provisioning.backends.base import (
     last_lines,
 )
 from provisioning.backends.follow import Seen, follow_file
-from provisioning.backends.process_firewall import (
-    FirewallError,
-    allow_own_app,
-    ensure_workspace_firewall,
-    revoke_own_app,
-)
+from provisioning.backends.process_firewall import FirewallError, ensure_workspace_firewall
 
 NOT_ROOT = (
     "WORKSPACE_PROCESS_ISOLATION=uid (the default) runs each workspace as its own uid, which "
@@ -160,6 +158,7 @@ class ProcessBackend(WorkspaceBackend):
         if not _isolated():
             return
         uid = self._uid(spec)
+        self.root.chmod(0o711)  # passable, not listable: a workspace sees no other's id
         os.chown(directory, 0, 0)
         directory.chmod(0o711)
         for folder in owned:
@@ -237,11 +236,13 @@ class ProcessBackend(WorkspaceBackend):
             raise BackendUnavailable(
                 self.name,
                 f"cannot install the workspace firewall (nftables table "
-                f"{settings.WORKSPACE_FIREWALL_CHAIN}"
-                f" for WORKSPACE_UID_RANGE): {exc}; without it workspaces could reach "
-                "PostgreSQL and Redis. WORKSPACE_PROCESS_ISOLATION=none runs unisolated "
-                "(single-user development only)",
+                f"{settings.WORKSPACE_FIREWALL_CHAIN} for the workspaces' links): {exc}; "
+                "without it workspaces could reach every port of the host at their gateway. "
+                "WORKSPACE_PROCESS_ISOLATION=none runs unisolated (single-user development "
+                "only)",
             ) from exc
+        # Workspace uids pass through the data folder to their own; none may list it.
+        self.root.chmod(0o711)
         closed = _closed_ancestor(self.root)
         if closed is not None:
             raise BackendUnavailable(
@@ -311,7 +312,6 @@ class ProcessBackend(WorkspaceBackend):
     def start(self, spec: LaunchSpec, state: State) -> State:
         # Replace, never duplicate: whatever an earlier (possibly killed) cycle left goes first.
         self.stop(spec.workspace_id, state, grace_seconds=settings.STOP_GRACE_SECONDS)
-        directory = self._dir(spec.workspace_id)
         self._make_dirs(spec)
         isolated = _isolated()
         env = {
@@ -328,46 +328,64 @@ class ProcessBackend(WorkspaceBackend):
             env["WORKSPACE_APP_COMMAND"] = env["WORKSPACE_APP_COMMAND"].replace(
                 "{python}", apps_python
             )
-        if isolated and spec.env.get("WORKSPACE_APP_PORT", "").isdigit():
-            # The agent, as the workspace's uid, checks that its own app answers.
-            try:
-                allow_own_app(self._uid(spec), int(spec.env["WORKSPACE_APP_PORT"]))
-            except FirewallError as exc:
-                raise BackendError(f"cannot open the workspace's app port to it: {exc}") from exc
+        link = process_network.link(self._uid(spec)) if isolated else None
+        if link is not None:
+            # Its own namespace: the host is its link's other end, where the registry answers;
+            # its app listens on every address of the namespace, the link's included, where
+            # the proxy reaches it.
+            url = spec.env.get("PLATFORM_URL") or settings.PLATFORM_URL
+            env["PLATFORM_URL"] = process_network.platform_url(url, link)
+            if "WORKSPACE_APP_PORT" in env:
+                env["WORKSPACE_APP_HOST"] = "0.0.0.0"
+        instance = self._launch(spec, env, link)
+        pid = int(instance["pid"])
+        if instance.get("start_time") is None or _proc_start_time(pid) is None:
+            raise BackendError(f"the workspace process (pid {pid}) exited at once; see agent.log")
+        # Unisolated, the workspace shares the host's network: its app is on loopback.
+        address = link.address if link is not None else "127.0.0.1"
+        return {**instance, "address": address, "started_at": time.time()}
+
+    def _launch(
+        self, spec: LaunchSpec, env: dict[str, str], link: veth.Pair | None
+    ) -> dict[str, Any]:
+        """Run the monitor (see ``process_launch``) and return the instance it reports."""
+        isolated = _isolated()
+        workspace_id = spec.workspace_id
+        mounts = process_launch.MountPlan.make(
+            settings.WORKSPACE_PRIVATE_PATHS,
+            [str(self._dir(workspace_id)), str(self.root / ".agent")],
+            settings.WORKSPACE_HIDDEN_PATHS,
+        )
+
+        def wire(pid: int) -> None:
+            assert link is not None
+            process_network.wire(pid, workspace_id, link)
+
         try:
             orders = process_launch.orders(
                 uid=self._uid(spec) if isolated else None,
                 generation=spec.generation,
-                log=str(directory / "agent.log"),
-                instance_file=str(self._instance_file(spec.workspace_id)),
-                exit_file=str(self._exit_file(spec.workspace_id)),
-                cwd=str(self._home(spec.workspace_id)),
-                hidden=settings.WORKSPACE_HIDDEN_PATHS,
+                log=str(self._dir(workspace_id) / "agent.log"),
+                instance_file=str(self._instance_file(workspace_id)),
+                exit_file=str(self._exit_file(workspace_id)),
+                cwd=str(self._home(workspace_id)),
+                mounts=mounts,
+                network=link is not None,
                 argv=self._argv(spec),
                 env=env,
             )
-            launched = subprocess.run(
-                process_launch.command(isolated, sys.executable),
-                input=orders,
-                capture_output=True,
+            return process_launch.launch(
+                process_launch.command(isolated, sys.executable, network=link is not None),
+                orders,
+                wire=wire if link is not None else None,
                 timeout=30,
-                check=False,
-                env={"PATH": process_launch.SYSTEM_PATH},
             )
-        except (OSError, subprocess.TimeoutExpired, process_launch.LaunchError) as exc:
-            raise BackendError(f"could not launch the workspace process: {exc}") from exc
-        if launched.returncode != 0 or not launched.stdout.strip():
-            detail = launched.stderr.decode(errors="replace").strip().splitlines()[-1:]
-            raise BackendError(
-                f"could not start the workspace process: {' '.join(detail) or 'no report'}"
-            )
-        instance = dict(json.loads(launched.stdout))
-        pid = int(instance["pid"])
-        if instance.get("start_time") is None or _proc_start_time(pid) is None:
-            raise BackendError(f"the workspace process (pid {pid}) exited at once; see agent.log")
-        # The proxy (the platform's user, which the firewall does not restrict) reaches the
-        # workspace's ports on loopback.
-        return {**instance, "address": "127.0.0.1", "started_at": time.time()}
+        except process_launch.LaunchError as exc:
+            raise BackendError(f"could not start the workspace process: {exc}") from exc
+
+    def app_address(self, workspace_id: UUID, state: State, port: int) -> str:
+        # Isolated, the app is in the workspace's namespace, at its end of the link.
+        return f"{state.get('address') or '127.0.0.1'}:{port}"
 
     def _find(self, workspace_id: UUID | str, state: State) -> tuple[int | None, int | None]:
         instance = self._read_instance(workspace_id) or state
@@ -379,6 +397,10 @@ class ProcessBackend(WorkspaceBackend):
         self._stop_leader(workspace_id, state, grace_seconds)
         if isinstance(uid, int) and uid > 0:
             self._kill_uid(uid)
+        if _isolated():
+            # Nothing of the workspace is left in its namespace: the link would go with it,
+            # a moment later; deleting it now frees its name and addresses at once.
+            process_network.unwire(workspace_id)
         self._instance_file(workspace_id).unlink(missing_ok=True)
         return {}
 
@@ -427,13 +449,7 @@ class ProcessBackend(WorkspaceBackend):
                 os.kill(pid, signum)
 
     def remove(self, workspace_id: UUID, state: State) -> None:
-        uid = (self._read_instance(workspace_id) or state).get("uid")
         self.stop(workspace_id, state, grace_seconds=settings.STOP_GRACE_SECONDS)
-        if isinstance(uid, int) and uid > 0 and _isolated():
-            # Before the uid can be handed to another workspace (its first start replaces any
-            # rule of its uid anyway).
-            with contextlib.suppress(FirewallError):
-                revoke_own_app(uid)
         shutil.rmtree(self._dir(workspace_id), ignore_errors=True)
 
     def status(self, workspace_id: UUID, state: State) -> InstanceStatus:

@@ -220,11 +220,15 @@ def test_the_instance_runs_dropped_with_exactly_its_env(backend, tmp_path) -> No
     assert fields["Gid"].split() == [str(spec.uid)] * 4
     assert fields["Groups"].strip() == ""
     assert fields["NoNewPrivs"].strip() == "1"
-    # Its own mount namespace, where the hidden folders are an empty tmpfs.
+    # Its own mount namespace, where the hidden folders are an empty tmpfs, and its own
+    # network namespace.
     assert os.readlink(f"/proc/{state['pid']}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    assert os.readlink(f"/proc/{state['pid']}/ns/net") != os.readlink("/proc/self/ns/net")
     with open(f"/proc/{state['pid']}/environ", "rb") as handle:
         names = {item.split(b"=", 1)[0].decode() for item in handle.read().split(b"\0") if item}
-    wanted = {"PATH", "PYTHONUNBUFFERED", "HOME", "WORKSPACE_CONFIG_DIR", *spec.env}
+    # The platform's address as the workspace reaches it: the host end of its link.
+    wanted = {"PATH", "PYTHONUNBUFFERED", "HOME", "WORKSPACE_CONFIG_DIR", "PLATFORM_URL"}
+    wanted |= set(spec.env)
     assert names == wanted  # nothing of the launch's own (PWD, the worker's variables)
     assert state["monitor_pid"] == os.getppid() or _alive(state["monitor_pid"], None)
 
