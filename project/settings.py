@@ -781,8 +781,31 @@ if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", DOCKER_BRIDGE_PREFIX):
     )
 # The process backend's links (WORKSPACE_PROCESS_ISOLATION=uid): each workspace's network
 # namespace reaches the host over a veth pair, the /31 of this range its uid's offset picks (even
-# address: the host's end, odd: the workspace's), the host end named like a Docker link. The same
-# range as Docker's links by default: a uid is held by one live workspace of either backend.
+# address: the host's end, odd: the workspace's), the host end named PROCESS_LINK_PREFIX + the
+# start of the id. The same range as Docker's links by default: a uid is held by one live
+# workspace of either backend. The prefix is the process backend's own, so the Docker bridges'
+# iptables chain and the process links' nftables table each police their own links only.
+PROCESS_LINK_PREFIX = env_str(
+    "PROCESS_LINK_PREFIX",
+    "wspl",
+    doc=(
+        "The name prefix of process workspaces' links' host ends (1-6 lowercase letters or"
+        " digits), which the process backend's nftables table matches."
+    ),
+    section="isolation",
+)
+if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", PROCESS_LINK_PREFIX):
+    raise ImproperlyConfigured(
+        "PROCESS_LINK_PREFIX must be 1 to 6 lowercase letters or digits, starting with a letter"
+    )
+if PROCESS_LINK_PREFIX.startswith(DOCKER_BRIDGE_PREFIX) or DOCKER_BRIDGE_PREFIX.startswith(
+    PROCESS_LINK_PREFIX
+):
+    raise ImproperlyConfigured(
+        f"PROCESS_LINK_PREFIX={PROCESS_LINK_PREFIX!r} and DOCKER_BRIDGE_PREFIX="
+        f"{DOCKER_BRIDGE_PREFIX!r} must not be the start of one another: each backend's "
+        "firewall matches its own prefix"
+    )
 PROCESS_LINK_SUBNET = env_str(
     "PROCESS_LINK_SUBNET",
     DOCKER_VETH_SUBNET,

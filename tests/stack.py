@@ -141,6 +141,7 @@ class Stack:
             # Links named so that no host firewall matching the session's prefix (or the
             # default's, another platform's) takes the stack's links for its own.
             DOCKER_BRIDGE_PREFIX=f"s{slot}{settings.DOCKER_BRIDGE_PREFIX[:4]}",
+            PROCESS_LINK_PREFIX=f"s{slot}{settings.PROCESS_LINK_PREFIX[:4]}",
             GATE_KEY_PREFIX=f"stack{slot}-wsgate",
             PLATFORM_ID=f"stack{slot}-{os.getpid()}",
             STOP_GRACE_SECONDS="3",

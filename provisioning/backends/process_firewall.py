@@ -4,7 +4,7 @@ Each workspace runs in a network namespace of its own whose one way out is its v
 host (``process_network``). This module keeps the host's side of those links small: an nftables
 table of the platform's (``inet``, named ``WORKSPACE_FIREWALL_CHAIN``) whose ``input`` and
 ``forward`` chains police packets that arrive on a link (an interface named
-``DOCKER_BRIDGE_PREFIX``* with a source in ``PROCESS_LINK_SUBNET``): to one of the host's own
+``PROCESS_LINK_PREFIX``* with a source in ``PROCESS_LINK_SUBNET``): to one of the host's own
 addresses, replies of connections the host opened (the proxy reaching an app) and new TCP
 connections to the registry port (``WORKSPACE_REGISTRY_PORT``, else the port of ``PLATFORM_URL``)
 pass; everything else is refused, and nothing from a link is forwarded (not to another workspace,
@@ -99,7 +99,7 @@ def ensure_workspace_firewall() -> None:
     port. Raises ``FirewallError`` saying what failed; the caller refuses to run workspaces
     then."""
     table = _table()
-    prefix, subnet = settings.DOCKER_BRIDGE_PREFIX, settings.PROCESS_LINK_SUBNET
+    prefix, subnet = settings.PROCESS_LINK_PREFIX, settings.PROCESS_LINK_SUBNET
     port = registry_port()
     key = (table, prefix, subnet, str(port))
     with _lock:

@@ -4,7 +4,7 @@ Under uid isolation the launch chain runs ``unshare --net``: the workspace's pro
 a network namespace holding only ``lo``, with its own loopback addresses and its own abstract
 Unix sockets. Before the instance runs, the worker gives that namespace its link
 (``veth.wire_process``): a veth pair whose host end is named like a Docker workspace's link
-(``DOCKER_BRIDGE_PREFIX`` + the start of the id) and whose two ends share the /31 of
+(``PROCESS_LINK_PREFIX`` + the start of the id) and whose two ends share the /31 of
 ``PROCESS_LINK_SUBNET`` that the workspace's uid picks (its offset in ``WORKSPACE_UID_RANGE``,
 unique among live workspaces). The even address is the host's end: the workspace's gateway,
 where ``PLATFORM_URL`` points inside it and where the registry listener answers. The odd one is
@@ -28,9 +28,9 @@ from provisioning.backends.base import BackendError
 
 
 def link_name(workspace_id: UUID | str) -> str:
-    """The host end of the workspace's link: ``DOCKER_BRIDGE_PREFIX`` and the start of the id,
+    """The host end of the workspace's link: ``PROCESS_LINK_PREFIX`` and the start of the id,
     15 characters (the kernel's limit)."""
-    prefix = settings.DOCKER_BRIDGE_PREFIX
+    prefix = settings.PROCESS_LINK_PREFIX
     return prefix + str(workspace_id).replace("-", "")[: 15 - len(prefix)]
 
 

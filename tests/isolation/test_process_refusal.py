@@ -103,7 +103,7 @@ def test_the_table_polices_what_comes_in_from_a_link_and_replaces_an_older_one(s
     settings.WORKSPACE_FIREWALL_CHAIN = table
     firewall._installed.clear()
     uid = settings.WORKSPACE_UID_RANGE[0] + 7
-    prefix, subnet = settings.DOCKER_BRIDGE_PREFIX, settings.PROCESS_LINK_SUBNET
+    prefix, subnet = settings.PROCESS_LINK_PREFIX, settings.PROCESS_LINK_SUBNET
     port = firewall.registry_port()
     try:
         # What earlier versions left: iptables chains and a jump, an nft table with uid rules.
