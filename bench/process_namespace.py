@@ -17,6 +17,7 @@ memory is the same program on both sides); other work on the host moves these to
 is an estimate, the more instances the better. Needs root. No database: it drives the launch
 directly.
 
+    .venv/bin/python -m bench --only process_namespace --repeats 3 --out /tmp/ns.md
     .venv/bin/python -m bench.process_namespace [repeats] [starts per round] [resting]
 """
 
@@ -33,7 +34,6 @@ from pathlib import Path
 from bench.common import Figure, print_figures
 
 KERNEL_FIELDS = ("Slab", "KernelStack", "PageTables", "Percpu")
-TABLE = "wsbench_nsfloor"
 
 
 def _kernel_kb() -> int:
@@ -56,7 +56,9 @@ def run(repeats: int = 3, instances: int = 5, resting: int = 25) -> list[Figure]
     from provisioning.backends.process_firewall import ensure_workspace_firewall
 
     ensure_workspace_firewall()
-    nft.run(f"add table inet {TABLE}\nadd map inet {TABLE} uids {{ type uid : verdict ; }}")
+    # The floor's table: named after the platform's, so benches of two platforms never meet.
+    table = f"{settings.WORKSPACE_FIREWALL_CHAIN}_nsbench"
+    nft.run(f"add table inet {table}\nadd map inet {table} uids {{ type uid : verdict ; }}")
     root = Path(tempfile.mkdtemp(prefix="bench-ns-"))
     root.chmod(0o711)
     # The range's end, which the platform hands out last: unlikely to be in use.
@@ -80,9 +82,9 @@ def run(repeats: int = 3, instances: int = 5, resting: int = 25) -> list[Figure]
         if not namespaced:
             chain = f"u{uid}"
             nft.run(
-                f"add chain inet {TABLE} {chain}\nflush chain inet {TABLE} {chain}\n"
-                f"add rule inet {TABLE} {chain} tcp dport 20000 accept\n"
-                f"add element inet {TABLE} uids {{ {uid} : jump {chain} }}"
+                f"add chain inet {table} {chain}\nflush chain inet {table} {chain}\n"
+                f"add rule inet {table} {chain} tcp dport 20000 accept\n"
+                f"add element inet {table} uids {{ {uid} : jump {chain} }}"
             )
         orders = process_launch.orders(
             uid=uid,
@@ -92,14 +94,14 @@ def run(repeats: int = 3, instances: int = 5, resting: int = 25) -> list[Figure]
             exit_file=str(folder / "exit.json"),
             cwd=str(folder),
             mounts=mounts,
-            network=namespaced,
+            link_wait=process_launch.LINK_WAIT_SECONDS if namespaced else None,
             argv=[settings.WORKSPACE_PYTHON, "-c", "import time; time.sleep(600)"],
             env={"PATH": "/usr/bin:/bin"},
         )
         process_launch.launch(
             process_launch.command(True, python, network=namespaced),
             orders,
-            wire=(lambda pid: process_network.wire(pid, workspace_id, pair))
+            wire=(lambda pid: process_network.wire(pid, process_network.link_name(uid), pair))
             if namespaced
             else None,
             timeout=30,
@@ -108,7 +110,7 @@ def run(repeats: int = 3, instances: int = 5, resting: int = 25) -> list[Figure]
 
     def stop(uid: int, workspace_id: str) -> None:
         process_launch.kill_uid(uid)
-        process_network.unwire(workspace_id)
+        process_network.unwire(process_network.link_name(uid))
 
     def rest(namespaced: bool) -> float:
         before = _kernel_kb()
@@ -137,7 +139,7 @@ def run(repeats: int = 3, instances: int = 5, resting: int = 25) -> list[Figure]
             namespaced_kb.append(rest(True))
             shared_kb.append(rest(False))
     finally:
-        nft.run(f"add table inet {TABLE}\ndelete table inet {TABLE}")
+        nft.run(f"add table inet {table}\ndelete table inet {table}")
         shutil.rmtree(root, ignore_errors=True)
     return [
         Figure(

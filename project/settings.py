@@ -782,21 +782,28 @@ if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", DOCKER_BRIDGE_PREFIX):
 # The process backend's links (WORKSPACE_PROCESS_ISOLATION=uid): each workspace's network
 # namespace reaches the host over a veth pair, the /31 of this range its uid's offset picks (even
 # address: the host's end, odd: the workspace's), the host end named PROCESS_LINK_PREFIX + the
-# start of the id. The same range as Docker's links by default: a uid is held by one live
-# workspace of either backend. The prefix is the process backend's own, so the Docker bridges'
-# iptables chain and the process links' nftables table each police their own links only.
+# uid, so whatever an earlier holder of the uid left is found by name and replaced. The same
+# range as Docker's links by default: a uid is held by one live workspace of either backend. The
+# prefix is the process backend's own, so the Docker bridges' iptables chain and the process
+# links' nftables table each police their own links only.
 PROCESS_LINK_PREFIX = env_str(
     "PROCESS_LINK_PREFIX",
     "wspl",
     doc=(
         "The name prefix of process workspaces' links' host ends (1-6 lowercase letters or"
-        " digits), which the process backend's nftables table matches."
+        " digits; the uid follows it), which the process backend's nftables table matches."
     ),
     section="isolation",
 )
 if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", PROCESS_LINK_PREFIX):
     raise ImproperlyConfigured(
         "PROCESS_LINK_PREFIX must be 1 to 6 lowercase letters or digits, starting with a letter"
+    )
+if len(PROCESS_LINK_PREFIX) + len(str(WORKSPACE_UID_RANGE[1])) > 15:
+    raise ImproperlyConfigured(
+        f"PROCESS_LINK_PREFIX={PROCESS_LINK_PREFIX!r} and the uids of WORKSPACE_UID_RANGE name "
+        "the links' host ends (prefix + uid), which the kernel caps at 15 characters: shorten "
+        "the prefix"
     )
 if PROCESS_LINK_PREFIX.startswith(DOCKER_BRIDGE_PREFIX) or DOCKER_BRIDGE_PREFIX.startswith(
     PROCESS_LINK_PREFIX

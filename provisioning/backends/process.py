@@ -3,7 +3,9 @@
 Layout under ``WORKSPACE_DATA_DIR/<workspace id>/`` (owned by the platform, mode 0711):
 ``configs/`` (the config volume) and ``home/`` (the workspace's home and working folder), both
 owned by the workspace's uid with mode 0700; ``instance.json`` (pid, process start time,
-generation, uid) and ``agent.log``, owned by the platform, so a workspace can neither forge the
+generation, uid), ``launch.json`` (what the last launch made: its uid, its monitor, its link,
+written before the link is, so a stop or the next start ends exactly that even when the launch
+never finished) and ``agent.log``, owned by the platform, so a workspace can neither forge the
 pid the platform signals nor rewrite its own log. The process runs in its own session, so it
 outlives the worker that started it; a later worker finds it again by the pid file, and the start
 time read from ``/proc`` guards against a recycled pid.
@@ -19,7 +21,9 @@ its app. It then drops to the workspace's uid and gid with no supplementary grou
 ``process_monitor``: small programs, no interpreter of the worker's per start). The data folder
 is passable but not listable by workspace uids. Stopping kills every process of the uid (a child
 of the worker with that uid calls ``kill(-1, SIGKILL)``), so nothing a workspace daemonized
-survives into the next holder of that uid.
+survives into the next holder of that uid. A start does the same first for the uid it is given,
+and replaces the link named by that uid: whatever an earlier holder left (a cycle killed
+mid-launch, a workspace that held the uid before) is ended, never left to answer in its place.
 """
 
 from __future__ import annotations
@@ -176,6 +180,19 @@ class ProcessBackend(WorkspaceBackend):
     def _instance_file(self, workspace_id: UUID | str) -> Path:
         return self._dir(workspace_id) / "instance.json"
 
+    def _launch_file(self, workspace_id: UUID | str) -> Path:
+        return self._dir(workspace_id) / "launch.json"
+
+    def _write_launch(self, workspace_id: UUID | str, launch: dict[str, Any]) -> None:
+        target = self._launch_file(workspace_id)
+        partial = target.with_suffix(".tmp")
+        partial.unlink(missing_ok=True)
+        # The platform's alone, as instance.json is.
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(launch))
+        os.replace(partial, target)
+
     def _exit_file(self, workspace_id: UUID | str) -> Path:
         return self._dir(workspace_id) / "exit.json"
 
@@ -310,10 +327,16 @@ class ProcessBackend(WorkspaceBackend):
         return [python, *AGENT_PYTHON_FLAGS, agent]
 
     def start(self, spec: LaunchSpec, state: State) -> State:
-        # Replace, never duplicate: whatever an earlier (possibly killed) cycle left goes first.
-        self.stop(spec.workspace_id, state, grace_seconds=settings.STOP_GRACE_SECONDS)
-        self._make_dirs(spec)
         isolated = _isolated()
+        # Replace, never duplicate: whatever an earlier (possibly killed) cycle left goes first,
+        # and whatever still runs as the uid with it (the uid is this workspace's alone now).
+        self._teardown(
+            spec.workspace_id,
+            state,
+            settings.STOP_GRACE_SECONDS,
+            uid=self._uid(spec) if isolated else None,
+        )
+        self._make_dirs(spec)
         env = {
             "PATH": WORKSPACE_PATH if isolated else os.environ.get("PATH", "/usr/bin:/bin"),
             "PYTHONUNBUFFERED": "1",
@@ -358,8 +381,22 @@ class ProcessBackend(WorkspaceBackend):
         )
 
         def wire(pid: int) -> None:
+            # Recorded before the link is made: a later stop or start finds this launch's
+            # monitor and link by it even if this worker dies now.
             assert link is not None
-            process_network.wire(pid, workspace_id, link)
+            uid = self._uid(spec)
+            name = process_network.link_name(uid)
+            self._write_launch(
+                workspace_id,
+                {
+                    "uid": uid,
+                    "link": name,
+                    "monitor_pid": pid,
+                    "monitor_start_time": _proc_start_time(pid),
+                    "generation": spec.generation,
+                },
+            )
+            process_network.wire(pid, name, link)
 
         try:
             orders = process_launch.orders(
@@ -370,7 +407,7 @@ class ProcessBackend(WorkspaceBackend):
                 exit_file=str(self._exit_file(workspace_id)),
                 cwd=str(self._home(workspace_id)),
                 mounts=mounts,
-                network=link is not None,
+                link_wait=process_launch.LINK_WAIT_SECONDS if link is not None else None,
                 argv=self._argv(spec),
                 env=env,
             )
@@ -393,16 +430,53 @@ class ProcessBackend(WorkspaceBackend):
         return (int(pid) if pid else None, instance.get("start_time"))
 
     def stop(self, workspace_id: UUID, state: State, grace_seconds: float) -> State:
-        uid = (self._read_instance(workspace_id) or state).get("uid")
+        self._teardown(workspace_id, state, grace_seconds)
+        return {}
+
+    def _teardown(
+        self, workspace_id: UUID | str, state: State, grace_seconds: float, uid: int | None = None
+    ) -> None:
+        """End what the workspace's last launch made, as ``launch.json`` and ``instance.json``
+        record it, finished or not: the instance (SIGTERM, then SIGKILL after the grace), its
+        monitor, every process of its uid (and of ``uid``, the one a start is about to use), and
+        its link."""
+        launch = _read_json(self._launch_file(workspace_id))
+        instance = self._read_instance(workspace_id) or state
         self._stop_leader(workspace_id, state, grace_seconds)
-        if isinstance(uid, int) and uid > 0:
-            self._kill_uid(uid)
+        # The monitor exits once its instance has (it records the exit code first); one whose
+        # launch was never finished (its worker hangs) is waiting for its link: end it before
+        # the uid is freed, so it forks nothing after.
+        monitor = launch.get("monitor_pid")
+        if isinstance(monitor, int):
+            started = launch.get("monitor_start_time")
+            finished = instance.get("monitor_pid") == monitor
+            self._end_monitor(monitor, started, wait=1.0 if finished else 0.0)
+        uids = {value for value in (instance.get("uid"), launch.get("uid"), uid)}
+        for each in sorted(value for value in uids if isinstance(value, int) and value > 0):
+            self._kill_uid(each)
         if _isolated():
             # Nothing of the workspace is left in its namespace: the link would go with it,
             # a moment later; deleting it now frees its name and addresses at once.
-            process_network.unwire(workspace_id)
+            names = {launch.get("link")}
+            names |= {process_network.link_name(value) for value in uids if isinstance(value, int)}
+            for name in sorted(value for value in names if isinstance(value, str)):
+                process_network.unwire(name)
         self._instance_file(workspace_id).unlink(missing_ok=True)
-        return {}
+        self._launch_file(workspace_id).unlink(missing_ok=True)
+
+    def _end_monitor(self, pid: int, start_time: int | None, wait: float) -> None:
+        deadline = time.monotonic() + wait
+        while _alive(pid, start_time) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not _alive(pid, start_time):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while _alive(pid, start_time) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if _alive(pid, start_time):
+            raise BackendError(f"the workspace's monitor {pid} survived SIGKILL")
 
     @staticmethod
     def _kill_uid(uid: int) -> None:
@@ -422,7 +496,7 @@ class ProcessBackend(WorkspaceBackend):
         if _uid_processes(uid):
             raise BackendError(f"processes of workspace uid {uid} survived SIGKILL")
 
-    def _stop_leader(self, workspace_id: UUID, state: State, grace_seconds: float) -> None:
+    def _stop_leader(self, workspace_id: UUID | str, state: State, grace_seconds: float) -> None:
         pid, start_time = self._find(workspace_id, state)
         if pid and _alive(pid, start_time):
             self._signal(pid, signal.SIGTERM)

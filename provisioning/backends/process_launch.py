@@ -43,6 +43,9 @@ MONITOR = Path(__file__).with_name("process_monitor.py")
 # What the root side of a launch runs with: never the workspace's environment.
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 TOOLS = ("setsid", "unshare", "setpriv", "mount")
+# How long a monitor in a namespace of its own waits for its link: a worker that hangs (stopped,
+# say) must not leave a half-made launch holding the uid's namespace for ever.
+LINK_WAIT_SECONDS = 30.0
 _tools: dict[str, str] = {}
 
 
@@ -143,14 +146,15 @@ def orders(
     exit_file: str,
     cwd: str,
     mounts: MountPlan,
-    network: bool,
+    link_wait: float | None,
     argv: Sequence[str],
     env: Mapping[str, str],
 ) -> bytes:
     """The monitor's stdin (``process_monitor.main`` reads it in this order), its length first
-    (what follows it on stdin is the go-ahead of a wired link)."""
+    (what follows it on stdin is the go-ahead of a wired link). ``link_wait``: in a network
+    namespace of its own, how long the monitor waits for its link before it gives up."""
     if uid is None:
-        mounts, network = MountPlan(), False
+        mounts, link_wait = MountPlan(), None
     fields = [
         "" if uid is None else str(uid),
         str(generation),
@@ -160,7 +164,7 @@ def orders(
         cwd,
         tool("setpriv") if uid is not None else "",
         tool("mount") if uid is not None else "",
-        "1" if network else "",
+        "" if link_wait is None else f"{link_wait:g}",
         *mounts.fields(),
         str(len(argv)),
         *argv,

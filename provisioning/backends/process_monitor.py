@@ -5,8 +5,8 @@ imported by the platform.
 It reads its orders on stdin (NUL-separated, see ``provisioning.backends.process_launch``), gives
 its mount namespace empty folders of its own over ``WORKSPACE_PRIVATE_PATHS`` (binding the
 workspace's own folder back) and hides ``WORKSPACE_HIDDEN_PATHS`` with ``mount``; in a network
-namespace of its own it reports its pid and waits for the worker to wire the link; it forks the
-instance into a session of its own, records the instance's pid and start time in
+namespace of its own it reports its pid and waits (bounded) for the worker to wire the link; it
+forks the instance into a session of its own, records the instance's pid and start time in
 ``instance.json``, reports them on stdout, lets go of the worker's pipes, waits for the instance
 and records its exit code in ``exit.json``. It is the instance's parent, so it alone can see
 that code; it outlives the worker.
@@ -16,11 +16,12 @@ anything, and execs ``setpriv --no-new-privs`` first: no code runs as root with 
 environment (``LD_PRELOAD`` and the like would otherwise run as root), and no setuid program gives
 root back afterwards.
 
-Only ``os`` and ``sys``: with ``-S`` the interpreter starts without ``site``, and each further
-module is start-up time paid on every workspace start.
+Only ``os``, ``select`` and ``sys``: with ``-S`` the interpreter starts without ``site``, and each
+further module is start-up time paid on every workspace start.
 """
 
 import os
+import select
 import sys
 
 MOUNT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -102,10 +103,14 @@ def hide(mount: bytes, folders: list[bytes], files: list[bytes]) -> None:
         run_mount(mount, [b"--bind", b"/dev/null", path])
 
 
-def await_link() -> None:
-    """Report this process's pid (its network namespace's) and wait until the worker has wired
-    the link; anything but its go-ahead (the worker failed or died) ends the launch here."""
+def await_link(seconds: float) -> None:
+    """Report this process's pid (its network namespace's) and wait, at most ``seconds``, until
+    the worker has wired the link; anything but its go-ahead in time (the worker failed, died or
+    hangs) ends the launch here, and the namespace with its link goes with this process."""
     os.write(1, b"%d\n" % os.getpid())
+    ready, _, _ = select.select([0], [], [], seconds)
+    if not ready:
+        fail(f"the workspace's link was not made within {seconds:g} s")
     if os.read(0, 1) != b"g":
         fail("the workspace's link was not made")
 
@@ -161,7 +166,7 @@ def main() -> None:
         make_private(mount, private, keep)
         hide(mount, folders, files)
     if network:
-        await_link()
+        await_link(float(network))
     if resolve(argv[0], env) is None:
         fail(f"[Errno 2] No such file or directory: {os.fsdecode(argv[0])!r}")
     devnull = os.open(os.devnull, os.O_RDWR)

@@ -12,7 +12,9 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,11 +25,11 @@ from django.conf import settings
 
 from provisioning.backends import process_network
 from provisioning.backends.base import BackendError, LaunchSpec
-from provisioning.backends.process import ProcessBackend, _uid_processes
+from provisioning.backends.process import ProcessBackend, _alive, _uid_processes
 from provisioning.backends.process_firewall import registry_port
 from provisioning.backends.process_network import link, link_name
 from tests.isolation import create_online
-from tests.isolation.test_process_isolation import QUEUE, _probe_as, gateway
+from tests.isolation.test_process_isolation import PROBE, QUEUE, _probe_as, gateway
 from tests.support import Worker, lifecycle_queue, next_backend_uid, wait_for
 from workspaces.manifests import Template
 
@@ -159,7 +161,7 @@ def _addresses_in(pid: int) -> list[str]:
 
 def test_a_leftover_link_is_replaced_and_removal_deletes_it(backend: ProcessBackend) -> None:
     spec = _spec(backend)
-    name = link_name(spec.workspace_id)
+    name = link_name(spec.uid or 0)
     # What a crash could leave: an interface of that name on the host.
     peer = f"wsx{os.getpid() % 100000}"
     subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name", peer], check=True)
@@ -186,13 +188,13 @@ def test_a_launch_whose_link_fails_starts_nothing_and_leaves_no_link(
     """The monitor waits for the link before it starts anything; when the worker fails (or dies)
     after making it, the monitor exits, and the kernel deletes the link with its namespace."""
     spec = _spec(backend)
-    name = link_name(spec.workspace_id)
+    name = link_name(spec.uid or 0)
     monitors: list[int] = []
     real_wire = process_network.wire
 
-    def wire_then_fail(pid: int, workspace_id: Any, pair: Any) -> None:
+    def wire_then_fail(pid: int, link_name: str, pair: Any) -> None:
         monitors.append(pid)
-        real_wire(pid, workspace_id, pair)
+        real_wire(pid, link_name, pair)
         assert _link(name) is not None
         raise BackendError("the worker failed after wiring")
 
@@ -205,3 +207,156 @@ def test_a_launch_whose_link_fails_starts_nothing_and_leaves_no_link(
     wait_for(lambda: _link(name) is None, timeout=10, message="the link gone with its namespace")
     assert not backend._instance_file(spec.workspace_id).exists()
     assert _uid_processes(spec.uid or 0) == []
+
+
+# -- a half-made launch, or an earlier holder of the uid, is replaced by the next start ---------
+# A worker that makes the link and then hangs (it never tells the monitor to go on), as a worker
+# frozen mid-launch leaves it (one killed there closes the monitor's stdin: the monitor ends at
+# once). Arguments: data folder, workspace id, uid, how long the monitor waits for its link, the
+# command (JSON).
+HANGING_LAUNCH = """
+import json, sys, time, uuid
+from pathlib import Path
+import django
+django.setup()
+from provisioning.backends import process_launch, process_network
+from provisioning.backends.base import LaunchSpec
+from provisioning.backends.process import ProcessBackend
+from workspaces.manifests import Template
+root, workspace_id, uid, wait, command = sys.argv[1:6]
+process_launch.LINK_WAIT_SECONDS = float(wait)
+made = process_network.wire
+def wire_then_hang(pid, name, pair):
+    made(pid, name, pair)
+    print("wired", flush=True)
+    time.sleep(3600)
+process_network.wire = wire_then_hang
+template = Template(name="t", path=Path(root), runtime="shell", command=tuple(json.loads(command)))
+env = {"WORKSPACE_ID": workspace_id, "PLATFORM_URL": "http://127.0.0.1:9"}
+spec = LaunchSpec(uuid.UUID(workspace_id), 1, template, env, uid=int(uid))
+ProcessBackend(Path(root)).start(spec, {})
+"""
+
+
+def _hang_a_launch(backend: ProcessBackend, spec: LaunchSpec, wait: float) -> subprocess.Popen:
+    """Start ``spec``'s launch in a worker of its own that hangs once the link is made; returns
+    that worker, its monitor waiting for the go-ahead."""
+    hung = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            HANGING_LAUNCH,
+            str(backend.root),
+            str(spec.workspace_id),
+            str(spec.uid),
+            str(wait),
+            json.dumps(SLEEPER),
+        ],
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert hung.stdout is not None
+    line = hung.stdout.readline()  # blocks until wired, or the worker failed
+    assert line == "wired\n", (line, hung.communicate(timeout=5))
+    return hung
+
+
+def _launch_record(backend: ProcessBackend, spec: LaunchSpec) -> dict[str, Any]:
+    return dict(json.loads(backend._launch_file(spec.workspace_id).read_text()))
+
+
+def test_a_start_replaces_a_launch_whose_worker_hung_after_wiring(
+    backend: ProcessBackend,
+) -> None:
+    """The redelivered cycle's start ends the half-made launch (its monitor, recorded before the
+    link was made, is still waiting) and wires its own link in place of that one."""
+    spec = _spec(backend)
+    name = link_name(spec.uid or 0)
+    backend.prepare(spec, {})
+    hung = _hang_a_launch(backend, spec, wait=600)
+    try:
+        record = _launch_record(backend, spec)
+        assert record["link"] == name and record["uid"] == spec.uid
+        monitor = record["monitor_pid"]
+        assert _alive(monitor, None) and _link(name) is not None
+        assert not backend._instance_file(spec.workspace_id).exists()  # nothing started yet
+
+        started = time.monotonic()
+        state = backend.start(spec, {})  # the cycle again, as a redelivery runs it
+        took = time.monotonic() - started
+        assert not _alive(monitor, None), "the half-made launch's monitor lives on"
+        assert _link(name) is not None
+        assert _addresses_in(state["pid"]) == ["127.0.0.1", link(spec.uid or 0).address]
+        assert _launch_record(backend, spec)["monitor_pid"] == state["monitor_pid"]
+        assert took < 10, took
+    finally:
+        hung.kill()
+        hung.wait()
+
+
+def test_a_monitor_waits_for_its_link_for_a_bounded_time(backend: ProcessBackend) -> None:
+    """Nobody starts the workspace again: the monitor of the hung launch gives up by itself, and
+    its namespace and link go with it."""
+    spec = _spec(backend)
+    name = link_name(spec.uid or 0)
+    backend.prepare(spec, {})
+    hung = _hang_a_launch(backend, spec, wait=2)
+    try:
+        monitor = _launch_record(backend, spec)["monitor_pid"]
+        wait_for(
+            lambda: not _alive(monitor, None),
+            timeout=15,
+            message="the monitor to give up waiting for its link",
+        )
+        wait_for(lambda: _link(name) is None, timeout=10, message="the link gone")
+        assert _uid_processes(spec.uid or 0) == []
+    finally:
+        hung.kill()
+        hung.wait()
+
+
+def _connect_from(pid: int, uid: int, host: str, port: int) -> str:
+    """The probe's TCP connect from the namespaces of process ``pid``, as ``uid``."""
+    argv = [
+        "nsenter",
+        f"--target={pid}",
+        "--mount",
+        "--net",
+        "--",
+        "setpriv",
+        f"--reuid={uid}",
+        f"--regid={uid}",
+        "--clear-groups",
+        settings.WORKSPACE_PYTHON,
+        str(PROBE),
+        json.dumps({"tcp": [[host, port]]}),
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    return str(json.loads(done.stdout)["tcp"][f"{host}:{port}"])
+
+
+def test_a_start_replaces_what_an_earlier_holder_of_its_uid_left(
+    backend: ProcessBackend, live_server: Any
+) -> None:
+    """A workspace given a uid whose earlier holder still runs (its row gone, say) ends that
+    holder and takes the link of the uid: the registry answers it at its gateway."""
+    earlier = _spec(backend)
+    later = _spec(backend)
+    later = LaunchSpec(later.workspace_id, 1, later.template, later.env, uid=earlier.uid)
+    uid = earlier.uid or 0
+    pair = link(uid)
+    for spec in (earlier, later):
+        backend.prepare(spec, {})
+    first = backend.start(earlier, {})
+    second = backend.start(later, {})
+    assert not _alive(first["pid"], first["start_time"]), "the earlier holder runs on"
+    assert not _alive(first["monitor_pid"], None)
+    assert _uid_processes(uid) == [second["pid"]]
+    # One link answers for the uid's addresses, the later workspace's.
+    routes = subprocess.run(
+        ["ip", "-j", "route", "show", f"{pair.address}/31"], capture_output=True, check=True
+    )
+    assert [route["dev"] for route in json.loads(routes.stdout)] == [link_name(uid)]
+    assert _connect_from(second["pid"], uid, pair.gateway, registry_port()) == "connected"
