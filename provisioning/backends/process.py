@@ -68,39 +68,6 @@ NOT_ROOT = (
 WORKSPACE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
-def _proc_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot, or None if it is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name may contain spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    if fields[0] in {"Z", "X"}:
-        return None
-    return int(fields[19])
-
-
-def _uid_processes(uid: int) -> list[int]:
-    """Every live process whose real uid is ``uid`` (a workspace's, daemonized ones included)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        # A zombie is dead already: only its parent's wait() removes it.
-        if fields.get("State", "").split()[:1] == ["Z"]:
-            continue
-        uids = fields.get("Uid", "").split()
-        if uids and int(uids[0]) == uid:
-            found.append(int(entry.name))
-    return found
-
-
 def _isolated() -> bool:
     return settings.WORKSPACE_PROCESS_ISOLATION == "uid"
 
@@ -110,13 +77,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         return dict(json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         return {}
-
-
-def _alive(pid: int | None, start_time: int | None) -> bool:
-    if not pid:
-        return False
-    current = _proc_start_time(pid)
-    return current is not None and (start_time is None or current == start_time)
 
 
 def _closed_ancestor(path: Path) -> Path | None:
@@ -211,7 +171,11 @@ class ProcessBackend(WorkspaceBackend):
             if recorded.get("pid") == pid and recorded.get("start_time") == start_time:
                 code = recorded.get("exit_code")
                 return int(code) if isinstance(code, int) else None
-            if not monitor or not _alive(monitor, None) or time.monotonic() > deadline:
+            if (
+                not monitor
+                or not process_launch.alive(monitor, None)
+                or time.monotonic() > deadline
+            ):
                 return None
             time.sleep(0.05)
 
@@ -362,7 +326,7 @@ class ProcessBackend(WorkspaceBackend):
                 env["WORKSPACE_APP_HOST"] = "0.0.0.0"
         instance = self._launch(spec, env, link)
         pid = int(instance["pid"])
-        if instance.get("start_time") is None or _proc_start_time(pid) is None:
+        if instance.get("start_time") is None or process_launch.start_time(pid) is None:
             raise BackendError(f"the workspace process (pid {pid}) exited at once; see agent.log")
         # Unisolated, the workspace shares the host's network: its app is on loopback.
         address = link.address if link is not None else "127.0.0.1"
@@ -392,7 +356,7 @@ class ProcessBackend(WorkspaceBackend):
                     "uid": uid,
                     "link": name,
                     "monitor_pid": pid,
-                    "monitor_start_time": _proc_start_time(pid),
+                    "monitor_start_time": process_launch.start_time(pid),
                     "generation": spec.generation,
                 },
             )
@@ -466,16 +430,16 @@ class ProcessBackend(WorkspaceBackend):
 
     def _end_monitor(self, pid: int, start_time: int | None, wait: float) -> None:
         deadline = time.monotonic() + wait
-        while _alive(pid, start_time) and time.monotonic() < deadline:
+        while process_launch.alive(pid, start_time) and time.monotonic() < deadline:
             time.sleep(0.01)
-        if not _alive(pid, start_time):
+        if not process_launch.alive(pid, start_time):
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 5
-        while _alive(pid, start_time) and time.monotonic() < deadline:
+        while process_launch.alive(pid, start_time) and time.monotonic() < deadline:
             time.sleep(0.01)
-        if _alive(pid, start_time):
+        if process_launch.alive(pid, start_time):
             raise BackendError(f"the workspace's monitor {pid} survived SIGKILL")
 
     @staticmethod
@@ -488,27 +452,27 @@ class ProcessBackend(WorkspaceBackend):
         # uid outlived its short wait): walk /proc as root, which no process of the uid can
         # disturb.
         deadline = time.monotonic() + 5
-        while (pids := _uid_processes(uid)) and time.monotonic() < deadline:
+        while (pids := process_launch.uid_processes(uid)) and time.monotonic() < deadline:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.02)
-        if _uid_processes(uid):
+        if process_launch.uid_processes(uid):
             raise BackendError(f"processes of workspace uid {uid} survived SIGKILL")
 
     def _stop_leader(self, workspace_id: UUID | str, state: State, grace_seconds: float) -> None:
         pid, start_time = self._find(workspace_id, state)
-        if pid and _alive(pid, start_time):
+        if pid and process_launch.alive(pid, start_time):
             self._signal(pid, signal.SIGTERM)
             deadline = time.monotonic() + grace_seconds
-            while _alive(pid, start_time) and time.monotonic() < deadline:
+            while process_launch.alive(pid, start_time) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if _alive(pid, start_time):
+            if process_launch.alive(pid, start_time):
                 self._signal(pid, signal.SIGKILL)
                 deadline = time.monotonic() + 5
-                while _alive(pid, start_time) and time.monotonic() < deadline:
+                while process_launch.alive(pid, start_time) and time.monotonic() < deadline:
                     time.sleep(0.02)
-            if _alive(pid, start_time):
+            if process_launch.alive(pid, start_time):
                 raise BackendError(f"workspace process {pid} survived SIGKILL")
 
     @staticmethod
@@ -530,7 +494,7 @@ class ProcessBackend(WorkspaceBackend):
         pid, start_time = self._find(workspace_id, state)
         if not pid:
             return InstanceStatus(exists=False, running=False, detail="no process recorded")
-        if _alive(pid, start_time):
+        if process_launch.alive(pid, start_time):
             return InstanceStatus(exists=True, running=True, detail=f"process {pid} is running")
         exit_code = self._exit_code(workspace_id, pid, start_time)
         return InstanceStatus(
@@ -579,7 +543,7 @@ class ProcessBackend(WorkspaceBackend):
                     False,
                     _exited(ended["pid"], code if isinstance(code, int) else None),
                 )
-            if _alive(pid, start_time):
+            if process_launch.alive(pid, start_time):
                 return Seen((pid, start_time), True, f"process {pid} is running")
             # Only the exit code (status() would also read the output's tail, every poll).
             code = self._exit_code(workspace_id, pid, start_time)
@@ -605,7 +569,7 @@ class ProcessBackend(WorkspaceBackend):
             found.append(
                 InstanceInfo(
                     workspace_id=workspace_id,
-                    running=_alive(pid, data.get("start_time")),
+                    running=process_launch.alive(pid, data.get("start_time")),
                     generation=data.get("generation"),
                     ref=str(pid or ""),
                 )

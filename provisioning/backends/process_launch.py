@@ -20,7 +20,8 @@ to a process with a pending SIGKILL. The child then counts what is left without 
 itself (the kernel counts processes per uid, zombies included), so its first fork that succeeds
 says the uid is free. It never execs, so it stays non-dumpable and a process of that uid cannot
 trace it into lying; one can only kill or stop it, and then (or when zombies of the uid outlast the
-short wait) the worker falls back to walking ``/proc`` as root.
+short wait) the worker falls back to walking ``/proc`` as root (``uid_processes``; ``alive`` and
+``start_time`` tell a live process from a zombie or a recycled pid).
 """
 
 from __future__ import annotations
@@ -269,6 +270,48 @@ def _read(
                 del open_fds[fd]
                 if fd == chain.stdout.fileno() and until is not None:
                     return
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot, or None if it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    if fields[0] in {"Z", "X"}:
+        return None
+    return int(fields[19])
+
+
+def uid_processes(uid: int) -> list[int]:
+    """Every live process whose real uid is ``uid`` (a workspace's, daemonized ones included)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        # A zombie is dead already: only its parent's wait() removes it.
+        if fields.get("State", "").split()[:1] == ["Z"]:
+            continue
+        uids = fields.get("Uid", "").split()
+        if uids and int(uids[0]) == uid:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int | None, started: int | None) -> bool:
+    """Whether ``pid`` runs (not a zombie) and, when ``started`` is given, is the process that
+    started then (not a recycled pid)."""
+    if not pid:
+        return False
+    current = start_time(pid)
+    return current is not None and (started is None or current == started)
 
 
 def kill_uid(uid: int, *, wait_seconds: float = 0.5) -> bool:

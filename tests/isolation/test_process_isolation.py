@@ -319,9 +319,9 @@ def test_stop_kills_what_a_workspace_daemonized_and_removal_frees_its_uid(
 
         wait_for(removed, timeout=60, message="removed")
         escaped.wait(timeout=10)
-        from provisioning.backends.process import _uid_processes
+        from provisioning.backends.process_launch import uid_processes
 
-        assert _uid_processes(uid) == []
+        assert uid_processes(uid) == []
         # The uid is free again: the next workspace gets it.
         again = create_online(api, "daemon2", "shell-default", {}, timeout=60)
         assert again.isolation_uid == uid

@@ -25,8 +25,9 @@ from django.conf import settings
 
 from provisioning.backends import process_network
 from provisioning.backends.base import BackendError, LaunchSpec
-from provisioning.backends.process import ProcessBackend, _alive, _uid_processes
+from provisioning.backends.process import ProcessBackend
 from provisioning.backends.process_firewall import registry_port
+from provisioning.backends.process_launch import alive, uid_processes
 from provisioning.backends.process_network import link, link_name
 from tests.isolation import create_online
 from tests.isolation.test_process_isolation import PROBE, QUEUE, _probe_as, gateway
@@ -206,7 +207,7 @@ def test_a_launch_whose_link_fails_starts_nothing_and_leaves_no_link(
     wait_for(lambda: not Path(f"/proc/{monitor}").exists(), timeout=5, message="monitor gone")
     wait_for(lambda: _link(name) is None, timeout=10, message="the link gone with its namespace")
     assert not backend._instance_file(spec.workspace_id).exists()
-    assert _uid_processes(spec.uid or 0) == []
+    assert uid_processes(spec.uid or 0) == []
 
 
 # -- a half-made launch, or an earlier holder of the uid, is replaced by the next start ---------
@@ -280,13 +281,13 @@ def test_a_start_replaces_a_launch_whose_worker_hung_after_wiring(
         record = _launch_record(backend, spec)
         assert record["link"] == name and record["uid"] == spec.uid
         monitor = record["monitor_pid"]
-        assert _alive(monitor, None) and _link(name) is not None
+        assert alive(monitor, None) and _link(name) is not None
         assert not backend._instance_file(spec.workspace_id).exists()  # nothing started yet
 
         started = time.monotonic()
         state = backend.start(spec, {})  # the cycle again, as a redelivery runs it
         took = time.monotonic() - started
-        assert not _alive(monitor, None), "the half-made launch's monitor lives on"
+        assert not alive(monitor, None), "the half-made launch's monitor lives on"
         assert _link(name) is not None
         assert _addresses_in(state["pid"]) == ["127.0.0.1", link(spec.uid or 0).address]
         assert _launch_record(backend, spec)["monitor_pid"] == state["monitor_pid"]
@@ -306,12 +307,12 @@ def test_a_monitor_waits_for_its_link_for_a_bounded_time(backend: ProcessBackend
     try:
         monitor = _launch_record(backend, spec)["monitor_pid"]
         wait_for(
-            lambda: not _alive(monitor, None),
+            lambda: not alive(monitor, None),
             timeout=15,
             message="the monitor to give up waiting for its link",
         )
         wait_for(lambda: _link(name) is None, timeout=10, message="the link gone")
-        assert _uid_processes(spec.uid or 0) == []
+        assert uid_processes(spec.uid or 0) == []
     finally:
         hung.kill()
         hung.wait()
@@ -351,9 +352,9 @@ def test_a_start_replaces_what_an_earlier_holder_of_its_uid_left(
         backend.prepare(spec, {})
     first = backend.start(earlier, {})
     second = backend.start(later, {})
-    assert not _alive(first["pid"], first["start_time"]), "the earlier holder runs on"
-    assert not _alive(first["monitor_pid"], None)
-    assert _uid_processes(uid) == [second["pid"]]
+    assert not alive(first["pid"], first["start_time"]), "the earlier holder runs on"
+    assert not alive(first["monitor_pid"], None)
+    assert uid_processes(uid) == [second["pid"]]
     # One link answers for the uid's addresses, the later workspace's.
     routes = subprocess.run(
         ["ip", "-j", "route", "show", f"{pair.address}/31"], capture_output=True, check=True
