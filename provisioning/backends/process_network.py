@@ -20,6 +20,8 @@ start replaces a host end still there, and a stop deletes it by name (absent mea
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from django.conf import settings
 
 from provisioning.backends import veth
@@ -30,6 +32,11 @@ def link_name(uid: int) -> str:
     """The host end of the link of the workspace that holds ``uid``: ``PROCESS_LINK_PREFIX`` and
     the uid (settings check that it fits the kernel's 15 characters)."""
     return f"{settings.PROCESS_LINK_PREFIX}{uid}"
+
+
+def link_exists(uid: int) -> bool:
+    """Whether the host end of ``uid``'s link is there (the worker's namespace is the host's)."""
+    return Path("/sys/class/net", link_name(uid)).exists()
 
 
 def link(uid: int) -> veth.Pair:
