@@ -45,6 +45,7 @@ MODULES = [
     "restart_storm",
     "proxy",
     "swarm_backend",
+    "process_namespace",
 ]
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "docs" / "benchmarks.md"

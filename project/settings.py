@@ -615,8 +615,8 @@ WORKSPACE_REGISTRY_PORT = env_optional_int(
     "WORKSPACE_REGISTRY_PORT",
     minimum=1,
     doc=(
-        "The one host port workspace uids may connect to; unset: the port of "
-        "`PLATFORM_URL`. Every platform process of the host must agree."
+        "The one host port workspaces may connect to from their links; unset: the port "
+        "of `PLATFORM_URL`. Every platform process of the host must agree."
     ),
 )
 WORKSPACE_HIDDEN_PATHS = env_list(
@@ -630,10 +630,22 @@ WORKSPACE_HIDDEN_PATHS = env_list(
         "/run/docker.sock",
     ],
     doc=(
-        "Unix sockets hidden from workspace processes by a private mount namespace "
-        "(they would bypass the firewall)."
+        "Paths hidden from process workspaces (an empty tmpfs or /dev/null in their mount "
+        "namespace) when outside `WORKSPACE_PRIVATE_PATHS`."
     ),
     shown="(PostgreSQL's, Redis's and Docker's socket paths under /run and /var/run)",
+)
+
+# What a process workspace's mount namespace gives it of its own: each folder an empty tmpfs, so the
+# host's sockets, shared memory and temporary files in them are absent without anyone naming them
+# (the workspace's own folder under WORKSPACE_DATA_DIR is bound back in when it lies below one).
+WORKSPACE_PRIVATE_PATHS = env_list(
+    "WORKSPACE_PRIVATE_PATHS",
+    ["/run", "/var/run", "/tmp", "/var/tmp", "/dev/shm"],
+    doc=(
+        "Folders a process workspace gets as empty ones of its own (tmpfs in its mount "
+        "namespace): the host's sockets and files in them are absent."
+    ),
 )
 
 section("timeouts")
@@ -766,6 +778,61 @@ DOCKER_BRIDGE_PREFIX = env_str(
 if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", DOCKER_BRIDGE_PREFIX):
     raise ImproperlyConfigured(
         "DOCKER_BRIDGE_PREFIX must be 1 to 6 lowercase letters or digits, starting with a letter"
+    )
+# The process backend's links (WORKSPACE_PROCESS_ISOLATION=uid): each workspace's network
+# namespace reaches the host over a veth pair, the /31 of this range its uid's offset picks (even
+# address: the host's end, odd: the workspace's), the host end named PROCESS_LINK_PREFIX + the
+# uid, so whatever an earlier holder of the uid left is found by name and replaced. The same
+# range as Docker's links by default: a uid is held by one live workspace of either backend. The
+# prefix is the process backend's own, so the Docker bridges' iptables chain and the process
+# links' nftables table each police their own links only.
+PROCESS_LINK_PREFIX = env_str(
+    "PROCESS_LINK_PREFIX",
+    "wspl",
+    doc=(
+        "The name prefix of process workspaces' links' host ends (1-6 lowercase letters or"
+        " digits; the uid follows it), which the process backend's nftables table matches."
+    ),
+    section="isolation",
+)
+if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", PROCESS_LINK_PREFIX):
+    raise ImproperlyConfigured(
+        "PROCESS_LINK_PREFIX must be 1 to 6 lowercase letters or digits, starting with a letter"
+    )
+if len(PROCESS_LINK_PREFIX) + len(str(WORKSPACE_UID_RANGE[1])) > 15:
+    raise ImproperlyConfigured(
+        f"PROCESS_LINK_PREFIX={PROCESS_LINK_PREFIX!r} and the uids of WORKSPACE_UID_RANGE name "
+        "the links' host ends (prefix + uid), which the kernel caps at 15 characters: shorten "
+        "the prefix"
+    )
+if PROCESS_LINK_PREFIX.startswith(DOCKER_BRIDGE_PREFIX) or DOCKER_BRIDGE_PREFIX.startswith(
+    PROCESS_LINK_PREFIX
+):
+    raise ImproperlyConfigured(
+        f"PROCESS_LINK_PREFIX={PROCESS_LINK_PREFIX!r} and DOCKER_BRIDGE_PREFIX="
+        f"{DOCKER_BRIDGE_PREFIX!r} must not be the start of one another: each backend's "
+        "firewall matches its own prefix"
+    )
+PROCESS_LINK_SUBNET = env_str(
+    "PROCESS_LINK_SUBNET",
+    DOCKER_VETH_SUBNET,
+    doc=(
+        "The IPv4 range of process workspaces' links to the host, a /31 per uid of "
+        "`WORKSPACE_UID_RANGE`; unset: `DOCKER_VETH_SUBNET`."
+    ),
+    section="isolation",
+    shown="(DOCKER_VETH_SUBNET)",
+)
+try:
+    _link_subnet = ipaddress.IPv4Network(PROCESS_LINK_SUBNET)
+except ValueError as _exc:
+    raise ImproperlyConfigured(
+        f"PROCESS_LINK_SUBNET must be an IPv4 network such as 10.213.0.0/16: {_exc}"
+    ) from None
+if _link_subnet.num_addresses // 2 < _uids:
+    raise ImproperlyConfigured(
+        f"PROCESS_LINK_SUBNET={PROCESS_LINK_SUBNET} holds {_link_subnet.num_addresses // 2} /31 "
+        f"links, fewer than the {_uids} uids of WORKSPACE_UID_RANGE (one link per live workspace)"
     )
 # The host firewall for workspace bridges (<WORKSPACE_FIREWALL_CHAIN>-BRIDGE): without it, a
 # workspace reaches every host service listening on all addresses (PostgreSQL, sshd, ...) at its

@@ -14,6 +14,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db.models import F
 from django.utils import timezone
+from pytest_django import live_server_helper
 from rest_framework.test import APIClient
 
 from project.env import env_bool
@@ -53,6 +54,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         marked = item.get_closest_marker("e2e") or item.get_closest_marker("docker")
         if marked or fixtures & SLOW_FIXTURES:
             item.add_marker(pytest.mark.slow)
+
+
+class _LiveServer(live_server_helper.LiveServer):
+    """Bound to every address of the host, so isolated process workspaces reach it at their
+    link's gateway as the registry (as bin/run's registry listener binds 0.0.0.0); named by
+    loopback, as pytest-django's would be."""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.thread.port}"
+
+
+@pytest.fixture(scope="session")
+def live_server(request: pytest.FixtureRequest) -> Iterator[_LiveServer]:
+    port = os.environ["DJANGO_LIVE_TEST_SERVER_ADDRESS"].rsplit(":", 1)[1]
+    server = _LiveServer(f"0.0.0.0:{port}")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session", autouse=True)

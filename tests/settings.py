@@ -5,6 +5,7 @@ Redis database defaults to 15 and is flushed at the start of a session; set REDI
 another.
 """
 
+import ipaddress
 import os
 import tempfile
 
@@ -61,8 +62,17 @@ from project.settings import *  # noqa: E402, F403
 
 os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
-# Django's test client sends Host: testserver; only the test settings accept it.
-ALLOWED_HOSTS = [*ALLOWED_HOSTS, "testserver"]  # noqa: F405
+# Django's test client sends Host: testserver; only the test settings accept it. The live server
+# is also the registry that isolated process workspaces call, at their link's gateway (a deployment
+# runs the registry listener, which needs no host name; tests/conftest.py binds the live server
+# where links reach it): the gateways of the session's uids.
+_low, _high = WORKSPACE_UID_RANGE  # noqa: F405
+_links = ipaddress.IPv4Network(PROCESS_LINK_SUBNET)  # noqa: F405
+ALLOWED_HOSTS = [
+    *ALLOWED_HOSTS,  # noqa: F405
+    "testserver",
+    *(str(_links.network_address + 2 * slot) for slot in range(_high - _low + 1)),
+]
 
 # A scripted fake backend that real worker processes can run (tests/fakes.py).
 EXTRA_BACKEND_FACTORIES = {"scripted": "tests.fakes.scripted_backend"}

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import ipaddress
 import json
+import math
 import os
 import shutil
 import signal
@@ -85,6 +87,15 @@ def _uid_range(slot: int) -> str:
     return f"{low + shift}-{high + shift}"
 
 
+def _link_subnet(slot: int) -> str:
+    """A slice of the session's link range after the one its own uids use: the stack's links
+    (process workspaces have one each) meet neither the session's nor another person's."""
+    session = ipaddress.IPv4Network(settings.PROCESS_LINK_SUBNET)
+    low, high = settings.WORKSPACE_UID_RANGE
+    size = math.ceil(math.log2(2 * (high - low + 1)))
+    return str(list(session.subnets(new_prefix=32 - size))[slot + 1])
+
+
 class Stack:
     """``bin/run`` with the environment a deployment would give it; ``env`` adds settings.
     Stacks of different ``slot`` run side by side: each has its own slice of the machine
@@ -126,7 +137,11 @@ class Stack:
             WORKSPACE_TEMPLATES_DIR=str(templates),
             WORKSPACE_UID_RANGE=_uid_range(slot),
             WORKSPACE_FIREWALL_CHAIN=f"{settings.WORKSPACE_FIREWALL_CHAIN}_stack{slot}",
-            DOCKER_VETH_SUBNET=f"10.{214 + slot}.0.0/16",
+            DOCKER_VETH_SUBNET=_link_subnet(slot),
+            # Links named so that no host firewall matching the session's prefix (or the
+            # default's, another platform's) takes the stack's links for its own.
+            DOCKER_BRIDGE_PREFIX=f"s{slot}{settings.DOCKER_BRIDGE_PREFIX[:4]}",
+            PROCESS_LINK_PREFIX=f"s{slot}{settings.PROCESS_LINK_PREFIX[:4]}",
             GATE_KEY_PREFIX=f"stack{slot}-wsgate",
             PLATFORM_ID=f"stack{slot}-{os.getpid()}",
             STOP_GRACE_SECONDS="3",

@@ -35,9 +35,10 @@ EXTRA_MANIFESTS = {
     # An agent that ignores SIGTERM: a stop waits out the grace period (test-only behaviour,
     # reachable from a manifest only).
     "shell-stubborn": "runtime: shell\nenv:\n  AGENT_IGNORE_SIGTERM: '1'\n",
-    # An app listening on $APP_PORT next to the agent (the isolation tests' workspace B).
+    # An app listening on $APP_PORT next to the agent (the isolation tests' workspace B), on
+    # every address it has (its namespace's: its loopback and its link).
     "shell-listener": (
-        'runtime: shell\ncommand: ["sh", "-c", "{python} -m http.server --bind 127.0.0.1 '
+        'runtime: shell\ncommand: ["sh", "-c", "{python} -m http.server --bind 0.0.0.0 '
         '$APP_PORT >/dev/null 2>&1 & exec {python} {agent}"]\n'
     ),
     # The same on the Docker backend's busybox image: busybox httpd on 8080, then the agent.

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from provisioning.backends.process import _alive
+from provisioning.backends.process_launch import alive
 from tests.support import wait_for
 from workspaces import services
 from workspaces.models import Workspace
@@ -59,7 +59,7 @@ def test_post_to_online_then_stop_start_delete(api, on_stack) -> None:
     assert online["last_started_at"] is not None
     first_generation = online["generation"]
     pid, start_time = _pid(workspace_id)
-    assert _alive(pid, start_time)
+    assert alive(pid, start_time)
     # The workspace env reached the process, and the platform's variables too.
     with open(f"/proc/{pid}/environ", "rb") as handle:
         environ = handle.read().split(b"\0")
@@ -69,7 +69,7 @@ def test_post_to_online_then_stop_start_delete(api, on_stack) -> None:
     assert api.post(f"/api/workspaces/{workspace_id}/stop/").status_code == 202
     stopped = _wait_status(api, workspace_id, WorkspaceStatus.STOPPED)
     assert stopped["is_running"] is False
-    wait_for(lambda: not _alive(pid, start_time), timeout=10, message="agent process gone")
+    wait_for(lambda: not alive(pid, start_time), timeout=10, message="agent process gone")
 
     assert api.post(f"/api/workspaces/{workspace_id}/start/").status_code == 202
     online_again = _wait_status(api, workspace_id, WorkspaceStatus.ONLINE)
@@ -81,7 +81,7 @@ def test_post_to_online_then_stop_start_delete(api, on_stack) -> None:
     assert api.delete(f"/api/workspaces/{workspace_id}/").status_code == 202
     removed = _wait_status(api, workspace_id, WorkspaceStatus.REMOVED)
     assert removed["is_running"] is False
-    wait_for(lambda: not _alive(new_pid, new_start), timeout=10, message="agent process gone")
+    wait_for(lambda: not alive(new_pid, new_start), timeout=10, message="agent process gone")
     assert not os.path.exists(on_stack.data_dir / workspace_id)
 
     types = [

@@ -580,9 +580,9 @@ def _instance_pid(workspace_id: str) -> tuple[int, int | None]:
 
 
 def _dead(pid: int, start_time: int | None) -> bool:
-    from provisioning.backends.process import _alive
+    from provisioning.backends.process_launch import alive
 
-    return not _alive(pid, start_time)
+    return not alive(pid, start_time)
 
 
 def test_workspace_killed_behind_the_platforms_back_is_restarted(user, live_server, stack) -> None:

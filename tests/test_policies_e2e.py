@@ -24,7 +24,7 @@ import yaml
 from django.conf import settings as django_settings
 from django.db import connection, transaction
 
-from provisioning.backends.process import _alive
+from provisioning.backends.process_launch import alive
 from tests.support import (
     Beat,
     Worker,
@@ -170,7 +170,7 @@ def test_an_idle_workspace_is_stopped_by_beat_with_an_event_naming_the_policy(
 
     row = wait_for(stopped, timeout=90, message="the idle workspace stopped by the sweep")
     assert not row.is_running and row.desired_state == "stopped"
-    wait_for(lambda: not _alive(pid, start_time), timeout=10, message="its process is gone")
+    wait_for(lambda: not alive(pid, start_time), timeout=10, message="its process is gone")
     [event] = _idle_stops(workspace_id)
     assert event.payload["policy"] == "idle_timeout"
     assert event.payload["idle_timeout_seconds"] == IDLE_SECONDS
@@ -305,7 +305,7 @@ def test_patch_env_then_restart_reaches_the_new_instance(api, policy_worker, ins
     wait_for(lambda: _env_file(workspace_id).get("GREETING") == old, message="the old value")
     assert api.get(f"/api/workspaces/{workspace_id}/").json()["pending_changes"] == []
     old_instance = (row.backend_state["pid"], row.backend_state.get("start_time"))
-    assert _alive(*old_instance)
+    assert alive(*old_instance)
 
     response = api.patch(
         f"/api/workspaces/{workspace_id}/", {"env": {"GREETING": new}}, format="json"
@@ -319,7 +319,7 @@ def test_patch_env_then_restart_reaches_the_new_instance(api, policy_worker, ins
     assert api.get(f"/api/workspaces/{workspace_id}/").json()["pending_changes"] == []
     # The old instance is gone: the restart stopped it before the new one started.
     assert (row.backend_state["pid"], row.backend_state.get("start_time")) != old_instance
-    assert not _alive(*old_instance)
+    assert not alive(*old_instance)
     # The old value is gone from the database: the stored env opens to the new value alone, and
     # neither value is in the row as stored (encrypted) nor in any event; nor in the worker's log.
     assert row.env.reveal() == {"GREETING": new}
@@ -360,7 +360,7 @@ def test_deleting_a_team_parent_removes_every_member(api, policy_worker, instanc
         message="the parent and every member removed",
     )
     for pid, start_time in processes:
-        wait_for(lambda: not _alive(pid, start_time), timeout=10, message="process gone")  # noqa: B023
+        wait_for(lambda: not alive(pid, start_time), timeout=10, message="process gone")  # noqa: B023
     for workspace_id, row in zip(ids, rows, strict=True):
         # Each through its own remove cycle: its own generation bump and its own event.
         after = Workspace.objects.get(id=workspace_id)

@@ -31,19 +31,20 @@ the worker runs and reaps) and here the PostgreSQL backends of the bench's
 database and the platform's own Redis.
 
 What differs, by design of each product: each workspace here runs as its own uid from
-``WORKSPACE_UID_RANGE`` (the hub's servers share one), behind the platform's firewall (a
-workspace's uid may reach the registry port and its own app port on the host's addresses,
-nothing else: an nftables table with one chain per workspace uid, written through libnftables
-from the worker's process when it starts, taken out when it is removed), in a private mount
-namespace that hides PostgreSQL's, Redis's and the engine's sockets, with ``no_new_privs``; it
-gets its own config and home folders, a per-workspace token, rows and events in PostgreSQL and a
-gate in Redis, and a heartbeat every 10 s. The hub's servers run unconfined as uid 10001, reach
-every port on the host, and post their activity once.
+``WORKSPACE_UID_RANGE`` (the hub's servers share one), in namespaces of its own: a network
+namespace whose one way out is a veth link to the host, over which it reaches the registry port
+and nothing else of the host and the proxy reaches its app (the host side of the links is one
+nftables table of the platform's, nothing per workspace), and a private mount namespace with its
+own empty ``/run``, ``/tmp`` and ``/dev/shm``, with ``no_new_privs``; it gets its own config and
+home folders, a per-workspace token, rows and events in PostgreSQL and a gate in Redis, and a
+heartbeat every 10 s. The hub's servers run unconfined as uid 10001, reach every port on the
+host, and post their activity once.
 
 The bench gives the platform a data folder of its own and, unless set in the environment, its
 own ``WORKSPACE_UID_RANGE`` (210000-210999), ``WORKSPACE_FIREWALL_CHAIN`` (``WS-BENCH-PEER``, the
-table's name, removed at the end) and ``WORKSPACE_APP_PORTS`` (16000-16999), so that it shares no
-uid, table or port with another platform on the host. Runs as root (the process backend's uid
+table's name, removed at the end), ``WORKSPACE_APP_PORTS`` (16000-16999), ``PROCESS_LINK_PREFIX``
+(``wsbp``) and ``PROCESS_LINK_SUBNET`` (``10.212.0.0/16``), so that it shares no uid, table, port
+or link with another platform on the host. Runs as root (the process backend's uid
 isolation needs it); needs nftables (libnftables) and Caddy. Writes its block of
 docs/benchmarks.md and the plot
 ``docs/peer-process.png`` (``--hub-server busybox``: ``process_busybox``).
@@ -74,10 +75,12 @@ OWN_SETTINGS = {
     "WORKSPACE_UID_RANGE": "210000-210999",
     "WORKSPACE_FIREWALL_CHAIN": "WS-BENCH-PEER",
     "WORKSPACE_APP_PORTS": "16000-16999",
+    "PROCESS_LINK_PREFIX": "wsbp",
+    "PROCESS_LINK_SUBNET": "10.212.0.0/16",
 }
 PHASES = {
     "queue": "POST sent -> cycle began",
-    "cycle": "cycle began -> process running (folders, config, firewall rule, launch)",
+    "cycle": "cycle began -> process running (folders, config, namespaces and link, launch)",
     "agent": "process running -> registered (interpreter start, app answers, register call)",
 }
 
@@ -279,8 +282,8 @@ def workspace_processes(uids: tuple[int, int]) -> dict[int, float]:
 
 
 def here_clean(stack: Platform) -> None:
-    """Remove every workspace of the platform's user through the backend (its processes,
-    firewall rule and folders), then its rows."""
+    """Remove every workspace of the platform's user through the backend (its processes, link
+    and folders), then its rows."""
     from provisioning.backends import backend_named
     from workspaces.models import Workspace
 

@@ -231,9 +231,11 @@ def _app_answers() -> bool:
 
 
 def _page_server(port: int) -> socket.socket:
-    """The default page on 127.0.0.1:``port``, every path, one thread per connection."""
+    """The default page on ``WORKSPACE_APP_HOST`` (127.0.0.1 unless the platform says the
+    workspace has an address of its own):``port``, every path, one thread per connection."""
     page = _read_page()
-    listener = socket.create_server(("127.0.0.1", port), backlog=64)
+    host = os.environ.get("WORKSPACE_APP_HOST", "127.0.0.1")
+    listener = socket.create_server((host, port), backlog=64)
 
     def serve() -> None:
         while True:

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse, urlunparse
+from urllib.parse import urlparse
 from uuid import UUID
 
 import docker
@@ -33,6 +33,7 @@ from docker.models.containers import Container
 from provisioning.backends import docker_firewall, veth
 from provisioning.backends.base import BackendError, LaunchSpec, State
 from provisioning.backends.engine import container_name, engine_errors, labelled, labels
+from provisioning.backends.veth import platform_url_via
 
 logger = logging.getLogger(__name__)
 
@@ -180,15 +181,6 @@ def gateway(network: Mapping[str, Any]) -> str:
         f"docker: network {network.get('Name')} has no gateway address; the agent could not "
         "reach the platform"
     )
-
-
-def platform_url_via(url: str, gateway: str) -> str:
-    """PLATFORM_URL as a workspace on that network sees it: the host part replaced by the
-    network's gateway (the host's address on the bridge), the port and path kept."""
-    parsed = urlparse(url)
-    port = f":{parsed.port}" if parsed.port else ""
-    host = f"[{gateway}]" if ":" in gateway else gateway
-    return urlunparse(parsed._replace(netloc=f"{host}{port}"))
 
 
 # -- the host firewall -------------------------------------------------------------------------

@@ -3,19 +3,28 @@
 Layout under ``WORKSPACE_DATA_DIR/<workspace id>/`` (owned by the platform, mode 0711):
 ``configs/`` (the config volume) and ``home/`` (the workspace's home and working folder), both
 owned by the workspace's uid with mode 0700; ``instance.json`` (pid, process start time,
-generation, uid) and ``agent.log``, owned by the platform, so a workspace can neither forge the
+generation, uid), ``launch.json`` (what the last launch made: its uid, its monitor, its link,
+written before the link is, so a stop or the next start ends exactly that even when the launch
+never finished) and ``agent.log``, owned by the platform, so a workspace can neither forge the
 pid the platform signals nor rewrite its own log. The process runs in its own session, so it
 outlives the worker that started it; a later worker finds it again by the pid file, and the start
 time read from ``/proc`` guards against a recycled pid.
 
-Isolation (``WORKSPACE_PROCESS_ISOLATION=uid``, the default): the launch runs as root, moves
-into a private mount namespace where ``WORKSPACE_HIDDEN_PATHS`` (PostgreSQL's, Redis's and the
-engine's unix sockets) are covered up, then drops to the workspace's uid and gid with no
-supplementary groups and sets ``no_new_privs`` before the workspace's program runs
-(``process_launch`` and ``process_monitor``: small programs, no interpreter of the worker's per
-start). ``provisioning.backends.process_firewall`` keeps those uids off the host's ports except the
-registry's. Stopping kills every process of the uid (a child of the worker with that uid calls
-``kill(-1, SIGKILL)``), so nothing a workspace daemonized survives into the next holder of that uid.
+Isolation (``WORKSPACE_PROCESS_ISOLATION=uid``, the default): the boundary is what the workspace
+is given, not a list of what it is denied. The launch runs as root and moves into namespaces of
+the workspace's own: a mount namespace where ``WORKSPACE_PRIVATE_PATHS`` (``/run``, ``/tmp``,
+``/dev/shm``, ...) are empty folders of its own, so the host's sockets there are absent, and a
+network namespace whose one way out is a veth link to the host (``process_network``), over which
+it reaches the registry and nothing else of the host (``process_firewall``) and the proxy reaches
+its app. It then drops to the workspace's uid and gid with no supplementary groups and sets
+``no_new_privs`` before the workspace's program runs (``process_launch`` and
+``process_monitor``: small programs, no interpreter of the worker's per start). The data folder
+is passable but not listable by workspace uids. Stopping kills every process of the uid (a child
+of the worker with that uid calls ``kill(-1, SIGKILL)``), so nothing a workspace daemonized
+survives into the next holder of that uid. A start does the same first for the uid it is given
+when that uid's link is there (what runs as the uid runs behind it), and replaces the link:
+whatever an earlier holder left (a cycle killed mid-launch, a workspace that held the uid before)
+is ended, never left to answer in its place.
 """
 
 from __future__ import annotations
@@ -25,7 +34,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -36,7 +44,7 @@ from uuid import UUID
 from django.conf import settings
 
 from provisioning.agent import AGENT_PAGE, AGENT_PYTHON_FLAGS, AGENT_SCRIPT
-from provisioning.backends import process_launch
+from provisioning.backends import process_launch, process_network, veth
 from provisioning.backends.base import (
     CONFIG_MARKER,
     BackendError,
@@ -51,12 +59,7 @@ from provisioning.backends.base import (
     last_lines,
 )
 from provisioning.backends.follow import Seen, follow_file
-from provisioning.backends.process_firewall import (
-    FirewallError,
-    allow_own_app,
-    ensure_workspace_firewall,
-    revoke_own_app,
-)
+from provisioning.backends.process_firewall import FirewallError, ensure_workspace_firewall
 
 NOT_ROOT = (
     "WORKSPACE_PROCESS_ISOLATION=uid (the default) runs each workspace as its own uid, which "
@@ -64,39 +67,6 @@ NOT_ROOT = (
     "single-user development (workspaces then run unisolated, as the platform's user)"
 )
 WORKSPACE_PATH = "/usr/local/bin:/usr/bin:/bin"
-
-
-def _proc_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot, or None if it is gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name may contain spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    if fields[0] in {"Z", "X"}:
-        return None
-    return int(fields[19])
-
-
-def _uid_processes(uid: int) -> list[int]:
-    """Every live process whose real uid is ``uid`` (a workspace's, daemonized ones included)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        # A zombie is dead already: only its parent's wait() removes it.
-        if fields.get("State", "").split()[:1] == ["Z"]:
-            continue
-        uids = fields.get("Uid", "").split()
-        if uids and int(uids[0]) == uid:
-            found.append(int(entry.name))
-    return found
 
 
 def _isolated() -> bool:
@@ -108,13 +78,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         return dict(json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         return {}
-
-
-def _alive(pid: int | None, start_time: int | None) -> bool:
-    if not pid:
-        return False
-    current = _proc_start_time(pid)
-    return current is not None and (start_time is None or current == start_time)
 
 
 def _closed_ancestor(path: Path) -> Path | None:
@@ -160,6 +123,7 @@ class ProcessBackend(WorkspaceBackend):
         if not _isolated():
             return
         uid = self._uid(spec)
+        self.root.chmod(0o711)  # passable, not listable: a workspace sees no other's id
         os.chown(directory, 0, 0)
         directory.chmod(0o711)
         for folder in owned:
@@ -176,6 +140,19 @@ class ProcessBackend(WorkspaceBackend):
 
     def _instance_file(self, workspace_id: UUID | str) -> Path:
         return self._dir(workspace_id) / "instance.json"
+
+    def _launch_file(self, workspace_id: UUID | str) -> Path:
+        return self._dir(workspace_id) / "launch.json"
+
+    def _write_launch(self, workspace_id: UUID | str, launch: dict[str, Any]) -> None:
+        target = self._launch_file(workspace_id)
+        partial = target.with_suffix(".tmp")
+        partial.unlink(missing_ok=True)
+        # The platform's alone, as instance.json is.
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(launch))
+        os.replace(partial, target)
 
     def _exit_file(self, workspace_id: UUID | str) -> Path:
         return self._dir(workspace_id) / "exit.json"
@@ -195,7 +172,11 @@ class ProcessBackend(WorkspaceBackend):
             if recorded.get("pid") == pid and recorded.get("start_time") == start_time:
                 code = recorded.get("exit_code")
                 return int(code) if isinstance(code, int) else None
-            if not monitor or not _alive(monitor, None) or time.monotonic() > deadline:
+            if (
+                not monitor
+                or not process_launch.alive(monitor, None)
+                or time.monotonic() > deadline
+            ):
                 return None
             time.sleep(0.05)
 
@@ -237,11 +218,13 @@ class ProcessBackend(WorkspaceBackend):
             raise BackendUnavailable(
                 self.name,
                 f"cannot install the workspace firewall (nftables table "
-                f"{settings.WORKSPACE_FIREWALL_CHAIN}"
-                f" for WORKSPACE_UID_RANGE): {exc}; without it workspaces could reach "
-                "PostgreSQL and Redis. WORKSPACE_PROCESS_ISOLATION=none runs unisolated "
-                "(single-user development only)",
+                f"{settings.WORKSPACE_FIREWALL_CHAIN} for the workspaces' links): {exc}; "
+                "without it workspaces could reach every port of the host at their gateway. "
+                "WORKSPACE_PROCESS_ISOLATION=none runs unisolated (single-user development "
+                "only)",
             ) from exc
+        # Workspace uids pass through the data folder to their own; none may list it.
+        self.root.chmod(0o711)
         closed = _closed_ancestor(self.root)
         if closed is not None:
             raise BackendUnavailable(
@@ -309,11 +292,16 @@ class ProcessBackend(WorkspaceBackend):
         return [python, *AGENT_PYTHON_FLAGS, agent]
 
     def start(self, spec: LaunchSpec, state: State) -> State:
-        # Replace, never duplicate: whatever an earlier (possibly killed) cycle left goes first.
-        self.stop(spec.workspace_id, state, grace_seconds=settings.STOP_GRACE_SECONDS)
-        directory = self._dir(spec.workspace_id)
-        self._make_dirs(spec)
         isolated = _isolated()
+        # Replace, never duplicate: whatever an earlier (possibly killed) cycle left goes first,
+        # and whatever still runs as the uid with it (the uid is this workspace's alone now).
+        self._teardown(
+            spec.workspace_id,
+            state,
+            settings.STOP_GRACE_SECONDS,
+            uid=self._uid(spec) if isolated else None,
+        )
+        self._make_dirs(spec)
         env = {
             "PATH": WORKSPACE_PATH if isolated else os.environ.get("PATH", "/usr/bin:/bin"),
             "PYTHONUNBUFFERED": "1",
@@ -328,46 +316,78 @@ class ProcessBackend(WorkspaceBackend):
             env["WORKSPACE_APP_COMMAND"] = env["WORKSPACE_APP_COMMAND"].replace(
                 "{python}", apps_python
             )
-        if isolated and spec.env.get("WORKSPACE_APP_PORT", "").isdigit():
-            # The agent, as the workspace's uid, checks that its own app answers.
-            try:
-                allow_own_app(self._uid(spec), int(spec.env["WORKSPACE_APP_PORT"]))
-            except FirewallError as exc:
-                raise BackendError(f"cannot open the workspace's app port to it: {exc}") from exc
+        link = process_network.link(self._uid(spec)) if isolated else None
+        if link is not None:
+            # Its own namespace: the host is its link's other end, where the registry answers;
+            # its app listens on every address of the namespace, the link's included, where
+            # the proxy reaches it.
+            url = spec.env.get("PLATFORM_URL") or settings.PLATFORM_URL
+            env["PLATFORM_URL"] = process_network.platform_url(url, link)
+            if "WORKSPACE_APP_PORT" in env:
+                env["WORKSPACE_APP_HOST"] = "0.0.0.0"
+        instance = self._launch(spec, env, link)
+        pid = int(instance["pid"])
+        if instance.get("start_time") is None or process_launch.start_time(pid) is None:
+            raise BackendError(f"the workspace process (pid {pid}) exited at once; see agent.log")
+        # Unisolated, the workspace shares the host's network: its app is on loopback.
+        address = link.address if link is not None else "127.0.0.1"
+        return {**instance, "address": address, "started_at": time.time()}
+
+    def _launch(
+        self, spec: LaunchSpec, env: dict[str, str], link: veth.Pair | None
+    ) -> dict[str, Any]:
+        """Run the monitor (see ``process_launch``) and return the instance it reports."""
+        isolated = _isolated()
+        workspace_id = spec.workspace_id
+        mounts = process_launch.MountPlan.make(
+            settings.WORKSPACE_PRIVATE_PATHS,
+            [str(self._dir(workspace_id)), str(self.root / ".agent")],
+            settings.WORKSPACE_HIDDEN_PATHS,
+        )
+
+        def wire(pid: int) -> None:
+            # Recorded before the link is made: a later stop or start finds this launch's
+            # monitor and link by it even if this worker dies now.
+            assert link is not None
+            uid = self._uid(spec)
+            name = process_network.link_name(uid)
+            self._write_launch(
+                workspace_id,
+                {
+                    "uid": uid,
+                    "link": name,
+                    "monitor_pid": pid,
+                    "monitor_start_time": process_launch.start_time(pid),
+                    "generation": spec.generation,
+                },
+            )
+            process_network.wire(pid, name, link)
+
         try:
             orders = process_launch.orders(
                 uid=self._uid(spec) if isolated else None,
                 generation=spec.generation,
-                log=str(directory / "agent.log"),
-                instance_file=str(self._instance_file(spec.workspace_id)),
-                exit_file=str(self._exit_file(spec.workspace_id)),
-                cwd=str(self._home(spec.workspace_id)),
-                hidden=settings.WORKSPACE_HIDDEN_PATHS,
+                log=str(self._dir(workspace_id) / "agent.log"),
+                instance_file=str(self._instance_file(workspace_id)),
+                exit_file=str(self._exit_file(workspace_id)),
+                cwd=str(self._home(workspace_id)),
+                mounts=mounts,
+                link_wait=process_launch.LINK_WAIT_SECONDS if link is not None else None,
                 argv=self._argv(spec),
                 env=env,
             )
-            launched = subprocess.run(
-                process_launch.command(isolated, sys.executable),
-                input=orders,
-                capture_output=True,
+            return process_launch.launch(
+                process_launch.command(isolated, sys.executable, network=link is not None),
+                orders,
+                wire=wire if link is not None else None,
                 timeout=30,
-                check=False,
-                env={"PATH": process_launch.SYSTEM_PATH},
             )
-        except (OSError, subprocess.TimeoutExpired, process_launch.LaunchError) as exc:
-            raise BackendError(f"could not launch the workspace process: {exc}") from exc
-        if launched.returncode != 0 or not launched.stdout.strip():
-            detail = launched.stderr.decode(errors="replace").strip().splitlines()[-1:]
-            raise BackendError(
-                f"could not start the workspace process: {' '.join(detail) or 'no report'}"
-            )
-        instance = dict(json.loads(launched.stdout))
-        pid = int(instance["pid"])
-        if instance.get("start_time") is None or _proc_start_time(pid) is None:
-            raise BackendError(f"the workspace process (pid {pid}) exited at once; see agent.log")
-        # The proxy (the platform's user, which the firewall does not restrict) reaches the
-        # workspace's ports on loopback.
-        return {**instance, "address": "127.0.0.1", "started_at": time.time()}
+        except process_launch.LaunchError as exc:
+            raise BackendError(f"could not start the workspace process: {exc}") from exc
+
+    def app_address(self, workspace_id: UUID, state: State, port: int) -> str:
+        # Isolated, the app is in the workspace's namespace, at its end of the link.
+        return f"{state.get('address') or '127.0.0.1'}:{port}"
 
     def _find(self, workspace_id: UUID | str, state: State) -> tuple[int | None, int | None]:
         instance = self._read_instance(workspace_id) or state
@@ -375,12 +395,57 @@ class ProcessBackend(WorkspaceBackend):
         return (int(pid) if pid else None, instance.get("start_time"))
 
     def stop(self, workspace_id: UUID, state: State, grace_seconds: float) -> State:
-        uid = (self._read_instance(workspace_id) or state).get("uid")
-        self._stop_leader(workspace_id, state, grace_seconds)
-        if isinstance(uid, int) and uid > 0:
-            self._kill_uid(uid)
-        self._instance_file(workspace_id).unlink(missing_ok=True)
+        self._teardown(workspace_id, state, grace_seconds)
         return {}
+
+    def _teardown(
+        self, workspace_id: UUID | str, state: State, grace_seconds: float, uid: int | None = None
+    ) -> None:
+        """End what the workspace's last launch made, as ``launch.json`` and ``instance.json``
+        record it, finished or not: the instance (SIGTERM, then SIGKILL after the grace), its
+        monitor, every process of its uid, and its link; and ``uid``'s (the one a start is about
+        to use) when its link is there, the sign that an earlier holder may still run."""
+        launch = _read_json(self._launch_file(workspace_id))
+        instance = self._read_instance(workspace_id) or state
+        self._stop_leader(workspace_id, state, grace_seconds)
+        # The monitor exits once its instance has (it records the exit code first); one whose
+        # launch was never finished (its worker hangs) is waiting for its link: end it before
+        # the uid is freed, so it forks nothing after.
+        monitor = launch.get("monitor_pid")
+        if isinstance(monitor, int):
+            started = launch.get("monitor_start_time")
+            finished = instance.get("monitor_pid") == monitor
+            self._end_monitor(monitor, started, wait=1.0 if finished else 0.0)
+        uids = {value for value in (instance.get("uid"), launch.get("uid"))}
+        # What runs as a uid runs in that uid's namespace, which holds the uid's link: no link,
+        # nothing to end (freeing a uid forks the worker, about 15 ms a start on a 2-core host).
+        if uid is not None and _isolated() and process_network.link_exists(uid):
+            uids.add(uid)
+        for each in sorted(value for value in uids if isinstance(value, int) and value > 0):
+            self._kill_uid(each)
+        if _isolated():
+            # Nothing of the workspace is left in its namespace: the link would go with it,
+            # a moment later; deleting it now frees its name and addresses at once.
+            names = {launch.get("link")}
+            names |= {process_network.link_name(value) for value in uids if isinstance(value, int)}
+            for name in sorted(value for value in names if isinstance(value, str)):
+                process_network.unwire(name)
+        self._instance_file(workspace_id).unlink(missing_ok=True)
+        self._launch_file(workspace_id).unlink(missing_ok=True)
+
+    def _end_monitor(self, pid: int, start_time: int | None, wait: float) -> None:
+        deadline = time.monotonic() + wait
+        while process_launch.alive(pid, start_time) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not process_launch.alive(pid, start_time):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while process_launch.alive(pid, start_time) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if process_launch.alive(pid, start_time):
+            raise BackendError(f"the workspace's monitor {pid} survived SIGKILL")
 
     @staticmethod
     def _kill_uid(uid: int) -> None:
@@ -392,27 +457,27 @@ class ProcessBackend(WorkspaceBackend):
         # uid outlived its short wait): walk /proc as root, which no process of the uid can
         # disturb.
         deadline = time.monotonic() + 5
-        while (pids := _uid_processes(uid)) and time.monotonic() < deadline:
+        while (pids := process_launch.uid_processes(uid)) and time.monotonic() < deadline:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.02)
-        if _uid_processes(uid):
+        if process_launch.uid_processes(uid):
             raise BackendError(f"processes of workspace uid {uid} survived SIGKILL")
 
-    def _stop_leader(self, workspace_id: UUID, state: State, grace_seconds: float) -> None:
+    def _stop_leader(self, workspace_id: UUID | str, state: State, grace_seconds: float) -> None:
         pid, start_time = self._find(workspace_id, state)
-        if pid and _alive(pid, start_time):
+        if pid and process_launch.alive(pid, start_time):
             self._signal(pid, signal.SIGTERM)
             deadline = time.monotonic() + grace_seconds
-            while _alive(pid, start_time) and time.monotonic() < deadline:
+            while process_launch.alive(pid, start_time) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if _alive(pid, start_time):
+            if process_launch.alive(pid, start_time):
                 self._signal(pid, signal.SIGKILL)
                 deadline = time.monotonic() + 5
-                while _alive(pid, start_time) and time.monotonic() < deadline:
+                while process_launch.alive(pid, start_time) and time.monotonic() < deadline:
                     time.sleep(0.02)
-            if _alive(pid, start_time):
+            if process_launch.alive(pid, start_time):
                 raise BackendError(f"workspace process {pid} survived SIGKILL")
 
     @staticmethod
@@ -427,20 +492,14 @@ class ProcessBackend(WorkspaceBackend):
                 os.kill(pid, signum)
 
     def remove(self, workspace_id: UUID, state: State) -> None:
-        uid = (self._read_instance(workspace_id) or state).get("uid")
         self.stop(workspace_id, state, grace_seconds=settings.STOP_GRACE_SECONDS)
-        if isinstance(uid, int) and uid > 0 and _isolated():
-            # Before the uid can be handed to another workspace (its first start replaces any
-            # rule of its uid anyway).
-            with contextlib.suppress(FirewallError):
-                revoke_own_app(uid)
         shutil.rmtree(self._dir(workspace_id), ignore_errors=True)
 
     def status(self, workspace_id: UUID, state: State) -> InstanceStatus:
         pid, start_time = self._find(workspace_id, state)
         if not pid:
             return InstanceStatus(exists=False, running=False, detail="no process recorded")
-        if _alive(pid, start_time):
+        if process_launch.alive(pid, start_time):
             return InstanceStatus(exists=True, running=True, detail=f"process {pid} is running")
         exit_code = self._exit_code(workspace_id, pid, start_time)
         return InstanceStatus(
@@ -489,7 +548,7 @@ class ProcessBackend(WorkspaceBackend):
                     False,
                     _exited(ended["pid"], code if isinstance(code, int) else None),
                 )
-            if _alive(pid, start_time):
+            if process_launch.alive(pid, start_time):
                 return Seen((pid, start_time), True, f"process {pid} is running")
             # Only the exit code (status() would also read the output's tail, every poll).
             code = self._exit_code(workspace_id, pid, start_time)
@@ -515,7 +574,7 @@ class ProcessBackend(WorkspaceBackend):
             found.append(
                 InstanceInfo(
                     workspace_id=workspace_id,
-                    running=_alive(pid, data.get("start_time")),
+                    running=process_launch.alive(pid, data.get("start_time")),
                     generation=data.get("generation"),
                     ref=str(pid or ""),
                 )

@@ -2,31 +2,51 @@
 file, behind util-linux ``setsid --fork`` and, under uid isolation, ``unshare --mount``), never
 imported by the platform.
 
-It reads its orders on stdin (NUL-separated, see ``provisioning.backends.process_launch``), hides
-``WORKSPACE_HIDDEN_PATHS`` in its mount namespace with ``mount``, forks the instance into a
-session of its own, records the instance's pid and start time in ``instance.json``, reports them
-on stdout, lets go of the worker's pipes, waits for the instance and records its exit code in
-``exit.json``. It is the instance's parent, so it alone can see that code; it outlives the worker.
+It reads its orders on stdin (NUL-separated, see ``provisioning.backends.process_launch``), gives
+its mount namespace empty folders of its own over ``WORKSPACE_PRIVATE_PATHS`` (binding the
+workspace's own folder back) and hides ``WORKSPACE_HIDDEN_PATHS`` with ``mount``; in a network
+namespace of its own it reports its pid and waits (bounded) for the worker to wire the link; it
+forks the instance into a session of its own, records the instance's pid and start time in
+``instance.json``, reports them on stdout, lets go of the worker's pipes, waits for the instance
+and records its exit code in ``exit.json``. It is the instance's parent, so it alone can see
+that code; it outlives the worker.
 
 The instance drops to the workspace's uid and gid with no supplementary groups before it execs
 anything, and execs ``setpriv --no-new-privs`` first: no code runs as root with the workspace's
 environment (``LD_PRELOAD`` and the like would otherwise run as root), and no setuid program gives
 root back afterwards.
 
-Only ``os`` and ``sys``: with ``-S`` the interpreter starts without ``site``, and each further
-module is start-up time paid on every workspace start.
+Only ``os``, ``select`` and ``sys``: with ``-S`` the interpreter starts without ``site``, and each
+further module is start-up time paid on every workspace start.
 """
 
 import os
+import select
 import sys
 
 MOUNT_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+# Each private folder: writable by all like /tmp, no device or setuid file honoured, bounded.
+PRIVATE_OPTIONS = b"mode=1777,nosuid,nodev,size=64m"
+HIDDEN_OPTIONS = b"size=4k,mode=000,nosuid,nodev,noexec"
 
 
 def read_orders() -> list[bytes]:
-    chunks = []
-    while chunk := os.read(0, 65536):
+    """The orders: their length on a line, then that many bytes (what may follow on stdin is
+    the worker's go-ahead, read later)."""
+    head = b""
+    while not head.endswith(b"\n"):
+        byte = os.read(0, 1)
+        if not byte:
+            fail("no orders")
+        head += byte
+    size = int(head)
+    chunks, got = [], 0
+    while got < size:
+        chunk = os.read(0, size - got)
+        if not chunk:
+            fail("the orders were cut short")
         chunks.append(chunk)
+        got += len(chunk)
     return b"".join(chunks).split(b"\0")
 
 
@@ -41,17 +61,58 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
+def run_mount(mount: bytes, argv: list[bytes]) -> None:
+    pid = os.posix_spawn(mount, [mount, *argv], {"PATH": MOUNT_PATH})
+    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+        fail(f"mount {os.fsdecode(argv[-1])} failed")
+
+
+def make_private(mount: bytes, private: list[bytes], keep: list[bytes]) -> None:
+    """An empty tmpfs of the workspace's own over each of ``private``, and each of ``keep`` (the
+    workspace's folder, the agent's) bound back where it was. ``unshare --mount`` made this
+    namespace private to the monitor. A kept folder is held open (``O_PATH``) before it is
+    covered, and bound from that handle: its path no longer leads to it then."""
+    held = [os.open(path, os.O_PATH | os.O_DIRECTORY) for path in keep]
+    for path in private:
+        run_mount(mount, [b"-t", b"tmpfs", b"-o", PRIVATE_OPTIONS, b"tmpfs", path])
+    for fd, path in zip(held, keep, strict=True):
+        make_folders(path)
+        # -c: the handle's /proc path is passed as it is, not resolved to the covered path.
+        source = b"/proc/%d/fd/%d" % (os.getpid(), fd)
+        run_mount(mount, [b"-c", b"--bind", source, path])
+        os.close(fd)
+
+
+def make_folders(path: bytes) -> None:
+    """``path`` and its parents in a fresh tmpfs, each passable (not listable) by others."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for folder in reversed(missing):
+        os.mkdir(folder)
+        os.chmod(folder, 0o711)
+
+
 def hide(mount: bytes, folders: list[bytes], files: list[bytes]) -> None:
-    """Cover each folder with an empty tmpfs and each file with /dev/null (unix sockets are out
-    of the firewall's reach). ``unshare --mount`` made this namespace private to the monitor."""
-    calls = [
-        [mount, b"-t", b"tmpfs", b"-o", b"size=4k,mode=000,nosuid,nodev,noexec", b"tmpfs", path]
-        for path in folders
-    ] + [[mount, b"--bind", b"/dev/null", path] for path in files]
-    for argv in calls:
-        pid = os.posix_spawn(mount, argv, {"PATH": MOUNT_PATH})
-        if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
-            fail(f"hide {os.fsdecode(argv[-1])}: mount failed")
+    """Cover each folder with an empty tmpfs and each file with /dev/null (named paths outside
+    the private folders)."""
+    for path in folders:
+        run_mount(mount, [b"-t", b"tmpfs", b"-o", HIDDEN_OPTIONS, b"tmpfs", path])
+    for path in files:
+        run_mount(mount, [b"--bind", b"/dev/null", path])
+
+
+def await_link(seconds: float) -> None:
+    """Report this process's pid (its network namespace's) and wait, at most ``seconds``, until
+    the worker has wired the link; anything but its go-ahead in time (the worker failed, died or
+    hangs) ends the launch here, and the namespace with its link goes with this process."""
+    os.write(1, b"%d\n" % os.getpid())
+    ready, _, _ = select.select([0], [], [], seconds)
+    if not ready:
+        fail(f"the workspace's link was not made within {seconds:g} s")
+    if os.read(0, 1) != b"g":
+        fail("the workspace's link was not made")
 
 
 def resolve(program: bytes, env: dict[bytes, bytes]) -> bytes | None:
@@ -91,14 +152,21 @@ def json_int(value: int | None) -> str:
 def main() -> None:
     os.umask(0o077)  # the log, the pid file and the exit file are the platform's alone
     fields = read_orders()
-    uid_field, generation, log, instance_file, exit_file, cwd, setpriv, mount = take(fields, 8)
+    uid_field, generation, log, instance_file, exit_file, cwd, setpriv, mount, network = take(
+        fields, 9
+    )
     uid = int(uid_field) if uid_field else None
+    private = take(fields, int(take(fields, 1)[0]))
+    keep = take(fields, int(take(fields, 1)[0]))
     folders = take(fields, int(take(fields, 1)[0]))
     files = take(fields, int(take(fields, 1)[0]))
     argv = take(fields, int(take(fields, 1)[0]))
     env = dict(item.split(b"=", 1) for item in fields if item)
     if uid is not None:
+        make_private(mount, private, keep)
         hide(mount, folders, files)
+    if network:
+        await_link(float(network))
     if resolve(argv[0], env) is None:
         fail(f"[Errno 2] No such file or directory: {os.fsdecode(argv[0])!r}")
     devnull = os.open(os.devnull, os.O_RDWR)

@@ -1,4 +1,5 @@
-"""A workspace container's own network link, made by the platform: one veth pair per container.
+"""A workspace's own network link, made by the platform: one veth pair per container (and per
+process workspace: ``wire_process``, ``process_network``).
 
 ``DOCKER_NETWORK_MODE=veth`` creates containers with networking disabled (their own network
 namespace holding only ``lo``) and wires each one, once it runs, with a veth pair: the host end
@@ -34,6 +35,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse, urlunparse
 
 # rtnetlink message types and flags (linux/rtnetlink.h, linux/netlink.h).
 _RTM_NEWLINK = 16
@@ -238,6 +240,11 @@ def _namespace_fd(pid: int, container_id: str) -> int:
             f"process {pid} is not container {container_id[:12]}'s on this host (is the engine "
             "on another host? DOCKER_NETWORK_MODE=veth needs the engine on the worker's host)"
         )
+    return _own_namespace_fd(pid, f"container {container_id[:12]}")
+
+
+def _own_namespace_fd(pid: int, whose: str) -> int:
+    """An open fd of process ``pid``'s network namespace, which must not be the host's."""
     try:
         fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -247,8 +254,8 @@ def _namespace_fd(pid: int, container_id: str) -> int:
     if (theirs.st_dev, theirs.st_ino) == (own.st_dev, own.st_ino):
         os.close(fd)
         raise VethError(
-            f"container {container_id[:12]} shares the host's network namespace; a workspace "
-            "link goes into a namespace of its own"
+            f"{whose} shares the host's network namespace; a workspace link goes into a "
+            "namespace of its own"
         )
     return fd
 
@@ -264,7 +271,17 @@ def wire(pid: int, container_id: str, host_name: str, link_pair: Pair) -> None:
     """Give the running container (process ``pid``) its link: the veth pair ``host_name`` /
     ``eth0``, addresses, routes, both ends up. A host end of that name left from an earlier
     container (its namespace not yet torn down) is replaced. Raises ``VethError``."""
-    fd = _namespace_fd(pid, container_id)
+    _wire_fd(_namespace_fd(pid, container_id), host_name, link_pair)
+
+
+def wire_process(pid: int, host_name: str, link_pair: Pair) -> None:
+    """The same for a process of the platform's own that runs in a network namespace of its own
+    (the process backend's monitor, made by ``unshare --net``). Raises ``VethError``."""
+    _wire_fd(_own_namespace_fd(pid, f"process {pid}"), host_name, link_pair)
+
+
+def _wire_fd(fd: int, host_name: str, link_pair: Pair) -> None:
+    """Make the pair into the namespace open as ``fd`` (closed here, whatever happens)."""
     try:
         with _Netlink() as link:
             peer = _ifinfo() + _attr(_IFLA_IFNAME, _name(_CONTAINER_END))
@@ -311,3 +328,12 @@ def unwire(host_name: str) -> None:
         code = link.delete_link(host_name)
     if code and code != -errno.ENODEV:
         raise VethError(f"deleting {host_name}: {os.strerror(-code)}")
+
+
+def platform_url_via(url: str, gateway: str) -> str:
+    """PLATFORM_URL as a workspace behind a link (or on a network) sees it: the host part
+    replaced by its gateway (the host's address on the link), the port and path kept."""
+    parsed = urlparse(url)
+    port = f":{parsed.port}" if parsed.port else ""
+    host = f"[{gateway}]" if ":" in gateway else gateway
+    return urlunparse(parsed._replace(netloc=f"{host}{port}"))

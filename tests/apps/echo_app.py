@@ -2,7 +2,8 @@
 
 ``GET /headers`` answers the request's headers as JSON (what the app sees behind the proxy);
 ``GET /ws`` is a WebSocket that echoes text frames; anything else is a small page. Listens on
-127.0.0.1:$WORKSPACE_APP_PORT.
+$WORKSPACE_APP_HOST (the platform's word: 127.0.0.1 on the host's network, every address of a
+workspace's own namespace):$WORKSPACE_APP_PORT.
 
 Every answer says which workspace's app gave it (``X-Echo-Workspace``: the ``WORKSPACE_ID`` of
 its environment; the page and the WebSocket's greeting say it too): a request the proxy sent to
@@ -103,4 +104,5 @@ class Handler(BaseHTTPRequestHandler):
 
 if __name__ == "__main__":
     port = int(os.environ["WORKSPACE_APP_PORT"])
-    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+    host = os.environ.get("WORKSPACE_APP_HOST", "127.0.0.1")
+    ThreadingHTTPServer((host, port), Handler).serve_forever()

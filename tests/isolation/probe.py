@@ -3,6 +3,7 @@ what happened as JSON. Standard library only. Argument: a JSON object with the t
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -26,13 +27,21 @@ def connect(host: str, port: int) -> str:
 
 
 def connect_unix(path: str) -> str:
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(3)
-            sock.connect(path)
-        return "connected"
-    except OSError as exc:
-        return f"refused: {exc.__class__.__name__}"
+    """``@name`` is the abstract socket ``name``. A socket of another type than a stream's is
+    tried as a datagram and a seqpacket socket too (the kernel says EPROTOTYPE first)."""
+    address = "\0" + path[1:] if path.startswith("@") else path
+    result = "refused: no type"
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET):
+        try:
+            with socket.socket(socket.AF_UNIX, kind) as sock:
+                sock.settimeout(3)
+                sock.connect(address)
+            return "connected"
+        except OSError as exc:
+            result = f"refused: {exc.__class__.__name__}"
+            if exc.errno != errno.EPROTOTYPE:
+                return result
+    return result
 
 
 def read(path: str) -> str:

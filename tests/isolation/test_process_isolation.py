@@ -18,6 +18,7 @@ import pytest
 from django.conf import settings
 
 from provisioning.backends.process_firewall import registry_port
+from provisioning.backends.process_network import link
 from tests.isolation import create_online
 from tests.support import Worker, free_port, lifecycle_queue, wait_for
 from workspaces.models import Workspace
@@ -121,14 +122,33 @@ def _listen_on(stack: ExitStack, host: str) -> int:
     return int(listener.getsockname()[1])
 
 
-def _listening(port: int) -> bool:
-    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True)
+def _listening(workspace: Workspace, port: int) -> bool:
+    """Whether something listens on ``port`` in the workspace's network namespace."""
+    out = subprocess.run(
+        [
+            "nsenter",
+            f"--target={workspace.backend_state['pid']}",
+            "--net",
+            "--",
+            "ss",
+            "-Hltn",
+            f"sport = :{port}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     return bool(out.stdout.strip())
 
 
+def gateway(workspace: Workspace) -> str:
+    """The host's end of the workspace's link: where it reaches the registry."""
+    return str(link(workspace.isolation_uid or 0).gateway)
+
+
 def _probe_as(workspace: Workspace | None, targets: dict[str, Any]) -> dict[str, Any]:
-    """Run the probe inside ``workspace`` (its uid, gid, no groups, its mount namespace), or as
-    the platform itself when None (the control: the same probe does reach those targets)."""
+    """Run the probe inside ``workspace`` (its uid, gid, no groups, its mount and network
+    namespaces), or as the platform itself when None (the control: the same probe does reach
+    those targets)."""
     argv = [settings.WORKSPACE_PYTHON, str(PROBE), json.dumps(targets)]
     if workspace is not None:
         pid = workspace.backend_state["pid"]
@@ -137,6 +157,7 @@ def _probe_as(workspace: Workspace | None, targets: dict[str, Any]) -> dict[str,
             "nsenter",
             f"--target={pid}",
             "--mount",
+            "--net",
             "--",
             "setpriv",
             f"--reuid={uid}",
@@ -160,7 +181,7 @@ def test_a_workspace_reaches_nothing_of_the_host_or_another_workspace(
     # A's agent registered (it is online) through the one port it may reach.
     assert a.isolation_uid is not None and b.isolation_uid is not None
     assert a.isolation_uid != b.isolation_uid
-    wait_for(lambda: _listening(b_port), timeout=30, message="B's app listening")
+    wait_for(lambda: _listening(b, b_port), timeout=30, message="B's app listening")
 
     b_dir = Path(settings.WORKSPACE_DATA_DIR) / str(b.id)
     (b_dir / "configs" / "secret.txt").write_text(SECRET)
@@ -196,6 +217,7 @@ def _probe_the_boundary(
 ) -> None:
     b_pid = b.backend_state["pid"]
     b_dir = Path(settings.WORKSPACE_DATA_DIR) / str(b.id)
+    b_address = b.backend_state["address"]
     engine = settings.DOCKER_HOST
     engine_socket = [engine.removeprefix("unix://")] if engine.startswith("unix://") else []
     targets = {
@@ -204,7 +226,9 @@ def _probe_the_boundary(
             ["127.0.0.1", redis_port],
             ["::1", redis_port],
             ["127.0.0.1", b_port],
+            [b_address, b_port],
             ["127.0.0.1", registry_port()],
+            [gateway(a), registry_port()],
             *own_tcp,
         ],
         "unix": [PG_SOCKET, *engine_socket],
@@ -226,7 +250,8 @@ def _probe_the_boundary(
     assert control["tcp"][f"::1:{redis_port}"] == "connected"
     for host, port in own_tcp:
         assert control["tcp"][f"{host}:{port}"] == "connected", (host, control["tcp"])
-    assert control["tcp"][f"127.0.0.1:{b_port}"] == "connected"
+    assert control["tcp"][f"{b_address}:{b_port}"] == "connected"  # where the proxy reaches it
+    assert control["tcp"][f"{gateway(a)}:{registry_port()}"] == "connected"
     assert control["read"][f"/proc/{b_pid}/environ"] == "read"
     if os.path.exists(PG_SOCKET):
         assert control["unix"][PG_SOCKET] == "connected"
@@ -245,7 +270,10 @@ def _probe_the_boundary(
     assert tcp[f"127.0.0.1:{redis_port}"].startswith("refused"), tcp
     assert tcp[f"::1:{redis_port}"].startswith("refused"), tcp
     assert tcp[f"127.0.0.1:{b_port}"].startswith("refused"), tcp
-    assert tcp[f"127.0.0.1:{registry_port()}"] == "connected", tcp
+    assert tcp[f"{b_address}:{b_port}"].startswith("refused"), tcp
+    # The registry, at the host's end of A's link (its loopback is its own).
+    assert tcp[f"{gateway(a)}:{registry_port()}"] == "connected", tcp
+    assert tcp[f"127.0.0.1:{registry_port()}"].startswith("refused"), tcp
     for host, port in own_tcp:
         assert tcp[f"{host}:{port}"].startswith("refused"), (host, tcp)
     # PostgreSQL's trust socket is hidden; the engine's is the docker group's, which A is not in.
@@ -268,6 +296,7 @@ def test_stop_kills_what_a_workspace_daemonized_and_removal_frees_its_uid(
             "nsenter",
             f"--target={workspace.backend_state['pid']}",
             "--mount",
+            "--net",
             "--",
             "setpriv",
             f"--reuid={uid}",
@@ -290,9 +319,9 @@ def test_stop_kills_what_a_workspace_daemonized_and_removal_frees_its_uid(
 
         wait_for(removed, timeout=60, message="removed")
         escaped.wait(timeout=10)
-        from provisioning.backends.process import _uid_processes
+        from provisioning.backends.process_launch import uid_processes
 
-        assert _uid_processes(uid) == []
+        assert uid_processes(uid) == []
         # The uid is free again: the next workspace gets it.
         again = create_online(api, "daemon2", "shell-default", {}, timeout=60)
         assert again.isolation_uid == uid

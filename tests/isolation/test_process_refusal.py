@@ -54,26 +54,26 @@ def _table(table: str) -> str:
     return listed.stdout if listed.returncode == 0 else ""
 
 
-def _uid_rules(table: str, uid: int) -> list[str]:
-    """The rules of a uid's chain, one per line."""
+def _iptables(tool: str = "/usr/sbin/iptables") -> str:
+    return subprocess.run([tool, "-w", "-S"], capture_output=True, text=True, check=True).stdout
+
+
+def _chain(table: str, chain: str) -> list[str]:
+    """The rules of one chain of the table, one per line (its hook line left out)."""
     text = _table(table)
-    marker = f"chain u{uid} {{"
+    marker = f"chain {chain} {{"
     if marker not in text:
         return []
     body = text.split(marker, 1)[1].split("}", 1)[0]
-    return [line.strip() for line in body.splitlines() if line.strip()]
-
-
-def _iptables(tool: str = "/usr/sbin/iptables") -> str:
-    return subprocess.run([tool, "-w", "-S"], capture_output=True, text=True, check=True).stdout
+    return [line.strip() for line in body.splitlines()[2:] if line.strip()]
 
 
 def test_the_firewall_runs_in_process_whatever_the_path(
     tmp_path: Path, monkeypatch, settings
 ) -> None:
-    """The uids' rules are written through libnftables in the platform's own process: no program
+    """The links' rules are written through libnftables in the platform's own process: no program
     on the caller's PATH (an ``nft`` or an ``iptables`` earlier on it) is run for them, and the
-    rule lands in the kernel's table, and comes out of it again."""
+    table lands in the kernel."""
     decoy = tmp_path / "bin"
     decoy.mkdir()
     ran = tmp_path / "decoy-ran"
@@ -84,65 +84,68 @@ def test_the_firewall_runs_in_process_whatever_the_path(
     monkeypatch.setenv("PATH", f"{decoy}:{os.environ.get('PATH', '')}")
     monkeypatch.setattr(process_launch, "_tools", {})
     monkeypatch.setattr(firewall, "_installed", set())
-    uid, port = 200_998, 40_998
-
-    table = settings.WORKSPACE_FIREWALL_CHAIN
-    firewall.allow_own_app(uid, port)
+    table = "WS-TEST-PATH"
+    settings.WORKSPACE_FIREWALL_CHAIN = table
     try:
-        assert _uid_rules(table, uid) == [f"tcp dport {port} accept"]
-        assert f"{uid} : jump u{uid}" in _table(table)
+        firewall.ensure_workspace_firewall()
+        assert f"tcp dport {firewall.registry_port()} return" in _table(table)
     finally:
-        firewall.revoke_own_app(uid)
+        firewall.remove_workspace_firewall(table)
     assert not ran.exists(), ran.read_text()
-    assert _uid_rules(table, uid) == []
 
 
-def test_a_uids_rule_is_replaced_whole_and_emptied_on_removal(settings) -> None:
-    """Each start writes the uid's chain whole (the older port goes in the same transaction) and
-    the uid has one entry in the map, whichever process wrote it before; removal takes the chain
-    and the entry out, leaving other uids' alone; the
-    main chain is what the settings say; an earlier version's iptables chains of the same name
-    go when a process installs the table; and the table can be removed."""
+def test_the_table_polices_what_comes_in_from_a_link_and_replaces_an_older_one(settings) -> None:
+    """From an interface of the links' prefix with a source in their subnet: replies, and new TCP
+    connections to the registry port on a host address; everything else refused, nothing
+    forwarded. An earlier version's table of that name (per-uid rules on ``output``) and its
+    iptables chains are replaced whole; the table can be removed."""
     table = "WS-TEST-FW"
     settings.WORKSPACE_FIREWALL_CHAIN = table
     firewall._installed.clear()
     uid = settings.WORKSPACE_UID_RANGE[0] + 7
-    low, high = settings.WORKSPACE_UID_RANGE
+    prefix, subnet = settings.PROCESS_LINK_PREFIX, settings.PROCESS_LINK_SUBNET
+    port = firewall.registry_port()
     try:
-        # What an earlier version left in both families: its chains, the uid's, the jump.
+        # What earlier versions left: iptables chains and a jump, an nft table with uid rules.
         for tool in ("/usr/sbin/iptables", "/usr/sbin/ip6tables"):
             for name in (table, f"{table}-APPS", f"{table}-U{uid}"):
                 subprocess.run([tool, "-w", "-N", name], check=True)
             subprocess.run([tool, "-w", "-A", table, "-j", f"{table}-APPS"], check=True)
             subprocess.run([tool, "-w", "-I", "OUTPUT", "1", "-j", table], check=True)
+        subprocess.run(
+            ["/usr/sbin/nft", "-f", "-"],
+            input=(
+                f"add table inet {table}\n"
+                f"add chain inet {table} u{uid}\n"
+                f"add rule inet {table} u{uid} tcp dport 30002 accept\n"
+                f"add chain inet {table} output "
+                "{ type filter hook output priority filter ; }\n"
+                f"add rule inet {table} output meta skuid {uid} jump u{uid}\n"
+            ),
+            text=True,
+            check=True,
+        )
         firewall.ensure_workspace_firewall()
         for tool in ("/usr/sbin/iptables", "/usr/sbin/ip6tables"):
             assert table not in _iptables(tool)
         listed = _table(table)
-        assert f"meta skuid != {low}-{high} return" in listed
-        assert f"tcp dport {firewall.registry_port()} return" in listed
-        assert "meta skuid vmap @uids" in listed
-        for port in (30002, 30003):
-            firewall.allow_own_app(uid, port)
-            firewall._installed.clear()  # as another worker process would, installing first
-            assert _uid_rules(table, uid) == [f"tcp dport {port} accept"]
-            assert _table(table).count(f"{uid} : jump u{uid}") == 1
-        firewall.ensure_workspace_firewall()  # rebuilding the main chain keeps the uids' rules
-        assert _uid_rules(table, uid) == ["tcp dport 30003 accept"]
-        other = uid + 1
-        firewall.allow_own_app(other, 30004)
-        firewall.revoke_own_app(uid)
-        listed = _table(table)
-        # The removed workspace's uid keeps neither a chain nor a map entry; the other uid's stay.
-        assert f"chain u{uid} " not in listed and f"{uid} : jump" not in listed
-        assert _uid_rules(table, other) == ["tcp dport 30004 accept"]
-        assert f"{other} : jump u{other}" in listed
-        firewall.revoke_own_app(uid)  # again: nothing to take out, no error
-        firewall.revoke_own_app(uid + 2)  # a uid that never ran: no error
-        assert _uid_rules(table, uid) == [] and f"chain u{uid + 2} " not in _table(table)
-        firewall.allow_own_app(uid, 30005)  # the uid handed out again gets its chain back
-        assert _uid_rules(table, uid) == ["tcp dport 30005 accept"]
-        assert _table(table).count(f"{uid} : jump u{uid}") == 1
+        assert "chain output" not in listed and f"chain u{uid}" not in listed
+        head = [f'iifname != "{prefix}*" return', f"ip saddr != {subnet} return"]
+        assert _chain(table, "input") == [
+            *head,
+            "ct state established,related return",
+            f"fib daddr type local tcp dport {port} return",
+            "meta l4proto tcp reject with tcp reset",
+            "reject",
+        ]
+        assert _chain(table, "forward") == [
+            *head,
+            "meta l4proto tcp reject with tcp reset",
+            "reject",
+        ]
+        firewall._installed.clear()  # as another worker process would, installing again
+        firewall.ensure_workspace_firewall()
+        assert _table(table) == listed
     finally:
         firewall.remove_workspace_firewall(table)
     assert _table(table) == ""

@@ -95,6 +95,28 @@ def test_start_up_stops_on_a_malformed_value(variable, value) -> None:
     assert "ImproperlyConfigured" in result.stderr
 
 
+@pytest.mark.slow
+def test_start_up_stops_on_link_names_longer_than_the_kernel_allows() -> None:
+    """A process link's host end is the prefix and the uid: 6 + 10 characters exceed 15."""
+    environment = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "project.settings",
+        "PROCESS_LINK_PREFIX": "wsplnk",
+        "DOCKER_BRIDGE_PREFIX": "wsbr",
+        "WORKSPACE_UID_RANGE": "1000000000-1000000999",
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "PROCESS_LINK_PREFIX" in result.stderr and "15 characters" in result.stderr
+
+
 def test_celery_settings_that_matter() -> None:
     from django.conf import settings
 

@@ -17,7 +17,8 @@ import pytest
 
 from provisioning.backends import process_launch
 from provisioning.backends.base import CONFIG_MARKER, BackendError, ConfigState, LaunchSpec
-from provisioning.backends.process import ProcessBackend, _alive
+from provisioning.backends.process import ProcessBackend
+from provisioning.backends.process_launch import alive
 from tests.support import next_backend_uid, wait_for
 from workspaces.manifests import Template
 
@@ -67,7 +68,7 @@ def _log_of(backend: ProcessBackend, spec: LaunchSpec) -> str:
 def test_start_runs_a_detached_process_with_the_env(backend, tmp_path) -> None:
     spec = _spec(tmp_path, SLEEPER, GREETING="hello")
     state = backend.start(spec, {})
-    assert _alive(state["pid"], state["start_time"])
+    assert alive(state["pid"], state["start_time"])
     assert os.getpgid(state["pid"]) == state["pid"]  # its own session and group
     assert os.getppid() != state["pid"]
 
@@ -90,8 +91,8 @@ def test_start_replaces_an_earlier_instance_never_duplicates(backend, tmp_path) 
     spec = _spec(tmp_path, SLEEPER)
     first = backend.start(spec, {})
     second = backend.start(spec, {})  # e.g. a re-run of a cycle whose worker was killed
-    assert not _alive(first["pid"], first["start_time"])
-    assert _alive(second["pid"], second["start_time"])
+    assert not alive(first["pid"], first["start_time"])
+    assert alive(second["pid"], second["start_time"])
     assert [info.running for info in backend.list_instances()] == [True]
 
 
@@ -103,7 +104,7 @@ def test_stop_sends_sigterm_then_sigkill_after_the_grace(backend, tmp_path) -> N
     assert backend.stop(spec.workspace_id, state, grace_seconds=0.5) == {}
     assert time.monotonic() - started >= 0.5  # a lower bound: the grace was given in full
     assert "TERM ignored" in _log_of(backend, spec)  # SIGTERM came first and was survived ...
-    assert not _alive(state["pid"], state["start_time"])  # ... so SIGKILL ended it
+    assert not alive(state["pid"], state["start_time"])  # ... so SIGKILL ended it
     assert not backend.status(spec.workspace_id, state).running
 
 
@@ -119,16 +120,16 @@ def test_a_new_backend_object_adopts_the_running_process(backend, tmp_path) -> N
     fresh = ProcessBackend(backend.root)
     assert fresh.status(spec.workspace_id, {}).running
     fresh.stop(spec.workspace_id, {}, grace_seconds=1)
-    assert not _alive(state["pid"], state["start_time"])
+    assert not alive(state["pid"], state["start_time"])
 
 
 def test_a_recycled_pid_is_not_mistaken_for_the_instance(backend, tmp_path) -> None:
     spec = _spec(tmp_path, SLEEPER)
     state = backend.start(spec, {})
     lying = {"pid": state["pid"], "start_time": state["start_time"] - 1}
-    assert not _alive(lying["pid"], lying["start_time"])
+    assert not alive(lying["pid"], lying["start_time"])
     os.killpg(state["pid"], signal.SIGKILL)
-    wait_for(lambda: not _alive(state["pid"], state["start_time"]), timeout=5)
+    wait_for(lambda: not alive(state["pid"], state["start_time"]), timeout=5)
     assert not backend.status(spec.workspace_id, state).running
 
 
@@ -158,7 +159,7 @@ def test_remove_stops_and_deletes_everything(backend, tmp_path) -> None:
     backend.write_config(spec, state, {"a": b"1"})
     state = backend.start(spec, state)
     backend.remove(spec.workspace_id, state)
-    assert not _alive(state["pid"], state["start_time"])
+    assert not alive(state["pid"], state["start_time"])
     assert not (backend.root / str(spec.workspace_id)).exists()
     backend.remove(spec.workspace_id, state)  # not found means done
 
@@ -179,7 +180,7 @@ def test_the_agent_exits_cleanly_on_sigterm(backend, tmp_path) -> None:
     assert argv[1:3] == [b"-I", b"-S"] and argv[3].endswith(b"workspace_agent.py"), argv
     assert b"PYTHONPATH=/nowhere" in Path(f"/proc/{state['pid']}/environ").read_bytes()
     backend.stop(spec.workspace_id, state, grace_seconds=30)
-    assert not _alive(state["pid"], state["start_time"])
+    assert not alive(state["pid"], state["start_time"])
     assert "SIGTERM received" in _log_of(backend, spec)
 
 
@@ -200,9 +201,9 @@ def test_logs_tail_the_output_file_and_stay_bounded(tmp_path) -> None:
 
 
 def _uid_pids(uid: int) -> list[int]:
-    from provisioning.backends.process import _uid_processes
+    from provisioning.backends.process_launch import uid_processes
 
-    return _uid_processes(uid)
+    return uid_processes(uid)
 
 
 def test_the_instance_runs_dropped_with_exactly_its_env(backend, tmp_path) -> None:
@@ -220,13 +221,17 @@ def test_the_instance_runs_dropped_with_exactly_its_env(backend, tmp_path) -> No
     assert fields["Gid"].split() == [str(spec.uid)] * 4
     assert fields["Groups"].strip() == ""
     assert fields["NoNewPrivs"].strip() == "1"
-    # Its own mount namespace, where the hidden folders are an empty tmpfs.
+    # Its own mount namespace, where the hidden folders are an empty tmpfs, and its own
+    # network namespace.
     assert os.readlink(f"/proc/{state['pid']}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    assert os.readlink(f"/proc/{state['pid']}/ns/net") != os.readlink("/proc/self/ns/net")
     with open(f"/proc/{state['pid']}/environ", "rb") as handle:
         names = {item.split(b"=", 1)[0].decode() for item in handle.read().split(b"\0") if item}
-    wanted = {"PATH", "PYTHONUNBUFFERED", "HOME", "WORKSPACE_CONFIG_DIR", *spec.env}
+    # The platform's address as the workspace reaches it: the host end of its link.
+    wanted = {"PATH", "PYTHONUNBUFFERED", "HOME", "WORKSPACE_CONFIG_DIR", "PLATFORM_URL"}
+    wanted |= set(spec.env)
     assert names == wanted  # nothing of the launch's own (PWD, the worker's variables)
-    assert state["monitor_pid"] == os.getppid() or _alive(state["monitor_pid"], None)
+    assert state["monitor_pid"] == os.getppid() or alive(state["monitor_pid"], None)
 
 
 def test_a_command_that_does_not_exist_fails_the_start_saying_so(backend, tmp_path) -> None:
@@ -255,7 +260,7 @@ def test_stop_kills_a_process_the_uid_daemonized_in_a_session_of_its_own(backend
     wait_for(lambda: daemon.pid in _uid_pids(uid), timeout=10, message="the daemon")
     backend.stop(spec.workspace_id, state, grace_seconds=0.5)
     assert daemon.wait(timeout=10) == -signal.SIGKILL
-    assert not _alive(state["pid"], state["start_time"])
+    assert not alive(state["pid"], state["start_time"])
     assert _uid_pids(uid) == []
 
 

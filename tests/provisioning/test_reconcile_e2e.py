@@ -20,7 +20,8 @@ from django.db import connection
 from django.utils import timezone
 
 from provisioning.backends.base import InstanceInfo, LaunchSpec
-from provisioning.backends.process import ProcessBackend, _alive
+from provisioning.backends.process import ProcessBackend
+from provisioning.backends.process_launch import alive
 from provisioning.liveness import sweep_missed_heartbeats
 from provisioning.reconciler import Drift, reconcile_once
 from tests.support import next_backend_uid, settled, wait_for
@@ -65,7 +66,7 @@ def test_agent_killed_behind_the_platforms_back(api, celery_worker, instances) -
     pid, start_time = _process(workspace)
 
     os.killpg(pid, signal.SIGKILL)
-    wait_for(lambda: not _alive(pid, start_time), timeout=10, message="agent dead")
+    wait_for(lambda: not alive(pid, start_time), timeout=10, message="agent dead")
     # Nothing told the platform: the row still says running.
     workspace.refresh_from_db()
     assert (workspace.status, workspace.is_running) == (S.ONLINE, True)
@@ -132,12 +133,12 @@ def test_orphan_instances_are_removed_in_one_pass(user, platform_url, instances)
 
     data = Path(settings.WORKSPACE_DATA_DIR)
     for workspace_id, (pid, start_time) in orphans.items():
-        assert not _alive(pid, start_time)
+        assert not alive(pid, start_time)
         assert not (data / str(workspace_id)).exists()
     assert {r.workspace_id for r in report.repairs} == {str(unknown_id), str(removed.id)}
     assert all(r.drift is Drift.ORPHAN for r in report.repairs)
     # The live workspace's instance agrees with its row and is left alone.
-    assert _alive(*kept_process)
+    assert alive(*kept_process)
     removed.refresh_from_db()
     assert removed.status == S.REMOVED
     assert [e.type for e in _events(removed, EventSource.RECONCILER)] == [EventType.REMOVED]
@@ -173,7 +174,7 @@ def test_paused_agent_goes_offline_and_comes_back(api, celery_worker, instances)
         return workspace.status == S.ONLINE
 
     wait_for(back_online, timeout=15, message="online after SIGCONT")
-    assert _alive(pid, start_time)
+    assert alive(pid, start_time)
     last = WorkspaceEvent.objects.filter(workspace=workspace).last()
     assert last is not None
     assert (last.type, last.source, last.payload.get("previous")) == (
@@ -263,7 +264,7 @@ def test_reconcile_passes_racing_real_cycles_repair_nothing(api, celery_worker, 
     assert not _events(workspace, EventSource.RECONCILER)
     workspace.refresh_from_db()
     assert workspace.status == S.ONLINE
-    assert _alive(*_process(workspace))
+    assert alive(*_process(workspace))
 
 
 def test_beat_tasks_run_on_the_sweeps_queue(user, celery_worker) -> None:

@@ -13,7 +13,7 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from provisioning.backends.process import _alive
+from provisioning.backends.process_launch import alive
 from tests.support import Beat, Worker, lifecycle_queue, service_env, wait_for, write_templates
 from workspaces.manifests import invalidate_templates
 from workspaces.models import Workspace, WorkspaceEvent
@@ -102,7 +102,7 @@ def test_beat_sweeps_a_stuck_boot_and_its_process_is_stopped_under_the_gate(
 
     row = wait_for(started, timeout=60, message="the stuck workspace's process started")
     pid, start_time = row.backend_state["pid"], row.backend_state["start_time"]
-    assert _alive(pid, start_time)
+    assert alive(pid, start_time)
     assert row.status == S.PROVISIONING
 
     # Beat keeps sweeping; the row is young, so it is spared. Then its deadline passes: the test
@@ -120,7 +120,7 @@ def test_beat_sweeps_a_stuck_boot_and_its_process_is_stopped_under_the_gate(
         return row if done else None
 
     row = wait_for(reaped, timeout=60, message="flipped by the sweep and reaped")
-    wait_for(lambda: not _alive(pid, start_time), timeout=10, message="the process is gone")
+    wait_for(lambda: not alive(pid, start_time), timeout=10, message="the process is gone")
     assert row.status == S.FAILED  # stopping what was left did not change the verdict
     assert "600 s" in row.last_error
     failures = WorkspaceEvent.objects.filter(

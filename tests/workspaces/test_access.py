@@ -134,6 +134,19 @@ def test_the_upstream_follows_the_row(user) -> None:
     assert answer.headers["X-Workspace-Upstream"] == f"172.30.0.18:{workspace.app_port}"
 
 
+def test_an_isolated_process_workspace_is_reached_at_its_link(user) -> None:
+    """A process workspace in a network namespace of its own is reached at its end of the link,
+    which its cycle recorded; one with no address recorded (unisolated) on loopback."""
+    workspace = _workspace(user)
+    assert workspace.backend == "process"
+    Workspace.objects.filter(id=workspace.id).update(backend_state={"address": "10.213.0.5"})
+    answer = _auth(client_for(user), workspace)
+    assert answer.headers["X-Workspace-Upstream"] == f"10.213.0.5:{workspace.app_port}"
+    Workspace.objects.filter(id=workspace.id).update(backend_state={})
+    answer = _auth(client_for(user), workspace)
+    assert answer.headers["X-Workspace-Upstream"] == f"127.0.0.1:{workspace.app_port}"
+
+
 def test_a_renamed_workspace_moves_to_its_new_host(user) -> None:
     workspace = _workspace(user)
     old_host = _host(workspace)
