@@ -135,6 +135,9 @@ class LaunchSpec:
     env: Mapping[str, str] = field(repr=False)
     # The process backend's isolation uid (and gid); None where it does not apply.
     uid: int | None = None
+    # A warm pool's member: ``env`` holds only the template's part (no identity, no token, no
+    # person's env) and the agent waits for ``claim`` to hand it the rest (WORKSPACE_POOL=1).
+    pooled: bool = False
 
     @property
     def name(self) -> str:
@@ -197,6 +200,14 @@ class WorkspaceBackend(ABC):
     def start(self, spec: LaunchSpec, state: State) -> State:
         """Run the instance for ``spec.generation``; an instance of an earlier cycle is replaced,
         never duplicated. Returns the new state once the backend reports it running."""
+
+    def claim(self, spec: LaunchSpec, state: State) -> State:
+        """Hand a waiting pool member (started from a ``pooled`` spec) its workspace: write
+        ``spec.env`` (identity, token, the person's env) where only its agent reads it, then
+        wake the agent. Returns the new state. ``BackendError`` when the member cannot take it
+        (its instance died, or this backend keeps no pools): the cycle then starts the workspace
+        cold, so a pool never turns a create into an error. Called at most once per member."""
+        raise BackendError(f"{self.name}: this backend keeps no warm pools")
 
     @abstractmethod
     def stop(self, workspace_id: UUID, state: State, grace_seconds: float) -> State:

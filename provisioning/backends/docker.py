@@ -47,7 +47,9 @@ from provisioning.backends.docker_create import (
     config_in_image,
 )
 from provisioning.backends.engine import (
+    CLAIM_FILE,
     EngineBackend,
+    claim_archive,
     config_mount,
     container_name,
     engine_errors,
@@ -281,6 +283,27 @@ class DockerBackend(EngineBackend):
         except (docker.errors.DockerException, requests.RequestException):
             return ""
         return f"; last output: {output}" if output else ""
+
+    def claim(self, spec: LaunchSpec, state: State) -> State:
+        """The claim as a file in the member's /tmp (put_archive), then SIGUSR1 to its agent (the
+        container's first process, which traps it). A member that no longer runs is refused
+        before anything is written: its claim must not wait in a container a cold start is
+        about to replace."""
+        target = str(state.get("container_id") or spec.name)
+        with engine_errors(f"handing pool member {spec.name} its claim"):
+            try:
+                facts = self.client.api.inspect_container(target)
+                if not (facts.get("State") or {}).get("Running"):
+                    raise BackendError(f"docker: pool member {spec.name} is not running")
+                accepted = self.client.api.put_archive(
+                    target, posixpath.dirname(CLAIM_FILE), claim_archive(spec.env, time.time())
+                )
+                if not accepted:
+                    raise BackendError(f"docker: the engine refused the claim of {spec.name}")
+                self.client.api.kill(target, signal="SIGUSR1")
+            except docker.errors.NotFound as exc:
+                raise self._gone(spec) from exc
+        return {**state, "claimed_at": time.time()}
 
     def stop(self, workspace_id: UUID, state: State, grace_seconds: float) -> State:
         container = self._find(workspace_id)

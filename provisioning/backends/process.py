@@ -133,6 +133,20 @@ def _exited(pid: int, exit_code: int | None) -> str:
     return f"process {pid} has exited{ending}"
 
 
+def _resolve_app_python(env: dict[str, str], isolated: bool) -> dict[str, str]:
+    """``{python}`` in the app's command (in place; returns ``env``). An app's Python: the
+    platform's own (with the `apps` group) when workspaces run as the platform's user;
+    WORKSPACE_APPS_PYTHON, which workspace uids can run, otherwise."""
+    if "WORKSPACE_APP_COMMAND" in env:
+        apps_python = settings.WORKSPACE_APPS_PYTHON if isolated else sys.executable
+        env["WORKSPACE_APP_COMMAND"] = env["WORKSPACE_APP_COMMAND"].replace("{python}", apps_python)
+    return env
+
+
+# How long a pool member's agent may take to wait for its claim (an interpreter's start).
+POOL_READY_SECONDS = 10.0
+
+
 class ProcessBackend(WorkspaceBackend):
     name = "process"
 
@@ -173,6 +187,15 @@ class ProcessBackend(WorkspaceBackend):
                 "the workspace has no isolation uid (WORKSPACE_PROCESS_ISOLATION=uid needs one)"
             )
         return spec.uid
+
+    # A warm pool's member (docs/architecture.md "Warm pools"): its agent says it waits by the
+    # ready file, and reads its claim from the claim file, both in its own 0700 home.
+    def _claim_file(self, workspace_id: UUID | str) -> Path:
+        return self._home(workspace_id) / ".workspace-claim"
+
+    def _pool_ready_file(self, workspace_id: UUID | str) -> Path:
+        claim = self._claim_file(workspace_id)
+        return claim.with_name(claim.name + ".ready")  # where the agent puts it
 
     def _instance_file(self, workspace_id: UUID | str) -> Path:
         return self._dir(workspace_id) / "instance.json"
@@ -321,13 +344,11 @@ class ProcessBackend(WorkspaceBackend):
             "HOME": str(self._home(spec.workspace_id)),
             "WORKSPACE_CONFIG_DIR": str(self._configs(spec.workspace_id)),
         }
-        if "WORKSPACE_APP_COMMAND" in env:
-            # An app's Python: the platform's own (with the `apps` group) when workspaces run as
-            # the platform's user; WORKSPACE_APPS_PYTHON, which workspace uids can run, otherwise.
-            apps_python = settings.WORKSPACE_APPS_PYTHON if isolated else sys.executable
-            env["WORKSPACE_APP_COMMAND"] = env["WORKSPACE_APP_COMMAND"].replace(
-                "{python}", apps_python
-            )
+        if spec.pooled:
+            env["WORKSPACE_CLAIM_FILE"] = str(self._claim_file(spec.workspace_id))
+            for leftover in (self._claim_file, self._pool_ready_file):
+                leftover(spec.workspace_id).unlink(missing_ok=True)
+        _resolve_app_python(env, isolated)
         if isolated and spec.env.get("WORKSPACE_APP_PORT", "").isdigit():
             # The agent, as the workspace's uid, checks that its own app answers.
             try:
@@ -365,9 +386,51 @@ class ProcessBackend(WorkspaceBackend):
         pid = int(instance["pid"])
         if instance.get("start_time") is None or _proc_start_time(pid) is None:
             raise BackendError(f"the workspace process (pid {pid}) exited at once; see agent.log")
+        if spec.pooled:
+            self._wait_pool_ready(spec, pid, instance.get("start_time"))
         # The proxy (the platform's user, which the firewall does not restrict) reaches the
         # workspace's ports on loopback.
         return {**instance, "address": "127.0.0.1", "started_at": time.time()}
+
+    def _wait_pool_ready(self, spec: LaunchSpec, pid: int, start_time: int | None) -> None:
+        """A member is ready once its agent waits for the claim's signal (it blocked SIGUSR1
+        first: a claim signalled earlier would end it, since the default action terminates)."""
+        ready = self._pool_ready_file(spec.workspace_id)
+        deadline = time.monotonic() + POOL_READY_SECONDS
+        while not ready.exists():
+            if not _alive(pid, start_time):
+                raise BackendError(
+                    "the pool member's agent exited before it was ready; see agent.log"
+                )
+            if time.monotonic() > deadline:
+                raise BackendError(
+                    f"the pool member's agent was not ready in {POOL_READY_SECONDS} s"
+                )
+            time.sleep(0.005)
+
+    def claim(self, spec: LaunchSpec, state: State) -> State:
+        """Write the claim (identity, token, env: JSON) into the member's 0700 home, owned by
+        its uid, mode 0600, by rename so the agent never reads half of it; then SIGUSR1 wakes
+        it. Only the member's uid (and root) can read it; the agent deletes it once read."""
+        pid, start_time = self._find(spec.workspace_id, state)
+        if pid is None or not _alive(pid, start_time):
+            raise BackendError("the pool member's agent is not running")
+        if not self._pool_ready_file(spec.workspace_id).exists():
+            raise BackendError("the pool member's agent is not waiting for a claim")
+        target = self._claim_file(spec.workspace_id)
+        partial = target.with_name(target.name + ".tmp")
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            if _isolated():
+                os.fchown(handle.fileno(), self._uid(spec), self._uid(spec))
+            handle.write(json.dumps(_resolve_app_python(dict(spec.env), _isolated())).encode())
+        os.replace(partial, target)
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError as exc:
+            target.unlink(missing_ok=True)
+            raise BackendError("the pool member's agent exited before its claim") from exc
+        return {**state, "claimed_at": time.time()}
 
     def _find(self, workspace_id: UUID | str, state: State) -> tuple[int | None, int | None]:
         instance = self._read_instance(workspace_id) or state

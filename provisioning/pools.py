@@ -1,0 +1,120 @@
+"""The warm pools' sweep: keep each template's pool at its size with members that can be claimed.
+
+Beat runs it every ``POOL_SWEEP_INTERVAL_SECONDS``, a claim asks for one pool's at once (the task
+``provisioning.refill_pool``), the reconciler's pass runs it after its repairs, and
+``manage.py refill_pools`` runs it now. One pass, per template:
+
+1. **Retire** what must not be claimed: members made from an older manifest, files or image (the
+   claim's query skips them already), members that failed, members whose instance the backend no
+   longer runs (one listing per pass: a dead member is replaced, not claimed), members of a
+   template that is gone, and members beyond a size that shrank. Retiring is an ordinary removal
+   (its own cycle under the gate), by compare-and-set on ``pool``: a member claimed meanwhile is
+   someone's workspace and is left alone.
+2. **Refill**: insert the members the pool lacks; each is provisioned by an ordinary cycle.
+
+Nothing here touches a member's instance itself: every change is a cycle under the member's gate,
+fenced by its generation, like any workspace's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+
+from provisioning.backends import backend_named
+from provisioning.backends.base import BackendError
+from workspaces.manifests import pool_size, pooled_templates, templates
+from workspaces.services import pools
+from workspaces.status import DesiredState, WorkspaceStatus
+
+logger = logging.getLogger(__name__)
+S = WorkspaceStatus
+
+
+@dataclass
+class PoolReport:
+    template: str
+    size: int
+    made: int = 0
+    retired: dict[str, int] = field(default_factory=dict)
+
+    def line(self) -> str:
+        retired = ", ".join(f"{why} {n}" for why, n in sorted(self.retired.items())) or "none"
+        return f"{self.template}: size {self.size}, made {self.made}, retired {retired}"
+
+
+def _running_instances() -> set[str] | None:
+    """The ids of the instances the backend runs now, in one listing; None when it cannot be
+    asked (then no member is judged dead on a guess)."""
+    try:
+        listed = backend_named(settings.WORKSPACE_BACKEND).list_instances()
+    except BackendError as exc:
+        logger.warning("pool sweep: the backend cannot list its instances: %s", exc)
+        return None
+    return {info.workspace_id for info in listed if info.running}
+
+
+def _why_retire(row: Mapping[str, Any], fingerprint: str | None, running: set[str] | None) -> str:
+    if fingerprint is None:
+        return "template gone"
+    if row["pool_fingerprint"] != fingerprint:
+        return "template changed"
+    if row["status"] == S.FAILED:
+        return "failed"
+    ready = row["status"] == S.PROVISIONING and row["is_running"]
+    done = row["requested_seq"] == row["handled_seq"]
+    if ready and done and running is not None and str(row["id"]) not in running:
+        return "died"
+    return ""
+
+
+def sweep(template_name: str | None = None) -> list[PoolReport]:
+    """One pass over every pool (or ``template_name``'s alone)."""
+    backend = settings.WORKSPACE_BACKEND
+    current = {t.name: t for t in pooled_templates()}
+    rows = list(
+        pools.members()
+        .filter(backend=backend)
+        .exclude(desired_state=DesiredState.REMOVED)
+        .order_by("created_at")
+        .values(
+            "id",
+            "pool",
+            "pool_fingerprint",
+            "status",
+            "is_running",
+            "requested_seq",
+            "handled_seq",
+        )
+    )
+    names = set(current) | {row["pool"] for row in rows}
+    if template_name is not None:
+        names &= {template_name}
+    running = _running_instances() if rows else set()
+    reports: list[PoolReport] = []
+    for name in sorted(names):
+        template = templates().get(name)
+        size = pool_size(template) if template is not None else 0
+        report = PoolReport(name, size)
+        fingerprint = template.fingerprint if template is not None else None
+        kept: list[Mapping[str, Any]] = []
+        for row in (r for r in rows if r["pool"] == name):
+            why = _why_retire(row, fingerprint, running)
+            if not why:
+                kept.append(row)
+            elif pools.retire_member(row["id"], name, why):
+                report.retired[why] = report.retired.get(why, 0) + 1
+        # A smaller size: the newest go first (the oldest are the likeliest ready).
+        for row in reversed(kept[size:]):
+            if pools.retire_member(row["id"], name, "pool shrunk"):
+                report.retired["pool shrunk"] = report.retired.get("pool shrunk", 0) + 1
+        if template is not None and size > 0:
+            report.made = len(pools.refill(template, backend).made)
+        if report.made or report.retired:
+            logger.info("pool sweep: %s", report.line())
+        reports.append(report)
+    return reports
