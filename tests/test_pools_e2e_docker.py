@@ -81,6 +81,10 @@ def test_docker_claimed_member_comes_online_with_the_claimers_env(
     on_pools, api, user, make_user
 ) -> None:
     members = ps.wait_pool_ready("pooled", 2)
+    containers = {
+        str(row.id): row.backend_state["container_id"]
+        for row in Workspace.objects.filter(id__in=members)
+    }
     member = Workspace.objects.get(id=sorted(members)[0])
     assert member.env.reveal() == {}
     staff = client_for(make_user("boss", staff=True))
@@ -96,7 +100,7 @@ def test_docker_claimed_member_comes_online_with_the_claimers_env(
     online = _online(created["id"])
     assert online.owner_id == user.id
     # The member's own container took the claim: no cold start.
-    assert online.backend_state["container_id"] == member.backend_state["container_id"]
+    assert online.backend_state["container_id"] == containers[created["id"]]
     assert _app_page(online) == f"hello-docker|{online.id}"
     claim = WorkspaceEvent.objects.get(
         workspace_id=online.id, type=EventType.PROVISIONING, generation=online.generation

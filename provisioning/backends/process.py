@@ -314,7 +314,8 @@ class ProcessBackend(WorkspaceBackend):
             target = folder / source.name
             content = source.read_bytes()
             if not target.is_file() or target.read_bytes() != content:
-                partial = target.with_suffix(".tmp")
+                # One name per process: workers copying at once must not rename each other's.
+                partial = target.with_suffix(f".{os.getpid()}.tmp")
                 partial.write_bytes(content)
                 partial.chmod(0o644)
                 os.replace(partial, target)
