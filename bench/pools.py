@@ -146,6 +146,28 @@ def _member_rows() -> list[Any]:
     return list(pools.members().filter(pool="warm").values_list("id", "backend_state"))
 
 
+def _retire_members() -> None:
+    """Members are nobody's: no API call removes them; the service does, as the sweep would."""
+    from workspaces import services
+    from workspaces.status import WorkspaceStatus
+
+    ids = [row[0] for row in _member_rows()]
+    for workspace_id in ids:
+        services.request_remove(workspace_id)
+    from workspaces.models import Workspace
+
+    wait_until(
+        lambda: (
+            not Workspace.objects.filter(id__in=ids)
+            .exclude(status=WorkspaceStatus.REMOVED)
+            .exists()
+        ),
+        TIMEOUT,
+        "members removed",
+        interval=0.2,
+    )
+
+
 def at_rest(backend: str) -> tuple[float, float]:
     """(CPU share of one core, MiB) per ready member, over REST_SECONDS."""
     _wait_full()
@@ -201,6 +223,7 @@ def run_backend(backend: str, log_root: Path) -> list[Figure]:
     settings.WORKSPACE_BACKEND = backend
     singles: dict[str, list[float]] = {"warm": [], "cold": []}
     bursts: dict[str, list[float]] = {"warm": [], "cold": []}
+    # The pool's size would otherwise refill it while the retirement at the end removes it.
     extra = {"WORKSPACE_TEMPLATES_DIR": str(directory), "POOL_SWEEP_INTERVAL_SECONDS": "2"}
     if backend == "docker":
         from provisioning.backends.agent_image import build_agent_image
@@ -221,7 +244,11 @@ def run_backend(backend: str, log_root: Path) -> list[Figure]:
                     )
             cpu_share, mib = at_rest(backend)
         finally:
-            _remove(stack, [str(row[0]) for row in _member_rows()])
+            # The pool is switched off first (the platform reloads a changed manifest), so the
+            # sweeps retire its members instead of refilling it.
+            (directory / "warm" / "config.yaml").write_text(MANIFEST.format(pool=""))
+            _retire_members()
+            wait_until(lambda: not _member_rows(), TIMEOUT, "the pool emptied", interval=0.5)
             stack_settings_reset(stack)
     rest = (
         f"At rest, per ready member: {cpu_share * 100:.3f} % of one core, {mib:.1f} MiB "

@@ -19,16 +19,19 @@ fenced by its generation, like any workspace's.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings
+from redis.exceptions import RedisError
 
 from provisioning.backends import backend_named
 from provisioning.backends.base import BackendError
 from workspaces.manifests import pool_size, pooled_templates, templates
-from workspaces.services import pools
+from workspaces.redis_client import get_redis
+from workspaces.services import claims, pools
 from workspaces.status import DesiredState, WorkspaceStatus
 
 logger = logging.getLogger(__name__)
@@ -72,6 +75,29 @@ def _why_retire(row: Mapping[str, Any], fingerprint: str | None, running: set[st
     return ""
 
 
+def claim_quiet_for(template_name: str) -> float:
+    """Seconds until ``POOL_REFILL_DELAY_SECONDS`` have passed since the template's latest claim
+    (0 or less: the refill may run)."""
+    try:
+        last = cast(bytes | None, get_redis().get(claims.last_claim_key(template_name)))
+    except RedisError:
+        return 0.0  # no record to go by: refill rather than leave the pool empty
+    if last is None:
+        return 0.0
+    return float(last) + float(settings.POOL_REFILL_DELAY_SECONDS) - time.time()
+
+
+def refill_after_claims(template_name: str) -> list[PoolReport] | float:
+    """The refill a claim asked for: the sweep of that pool once its claims have paused, or the
+    seconds left to wait (the task comes back then). Claims that arrive meanwhile do not send
+    another (their pending mark is this one's); once it runs, the next claim sends a new one."""
+    wait = claim_quiet_for(template_name)
+    if wait > 0.01:
+        return wait
+    get_redis().delete(claims.refill_pending_key(template_name))
+    return sweep(template_name)
+
+
 def sweep(template_name: str | None = None) -> list[PoolReport]:
     """One pass over every pool (or ``template_name``'s alone)."""
     backend = settings.WORKSPACE_BACKEND
@@ -112,7 +138,8 @@ def sweep(template_name: str | None = None) -> list[PoolReport]:
         for row in reversed(kept[size:]):
             if pools.retire_member(row["id"], name, "pool shrunk"):
                 report.retired["pool shrunk"] = report.retired.get("pool shrunk", 0) + 1
-        if template is not None and size > 0:
+        # During a burst of claims the refill waits (refill_after_claims brings it after).
+        if template is not None and size > 0 and claim_quiet_for(name) <= 0:
             report.made = len(pools.refill(template, backend).made)
         if report.made or report.retired:
             logger.info("pool sweep: %s", report.line())

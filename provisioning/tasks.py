@@ -142,8 +142,13 @@ def sweep_pools() -> list[str]:
 
 @_sweep_task(services.REFILL_TASK)
 def refill_pool(template: str) -> list[str]:
-    """A claim took a member: sweep that pool now, so the next create finds one too."""
-    return [report.line() for report in pools.sweep(template)]
+    """A claim took a member: sweep that pool once its claims pause, so the next create finds
+    one too (sent with a countdown; comes back while claims keep coming)."""
+    done = pools.refill_after_claims(template)
+    if isinstance(done, float):
+        refill_pool.apply_async((template,), countdown=done)
+        return []
+    return [report.line() for report in done]
 
 
 @_sweep_task("provisioning.sweep_liveness")

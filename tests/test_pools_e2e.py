@@ -111,10 +111,13 @@ def test_a_claimed_member_comes_online_with_the_claimers_env(
     assert created["id"] not in again
 
 
-def test_concurrent_creates_never_share_a_member_nor_an_env(on_pools, make_user) -> None:
+def test_concurrent_creates_never_share_a_member_nor_an_env(on_pools, make_user, settings) -> None:
     """Eight creates at once against a pool of three: each member is claimed at most once, the
     other creates start cold (or take a member the claims' refills made meanwhile), and every
     workspace serves its own claimer's env only."""
+    # No admission lock serialises the creates: the claim's own row lock is all that keeps
+    # two of them from one member.
+    settings.PROVISIONING_CONCURRENCY_LIMIT = 0
     members = ps.wait_pool_ready("burst", 3)
     users = [make_user(f"racer{index}") for index in range(8)]
     made = ps.create_concurrently(users, "burst")

@@ -114,7 +114,12 @@ def test_docker_claimed_member_comes_online_with_the_claimers_env(
     assert _app_page(restarted) == f"hello-docker|{online.id}"
 
 
-def test_docker_concurrent_creates_never_share_a_member_nor_an_env(on_pools, make_user) -> None:
+def test_docker_concurrent_creates_never_share_a_member_nor_an_env(
+    on_pools, make_user, settings
+) -> None:
+    # No admission lock serialises the creates: the claim's own row lock is all that keeps
+    # two of them from one member.
+    settings.PROVISIONING_CONCURRENCY_LIMIT = 0
     members = ps.wait_pool_ready("burst", 3)
     made = ps.create_concurrently([make_user(f"racer{index}") for index in range(6)], "burst")
     ids = [str(workspace.id) for workspace in made]

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 from celery import current_app
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q
@@ -24,6 +26,7 @@ from workspaces import metrics
 from workspaces.access import subdomain
 from workspaces.manifests import Template, pool_size
 from workspaces.models import Workspace
+from workspaces.redis_client import get_redis
 from workspaces.services.common import InvalidInput, _enqueue_converge
 from workspaces.status import DesiredState, WorkspaceStatus
 
@@ -49,11 +52,25 @@ def ready_members(template: Template, backend: str) -> Q:
     )
 
 
+def last_claim_key(template_name: str) -> str:
+    return f"{settings.GATE_KEY_PREFIX}:pool:{template_name}:last-claim"
+
+
+def refill_pending_key(template_name: str) -> str:
+    return f"{settings.GATE_KEY_PREFIX}:pool:{template_name}:refill-pending"
+
+
 def send_refill(template_name: str) -> None:
-    """Ask the engine to sweep one pool now; a broker that cannot take it is logged, the beat
-    sweep refills the pool later anyway."""
+    """After a claim's commit: note when the pool was last claimed and, unless a refill is
+    pending already, ask the engine for one ``POOL_REFILL_DELAY_SECONDS`` from now (the task
+    waits on while claims keep coming: ``provisioning.pools.refill_after_claims``). A broker or
+    Redis that cannot take it is logged: the beat sweep refills the pool later anyway."""
+    delay = float(settings.POOL_REFILL_DELAY_SECONDS)
     try:
-        current_app.send_task(REFILL_TASK, (template_name,))
+        redis = get_redis()
+        redis.set(last_claim_key(template_name), f"{time.time():.6f}", ex=3600)
+        if redis.set(refill_pending_key(template_name), "1", nx=True, ex=300):
+            current_app.send_task(REFILL_TASK, (template_name,), countdown=delay)
     except (BrokerError, RedisError, OSError) as exc:
         logger.warning("could not enqueue the refill of pool %s: %s", template_name, exc)
 
