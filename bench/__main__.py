@@ -45,6 +45,7 @@ MODULES = [
     "restart_storm",
     "proxy",
     "swarm_backend",
+    "pools",
 ]
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "docs" / "benchmarks.md"

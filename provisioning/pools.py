@@ -101,6 +101,13 @@ def refill_after_claims(template_name: str) -> list[PoolReport] | float:
 def sweep(template_name: str | None = None) -> list[PoolReport]:
     """One pass over every pool (or ``template_name``'s alone)."""
     backend = settings.WORKSPACE_BACKEND
+    # A backend that cannot hand a member over (Swarm) gets no members: creates start cold.
+    try:
+        if not backend_named(backend, check=False).keeps_pools:
+            return []
+    except BackendError as exc:
+        logger.warning("pool sweep: backend %s: %s", backend, exc)
+        return []
     current = {t.name: t for t in pooled_templates()}
     rows = list(
         pools.members()

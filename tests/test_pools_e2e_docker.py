@@ -171,3 +171,27 @@ def test_docker_dead_member_is_replaced_and_refilled(on_pools, api, docker_engin
     refilled = wait_for(lambda: len(ids := ps.ready_ids("pooled")) == 2 and ids, timeout=60)
     assert str(dead.id) not in refilled
     services.request_remove(online.id)
+
+
+def test_docker_claim_through_the_engine_when_the_volume_is_out_of_reach(
+    on_pools, api, docker_engine
+) -> None:
+    """A worker that cannot write the member's volume (not on the engine's host) hands the claim
+    over through the engine instead: into the container's own /tmp, never its volume."""
+    members = ps.wait_pool_ready("pooled", 2)
+    rows = Workspace.objects.filter(id__in=members)
+    assert all(row.backend_state.get("claim_dir") for row in rows)  # this worker can
+    for row in rows:
+        state = {**row.backend_state, "claim_dir": ""}
+        Workspace.objects.filter(id=row.id).update(backend_state=state)
+    response = api.post(
+        "/api/workspaces/",
+        {"name": "remote", "template": "pooled", "env": {"GREETING": "through-engine"}},
+        format="json",
+    )
+    assert response.json()["id"] in members
+    online = _online(response.json()["id"])
+    assert _app_page(online) == f"through-engine|{online.id}"
+    container = docker_engine.containers.get(online.backend_state["container_id"])
+    listing = container.exec_run(["ls", "-A", "/tmp", django_settings.DOCKER_CONFIG_MOUNT])
+    assert b".workspace-claim" not in listing.output  # read, then deleted by the agent

@@ -2,7 +2,7 @@
 
 Loaded and validated as a whole; a malformed manifest is reported with its path and field and
 left out, never raised into a caller such as the sweeper. The registry is cached per process and
-reloaded when any manifest file changes (checked at most once per ``RELOAD_CHECK_SECONDS``).
+reloaded when any file of the folder changes (checked at most once per ``RELOAD_CHECK_SECONDS``).
 """
 
 from __future__ import annotations
@@ -391,7 +391,9 @@ def load_templates(directory: Path) -> TemplateSet:
 def _signature(directory: Path) -> tuple:
     try:
         entries = []
-        for path in sorted(directory.glob(f"*/{MANIFEST_NAME}")):
+        # Every file, not only the manifests: a template's fingerprint covers its files, so a
+        # changed file must reach the warm pools (their members are made from the files).
+        for path in sorted(directory.glob("*/**/*")):
             stat = path.stat()
             entries.append((str(path), stat.st_mtime_ns, stat.st_size))
         return (directory.stat().st_mtime_ns, tuple(entries))
@@ -438,7 +440,7 @@ _registry = _Registry()
 
 
 def templates() -> TemplateSet:
-    """The current, validated template set (cached, reloaded when manifests change)."""
+    """The current, validated template set (cached, reloaded when its files change)."""
     return _registry.get()
 
 

@@ -66,11 +66,19 @@ if [ "${WORKSPACE_POOL:-0}" = 1 ]; then
     pause "$boot_delay"
     boot_delay=0
   fi
-  claim_file=${WORKSPACE_CLAIM_FILE:-/tmp/.workspace-claim}
+  # The platform writes it into the config volume when it can reach the volume on the engine's
+  # host, into this container's /tmp otherwise: either is complete once it ends with the mark.
+  claim_file=""
   trap '[ -n "$child" ] && kill "$child" 2>/dev/null' USR1
   log "pool member ready, waiting for a claim"
-  while ! grep -qx 'claim_complete=1' "$claim_file" 2>/dev/null; do
-    pause 2
+  while [ -z "$claim_file" ]; do
+    for candidate in "${WORKSPACE_CONFIG_DIR:-/nonexistent}/.workspace-claim" \
+      "${WORKSPACE_CLAIM_FILE:-/tmp/.workspace-claim}"; do
+      if grep -qx 'claim_complete=1' "$candidate" 2>/dev/null; then
+        claim_file=$candidate
+      fi
+    done
+    [ -n "$claim_file" ] || pause 2
   done
   trap '' USR1
   . "$claim_file"

@@ -167,6 +167,9 @@ class InstanceInfo:
 
 class WorkspaceBackend(ABC):
     name: ClassVar[str]
+    # Whether ``claim`` can hand a waiting member its workspace: the pool sweep makes members
+    # only on a backend that can.
+    keeps_pools: ClassVar[bool] = False
 
     @abstractmethod
     def check_available(self) -> None:

@@ -129,6 +129,9 @@ def environment(spec: LaunchSpec, *, host_net: bool) -> dict[str, str]:
 # Where a warm pool member's claim is written: the container's own /tmp (its writable layer, gone
 # with the container), never the config volume, which outlives a member that could not take it.
 CLAIM_FILE = "/tmp/.workspace-claim"
+# Or, where the worker can write the member's config volume on the engine's host, this file in
+# it (the agent looks in both; the worker deletes it when the member cannot take it).
+VOLUME_CLAIM_NAME = ".workspace-claim"
 # Names whose values the member's container was given for its own network (PLATFORM_URL is its
 # gateway's): a claim never overrides them with the platform-wide value.
 CLAIM_KEEPS = frozenset({"PLATFORM_URL", "WORKSPACE_CONFIG_DIR", "WORKSPACE_APP_HOST"})

@@ -149,6 +149,7 @@ POOL_READY_SECONDS = 10.0
 
 class ProcessBackend(WorkspaceBackend):
     name = "process"
+    keeps_pools = True
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root or settings.WORKSPACE_DATA_DIR)
