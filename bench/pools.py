@@ -20,6 +20,10 @@ else happening, the CPU the members use over ``REST_SECONDS`` (per member, as a 
 and their memory (per member: the agent's resident set on the process backend, the container's
 memory use on Docker).
 
+On a machine shared with other platforms, give the run a ``WORKSPACE_APP_PORTS`` range of its own
+below the kernel's ephemeral ports (``/proc/sys/net/ipv4/ip_local_port_range``): a port in use
+elsewhere fails an app's start, pool or not.
+
     .venv/bin/python -m bench.pools [process|docker ...]
 """
 

@@ -67,7 +67,8 @@ def refill(template: Template, backend: str | None = None) -> Refill:
     backend = backend or settings.WORKSPACE_BACKEND
     wanted = pool_size(template)
     with transaction.atomic():
-        locks.hold(f"pool:{template.name}")
+        # A lock's name holds 64 characters: two long names cut alike only share a lock.
+        locks.hold(f"pool:{template.name}"[:64])
         had = (
             members()
             .filter(pool=template.name, pool_fingerprint=template.fingerprint, backend=backend)
