@@ -72,6 +72,11 @@ def test_a_claimed_member_comes_online_with_the_claimers_env(
     member = Workspace.objects.get(id=sorted(members)[0])
     assert member.owner.username == pools.pool_owner().username
     assert member.env.reveal() == {}  # a member holds nobody's env
+    # Nor any secret of the platform's: no token, no identity in its process's environment.
+    with open(f"/proc/{member.backend_state['pid']}/environ", "rb") as handle:
+        names = {item.split(b"=", 1)[0] for item in handle.read().split(b"\0") if item}
+    assert b"WORKSPACE_POOL" in names
+    assert not names & {b"WORKSPACE_TOKEN", b"WORKSPACE_ID", b"GREETING"}
     # Visible to operators: /metrics (and the admin) show the pool.
     scraped = metrics.render()[0].decode()
     assert 'workspace_pool_ready{backend="process",template="pooled"} 2.0' in scraped

@@ -78,7 +78,7 @@ def _app_page(workspace: Workspace) -> str:
 
 
 def test_docker_claimed_member_comes_online_with_the_claimers_env(
-    on_pools, api, user, make_user
+    on_pools, api, user, make_user, docker_engine
 ) -> None:
     members = ps.wait_pool_ready("pooled", 2)
     containers = {
@@ -87,6 +87,11 @@ def test_docker_claimed_member_comes_online_with_the_claimers_env(
     }
     member = Workspace.objects.get(id=sorted(members)[0])
     assert member.env.reveal() == {}
+    # No secret of the platform's in a member's container: no token, no identity.
+    environment = docker_engine.containers.get(member.backend_state["container_id"]).attrs
+    names = {item.split("=", 1)[0] for item in environment["Config"]["Env"]}
+    assert "WORKSPACE_POOL" in names
+    assert not names & {"WORKSPACE_TOKEN", "WORKSPACE_ID", "GREETING"}
     staff = client_for(make_user("boss", staff=True))
     assert staff.get("/api/workspaces/").json()["count"] == 0
     response = api.post(
