@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 
 from provisioning.backends import backend_named
 from provisioning.backends.base import BackendError
-from workspaces.manifests import pool_size, pooled_templates, templates
+from workspaces.manifests import Template, pool_size, pooled_templates, templates
 from workspaces.redis_client import get_redis
 from workspaces.services import claims, pools
 from workspaces.status import DesiredState, WorkspaceStatus
@@ -50,18 +50,35 @@ class PoolReport:
         return f"{self.template}: size {self.size}, made {self.made}, retired {retired}"
 
 
-def _running_instances() -> set[str] | None:
-    """The ids of the instances the backend runs now, in one listing; None when it cannot be
-    asked (then no member is judged dead on a guess)."""
+def _running_instances() -> dict[str, str] | None:
+    """The instances the backend runs now, by workspace id, with the id of the image each runs
+    ("" where the backend has none), in one listing; None when it cannot be asked (then no
+    member is judged dead, nor outdated, on a guess)."""
     try:
         listed = backend_named(settings.WORKSPACE_BACKEND).list_instances()
     except BackendError as exc:
         logger.warning("pool sweep: the backend cannot list its instances: %s", exc)
         return None
-    return {info.workspace_id for info in listed if info.running}
+    return {info.workspace_id: info.image for info in listed if info.running}
 
 
-def _why_retire(row: Mapping[str, Any], fingerprint: str | None, running: set[str] | None) -> str:
+def _launch_image(template: Template | None) -> str | None:
+    """The image id a new member of ``template`` would run (None: not known, not compared)."""
+    if template is None:
+        return None
+    try:
+        return backend_named(settings.WORKSPACE_BACKEND, check=False).launch_image_id(template)
+    except BackendError as exc:
+        logger.warning("pool sweep: cannot tell %s's image: %s", template.name, exc)
+        return None
+
+
+def _why_retire(
+    row: Mapping[str, Any],
+    fingerprint: str | None,
+    running: dict[str, str] | None,
+    image: str | None,
+) -> str:
     if fingerprint is None:
         return "template gone"
     if row["pool_fingerprint"] != fingerprint:
@@ -70,8 +87,13 @@ def _why_retire(row: Mapping[str, Any], fingerprint: str | None, running: set[st
         return "failed"
     ready = row["status"] == S.PROVISIONING and row["is_running"]
     done = row["requested_seq"] == row["handled_seq"]
-    if ready and done and running is not None and str(row["id"]) not in running:
-        return "died"
+    if ready and done and running is not None:
+        if str(row["id"]) not in running:
+            return "died"
+        # A base image rebuilt under its tag: the member runs what the template no longer does.
+        runs = running[str(row["id"])]
+        if image is not None and runs and runs != image:
+            return "image changed"
     return ""
 
 
@@ -127,7 +149,7 @@ def sweep(template_name: str | None = None) -> list[PoolReport]:
     names = set(current) | {row["pool"] for row in rows}
     if template_name is not None:
         names &= {template_name}
-    running = _running_instances() if rows else set()
+    running = _running_instances() if rows else {}
     reports: list[PoolReport] = []
     for name in sorted(names):
         template = templates().get(name)
@@ -135,8 +157,10 @@ def sweep(template_name: str | None = None) -> list[PoolReport]:
         report = PoolReport(name, size)
         fingerprint = template.fingerprint if template is not None else None
         kept: list[Mapping[str, Any]] = []
-        for row in (r for r in rows if r["pool"] == name):
-            why = _why_retire(row, fingerprint, running)
+        mine = [r for r in rows if r["pool"] == name]
+        image = _launch_image(template) if mine else None
+        for row in mine:
+            why = _why_retire(row, fingerprint, running, image)
             if not why:
                 kept.append(row)
             elif pools.retire_member(row["id"], name, why):

@@ -37,12 +37,18 @@ DOCKER_APP = (
 )
 
 
-def manifest(app_command: str, size: int, note: str = "", required: str = "") -> str:
+def manifest(
+    app_command: str,
+    size: int,
+    note: str = "",
+    required: str = "",
+    image: str = "workspace-agent:dev",
+) -> str:
     return (
         f"# {note}\n"
         "runtime: shell\n"
         + (f"runtime_config:\n  required_env: [{required}]\n" if required else "")
-        + "image: workspace-agent:dev\n"
+        + f"image: {image}\n"
         "env:\n  AGENT_HEARTBEAT_SECONDS: '1'\n"
         f"app:\n  port: auto\n  health_path: /\n  command: {json.dumps(app_command)}\n"
         f"pool:\n  size: {size}\n"

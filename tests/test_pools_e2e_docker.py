@@ -3,6 +3,7 @@ templates folder of its own (tests/pool_support.py), real agents waiting in thei
 
 from __future__ import annotations
 
+import io
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -200,3 +201,42 @@ def test_docker_claim_through_the_engine_when_the_volume_is_out_of_reach(
     container = docker_engine.containers.get(online.backend_state["container_id"])
     listing = container.exec_run(["ls", "-A", "/tmp", django_settings.DOCKER_CONFIG_MOUNT])
     assert b".workspace-claim" not in listing.output  # read, then deleted by the agent
+
+
+def test_docker_member_of_a_rebuilt_image_is_retired(
+    on_pools, api, pool_dir, docker_engine
+) -> None:
+    """The image is rebuilt under the template's tag (the manifest does not change): the sweep
+    retires the members that run the old one and makes new ones from the new one."""
+    docker_engine.images.get("workspace-agent:dev").tag("pool-test", "dev")
+    folder = pool_dir / "imaged"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(ps.manifest(ps.DOCKER_APP, 1, image="pool-test:dev"))
+    try:
+        ps.use_templates_reload()
+        [old] = ps.wait_pool_ready("imaged", 1)
+        old_image = docker_engine.containers.get(
+            Workspace.objects.get(id=old).backend_state["container_id"]
+        ).attrs["Image"]
+        dockerfile = io.BytesIO(b"FROM workspace-agent:dev\nLABEL pool-test=rebuilt\n")
+        docker_engine.images.build(fileobj=dockerfile, tag="pool-test:dev", rm=True)
+        ps.pools_sweep()
+        retired = Workspace.objects.get(id=old)
+        assert (retired.desired_state, retired.requested_by) == ("removed", "pool:image changed")
+        [new] = wait_for(lambda: ps.ready_ids("imaged") - {old}, timeout=60, interval=0.3)
+        new_image = docker_engine.containers.get(
+            Workspace.objects.get(id=new).backend_state["container_id"]
+        ).attrs["Image"]
+        assert new_image != old_image
+        response = api.post(
+            "/api/workspaces/",
+            {"name": "rebuilt", "template": "imaged", "env": {"GREETING": "r"}},
+            format="json",
+        )
+        assert response.json()["id"] == new
+        assert _app_page(_online(new)) == f"r|{new}"
+    finally:
+        shutil.rmtree(folder)
+        ps.use_templates_reload()
+        ps.remove_everything()
+        docker_engine.images.remove("pool-test:dev", force=True)

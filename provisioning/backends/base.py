@@ -163,6 +163,9 @@ class InstanceInfo:
     generation: int | None = None
     ref: str = ""
     exit_code: int | None = None
+    # The id of the image the instance runs, where the backend has images ("" otherwise): the
+    # pool sweep retires a member whose image is no longer what its template launches.
+    image: str = ""
 
 
 class WorkspaceBackend(ABC):
@@ -203,6 +206,13 @@ class WorkspaceBackend(ABC):
     def start(self, spec: LaunchSpec, state: State) -> State:
         """Run the instance for ``spec.generation``; an instance of an earlier cycle is replaced,
         never duplicated. Returns the new state once the backend reports it running."""
+
+    def launch_image_id(self, template: Template) -> str | None:
+        """The id of the image a new instance of ``template`` would run now, for comparing with
+        ``InstanceInfo.image``; None when the backend has no images. An image that does not exist
+        yet (a rebuilt base whose config image is still to be made) is "" : nothing running can
+        be from it."""
+        return None
 
     def claim(self, spec: LaunchSpec, state: State) -> State:
         """Hand a waiting pool member (started from a ``pooled`` spec) its workspace: write

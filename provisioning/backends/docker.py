@@ -29,6 +29,7 @@ from django.conf import settings
 from docker.models.containers import Container
 
 from provisioning.backends import docker_networks, follow
+from provisioning.backends.agent_image import config_image_files, config_image_tag
 from provisioning.backends.base import (
     CONFIG_MARKER,
     BackendError,
@@ -57,12 +58,14 @@ from provisioning.backends.engine import (
     container_name,
     engine_errors,
     generation_of,
+    image_for,
     label,
     labelled,
     platform_filter,
     volume_name,
     workspace_user_ids,
 )
+from workspaces.manifests import Template
 
 _CREATE_ATTEMPTS = 3
 # The label the engine puts on the container of a Swarm task.
@@ -290,6 +293,20 @@ class DockerBackend(EngineBackend):
             return ""
         return f"; last output: {output}" if output else ""
 
+    def launch_image_id(self, template: Template) -> str | None:
+        """Read now, never from a cache: a base image rebuilt under its tag must be seen."""
+        spec = LaunchSpec(UUID(int=0), 0, template, {})
+        reference = image_for(spec)
+        with engine_errors(f"inspecting image {reference}"):
+            try:
+                if config_in_image(spec):
+                    base_id = str(self.client.api.inspect_image(reference)["Id"])
+                    files = config_image_files(template.name, template.config_files())
+                    reference = config_image_tag(base_id, template.name, files)
+                return str(self.client.api.inspect_image(reference)["Id"])
+            except docker.errors.NotFound:
+                return ""
+
     def claim(self, spec: LaunchSpec, state: State) -> State:
         """The claim as a file the member's agent reads, then SIGUSR1 to the agent (the
         container's first process, which traps it).
@@ -487,6 +504,7 @@ class DockerBackend(EngineBackend):
                 generation=int(generation) if generation.isdigit() else None,
                 ref=str(row.get("Id", "")),
                 exit_code=exit_code,
+                image=str(row.get("ImageID") or ""),
             )
             # Names are fixed (ws-<id>), so two containers for one id only exist when someone
             # made one by hand with our labels; a running one is the one that matters.
