@@ -46,6 +46,7 @@ MODULES = [
     "proxy",
     "swarm_backend",
     "process_namespace",
+    "pools",
 ]
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "docs" / "benchmarks.md"

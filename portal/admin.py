@@ -91,6 +91,30 @@ class TeamFilter(admin.SimpleListFilter):
         return queryset
 
 
+class PoolFilter(admin.SimpleListFilter):
+    """Warm pools' unclaimed members (nobody's workspaces), by template, or people's alone."""
+
+    title = "warm pool"
+    parameter_name = "pool"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        names = (
+            Workspace.objects.exclude(pool="")
+            .exclude(status=S.REMOVED)
+            .order_by("pool")
+            .values_list("pool", flat=True)
+            .distinct()
+        )
+        return [("-", "not a member (people's)"), *((name, f"members of {name}") for name in names)]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        if self.value() == "-":
+            return queryset.filter(pool="")
+        if self.value():
+            return queryset.filter(pool=self.value())
+        return queryset
+
+
 class WorkspaceEventInline(admin.TabularInline):
     model = WorkspaceEvent
     fields = ["created_at", "type", "source", "actor", "generation", "payload"]
@@ -180,6 +204,7 @@ class WorkspaceAdmin(admin.ModelAdmin):
         "in_state",
         "error_short",
         "template",
+        "pool",
         "updated_at",
     ]
     list_display_links = ["name"]
@@ -187,6 +212,7 @@ class WorkspaceAdmin(admin.ModelAdmin):
         "status",
         ("owner", admin.RelatedOnlyFieldListFilter),
         TeamFilter,
+        PoolFilter,
         "runtime",
         "backend",
         "is_running",
@@ -221,6 +247,8 @@ class WorkspaceAdmin(admin.ModelAdmin):
         "provisioning_started_at",
         "config_populated_at",
         "backend_state",
+        "pool",
+        "pool_fingerprint",
         "created_at",
         "updated_at",
         "recent_output",
@@ -248,6 +276,7 @@ class WorkspaceAdmin(admin.ModelAdmin):
                     ("generation", "requested_seq", "handled_seq"),
                     ("status_changed_at", "provisioning_started_at", "config_populated_at"),
                     "backend_state",
+                    ("pool", "pool_fingerprint"),
                     ("created_at", "updated_at"),
                 ],
             },

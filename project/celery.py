@@ -27,6 +27,8 @@ def _configure_routes_and_beat(sender: Celery, **_: Any) -> None:
         "provisioning.reconcile": {"queue": sweep_queue},
         "provisioning.sweep_liveness": {"queue": sweep_queue},
         "provisioning.sweep_idle": {"queue": sweep_queue},
+        "provisioning.sweep_pools": {"queue": sweep_queue},
+        "provisioning.refill_pool": {"queue": sweep_queue},
     }
     sender.conf.beat_schedule = {
         "sweep-stuck-provisioning": {
@@ -54,6 +56,11 @@ def _configure_routes_and_beat(sender: Celery, **_: Any) -> None:
                 "queue": sweep_queue,
                 "expires": settings.LIVENESS_SWEEP_INTERVAL_SECONDS,
             },
+        },
+        "sweep-pools": {
+            "task": "provisioning.sweep_pools",
+            "schedule": float(settings.POOL_SWEEP_INTERVAL_SECONDS),
+            "options": {"queue": sweep_queue, "expires": settings.POOL_SWEEP_INTERVAL_SECONDS},
         },
         "sweep-idle": {
             "task": "provisioning.sweep_idle",

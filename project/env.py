@@ -41,6 +41,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     ),
     "timeouts": ("Provisioning timeouts", "How long provisioning may take, and the sweeper."),
     "idle": ("Idle auto-stop", "Stopping workspaces nobody uses."),
+    "pools": ("Warm pools", "Instances kept ready for a create to claim (docs/operating.md)."),
     "docker": ("Docker backend", "Containers on one engine (Swarm uses its image, user, limits)."),
     "swarm": ("Swarm backend", "Services on a swarm of engines."),
     "proxy": ("Workspace apps and the proxy", "How a workspace's app is reached."),
@@ -290,10 +291,12 @@ def env_int_map(
     doc: str = "",
     section: str = "",
     shown: str | None = None,
+    minimum: int = 1,
+    unit: str = "seconds",
 ) -> dict[str, int]:
     """Parse ``key=int,key=int`` (e.g. ``hermes=1800,claude-code=900``)."""
     text = ",".join(f"{key}={number}" for key, number in default.items())
-    _declare(name, text, "key=seconds, comma-separated", doc, section, shown)
+    _declare(name, text, f"key={unit}, comma-separated", doc, section, shown)
     value = _raw(name, None, environ)
     if value is None:
         return dict(default)
@@ -303,13 +306,17 @@ def env_int_map(
             continue
         key, sep, number = item.partition("=")
         if not sep or not key.strip():
-            raise ImproperlyConfigured(f"{name}: {item!r} is not of the form key=seconds")
+            raise ImproperlyConfigured(f"{name}: {item!r} is not of the form key={unit}")
         try:
             seconds = int(number)
         except ValueError:
             raise ImproperlyConfigured(f"{name}: {item!r} has a non-integer value") from None
-        if seconds <= 0:
-            raise ImproperlyConfigured(f"{name}: {item!r} must be positive")
+        if seconds < minimum:
+            raise ImproperlyConfigured(
+                f"{name}: {item!r} must be positive"
+                if minimum == 1
+                else f"{name}: {item!r} must be at least {minimum}"
+            )
         result[key.strip()] = seconds
     return result
 

@@ -680,6 +680,49 @@ SWEEP_PROVISIONING_POISON_BACKOFF_SECONDS = env_int(
     doc="How long a row that made the sweep fail is left alone.",
 )
 
+section("pools")
+# Warm pools (docs/operating.md "Warm pools"): per template, instances kept running and waiting so
+# that a create claims one instead of starting cold. The manifest's `pool: {size: N}` says how
+# many; this overrides it per template (0 switches a template's pool off).
+WORKSPACE_POOL_SIZES = env_int_map(
+    "WORKSPACE_POOL_SIZES",
+    {},
+    minimum=0,
+    unit="size",
+    doc=(
+        "Per-template warm pool sizes (`shell-default=5,jupyterlab=0`), overriding the "
+        "manifests' `pool.size`; `0` switches a pool off."
+    ),
+)
+POOL_SWEEP_INTERVAL_SECONDS = env_int(
+    "POOL_SWEEP_INTERVAL_SECONDS",
+    15,
+    minimum=1,
+    doc=(
+        "How often beat runs the pool sweep (refill, retire changed or failed members); a "
+        "claim also asks for a refill at once."
+    ),
+)
+# A claim's refill waits this long after the template's latest claim: a burst of creates is
+# served by the pool first, and its members' replacements start once it is over (started during
+# it, they take the CPU its hand-overs need: on 2 cores, 50 claims took 3 s instead of 1).
+POOL_REFILL_DELAY_SECONDS = env_float(
+    "POOL_REFILL_DELAY_SECONDS",
+    1.0,
+    doc=(
+        "A pool is refilled this long after its latest claim (claims within it push the "
+        "refill on), so replacements never compete with a burst's hand-overs."
+    ),
+)
+WORKSPACE_POOL_OWNER = env_str(
+    "WORKSPACE_POOL_OWNER",
+    "_pool",
+    doc=(
+        "The username that owns unclaimed pool members (made inactive, without a password); "
+        "no person may use it."
+    ),
+)
+
 section("idle")
 IDLE_TIMEOUT_SECONDS = env_int(
     "IDLE_TIMEOUT_SECONDS",

@@ -19,6 +19,7 @@ from uuid import UUID
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
+from django.utils import timezone
 
 from provisioning import gate
 from provisioning.backends import backend_for
@@ -46,6 +47,8 @@ class Action(enum.StrEnum):
     PROVISION = "provision"
     START = "start"
     RESTART = "restart"
+    # A create claimed a warm pool's member: hand its waiting agent the workspace.
+    CLAIM = "claim"
     STOP = "stop"
     REMOVE = "remove"
     # Stop what a failed workspace left running and keep it failed (after the sweep's flip).
@@ -64,6 +67,8 @@ def plan(workspace: Workspace) -> Action | None:
         # A failed row with "stopped" pending is what the stuck-provisioning sweep leaves: stop
         # what is left, but keep the failure visible. A person's stop goes through `stopping`.
         return Action.REAP if workspace.status == S.FAILED else Action.STOP
+    if workspace.claim_pending:
+        return Action.CLAIM
     if workspace.generation == 0:
         return Action.PROVISION
     if workspace.is_running or workspace.status in (S.ONLINE, S.DEGRADED, S.PROVISIONING):
@@ -149,6 +154,20 @@ def launch_env(
         if template.app.command:
             launched["WORKSPACE_APP_COMMAND"] = template.app.command
     return launched
+
+
+# What a pool member learns only at its claim (its agent waits for them).
+_CLAIM_ONLY_ENV = ("WORKSPACE_ID", "WORKSPACE_GENERATION")
+
+
+def pool_member_env(workspace: Workspace, template: Template) -> dict[str, str]:
+    """A warm pool member's launch env: the template's part alone. No identity, no token, no
+    person's env: nothing a member holds is a secret until its claim hands them over."""
+    env = launch_env(workspace, {}, template, 0)
+    for key in _CLAIM_ONLY_ENV:
+        env.pop(key, None)
+    env["WORKSPACE_POOL"] = "1"
+    return env
 
 
 def missing_required_env(env: dict[str, str], template: Template) -> list[str]:
@@ -242,6 +261,9 @@ def _start_cycle(
         return False
     lease.set_generation(cycle.generation)
     workspace, generation, seq = cycle.workspace, cycle.generation, cycle.seq
+    # A warm pool's member runs the template's part only; a claimed one (the row as locked when
+    # this cycle began, which cleared the flag: a redelivered cycle starts cold) takes the rest.
+    pooled, claimed = bool(workspace.pool), workspace.claim_pending
 
     def refuse(message: str, payload: dict[str, Any] | None = None) -> bool:
         """Fail the cycle before any backend call (an instance that may run is stopped)."""
@@ -265,11 +287,12 @@ def _start_cycle(
         )
     # The only place a workspace's env is decrypted: the cycle that launches its instance.
     try:
-        env = workspace.env.reveal()
+        env = {} if pooled else workspace.env.reveal()
     except EnvDecryptionError as exc:
         return refuse(str(exc))
-    # Preflight: before any backend call, so a missing key fails in a second, not a timeout.
-    missing = missing_required_env(env, template)
+    # Preflight: before any backend call, so a missing key fails in a second, not a timeout. A
+    # member has no env to check: its claim checked the claimer's before taking it.
+    missing = [] if pooled else missing_required_env(env, template)
     if missing:
         return refuse(
             f"missing required environment variables: {', '.join(missing)}",
@@ -308,10 +331,19 @@ def _start_cycle(
             workspace.id,
             generation,
             template,
-            {**launch_env(workspace, env, template, generation), "WORKSPACE_TOKEN": token},
+            pool_member_env(workspace, template)
+            if pooled
+            else {**launch_env(workspace, env, template, generation), "WORKSPACE_TOKEN": token},
             uid=uid,
+            pooled=pooled,
         )
         state = dict(workspace.backend_state)
+        if (
+            claimed
+            and template.name == workspace.template
+            and _claim(backend, spec, state, lease, seq)
+        ):
+            return True
         if _leftover_possible(workspace):
             # Replace whatever runs (an earlier cycle's, or a killed worker's) before the new one.
             grace = settings.STOP_GRACE_SECONDS
@@ -333,6 +365,10 @@ def _start_cycle(
             handled_seq=seq,
             config_populated=populated,
         )
+        if pooled:
+            metrics.POOL_REFILL_SECONDS.labels(
+                template=template.name, backend=backend.name
+            ).observe(max(0.0, (timezone.now() - workspace.created_at).total_seconds()))
     except BackendError as exc:
         if isinstance(exc, TransientBackendError) and not final_attempt:
             raise  # the task retries with backoff; the next attempt is a new cycle
@@ -356,6 +392,24 @@ def _start_cycle(
             message=f"the {action.value} cycle exceeded {settings.CYCLE_SOFT_TIME_LIMIT_SECONDS} s",
             backend=backend,
         )
+    return True
+
+
+def _claim(
+    backend: WorkspaceBackend, spec: LaunchSpec, state: dict, lease: gate.Lease, seq: int
+) -> bool:
+    """Hand the claimed member its workspace; False when it cannot take it (it died since it was
+    ready): the caller then starts the workspace cold, replacing whatever the member left."""
+    cycle = spec.workspace_id, spec.generation
+    try:
+        state = _confirmed(lease, backend.claim, spec, state)
+    except BackendError as exc:
+        logger.warning("pool member %s could not take its claim, starting cold: %s", cycle[0], exc)
+        metrics.POOL_CLAIM_FALLBACKS.labels(template=spec.template.name, backend=backend.name).inc()
+        return False
+    services.record_backend_facts(
+        *cycle, is_running=True, backend_state=state, started=True, handled_seq=seq
+    )
     return True
 
 
@@ -522,6 +576,7 @@ _CYCLES: dict[Action, Callable[[Workspace, Action, gate.Lease, bool], bool]] = {
     Action.PROVISION: _start_cycle,
     Action.START: _start_cycle,
     Action.RESTART: _start_cycle,
+    Action.CLAIM: _start_cycle,
     Action.STOP: _stop_cycle,
     Action.REMOVE: _remove_cycle,
     Action.REAP: _reap_cycle,

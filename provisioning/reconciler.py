@@ -41,7 +41,7 @@ from uuid import UUID
 
 from django.conf import settings
 
-from provisioning import gate, routes
+from provisioning import gate, pools, routes
 from provisioning.backends import backend_named, default_backend_name
 from provisioning.backends.base import (
     BackendError,
@@ -137,6 +137,7 @@ class PassReport:
     unavailable: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     proxy: routes.ProxyReport = field(default_factory=routes.ProxyReport)
+    pools: list[str] = field(default_factory=list)
 
     @property
     def total_backend_calls(self) -> int:
@@ -331,6 +332,9 @@ def reconcile_once(backends: Mapping[str, WorkspaceBackend] | None = None) -> Pa
     Safe to run concurrently with cycles, the sweeps and another pass: every repair takes the
     workspace's gate without waiting and writes by compare-and-set on the generation."""
     report = _Pass(backends).run()
+    if backends is None:
+        # The warm pools follow too: a member the pass found dead is failed now and replaced.
+        report.pools = [line.line() for line in pools.sweep()]
     if report.repairs or report.errors or report.proxy.restored:
         logger.info("reconcile pass: %s", report.summary())
     return report

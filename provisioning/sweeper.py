@@ -130,8 +130,10 @@ BetweenScanAndFlip = Callable[[Sequence[Overdue]], None]
 def in_flight_query(now: datetime, after: tuple[datetime, UUID] | None = None) -> QuerySet[Any]:
     """The scan's query: rows in ``provisioning`` started by ``now``, after the keyset ``after``,
     oldest first. A test checks that PostgreSQL serves it from ``ws_provisioning_inflight``."""
+    # A warm pool's member waits in provisioning for as long as nobody claims it; the pool
+    # sweep (provisioning/pools.py) owns it, and its claim starts the clock anew.
     rows = Workspace.objects.filter(
-        status=WorkspaceStatus.PROVISIONING, provisioning_started_at__lte=now
+        status=WorkspaceStatus.PROVISIONING, provisioning_started_at__lte=now, pool=""
     )
     if after is not None:
         rows = rows.filter(provisioning_started_at__gte=after[0]).exclude(

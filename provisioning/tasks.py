@@ -14,7 +14,7 @@ from django.db.models import F
 from django.utils import timezone
 from redis.exceptions import RedisError
 
-from provisioning import gate, idle, lifecycle, sweeper
+from provisioning import gate, idle, lifecycle, pools, sweeper
 from provisioning.backends.base import TransientBackendError
 from provisioning.liveness import sweep_missed_heartbeats
 from provisioning.reconciler import reconcile_once
@@ -132,6 +132,23 @@ def reconcile() -> dict[str, Any]:
     summary = reconcile_once().summary()
     metrics.record_reconcile(summary)
     return summary
+
+
+@_sweep_task("provisioning.sweep_pools")
+def sweep_pools() -> list[str]:
+    """Refill every warm pool and retire the members that must not be claimed."""
+    return [report.line() for report in pools.sweep()]
+
+
+@_sweep_task(services.REFILL_TASK)
+def refill_pool(template: str) -> list[str]:
+    """A claim took a member: sweep that pool once its claims pause, so the next create finds
+    one too (sent with a countdown; comes back while claims keep coming)."""
+    done = pools.refill_after_claims(template)
+    if isinstance(done, float):
+        refill_pool.apply_async((template,), countdown=done)
+        return []
+    return [report.line() for report in done]
 
 
 @_sweep_task("provisioning.sweep_liveness")

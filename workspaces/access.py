@@ -86,7 +86,7 @@ def workspace_for_host(host: str | None) -> Workspace | None:
 
 
 def workspace_for_proxy(workspace_id: str | None) -> Workspace | None:
-    """The workspace an ``open`` link names by id, or None."""
+    """The workspace an ``open`` link names by id, or None (never a warm pool's member)."""
     try:
         key = UUID(str(workspace_id))
     except ValueError:
@@ -95,7 +95,7 @@ def workspace_for_proxy(workspace_id: str | None) -> Workspace | None:
         Workspace.objects.select_related("owner")
         .defer("env", "backend_state")
         .exclude(status=WorkspaceStatus.REMOVED)
-        .filter(id=key)
+        .filter(id=key, pool="")
         .first()
     )
 

@@ -2,11 +2,12 @@
 
 Loaded and validated as a whole; a malformed manifest is reported with its path and field and
 left out, never raised into a caller such as the sweeper. The registry is cached per process and
-reloaded when any manifest file changes (checked at most once per ``RELOAD_CHECK_SECONDS``).
+reloaded when any file of the folder changes (checked at most once per ``RELOAD_CHECK_SECONDS``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import time
@@ -37,7 +38,11 @@ _KNOWN_KEYS = {
     "app",
     "restart",
     "placement",
+    "pool",
 }
+_KNOWN_POOL_KEYS = {"size"}
+# A pool's size is bounded: each member holds a uid, a port and a running agent.
+MAX_POOL_SIZE = 1000
 _KNOWN_RESOURCE_KEYS = {"memory", "cpus", "pids"}
 MEMORY_RE = re.compile(r"^[1-9][0-9]*[bkmg]?\Z")
 _KNOWN_RUNTIME_KEYS = {"provision_timeout_seconds", "required_env", "idle_timeout_seconds"}
@@ -97,6 +102,12 @@ class Template:
     restart: str = "on-failure"
     # Swarm placement constraints (``node.labels.zone==a``); other backends ignore them.
     placement: tuple[str, ...] = ()
+    # Warm pool (``pool: {size: N}``): how many instances the platform keeps ready to claim;
+    # WORKSPACE_POOL_SIZES overrides it (services.pools.pool_size is the one accessor).
+    pool_size: int = 0
+    # A digest of the manifest, the template's files and its image: a pool member made from an
+    # older one is never claimed.
+    fingerprint: str = ""
 
     @property
     def is_team(self) -> bool:
@@ -246,7 +257,16 @@ def parse_manifest(name: str, manifest_path: Path) -> Template:
         else _str_list(manifest_path, "runtime_config.required_env", required, ENV_NAME_RE)
     )
     resources = _resources(manifest_path, data.get("resources"))
+    pool_size = _pool(manifest_path, data.get("pool"))
+    if pool_size and (command is not None or members):
+        raise _fail(
+            manifest_path,
+            "pool",
+            "needs the platform's agent: a template with a command or members cannot pool",
+        )
     return Template(
+        pool_size=pool_size,
+        fingerprint=_fingerprint(manifest_path, image),
         placement=_placement(manifest_path, data.get("placement")),
         app=_app(manifest_path, data.get("app")),
         name=name,
@@ -263,6 +283,31 @@ def parse_manifest(name: str, manifest_path: Path) -> Template:
         idle_timeout_seconds=idle,
         restart=restart,
     )
+
+
+def _pool(path: Path, value: Any) -> int:
+    if value is None:
+        return 0
+    if not isinstance(value, dict):
+        raise _fail(path, "pool", "must be a mapping: {size: N}")
+    unknown = sorted(set(value) - _KNOWN_POOL_KEYS)
+    if unknown:
+        raise _fail(path, f"pool.{unknown[0]}", "unknown key")
+    size = value.get("size", 0)
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_POOL_SIZE:
+        raise _fail(path, "pool.size", f"must be an integer from 0 to {MAX_POOL_SIZE}")
+    return size
+
+
+def _fingerprint(manifest_path: Path, image: str | None) -> str:
+    """What a pool member was made from: the manifest, every file of the folder, the image."""
+    digest = hashlib.sha256()
+    digest.update((image or settings.DOCKER_AGENT_IMAGE).encode())
+    for path in sorted(manifest_path.parent.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            digest.update(path.relative_to(manifest_path.parent).as_posix().encode() + b"\0")
+            digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:32]
 
 
 def _app(path: Path, value: Any) -> AppSpec | None:
@@ -346,7 +391,9 @@ def load_templates(directory: Path) -> TemplateSet:
 def _signature(directory: Path) -> tuple:
     try:
         entries = []
-        for path in sorted(directory.glob(f"*/{MANIFEST_NAME}")):
+        # Every file, not only the manifests: a template's fingerprint covers its files, so a
+        # changed file must reach the warm pools (their members are made from the files).
+        for path in sorted(directory.glob("*/**/*")):
             stat = path.stat()
             entries.append((str(path), stat.st_mtime_ns, stat.st_size))
         return (directory.stat().st_mtime_ns, tuple(entries))
@@ -393,9 +440,24 @@ _registry = _Registry()
 
 
 def templates() -> TemplateSet:
-    """The current, validated template set (cached, reloaded when manifests change)."""
+    """The current, validated template set (cached, reloaded when its files change)."""
     return _registry.get()
 
 
 def invalidate_templates() -> None:
     _registry.invalidate()
+
+
+def pool_size(template: Template) -> int:
+    """How many members ``template``'s warm pool keeps, the one accessor: WORKSPACE_POOL_SIZES >
+    the manifest's ``pool.size`` > 0. A template whose command replaces the agent, or a team, has
+    no pool (nothing would wait for a claim)."""
+    if template.command or template.is_team:
+        return 0
+    override: Mapping[str, int] = settings.WORKSPACE_POOL_SIZES
+    return int(override.get(template.name, template.pool_size))
+
+
+def pooled_templates() -> list[Template]:
+    """Every template with a pool of at least one member."""
+    return [t for t in templates().templates.values() if pool_size(t) > 0]

@@ -33,9 +33,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from workspaces.manifests import pool_size, pooled_templates
 from workspaces.models import Workspace
 from workspaces.redis_client import get_redis
-from workspaces.status import WorkspaceStatus
+from workspaces.status import DesiredState, WorkspaceStatus
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,22 @@ PROVISION_TO_ONLINE = Histogram(
     "From the start of a provisioning cycle to the agent's registration (online)",
     ["runtime", "backend"],
     buckets=(0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
+)
+POOL_CLAIMS = Counter(
+    "workspace_pool_claims_total",
+    "Creates served by a warm pool's member, by template and backend",
+    ["template", "backend"],
+)
+POOL_REFILL_SECONDS = Histogram(
+    "workspace_pool_refill_seconds",
+    "From a pool member's insert to its agent running and waiting (ready to claim)",
+    ["template", "backend"],
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
+)
+POOL_CLAIM_FALLBACKS = Counter(
+    "workspace_pool_claim_fallbacks_total",
+    "Claims whose member could not take the hand-over (it had died): started cold instead",
+    ["template", "backend"],
 )
 SWEEP_RESULTS = Counter(
     "workspace_sweep_results_total",
@@ -102,7 +119,9 @@ class StateCollector(Collector):
         )
         counts = {
             (row["status"], row["backend"]): row["n"]
-            for row in Workspace.objects.values("status", "backend").annotate(n=Count("id"))
+            for row in Workspace.objects.filter(pool="")
+            .values("status", "backend")
+            .annotate(n=Count("id"))
         }
         backends = sorted({backend for _, backend in counts} | set(settings.WORKSPACE_BACKENDS))
         # Every status appears (0 included), so a dashboard's series never vanish.
@@ -110,6 +129,7 @@ class StateCollector(Collector):
             for backend in backends:
                 by_status.add_metric([status, backend], counts.get((status, backend), 0))
         yield by_status
+        yield from _pool_gauges()
 
         depth = GaugeMetricFamily(
             "celery_queue_length", "Tasks waiting in each Celery queue (Redis)", labels=["queue"]
@@ -120,6 +140,45 @@ class StateCollector(Collector):
             keys = [queue, *(f"{queue}\x06\x16{step}" for step in (3, 6, 9))]
             depth.add_metric([queue], sum(cast(int, redis.llen(key)) for key in keys))
         yield depth
+
+
+def _pool_gauges() -> Iterator[Metric]:
+    """Warm pools: the size asked for (``desired``) and the members by state, per template."""
+    gauges = {
+        name: GaugeMetricFamily(f"workspace_pool_{name}", text, labels=["template", "backend"])
+        for name, text in (
+            ("desired", "The pool size the manifest or WORKSPACE_POOL_SIZES asks for"),
+            ("ready", "Members running with their agent waiting: claimable now"),
+            ("starting", "Members being made (their cycle has not finished)"),
+            ("failed", "Members whose cycle failed or whose instance died (to be replaced)"),
+        )
+    }
+    backend = settings.WORKSPACE_BACKEND
+    counts: dict[tuple[str, str], int] = {}
+    rows = (
+        Workspace.objects.exclude(pool="")
+        .exclude(status=WorkspaceStatus.REMOVED)
+        .filter(backend=backend)
+        .values("pool", "status", "is_running", "desired_state")
+        .annotate(n=Count("id"))
+    )
+    for row in rows:
+        if row["status"] == WorkspaceStatus.FAILED:
+            state = "failed"
+        elif row["desired_state"] != DesiredState.RUNNING:
+            continue  # retired, on its way out
+        elif row["status"] == WorkspaceStatus.PROVISIONING and row["is_running"]:
+            state = "ready"
+        else:
+            state = "starting"
+        counts[(row["pool"], state)] = counts.get((row["pool"], state), 0) + row["n"]
+    names = {template.name: pool_size(template) for template in pooled_templates()}
+    names.update({pool: names.get(pool, 0) for pool, _ in counts})
+    for name, size in sorted(names.items()):
+        gauges["desired"].add_metric([name, backend], size)
+        for state in ("ready", "starting", "failed"):
+            gauges[state].add_metric([name, backend], counts.get((name, state), 0))
+    yield from gauges.values()
 
 
 def render() -> tuple[bytes, str]:

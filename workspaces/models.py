@@ -101,6 +101,18 @@ class Workspace(models.Model):
     # Released when the row is removed (the unique constraint ignores removed rows), so two live
     # workspaces never share one.
     isolation_uid = models.PositiveIntegerField(null=True, blank=True, editable=False)
+    # The warm pool (workspaces/services/pools.py): the template whose pool this row is an
+    # unclaimed member of, "" for every workspace of a person. A member runs its agent, waiting,
+    # with no identity, token or env; it is owned by the platform's pool user, hidden from every
+    # user-facing list, and counts against no quota nor the provisioning cap. A claim empties it.
+    pool = models.CharField(max_length=100, blank=True, default="", editable=False)
+    # The template's fingerprint (manifest, files, image) when the member was made: a member whose
+    # template changed since is never claimed, and the pool sweep retires it.
+    pool_fingerprint = models.CharField(max_length=64, blank=True, default="", editable=False)
+    # Set by a claim, cleared by the cycle that begins next: that cycle hands the waiting agent
+    # its identity, token and env instead of starting an instance (or starts one cold when the
+    # member cannot take it). A redelivered cycle therefore never hands a member over twice.
+    claim_pending = models.BooleanField(default=False, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -178,6 +190,14 @@ class Workspace(models.Model):
                 fields=["restart_at"],
                 condition=Q(restart_at__isnull=False),
                 name="ws_restart_pending",
+            ),
+            # The claim (services.pools.claim_member), under the create's transaction:
+            #   SELECT ... WHERE pool = %s AND pool_fingerprint = %s AND status = 'provisioning'
+            #   AND is_running AND handled_seq = requested_seq ... ORDER BY created_at
+            #   LIMIT 1 FOR UPDATE SKIP LOCKED
+            # Only members are in it: its size is the pools', not the table's.
+            models.Index(
+                fields=["pool", "created_at"], condition=~Q(pool=""), name="ws_pool_members"
             ),
             models.Index(fields=["owner", "-created_at"], name="ws_owner_created"),
             models.Index(fields=["status"], name="ws_status"),

@@ -30,7 +30,9 @@ def visible_workspaces(user: AbstractBaseUser | AnonymousUser | None) -> QuerySe
     )
     if user is not None and not getattr(user, "is_staff", False):
         rows = rows.filter(owner_id=user.pk)
-    return rows
+    # A warm pool's unclaimed members belong to no person: operators see them in the admin and
+    # in /metrics, nobody in the API or the dashboard.
+    return rows.filter(pool="")
 
 
 # What the lifecycle plans a cycle from (``provisioning.lifecycle.plan``), with the owner's
@@ -43,6 +45,8 @@ PLAN_FIELDS = (
     "is_running",
     "requested_seq",
     "handled_seq",
+    "claim_pending",
+    "pool",
 )
 
 

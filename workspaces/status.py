@@ -51,6 +51,8 @@ class EventSource(models.TextChoices):
     RECONCILER = "reconciler", "Reconciler"
     # The idle auto-stop policy (provisioning/idle.py): the template's idle timeout passed.
     IDLE_STOP = "idle_stop", "Idle stop"
+    # The warm pool (provisioning/pools.py): a member retired (template changed, failed, shrunk).
+    POOL = "pool", "Warm pool"
 
 
 S = WorkspaceStatus

@@ -21,8 +21,6 @@
 # The token travels only in the Authorization header, never in a log line.
 
 EXIT_REJECTED=3
-base=${PLATFORM_URL%/}
-interval=${AGENT_HEARTBEAT_SECONDS:-5}
 boot_delay=${AGENT_BOOT_DELAY_SECONDS:-0}
 tmp=${TMPDIR:-/tmp}/agent.$$
 child=""
@@ -49,14 +47,6 @@ else
 fi
 trap on_term INT
 
-for name in WORKSPACE_ID WORKSPACE_TOKEN PLATFORM_URL; do
-  eval "value=\${$name:-}"
-  if [ -z "$value" ]; then
-    log "$name is not set"
-    exit 2
-  fi
-done
-
 # Children run in the background and the shell waits for them, so a SIGTERM interrupts the
 # wait at once (a foreground child would delay the trap until it finished).
 pause() {
@@ -65,6 +55,47 @@ pause() {
   wait "$child"
   child=""
 }
+
+# A warm pool's member (WORKSPACE_POOL=1) boots before anyone asks, then waits for the platform
+# to write its claim (identity, token, env as `export NAME='value'` lines, ending with
+# claim_complete=1) to WORKSPACE_CLAIM_FILE and send SIGUSR1, which ends the current pause. The
+# pause's bound is a backstop for a signal that came between the check and the pause.
+if [ "${WORKSPACE_POOL:-0}" = 1 ]; then
+  if [ "$boot_delay" != 0 ]; then
+    log "booting for ${boot_delay}s"
+    pause "$boot_delay"
+    boot_delay=0
+  fi
+  # The platform writes it into the config volume when it can reach the volume on the engine's
+  # host, into this container's /tmp otherwise: either is complete once it ends with the mark.
+  claim_file=""
+  trap '[ -n "$child" ] && kill "$child" 2>/dev/null' USR1
+  log "pool member ready, waiting for a claim"
+  while [ -z "$claim_file" ]; do
+    for candidate in "${WORKSPACE_CONFIG_DIR:-/nonexistent}/.workspace-claim" \
+      "${WORKSPACE_CLAIM_FILE:-/tmp/.workspace-claim}"; do
+      if grep -qx 'claim_complete=1' "$candidate" 2>/dev/null; then
+        claim_file=$candidate
+      fi
+    done
+    [ -n "$claim_file" ] || pause 2
+  done
+  trap '' USR1
+  . "$claim_file"
+  rm -f "$claim_file"
+  unset WORKSPACE_POOL claim_complete
+  log "claimed"
+fi
+base=${PLATFORM_URL%/}
+interval=${AGENT_HEARTBEAT_SECONDS:-5}
+
+for name in WORKSPACE_ID WORKSPACE_TOKEN PLATFORM_URL; do
+  eval "value=\${$name:-}"
+  if [ -z "$value" ]; then
+    log "$name is not set"
+    exit 2
+  fi
+done
 
 start_app() {
   [ -n "${WORKSPACE_APP_PORT:-}" ] || return 0

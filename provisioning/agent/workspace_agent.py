@@ -316,20 +316,57 @@ def _on_sigterm(signum: int, frame: object) -> None:
     _stop.set()
 
 
+def _await_claim() -> bool:
+    """A warm pool's member (``WORKSPACE_POOL=1``): wait, booted, for the platform to write the
+    claim (JSON: identity, token, env) to ``WORKSPACE_CLAIM_FILE`` and send SIGUSR1; then take
+    it into the environment and delete it. False when told to stop first.
+
+    SIGUSR1 is blocked before the ready file says "waiting", so a claim's signal is never lost
+    nor fatal: it stays pending until ``sigtimedwait`` takes it. The timeout is a backstop only.
+    """
+    claim = os.environ.get("WORKSPACE_CLAIM_FILE", "")
+    if not claim:
+        _log("WORKSPACE_POOL=1 without WORKSPACE_CLAIM_FILE")
+        return False
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    import json  # the claim's format, loaded while nobody waits
+
+    with open(claim + ".ready", "w"):
+        pass
+    _log("pool member ready, waiting for a claim")
+    while not _stop.is_set():
+        try:
+            with open(claim, encoding="utf-8") as handle:
+                values = json.load(handle)
+        except FileNotFoundError:
+            signal.sigtimedwait({signal.SIGUSR1}, 1.0)
+            continue
+        os.unlink(claim)
+        os.environ.pop("WORKSPACE_POOL", None)
+        os.environ.update({str(key): str(value) for key, value in values.items()})
+        # The app and its children must not inherit the blocked signal.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+        _log("claimed")
+        return True
+    return False
+
+
 def main() -> int:
-    workspace_id = os.environ["WORKSPACE_ID"]
-    token = os.environ["WORKSPACE_TOKEN"]
-    base = os.environ["PLATFORM_URL"].rstrip("/")
-    interval = float(os.environ.get("AGENT_HEARTBEAT_SECONDS", "5"))
-    boot_delay = float(os.environ.get("AGENT_BOOT_DELAY_SECONDS", "0"))
     if os.environ.get("AGENT_IGNORE_SIGTERM") == "1":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
         signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, _on_sigterm)
-
+    boot_delay = float(os.environ.get("AGENT_BOOT_DELAY_SECONDS", "0"))
     if boot_delay and _stop.wait(boot_delay):
         return 0
+    # A pool member boots before anyone asks, then waits to learn who it is.
+    if os.environ.get("WORKSPACE_POOL") == "1" and not _await_claim():
+        return 0
+    workspace_id = os.environ["WORKSPACE_ID"]
+    token = os.environ["WORKSPACE_TOKEN"]
+    base = os.environ["PLATFORM_URL"].rstrip("/")
+    interval = float(os.environ.get("AGENT_HEARTBEAT_SECONDS", "5"))
     app = _start_app()
     try:
         return _run(workspace_id, token, base, interval)

@@ -51,7 +51,7 @@ _APPLETS: tuple[str, ...] = (
     "stat",
     "touch",
 )
-_APPLETS += ("sleep", "test", "timeout", "wget", "httpd", "[", "[[", "true", "false")
+_APPLETS += ("sleep", "test", "timeout", "wget", "httpd", "grep", "[", "[[", "true", "false")
 
 
 def _applets(busybox: Path) -> list[str]:

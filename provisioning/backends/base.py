@@ -135,6 +135,9 @@ class LaunchSpec:
     env: Mapping[str, str] = field(repr=False)
     # The process backend's isolation uid (and gid); None where it does not apply.
     uid: int | None = None
+    # A warm pool's member: ``env`` holds only the template's part (no identity, no token, no
+    # person's env) and the agent waits for ``claim`` to hand it the rest (WORKSPACE_POOL=1).
+    pooled: bool = False
 
     @property
     def name(self) -> str:
@@ -160,10 +163,16 @@ class InstanceInfo:
     generation: int | None = None
     ref: str = ""
     exit_code: int | None = None
+    # The id of the image the instance runs, where the backend has images ("" otherwise): the
+    # pool sweep retires a member whose image is no longer what its template launches.
+    image: str = ""
 
 
 class WorkspaceBackend(ABC):
     name: ClassVar[str]
+    # Whether ``claim`` can hand a waiting member its workspace: the pool sweep makes members
+    # only on a backend that can.
+    keeps_pools: ClassVar[bool] = False
 
     @abstractmethod
     def check_available(self) -> None:
@@ -197,6 +206,21 @@ class WorkspaceBackend(ABC):
     def start(self, spec: LaunchSpec, state: State) -> State:
         """Run the instance for ``spec.generation``; an instance of an earlier cycle is replaced,
         never duplicated. Returns the new state once the backend reports it running."""
+
+    def launch_image_id(self, template: Template) -> str | None:
+        """The id of the image a new instance of ``template`` would run now, for comparing with
+        ``InstanceInfo.image``; None when the backend has no images. An image that does not exist
+        yet (a rebuilt base whose config image is still to be made) is "" : nothing running can
+        be from it."""
+        return None
+
+    def claim(self, spec: LaunchSpec, state: State) -> State:
+        """Hand a waiting pool member (started from a ``pooled`` spec) its workspace: write
+        ``spec.env`` (identity, token, the person's env) where only its agent reads it, then
+        wake the agent. Returns the new state. ``BackendError`` when the member cannot take it
+        (its instance died, or this backend keeps no pools): the cycle then starts the workspace
+        cold, so a pool never turns a create into an error. Called at most once per member."""
+        raise BackendError(f"{self.name}: this backend keeps no warm pools")
 
     @abstractmethod
     def stop(self, workspace_id: UUID, state: State, grace_seconds: float) -> State:

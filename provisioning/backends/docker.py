@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import posixpath
 import re
 import signal
@@ -28,6 +29,7 @@ from django.conf import settings
 from docker.models.containers import Container
 
 from provisioning.backends import docker_networks, follow
+from provisioning.backends.agent_image import config_image_files, config_image_tag
 from provisioning.backends.base import (
     CONFIG_MARKER,
     BackendError,
@@ -47,16 +49,23 @@ from provisioning.backends.docker_create import (
     config_in_image,
 )
 from provisioning.backends.engine import (
+    CLAIM_FILE,
+    VOLUME_CLAIM_NAME,
     EngineBackend,
+    claim_archive,
+    claim_script,
     config_mount,
     container_name,
     engine_errors,
     generation_of,
+    image_for,
     label,
     labelled,
     platform_filter,
     volume_name,
+    workspace_user_ids,
 )
+from workspaces.manifests import Template
 
 _CREATE_ATTEMPTS = 3
 # The label the engine puts on the container of a Swarm task.
@@ -69,6 +78,7 @@ _EXITED = re.compile(r"Exited \((-?\d+)\)")
 
 class DockerBackend(EngineBackend):
     name = "docker"
+    keeps_pools = True
     # The Linux bridge (veth: the host end of the link) a workspace's interface is named, and
     # the check that the host firewall covers a workspace network's bridge.
     bridge_name = staticmethod(docker_networks.bridge_name)
@@ -258,6 +268,7 @@ class DockerBackend(EngineBackend):
                 return {
                     **self._state(container, spec.generation),
                     **docker_networks.running_address(container, spec),
+                    **({"claim_dir": self._volume_claim_dir(spec)} if spec.pooled else {}),
                     "started_at": time.time(),
                 }
             if status in ("exited", "dead"):
@@ -281,6 +292,84 @@ class DockerBackend(EngineBackend):
         except (docker.errors.DockerException, requests.RequestException):
             return ""
         return f"; last output: {output}" if output else ""
+
+    def launch_image_id(self, template: Template) -> str | None:
+        """Read now, never from a cache: a base image rebuilt under its tag must be seen."""
+        spec = LaunchSpec(UUID(int=0), 0, template, {})
+        reference = image_for(spec)
+        with engine_errors(f"inspecting image {reference}"):
+            try:
+                if config_in_image(spec):
+                    base_id = str(self.client.api.inspect_image(reference)["Id"])
+                    files = config_image_files(template.name, template.config_files())
+                    reference = config_image_tag(base_id, template.name, files)
+                return str(self.client.api.inspect_image(reference)["Id"])
+            except docker.errors.NotFound:
+                return ""
+
+    def claim(self, spec: LaunchSpec, state: State) -> State:
+        """The claim as a file the member's agent reads, then SIGUSR1 to the agent (the
+        container's first process, which traps it).
+
+        Where the worker runs on the engine's host (a local volume it can write: recorded as
+        ``claim_dir`` when the member started), the file goes straight into the member's config
+        volume, renamed into place, and only the signal crosses the engine: ``put_archive``
+        mounts the container's file systems and was most of a hand-over's time. Otherwise it is
+        put into the container's own /tmp after an inspect that the member still runs. A member
+        that cannot take it leaves no claim behind (the file is deleted)."""
+        target = str(state.get("container_id") or spec.name)
+        claim_dir = str(state.get("claim_dir") or "")
+        if claim_dir and os.path.isdir(claim_dir):
+            return self._claim_in_volume(spec, state, target, claim_dir)
+        with engine_errors(f"handing pool member {spec.name} its claim"):
+            try:
+                facts = self.client.api.inspect_container(target)
+                if not (facts.get("State") or {}).get("Running"):
+                    raise BackendError(f"docker: pool member {spec.name} is not running")
+                accepted = self.client.api.put_archive(
+                    target, posixpath.dirname(CLAIM_FILE), claim_archive(spec.env, time.time())
+                )
+                if not accepted:
+                    raise BackendError(f"docker: the engine refused the claim of {spec.name}")
+                self.client.api.kill(target, signal="SIGUSR1")
+            except docker.errors.NotFound as exc:
+                raise self._gone(spec) from exc
+        return {**state, "claimed_at": time.time()}
+
+    def _claim_in_volume(
+        self, spec: LaunchSpec, state: State, target: str, claim_dir: str
+    ) -> State:
+        path = os.path.join(claim_dir, VOLUME_CLAIM_NAME)
+        partial = f"{path}.{os.getpid()}.tmp"
+        uid, gid = workspace_user_ids()
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            os.fchown(handle.fileno(), uid, gid)
+            handle.write(claim_script(spec.env))
+        os.replace(partial, path)
+        try:
+            with engine_errors(f"waking pool member {spec.name}"):
+                try:
+                    self.client.api.kill(target, signal="SIGUSR1")
+                except docker.errors.NotFound as exc:
+                    raise self._gone(spec) from exc
+        except BackendError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        return {**state, "claimed_at": time.time()}
+
+    def _volume_claim_dir(self, spec: LaunchSpec) -> str:
+        """The member's config volume on this host, when the worker can write it (it runs on the
+        engine's host as root, as veth links need); "" otherwise."""
+        with engine_errors(f"inspecting volume {volume_name(spec.workspace_id)}"):
+            try:
+                found = self.client.api.inspect_volume(volume_name(spec.workspace_id))
+            except docker.errors.NotFound:
+                return ""
+        mountpoint = str(found.get("Mountpoint") or "")
+        usable = found.get("Driver") == "local" and os.path.isdir(mountpoint)
+        return mountpoint if usable and os.access(mountpoint, os.W_OK) else ""
 
     def stop(self, workspace_id: UUID, state: State, grace_seconds: float) -> State:
         container = self._find(workspace_id)
@@ -415,6 +504,7 @@ class DockerBackend(EngineBackend):
                 generation=int(generation) if generation.isdigit() else None,
                 ref=str(row.get("Id", "")),
                 exit_code=exit_code,
+                image=str(row.get("ImageID") or ""),
             )
             # Names are fixed (ws-<id>), so two containers for one id only exist when someone
             # made one by hand with our labels; a running one is the one that matters.

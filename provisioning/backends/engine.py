@@ -16,9 +16,12 @@ registry: images are built locally (``manage.py build_agent_image``) and never p
 from __future__ import annotations
 
 import contextlib
+import io
+import posixpath
 import re
+import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import PurePosixPath
 from typing import Any
 from uuid import UUID
@@ -116,9 +119,46 @@ def environment(spec: LaunchSpec, *, host_net: bool) -> dict[str, str]:
     listens. On the host's network the app must listen on loopback only, or it would be
     reachable around the proxy; an instance with an address of its own is reached there."""
     found = {**spec.env, "WORKSPACE_CONFIG_DIR": config_mount(spec)}
+    if spec.pooled:
+        found["WORKSPACE_CLAIM_FILE"] = CLAIM_FILE
     if "WORKSPACE_APP_PORT" in spec.env:
         found["WORKSPACE_APP_HOST"] = "127.0.0.1" if host_net else "0.0.0.0"
     return found
+
+
+# Where a warm pool member's claim is written: the container's own /tmp (its writable layer, gone
+# with the container), never the config volume, which outlives a member that could not take it.
+CLAIM_FILE = "/tmp/.workspace-claim"
+# Or, where the worker can write the member's config volume on the engine's host, this file in
+# it (the agent looks in both; the worker deletes it when the member cannot take it).
+VOLUME_CLAIM_NAME = ".workspace-claim"
+# Names whose values the member's container was given for its own network (PLATFORM_URL is its
+# gateway's): a claim never overrides them with the platform-wide value.
+CLAIM_KEEPS = frozenset({"PLATFORM_URL", "WORKSPACE_CONFIG_DIR", "WORKSPACE_APP_HOST"})
+
+
+def claim_script(env: Mapping[str, str]) -> bytes:
+    """The claim as the busybox agent reads it: ``export NAME='value'`` lines (names are checked
+    identifiers; a value's single quotes are closed, escaped and reopened), then the line that
+    says the file is complete."""
+    lines = [
+        f"export {name}='" + value.replace("'", "'\\''") + "'"
+        for name, value in env.items()
+        if name not in CLAIM_KEEPS
+    ]
+    return ("\n".join([*lines, "claim_complete=1", ""])).encode()
+
+
+def claim_archive(env: Mapping[str, str], mtime: float) -> bytes:
+    """The claim as a tar for ``put_archive`` into /tmp: owned by the workspace user, 0600."""
+    content = claim_script(env)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo(posixpath.basename(CLAIM_FILE))
+        info.size, info.mode, info.mtime = len(content), 0o600, int(mtime)
+        info.uid, info.gid = workspace_user_ids()
+        archive.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
 
 
 def safe_relative(path: str) -> str:

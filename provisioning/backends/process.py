@@ -44,7 +44,7 @@ from uuid import UUID
 from django.conf import settings
 
 from provisioning.agent import AGENT_PAGE, AGENT_PYTHON_FLAGS, AGENT_SCRIPT
-from provisioning.backends import process_launch, process_network, veth
+from provisioning.backends import process_launch, process_network, process_pool, veth
 from provisioning.backends.base import (
     CONFIG_MARKER,
     BackendError,
@@ -96,8 +96,27 @@ def _exited(pid: int, exit_code: int | None) -> str:
     return f"process {pid} has exited{ending}"
 
 
+def _place_env(env: dict[str, str], isolated: bool, link: veth.Pair | None) -> dict[str, str]:
+    """What an instance's environment says of where it runs (in place; returns ``env``), the same
+    at a launch and at a pool member's claim: ``{python}`` in the app's command is the platform's
+    own Python (with the `apps` group) when workspaces run as the platform's user, else
+    WORKSPACE_APPS_PYTHON, which workspace uids can run. In a namespace of its own, the host is
+    its link's other end, where the registry answers, and its app listens on every address of the
+    namespace, the link's included, where the proxy reaches it."""
+    if "WORKSPACE_APP_COMMAND" in env:
+        apps_python = settings.WORKSPACE_APPS_PYTHON if isolated else sys.executable
+        env["WORKSPACE_APP_COMMAND"] = env["WORKSPACE_APP_COMMAND"].replace("{python}", apps_python)
+    if link is not None:
+        url = env.get("PLATFORM_URL") or settings.PLATFORM_URL
+        env["PLATFORM_URL"] = process_network.platform_url(url, link)
+        if "WORKSPACE_APP_PORT" in env:
+            env["WORKSPACE_APP_HOST"] = "0.0.0.0"
+    return env
+
+
 class ProcessBackend(WorkspaceBackend):
     name = "process"
+    keeps_pools = True
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root or settings.WORKSPACE_DATA_DIR)
@@ -274,7 +293,8 @@ class ProcessBackend(WorkspaceBackend):
             target = folder / source.name
             content = source.read_bytes()
             if not target.is_file() or target.read_bytes() != content:
-                partial = target.with_suffix(".tmp")
+                # One name per process: workers copying at once must not rename each other's.
+                partial = target.with_suffix(f".{os.getpid()}.tmp")
                 partial.write_bytes(content)
                 partial.chmod(0o644)
                 os.replace(partial, target)
@@ -309,26 +329,19 @@ class ProcessBackend(WorkspaceBackend):
             "HOME": str(self._home(spec.workspace_id)),
             "WORKSPACE_CONFIG_DIR": str(self._configs(spec.workspace_id)),
         }
-        if "WORKSPACE_APP_COMMAND" in env:
-            # An app's Python: the platform's own (with the `apps` group) when workspaces run as
-            # the platform's user; WORKSPACE_APPS_PYTHON, which workspace uids can run, otherwise.
-            apps_python = settings.WORKSPACE_APPS_PYTHON if isolated else sys.executable
-            env["WORKSPACE_APP_COMMAND"] = env["WORKSPACE_APP_COMMAND"].replace(
-                "{python}", apps_python
-            )
+        if spec.pooled:
+            home = self._home(spec.workspace_id)
+            env["WORKSPACE_CLAIM_FILE"] = str(process_pool.claim_file(home))
+            for leftover in (process_pool.claim_file, process_pool.ready_file):
+                leftover(home).unlink(missing_ok=True)
         link = process_network.link(self._uid(spec)) if isolated else None
-        if link is not None:
-            # Its own namespace: the host is its link's other end, where the registry answers;
-            # its app listens on every address of the namespace, the link's included, where
-            # the proxy reaches it.
-            url = spec.env.get("PLATFORM_URL") or settings.PLATFORM_URL
-            env["PLATFORM_URL"] = process_network.platform_url(url, link)
-            if "WORKSPACE_APP_PORT" in env:
-                env["WORKSPACE_APP_HOST"] = "0.0.0.0"
+        _place_env(env, isolated, link)
         instance = self._launch(spec, env, link)
         pid = int(instance["pid"])
         if instance.get("start_time") is None or process_launch.start_time(pid) is None:
             raise BackendError(f"the workspace process (pid {pid}) exited at once; see agent.log")
+        if spec.pooled:
+            process_pool.wait_ready(self._home(spec.workspace_id), pid, instance.get("start_time"))
         # Unisolated, the workspace shares the host's network: its app is on loopback.
         address = link.address if link is not None else "127.0.0.1"
         return {**instance, "address": address, "started_at": time.time()}
@@ -388,6 +401,22 @@ class ProcessBackend(WorkspaceBackend):
     def app_address(self, workspace_id: UUID, state: State, port: int) -> str:
         # Isolated, the app is in the workspace's namespace, at its end of the link.
         return f"{state.get('address') or '127.0.0.1'}:{port}"
+
+    def _claim_env(self, spec: LaunchSpec) -> dict[str, str]:
+        """The claimer's environment as the member's agent takes it in: placed as at a launch."""
+        isolated = _isolated()
+        link = process_network.link(self._uid(spec)) if isolated else None
+        return _place_env(dict(spec.env), isolated, link)
+
+    def claim(self, spec: LaunchSpec, state: State) -> State:
+        """Hand the member its claim (``process_pool.hand_over``): the claimer's identity, token
+        and env, placed as at a launch."""
+        pid, start_time = self._find(spec.workspace_id, state)
+        uid = self._uid(spec) if _isolated() else None
+        process_pool.hand_over(
+            self._home(spec.workspace_id), pid, start_time, uid, self._claim_env(spec)
+        )
+        return {**state, "claimed_at": time.time()}
 
     def _find(self, workspace_id: UUID | str, state: State) -> tuple[int | None, int | None]:
         instance = self._read_instance(workspace_id) or state

@@ -17,7 +17,9 @@ The package is split by caller, with the same single-writer rule: ``requests`` (
 ``repairs`` (reconciler and liveness), ``activity`` (activity signals and the idle stop),
 ``credentials`` (API tokens, env key rotation),
 ``common`` (errors, validation, events, ``transition``),
-``limits`` (the quota and the provisioning cap, checked inside a request's transaction).
+``limits`` (the quota and the provisioning cap, checked inside a request's transaction),
+``claims`` and ``pools`` (warm pools: the claim inside a create, the members' refill and
+retirement; ``services.pools.<name>``).
 Callers use ``from workspaces import services`` and ``services.<name>``.
 """
 
@@ -32,6 +34,7 @@ from workspaces.services.agent import (
     record_heartbeat,
     register_agent,
 )
+from workspaces.services.claims import REFILL_TASK, claim_member
 from workspaces.services.common import (
     CONVERGE_TASK,
     MAX_ENV_TOTAL_BYTES,
@@ -114,6 +117,7 @@ __all__ = [
     "MAX_ENV_VALUE_BYTES",
     "MAX_ENV_VARS",
     "NAME_RE",
+    "REFILL_TASK",
     "RESTART_DUE_TASK",
     "UPDATABLE_FIELDS",
     "AgentAuthError",
@@ -141,6 +145,7 @@ __all__ = [
     "check_concurrency",
     "check_env_size",
     "check_quota",
+    "claim_member",
     "complete_remove",
     "complete_stop",
     "create_team",

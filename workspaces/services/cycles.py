@@ -93,6 +93,10 @@ def begin_cycle(
         if still_owner is not None and not still_owner():
             raise LeaseLost(f"the gate of workspace {workspace_id} is no longer ours")
         fields: dict[str, Any] = {"generation": workspace.generation + 1}
+        if target != S.REMOVING:
+            # A claim is handed over by the cycle that begins next, or never: whatever that cycle
+            # does, a member is used once (a redelivered one starts the workspace cold).
+            fields["claim_pending"] = False
         if target == S.PROVISIONING:
             # The env this cycle launches with is the one locked here: recording its version in
             # the same UPDATE makes "pending env changes" exact. A new instance starts idle-free.
@@ -126,6 +130,10 @@ def begin_cycle(
                     "runtime": workspace.runtime,
                     # The requests this cycle answers (all up to this seq): shows the coalescing.
                     "seq": workspace.requested_seq,
+                    # A create served by a warm pool: where the instance came from.
+                    **(
+                        {"claimed_from_pool": workspace.template} if workspace.claim_pending else {}
+                    ),
                 },
                 workspace=workspace,
             )

@@ -34,8 +34,9 @@ S = WorkspaceStatus
 def in_flight() -> Q:
     """Rows with a cycle in flight. Each side is served by its partial index
     (``ws_provisioning_inflight``, ``ws_pending_intent``), so counting costs the rows in flight,
-    not the table."""
-    return Q(status=S.PROVISIONING) | Q(requested_seq__gt=F("handled_seq"))
+    not the table. A warm pool's members wait in ``provisioning`` with no cycle to run: they
+    count against no cap (a claim does: it puts the hand-over in flight)."""
+    return (Q(status=S.PROVISIONING) | Q(requested_seq__gt=F("handled_seq"))) & Q(pool="")
 
 
 def check_quota(owner: User, adding: int) -> None:

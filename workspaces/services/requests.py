@@ -21,6 +21,7 @@ from workspaces import audit
 from workspaces.access import subdomain
 from workspaces.manifests import Template, templates
 from workspaces.models import Workspace
+from workspaces.services.claims import claim_member
 from workspaces.services.common import (
     NAME_RE,
     InvalidInput,
@@ -113,8 +114,11 @@ def _insert_workspace(
     backend: str,
     parent: Workspace | None = None,
     actor: str,
+    pool: str = "",
+    pool_fingerprint: str = "",
 ) -> Workspace:
-    """Insert one workspace asking to run and enqueue its converge after the commit."""
+    """Insert one workspace asking to run and enqueue its converge after the commit (a warm
+    pool's member when ``pool`` names its template: no host name, no route until claimed)."""
     isolation = isolation_fields(owner, backend)
     for attempt in range(APP_PORT_ATTEMPTS):
         app_port = _free_app_port(manifest)
@@ -124,7 +128,9 @@ def _insert_workspace(
                 workspace = Workspace.objects.create(
                     owner=owner,
                     name=name,
-                    subdomain=subdomain(name, owner.username),
+                    subdomain="" if pool else subdomain(name, owner.username),
+                    pool=pool,
+                    pool_fingerprint=pool_fingerprint,
                     template=manifest.name,
                     runtime=manifest.runtime,
                     backend=backend,
@@ -170,16 +176,22 @@ def create_workspace(
     clean_env, manifest = _validated(name, env, template)
     if manifest.is_team:
         raise InvalidInput("template", f"{template!r} is a team template: use POST /api/teams/")
+    backend = backend or settings.WORKSPACE_BACKEND
+    actor = actor or audit.user(owner)
     with transaction.atomic():
         check_quota(owner, adding=1)
         check_concurrency(adding=1)
-        workspace = _insert_workspace(
+        # A ready member of the template's warm pool when there is one; otherwise a cold start,
+        # as if there were no pool.
+        workspace = claim_member(
+            owner=owner, name=name, manifest=manifest, env=clean_env, backend=backend, actor=actor
+        ) or _insert_workspace(
             owner=owner,
             name=name,
             manifest=manifest,
             env=clean_env,
-            backend=backend or settings.WORKSPACE_BACKEND,
-            actor=actor or audit.user(owner),
+            backend=backend,
+            actor=actor,
         )
         # What the answer reads is at hand: the owner is the caller's object, and a row
         # inserted in this transaction has no team members (an empty result, no query).
