@@ -24,12 +24,13 @@ from workspaces.status import WorkspaceStatus
 S = WorkspaceStatus
 
 # The app serves the env it started with: the claimer's GREETING and the workspace's id (so a page
-# with another's env or id is caught). {python} is the process backend's app interpreter; the
-# Docker variant serves the page with busybox httpd.
+# with another's env or id is caught), where the platform says it listens (WORKSPACE_APP_HOST: in
+# a process workspace's own namespace, every address). {python} is the process backend's app
+# interpreter; the Docker variant serves the page with busybox httpd.
 PROCESS_APP = (
     'mkdir -p "$HOME/www" && printf \'%s|%s\' "$GREETING" "$WORKSPACE_ID" > '
     '"$HOME/www/index.html" && cd "$HOME/www" && exec {python} -m http.server --bind '
-    '127.0.0.1 "$WORKSPACE_APP_PORT"'
+    '"${WORKSPACE_APP_HOST:-127.0.0.1}" "$WORKSPACE_APP_PORT"'
 )
 DOCKER_APP = (
     'mkdir -p /tmp/www && printf \'%s|%s\' "$GREETING" "$WORKSPACE_ID" > /tmp/www/index.html '
