@@ -99,9 +99,9 @@ class ContainerMaker:
         # The base image's id by reference, with when it was read.
         self._base_ids: dict[str, tuple[str, float]] = {}
 
-    def _base_id(self, client: docker.DockerClient, base: str) -> str:
+    def _base_id(self, client: docker.DockerClient, base: str, *, fresh: bool = False) -> str:
         known = self._base_ids.get(base)
-        if known is not None and time.monotonic() - known[1] < _BASE_ID_SECONDS:
+        if not fresh and known is not None and time.monotonic() - known[1] < _BASE_ID_SECONDS:
             return known[0]
         with engine_errors(f"inspecting image {base}"):
             image_id = str(client.api.inspect_image(base)["Id"])
@@ -113,7 +113,10 @@ class ContainerMaker:
     ) -> tuple[str, dict[str, bytes]]:
         """The tag of the template's config image (FROM the base image) and its files."""
         files = config_image_files(spec.template.name, spec.template.config_files())
-        base_id = self._base_id(client, image_for(spec))
+        # A pool's member is made ahead of any request, so it reads the base image as it is now:
+        # one made after a rebuild runs the new image, as the pool sweep (which reads it past
+        # this cache too) expects, instead of the cached one for up to _BASE_ID_SECONDS.
+        base_id = self._base_id(client, image_for(spec), fresh=spec.pooled)
         return config_image_tag(base_id, spec.template.name, files), files
 
     def create(
