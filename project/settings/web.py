@@ -218,7 +218,9 @@ if env_bool(
         ),
         "timeout": env_int(
             "DATABASE_POOL_TIMEOUT",
-            10,
+            # psycopg_pool's own default: a burst of creates on a busy host queues for a
+            # connection instead of answering 503 after a shorter wait.
+            30,
             minimum=1,
             doc=(
                 "With `DATABASE_POOL`: how long a request waits for a connection from the pool,"
