@@ -33,6 +33,11 @@ SWEEP_SOFT_TIME_LIMIT_SECONDS = SWEEP_TIME_LIMIT_SECONDS - 5
 CELERY_BROKER_URL = REDIS_URL
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_RESULT_BACKEND = None
+# Celery keeps a result backend per thread unless it is marked thread-safe, and makes each one by
+# scanning every installed package's entry points: the web process serves each request in a
+# thread of its own, so every request that enqueued paid that scan. The backend here stores
+# nothing, so one per process serves every thread.
+CELERY_RESULT_BACKEND_THREAD_SAFE = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TIMEZONE = "UTC"
