@@ -7,7 +7,7 @@ A reader given ``doc=`` also records the variable, its default, its type and tha
 ``DECLARED``, under the section of the reference the last ``section(...)`` call named (or its own
 ``section=``); ``python -m project.env`` imports the settings and
 prints the whole reference as markdown (docs/configuration.md is its output, and a test fails when
-the two differ or a variable settings.py reads is missing from it). ``shown=`` replaces a default
+the two differ or a variable the settings read is missing from it). ``shown=`` replaces a default
 that is computed (a path under the checkout, a value derived from another variable) by the words
 the reference prints, so the reference is the same on every machine.
 """
@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import ModuleType
 from urllib.parse import parse_qs, unquote, urlparse
 
 from django.core.exceptions import ImproperlyConfigured
@@ -66,7 +67,7 @@ class Declared:
     section: str
 
 
-# Filled as settings.py runs its readers: variable name -> declaration (the first one with a doc).
+# Filled as the settings run their readers: variable name -> declaration (the first one with a doc).
 DECLARED: dict[str, Declared] = {}
 # The section the declarations that follow belong to (``section()``).
 _current_section = ""
@@ -74,7 +75,7 @@ _current_section = ""
 
 def section(key: str) -> None:
     """Put the declarations that follow, up to the next call, in the reference's section ``key``
-    (one of ``SECTIONS``): settings.py calls it before each group of readers."""
+    (one of ``SECTIONS``): the settings call it before each group of readers."""
     if key not in SECTIONS:
         raise ImproperlyConfigured(f"section {key!r} is not one of project.env.SECTIONS")
     _set_section(key)
@@ -432,10 +433,10 @@ REFERENCE_PATH = os.path.join(
 _PREAMBLE = """\
 # Configuration
 
-Every setting is read from the environment by `project/settings.py`, through the typed readers of
-`project/env.py`. A malformed value stops start-up with a message naming the variable (for
-example `GATE_LEASE_SECONDS='ten' is not an integer`); a secret is never echoed. An empty value
-counts as unset for integers, numbers and ranges.
+Every setting is read from the environment by the parts of `project/settings/`, through the
+typed readers of `project/env.py`. A malformed value stops start-up with a message naming the
+variable (for example `GATE_LEASE_SECONDS='ten' is not an integer`); a secret is never echoed.
+An empty value counts as unset for integers, numbers and ranges.
 
 This file is generated from the settings' own declarations: do not edit it by hand. After
 changing a declaration's `doc=` text (or adding a setting), run
@@ -445,7 +446,7 @@ changing a declaration's `doc=` text (or adding a setting), run
 ```
 
 `tests/project/test_configuration_reference.py` fails when this file is not that output, or when
-a variable `project/settings.py` reads is missing from it.
+a variable the settings read is missing from it.
 """
 
 
@@ -479,17 +480,31 @@ def render_reference(declared: Mapping[str, Declared] | None = None) -> str:
     return "\n".join(lines)
 
 
-def load_declarations(module_name: str = "project.settings") -> Mapping[str, Declared]:
-    """Every declaration of the settings module: those its import runs, and those in a branch the
-    import did not take (a reader inside an ``if``), evaluated from the module's source in its own
-    namespace, so the reference does not depend on the environment it is generated in."""
-    import ast
+def load_declarations(package_name: str = "project.settings") -> Mapping[str, Declared]:
+    """Every declaration of the settings: those their import runs, and those in a branch the
+    import did not take (a reader inside an ``if``), evaluated from each part's source in that
+    part's own namespace, so the reference does not depend on the environment it is generated in."""
     import importlib
 
     # Run as ``python -m project.env`` this file is ``__main__``: the settings fill the registry of
     # the imported ``project.env`` module, which is the one to read.
     registry = importlib.import_module("project.env")
-    module = importlib.import_module(module_name)
+    package = importlib.import_module(package_name)
+    previous = registry._set_section("")
+    try:
+        for part in package.PARTS:
+            _declare_untaken_branches(registry, importlib.import_module(f"{package_name}.{part}"))
+    finally:
+        registry._set_section(previous)
+    declared: Mapping[str, Declared] = registry.DECLARED
+    return declared
+
+
+def _declare_untaken_branches(registry: ModuleType, module: ModuleType) -> None:
+    """Evaluate each reader call of ``module``'s source that its import did not run, under the
+    section of the last ``section()`` call above it."""
+    import ast
+
     path = module.__file__
     assert path is not None
     with open(path, encoding="utf-8") as source:
@@ -506,24 +521,18 @@ def load_declarations(module_name: str = "project.settings") -> Mapping[str, Dec
         and node.value.args
         and isinstance(node.value.args[0], ast.Constant)
     )
-    previous = registry._set_section("")
-    try:
-        for node in ast.walk(tree):
-            if (
-                isinstance(node, ast.Call)
-                and isinstance(node.func, ast.Name)
-                and node.func.id in readers
-                and node.args
-                and isinstance(node.args[0], ast.Constant)
-                and node.args[0].value not in registry.DECLARED
-            ):
-                above = [key for line, key in markers if line < node.lineno]
-                registry._set_section(above[-1] if above else "")
-                eval(compile(ast.Expression(node), path, "eval"), vars(module))
-    finally:
-        registry._set_section(previous)
-    declared: Mapping[str, Declared] = registry.DECLARED
-    return declared
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in readers
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and node.args[0].value not in registry.DECLARED
+        ):
+            above = [key for line, key in markers if line < node.lineno]
+            registry._set_section(above[-1] if above else "")
+            eval(compile(ast.Expression(node), path, "eval"), vars(module))
 
 
 def main(argv: list[str]) -> int:

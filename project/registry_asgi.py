@@ -4,7 +4,7 @@ uvicorn_worker.UvicornWorker`` (the ``registry`` line of the Procfile).
 It listens where workspaces can connect (``REGISTRY_BIND``, e.g. ``0.0.0.0:8001``: loopback and
 the workspaces' links), and ``PLATFORM_URL`` names it. Django's own ASGI handler serves it as the
 registry listener (``PLATFORM_LISTENER=registry``: the agents' endpoints alone, see
-project/settings.py), behind the body limits of the web port (``RequestBodyLimit``).
+project/settings/web.py), behind the body limits of the web port (``RequestBodyLimit``).
 """
 
 from __future__ import annotations

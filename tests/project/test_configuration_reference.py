@@ -15,14 +15,17 @@ from django.core.exceptions import ImproperlyConfigured
 from project import env
 
 ROOT = Path(__file__).resolve().parents[2]
-SETTINGS = ROOT / "project" / "settings.py"
+SETTINGS = sorted((ROOT / "project" / "settings").glob("*.py"))
 REFERENCE = ROOT / "docs" / "configuration.md"
 
 
 def _names_read_by_settings() -> set[str]:
-    """Every variable settings.py reads through a reader of project.env, found in its source."""
+    """Every variable the settings read through a reader of project.env, found in their source."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse(SETTINGS.read_text(encoding="utf-8"))):
+    nodes = [
+        node for part in SETTINGS for node in ast.walk(ast.parse(part.read_text(encoding="utf-8")))
+    ]
+    for node in nodes:
         if (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Name)
@@ -39,7 +42,7 @@ def test_every_variable_settings_reads_is_documented() -> None:
     names = _names_read_by_settings()
     assert len(names) > 100
     undeclared = sorted(names - set(env.load_declarations()))
-    assert not undeclared, f"no doc= on these readers in project/settings.py: {undeclared}"
+    assert not undeclared, f"no doc= on these readers in project/settings/: {undeclared}"
     text = REFERENCE.read_text(encoding="utf-8")
     missing = sorted(name for name in names if f"| `{name}` |" not in text)
     assert not missing, f"missing from docs/configuration.md: {missing}"

@@ -13,7 +13,7 @@ Status changes go through ``transition``, which turns the transition table into 
 status IN (...)`` of the same UPDATE: the check happens at the moment of the write.
 
 The package is split by caller, with the same single-writer rule: ``requests`` (API, admin,
-``manage.py``), ``cycles`` (the lifecycle under the gate), ``agent`` (registration and heartbeats),
+``manage.py``), ``cycles`` (the lifecycle under the gate), ``agents`` (registration and heartbeats),
 ``repairs`` (reconciler and liveness), ``activity`` (activity signals and the idle stop),
 ``credentials`` (API tokens, env key rotation),
 ``common`` (errors, validation, events, ``transition``),
@@ -26,7 +26,7 @@ Callers use ``from workspaces import services`` and ``services.<name>``.
 # The digest agent tokens are stored by (one for every token: workspaces.crypto.token_digest).
 from workspaces.crypto import token_digest as hash_token
 from workspaces.services.activity import IDLE_POLICY, record_activity, request_idle_stop
-from workspaces.services.agent import (
+from workspaces.services.agents import (
     HeartbeatAnswer,
     _agent_workspace,
     authenticate_agent,
