@@ -76,6 +76,18 @@ class ServiceUnavailableMiddleware:
         return response
 
 
+class WebServiceUnavailableMiddleware(ServiceUnavailableMiddleware):
+    """The web listener's, innermost: sync only, so that the middleware above it runs in sync
+    mode. Django's own middleware (sessions, CSRF, auth, messages, ...) is built on
+    ``MiddlewareMixin``, which in async mode runs each ``process_request`` and
+    ``process_response`` through ``sync_to_async``: two hops to a thread and back per middleware
+    per request. In sync mode the whole chain runs in one thread: one hop there, and one back to
+    the event loop for Django's async handler, which serves the async views (the event and log
+    streams) on the loop and the sync views in that same thread."""
+
+    async_capable = False
+
+
 def _bad_request(field: str, message: str) -> JsonResponse:
     return JsonResponse({"detail": f"{field}: {message}", "errors": {field: [message]}}, status=400)
 

@@ -112,8 +112,9 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    # Innermost, so it sees the view's exceptions: a lost database or Redis is a 503.
-    "portal.api.middleware.ServiceUnavailableMiddleware",
+    # Innermost, so it sees the view's exceptions: a lost database or Redis is a 503. Sync only,
+    # so that the chain above runs in one thread per request (see its docstring).
+    "portal.api.middleware.WebServiceUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "project.urls"
