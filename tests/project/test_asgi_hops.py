@@ -5,7 +5,7 @@ listener's runs on the event loop: tests/project/test_registry_listener.py)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -46,7 +46,7 @@ def _get(path: str) -> int:
         "client": ("127.0.0.1", 40000),
         "server": ("127.0.0.1", 8000),
     }
-    sent: list[dict[str, Any]] = []
+    sent: list[Mapping[str, Any]] = []
     received = iter([{"type": "http.request", "body": b"", "more_body": False}])
 
     async def receive() -> dict[str, Any]:
@@ -56,7 +56,7 @@ def _get(path: str) -> int:
             await asyncio.sleep(3600)  # no disconnect while the request runs
             raise AssertionError("unreachable") from None
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Mapping[str, Any]) -> None:
         sent.append(message)
 
     asyncio.run(application(scope, receive, send))
