@@ -54,12 +54,15 @@ def plan_row(workspace_id: UUID) -> Workspace | None:
     """The workspace with ``PLAN_FIELDS`` loaded (the others deferred) and its owner with the
     username, in one query, or None when there is no such row. The lifecycle reads this before
     every cycle and once more after the last."""
-    return (
-        Workspace.objects.select_related("owner")
-        .only("owner__username", *PLAN_FIELDS)
-        .filter(id=workspace_id)
-        .first()
-    )
+    try:
+        # get(), not first(): a primary key needs no ORDER BY, which the ORM would compile.
+        return (
+            Workspace.objects.select_related("owner")
+            .only("owner__username", *PLAN_FIELDS)
+            .get(id=workspace_id)
+        )
+    except Workspace.DoesNotExist:
+        return None
 
 
 # ?ordering= values: each may be prefixed with "-" for descending.
@@ -126,4 +129,7 @@ def workspace_and_members(workspace_id: UUID) -> frozenset[str]:
 
 def api_token(key: str) -> ApiToken | None:
     """The user API token whose key this is (looked up by its SHA-256), with its user."""
-    return ApiToken.objects.select_related("user").filter(digest=token_digest(key)).first()
+    try:
+        return ApiToken.objects.select_related("user").get(digest=token_digest(key))  # unique
+    except ApiToken.DoesNotExist:
+        return None

@@ -34,7 +34,10 @@ S = WorkspaceStatus
 
 # --- the agent -------------------------------------------------------------------------------
 def authenticate_agent(raw_token: str) -> AgentToken | None:
-    return AgentToken.objects.filter(token_hash=token_digest(raw_token)).first()
+    try:
+        return AgentToken.objects.get(token_hash=token_digest(raw_token))  # a unique digest
+    except AgentToken.DoesNotExist:
+        return None
 
 
 def _agent_workspace(token: AgentToken, workspace_id: UUID) -> Workspace:

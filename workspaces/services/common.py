@@ -304,15 +304,14 @@ def transition(
 def _locked(workspace_id: UUID) -> Workspace:
     """The row, locked until the transaction ends, with its owner (read, not locked: another
     transaction may lock the owner meanwhile, e.g. the quota check)."""
-    workspace = (
-        Workspace.objects.select_for_update(of=("self",))
-        .select_related("owner")
-        .filter(id=workspace_id)
-        .first()
-    )
-    if workspace is None:
-        raise Workspace.DoesNotExist(f"no workspace {workspace_id}")
-    return workspace
+    try:
+        return (
+            Workspace.objects.select_for_update(of=("self",))
+            .select_related("owner")
+            .get(id=workspace_id)
+        )
+    except Workspace.DoesNotExist:
+        raise Workspace.DoesNotExist(f"no workspace {workspace_id}") from None
 
 
 def _fenced(workspace_id: UUID, generation: int) -> Any:
