@@ -204,6 +204,7 @@ class WorkspaceAdmin(admin.ModelAdmin):
         "in_state",
         "error_short",
         "template",
+        "sandbox",
         "pool",
         "updated_at",
     ]
@@ -215,6 +216,7 @@ class WorkspaceAdmin(admin.ModelAdmin):
         PoolFilter,
         "runtime",
         "backend",
+        "sandbox",
         "is_running",
     ]
     search_fields = ["name", "id", "owner__username", "template", "last_error"]
@@ -229,6 +231,7 @@ class WorkspaceAdmin(admin.ModelAdmin):
         "template",
         "runtime",
         "backend",
+        "sandbox",
         "parent",
         "status_display",
         "in_state",
@@ -261,7 +264,7 @@ class WorkspaceAdmin(admin.ModelAdmin):
                     ("name", "owner", "id"),
                     ("status_display", "in_state", "desired_state", "requested_by"),
                     "last_error",
-                    ("template", "runtime", "backend", "parent"),
+                    ("template", "runtime", "backend", "sandbox", "parent"),
                     ("is_running", "last_started_at", "last_heartbeat_at"),
                     ("last_activity_at", "idle_stop_at"),
                 ]

@@ -95,6 +95,7 @@ WORKSPACE_FIELDS = (
     "template",
     "runtime",
     "backend",
+    "sandbox",
     "parent",
     "members",
     "status",
@@ -212,6 +213,7 @@ class WorkspaceSerializer(serializers.ModelSerializer):
             "template": workspace.template,
             "runtime": workspace.runtime,
             "backend": workspace.backend,
+            "sandbox": workspace.sandbox,
             "parent": None if workspace.parent_id is None else str(workspace.parent_id),
             "members": [
                 {"id": str(member.id), "name": member.name, "status": str(member.status)}

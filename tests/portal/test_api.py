@@ -23,6 +23,7 @@ FIELDS = {
     "template",
     "runtime",
     "backend",
+    "sandbox",
     "status",
     "desired_state",
     "is_running",
@@ -60,6 +61,7 @@ def test_create_returns_201_in_provisioning_with_the_full_shape(api) -> None:
     assert body["url"] is None  # no route until the app answers
     assert body["runtime"] == "shell"
     assert body["backend"] == "process"
+    assert body["sandbox"] == "runc"  # the default: the template names none
     assert body["is_running"] is False
     assert body["provision_timeout_ms"] == 600_000
     assert "s3cret-value" not in response.content.decode()
