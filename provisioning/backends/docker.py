@@ -79,6 +79,7 @@ _EXITED = re.compile(r"Exited \((-?\d+)\)")
 class DockerBackend(EngineBackend):
     name = "docker"
     keeps_pools = True
+    sandboxes = ("runc", "gvisor")
     # The Linux bridge (veth: the host end of the link) a workspace's interface is named, and
     # the check that the host firewall covers a workspace network's bridge.
     bridge_name = staticmethod(docker_networks.bridge_name)
@@ -102,6 +103,9 @@ class DockerBackend(EngineBackend):
         if reason is not None:
             raise BackendUnavailable(self.name, reason)
         self.check_engine()
+
+    def check_sandbox(self, sandbox: str) -> None:
+        self._maker.check_runtime(self.client, sandbox)
 
     def config_in_image(self, spec: LaunchSpec) -> bool:
         return config_in_image(spec)
