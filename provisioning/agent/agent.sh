@@ -115,13 +115,22 @@ start_app() {
 # "Resource temporarily unavailable" whenever the server has not answered at once. nc polls
 # before it reads, so there the agent speaks HTTP/1.0 through nc; elsewhere wget, as before.
 http_client=wget
-[ "${WORKSPACE_SANDBOX:-}" = gvisor ] && http_client=nc
+if [ "${WORKSPACE_SANDBOX:-}" = gvisor ]; then
+  http_client=nc
+  cr=$(printf '\r')
+  # nc's stdin, made once: see nc_http.
+  rm -f "$tmp.in"
+  mkfifo -m 600 "$tmp.in" || exit 2
+fi
 
 # nc_http METHOD URL [BODY]: one HTTP/1.0 exchange through nc (BODY as JSON, with the bearer
-# token). Sets $status (the answer's code, empty without one), the body in $tmp.out; returns
-# nc's exit status. nc's stdin is a fifo this shell holds open until nc ends: a request followed
-# by EOF would half-close the connection, and the registry listener drops such a request
-# unanswered. nc ends when the server closes its side (HTTP/1.0), so nothing polls or sleeps.
+# token). Sets $answer (the status line) and $status (its code; both empty without an answer),
+# leaves nc's complaints in $tmp.err; returns nc's exit status. nc's stdin is a fifo this shell
+# holds open until nc ends: a request followed by EOF would half-close the connection, and the
+# registry listener drops such a request unanswered. nc ends when the server closes its side
+# (HTTP/1.0), so nothing polls or sleeps. Once both ends are closed the kernel drops whatever nc
+# did not send (it could not connect), so no request outlives its call. Shell builtins only,
+# besides timeout and nc: every process costs the sandbox a fork and an exec.
 nc_http() {
   rest=${2#http://}
   case $rest in
@@ -130,8 +139,7 @@ nc_http() {
   esac
   port=${hostport##*:}
   [ "$port" = "$hostport" ] && port=80
-  rm -f "$tmp.in" && mkfifo -m 600 "$tmp.in" || return 1
-  # Opened for reading and writing, so the open waits for nobody; closed below.
+  # Opened for reading and writing, so the open waits for nobody.
   exec 3<>"$tmp.in"
   if [ -n "${3:-}" ]; then
     printf '%s %s HTTP/1.0\r\nHost: %s\r\nAuthorization: Bearer %s\r\n%s\r\n%s\r\n\r\n%s' \
@@ -146,10 +154,12 @@ nc_http() {
   rc=$?
   child=""
   exec 3>&-
-  rm -f "$tmp.in"
-  status=""
-  read -r _ status _ <"$tmp.raw" 2>/dev/null
-  tr -d '\r' <"$tmp.raw" | sed '1,/^$/d' >"$tmp.out"
+  answer=""
+  read -r answer <"$tmp.raw"
+  answer=${answer%"$cr"}
+  status=${answer#* }
+  status=${status%% *}
+  [ "$status" = "$answer" ] && status=""
   return "$rc"
 }
 
@@ -180,15 +190,15 @@ post() {
     rc=$?
     case $status in
       2??)
-        reply=$(cat "$tmp.out")
+        reply=$answer
         return 0
         ;;
       401 | 403 | 404 | 410)
-        reply="server returned error: $(head -n 1 "$tmp.raw" | tr -d '\r')"
+        reply="server returned error: $answer"
         return 1
         ;;
       "") reply=$(cat "$tmp.err" 2>/dev/null) ;;
-      *) reply="server returned error: $(head -n 1 "$tmp.raw" | tr -d '\r')" ;;
+      *) reply="server returned error: $answer" ;;
     esac
     [ -n "$reply" ] || reply="nc exited with $rc"
     return 2
