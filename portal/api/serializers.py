@@ -349,6 +349,7 @@ class TemplateSerializer(serializers.Serializer):
     required_env = serializers.ListField(child=serializers.CharField())
     members = serializers.ListField(child=serializers.CharField())
     idle_timeout_seconds = serializers.SerializerMethodField()
+    sandbox = serializers.CharField(help_text="the container runtime: runc or gvisor")
 
     def get_provision_timeout_seconds(self, template: Template) -> int:
         return provision_timeout_seconds(template.name, template.runtime)
