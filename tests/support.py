@@ -46,12 +46,11 @@ EXTRA_MANIFESTS = {
         'runtime: shell\ncommand: ["/bin/sh", "-c", "httpd -p 8080 -h /tmp && '
         'exec /bin/sh /agent.sh"]\n'
     ),
-    # Under the engine's gVisor runtime: the default shell workspace (its app, quick heartbeats,
-    # an idle timeout for the idle sweep to act on), and the isolation tests' B.
+    # Under the engine's gVisor runtime: the default shell workspace (its app, quick heartbeats),
+    # and the isolation tests' B.
     "shell-gvisor": (
         "runtime: shell\nimage: workspace-agent:dev\nsandbox: gvisor\n"
         "env:\n  AGENT_HEARTBEAT_SECONDS: '0.5'\n"
-        "runtime_config:\n  idle_timeout_seconds: 3600\n"
         "app:\n  port: auto\n  health_path: /\n"
     ),
     "docker-listener-gvisor": (

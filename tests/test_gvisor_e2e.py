@@ -83,7 +83,7 @@ def config_files(container: Any) -> set[str]:
 
 
 def test_a_gvisor_workspace_lives_its_whole_life_in_the_sandbox(
-    api, user, on_docker, gvisor_engine, caddy, platform_url
+    api, user, on_docker, gvisor_engine, caddy, platform_url, settings
 ) -> None:
     response = api.post(
         "/api/workspaces/",
@@ -141,7 +141,9 @@ def test_a_gvisor_workspace_lives_its_whole_life_in_the_sandbox(
         (recovered["generation"], "agent")
     ]
 
-    # Idle stop: the sweep (as beat runs it) finds it idle past its template's timeout.
+    # Idle stop: the sweep (as beat runs it, here in this process) finds it idle past the
+    # platform's timeout (the template sets none), an hour from now.
+    settings.IDLE_TIMEOUT_SECONDS = 3600
     report = sweep_idle(now=timezone.now() + timedelta(seconds=3601))
     assert report.scanned >= 1
     wait_for(
