@@ -22,7 +22,7 @@ from provisioning.backends.docker import DockerBackend
 from provisioning.backends.docker_firewall import bridge_chain, bridge_ports, bridge_rules
 from tests.conftest import require_gvisor
 from tests.isolation import create_online
-from tests.support import RegistryListener, docker_containers, wait_for
+from tests.support import RegistryListener, docker_containers, wait_for, wait_settled
 from workspaces.models import Workspace
 from workspaces.status import WorkspaceStatus
 
@@ -115,9 +115,13 @@ def test_a_container_reaches_only_the_registry(
     host_service: int,
 ) -> None:
     a_template, b_template = TEMPLATES[sandbox]
-    b = create_online(api, "b", b_template, {"B_SECRET": SECRET}, timeout=90)
+    # Settled, not only online: an agent may register before its cycle has recorded the
+    # container's network and address.
+    b = wait_settled(
+        create_online(api, "b", b_template, {"B_SECRET": SECRET}, timeout=90).id, S.ONLINE
+    )
     # A's agent registered: A is online.
-    a = create_online(api, "a", a_template, {}, timeout=90)
+    a = wait_settled(create_online(api, "a", a_template, {}, timeout=90).id, S.ONLINE)
     [a_container] = docker_containers(docker_engine, str(a.id))
     [b_container] = docker_containers(docker_engine, str(b.id))
     assert a.sandbox == b.sandbox == sandbox
