@@ -203,8 +203,7 @@ class WorkspaceAdmin(admin.ModelAdmin):
         "status_display",
         "in_state",
         "error_short",
-        "template",
-        "sandbox",
+        "template_display",
         "pool",
         "updated_at",
     ]
@@ -296,6 +295,11 @@ class WorkspaceAdmin(admin.ModelAdmin):
     @admin.display(description="status", ordering="status")
     def status_display(self, obj: Workspace) -> SafeString:
         return status_badge(obj.status)
+
+    @admin.display(description="template", ordering="template")
+    def template_display(self, obj: Workspace) -> SafeString:
+        # The sandbox under the template's name: the list stays readable at 1400 px.
+        return format_html('{}<br><span class="ws-sandbox">{}</span>', obj.template, obj.sandbox)
 
     @admin.display(description="in state", ordering="status_changed_at")
     def in_state(self, obj: Workspace) -> str:
