@@ -182,8 +182,9 @@ app_answers() {
   return "$rc"
 }
 
-# post PATH [EXTRA]: POST {"workspace_id": ...EXTRA} with the bearer token. Sets $reply (body or error) and
-# returns 0 when accepted, 1 when rejected (stop for good), 2 when worth retrying.
+# post PATH [EXTRA]: POST {"workspace_id": ...EXTRA} with the bearer token. Sets $reply (the body,
+# under gVisor the status line; or why not) and returns 0 when accepted, 1 when rejected (stop for
+# good), 2 when worth retrying.
 post() {
   if [ "$http_client" = nc ]; then
     nc_http POST "$base$1" "{\"workspace_id\": \"$WORKSPACE_ID\"${2:-}}"
