@@ -47,6 +47,7 @@ MODULES = [
     "swarm_backend",
     "process_namespace",
     "pools",
+    "sandbox",
 ]
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "docs" / "benchmarks.md"
@@ -122,7 +123,7 @@ def _load() -> str:
         return "unknown"
 
 
-DOCKER_MODULES = {"docker_backend", "provisioning", "restart_storm"}
+DOCKER_MODULES = {"docker_backend", "provisioning", "restart_storm", "sandbox"}
 
 
 def _module_env(name: str) -> dict[str, str]:

@@ -7,6 +7,7 @@ bridge and no iptables (workspaces use host networking), and is stopped by its p
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import signal
@@ -54,10 +55,20 @@ def ensure_engine() -> str:
         raise RuntimeError("no Docker engine: set DOCKER_HOST or install docker.io (dockerd)")
     root = Path(tempfile.mkdtemp(prefix="bench-dockerd-"))
     socket_path = root / "docker.sock"
+    # gVisor's runtime when runsc is installed, registered as .ci/run does (bench.sandbox).
+    runsc = shutil.which("runsc")
+    runtimes = (
+        {"runsc": {"path": runsc, "runtimeArgs": ["--platform=ptrace", "--network=host"]}}
+        if runsc
+        else {}
+    )
+    (root / "daemon.json").write_text(json.dumps({"runtimes": runtimes}))
     log = open(root / "dockerd.log", "wb")  # noqa: SIM115 - lives as long as the daemon
     proc = subprocess.Popen(
         [
             dockerd,
+            "--config-file",
+            str(root / "daemon.json"),
             "--storage-driver=overlay2",
             "--iptables=false",
             "--ip-masq=false",

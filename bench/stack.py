@@ -401,7 +401,7 @@ class BareEndpoint:
     """A tiny threaded HTTP server that answers 200 to every POST and records, per workspace id,
     when its first ``/register`` call arrived: the floor's stand-in for the platform."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.arrivals: dict[str, float] = {}
         self._lock = threading.Lock()
         endpoint = self
@@ -429,7 +429,8 @@ class BareEndpoint:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        # On every address (host="0.0.0.0"), the gateway of a workspace's link reaches it.
+        self.server = ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
         self.port = int(self.server.server_address[1])
         self.url = f"http://127.0.0.1:{self.port}"

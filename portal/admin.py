@@ -203,7 +203,7 @@ class WorkspaceAdmin(admin.ModelAdmin):
         "status_display",
         "in_state",
         "error_short",
-        "template",
+        "template_display",
         "pool",
         "updated_at",
     ]
@@ -215,6 +215,7 @@ class WorkspaceAdmin(admin.ModelAdmin):
         PoolFilter,
         "runtime",
         "backend",
+        "sandbox",
         "is_running",
     ]
     search_fields = ["name", "id", "owner__username", "template", "last_error"]
@@ -229,6 +230,7 @@ class WorkspaceAdmin(admin.ModelAdmin):
         "template",
         "runtime",
         "backend",
+        "sandbox",
         "parent",
         "status_display",
         "in_state",
@@ -261,7 +263,7 @@ class WorkspaceAdmin(admin.ModelAdmin):
                     ("name", "owner", "id"),
                     ("status_display", "in_state", "desired_state", "requested_by"),
                     "last_error",
-                    ("template", "runtime", "backend", "parent"),
+                    ("template", "runtime", "backend", "sandbox", "parent"),
                     ("is_running", "last_started_at", "last_heartbeat_at"),
                     ("last_activity_at", "idle_stop_at"),
                 ]
@@ -293,6 +295,11 @@ class WorkspaceAdmin(admin.ModelAdmin):
     @admin.display(description="status", ordering="status")
     def status_display(self, obj: Workspace) -> SafeString:
         return status_badge(obj.status)
+
+    @admin.display(description="template", ordering="template")
+    def template_display(self, obj: Workspace) -> SafeString:
+        # The sandbox under the template's name: the list stays readable at 1400 px.
+        return format_html('{}<br><span class="ws-sandbox">{}</span>', obj.template, obj.sandbox)
 
     @admin.display(description="in state", ordering="status_changed_at")
     def in_state(self, obj: Workspace) -> str:

@@ -14,6 +14,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -28,6 +29,7 @@ from provisioning.backends.base import (
     BackendUnavailable,
     ConfigState,
     LaunchSpec,
+    SandboxUnavailable,
     TransientBackendError,
     WorkspaceBackend,
 )
@@ -300,7 +302,15 @@ def _start_cycle(
         )
 
     try:
-        backend = _confirmed(lease, backend_for, workspace)  # it pings the backend
+        # It pings the backend, and checks that it can run the workspace's sandbox.
+        backend = _confirmed(lease, partial(backend_for, launch=True), workspace)
+    except SandboxUnavailable as exc:
+        # A preflight failure like a missing variable: the template asks for what this
+        # platform cannot give, and no retry changes that until an operator does.
+        payload = {"sandbox": exc.sandbox, "backend": exc.backend}
+        if exc.container_runtime:
+            payload["container_runtime"] = exc.container_runtime
+        return refuse(str(exc), payload)
     except BackendUnavailable as exc:
         _fail(
             workspace,
@@ -336,6 +346,7 @@ def _start_cycle(
             else {**launch_env(workspace, env, template, generation), "WORKSPACE_TOKEN": token},
             uid=uid,
             pooled=pooled,
+            sandbox=workspace.sandbox,
         )
         state = dict(workspace.backend_state)
         if (

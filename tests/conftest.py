@@ -277,6 +277,30 @@ def docker_engine() -> Iterator[Any]:
     client.close()
 
 
+def require_gvisor(engine: Any) -> None:
+    """Fail (REQUIRE_GVISOR=1, as .ci/run sets it) or skip unless the engine has gVisor's runtime
+    registered under DOCKER_GVISOR_RUNTIME."""
+    runtimes = engine.info().get("Runtimes") or {}
+    if settings.DOCKER_GVISOR_RUNTIME in runtimes:
+        return
+    missing = (
+        f"the engine at {settings.DOCKER_HOST} has no runtime {settings.DOCKER_GVISOR_RUNTIME!r} "
+        f"(it has {', '.join(sorted(runtimes))}): register runsc in its daemon.json "
+        "as bin/test does"
+    )
+    if env_bool("REQUIRE_GVISOR", False):
+        pytest.fail(f"REQUIRE_GVISOR is set but {missing}")
+    pytest.skip(missing)
+
+
+@pytest.fixture
+def gvisor_engine(docker_engine: Any) -> Any:
+    """The engine, which must have gVisor's runtime (``require_gvisor``). Function-scoped: a
+    parametrized fixture may ask for it without being the first to build a session fixture."""
+    require_gvisor(docker_engine)
+    return docker_engine
+
+
 @pytest.fixture(scope="session")
 def registry_listener(worker_env: dict[str, str]) -> Iterator[RegistryListener]:
     """The registry listener as a real process, where Docker workspaces reach it (their

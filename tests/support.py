@@ -46,6 +46,17 @@ EXTRA_MANIFESTS = {
         'runtime: shell\ncommand: ["/bin/sh", "-c", "httpd -p 8080 -h /tmp && '
         'exec /bin/sh /agent.sh"]\n'
     ),
+    # Under the engine's gVisor runtime: the default shell workspace (its app, quick heartbeats),
+    # and the isolation tests' B.
+    "shell-gvisor": (
+        "runtime: shell\nimage: workspace-agent:dev\nsandbox: gvisor\n"
+        "env:\n  AGENT_HEARTBEAT_SECONDS: '0.5'\n"
+        "app:\n  port: auto\n  health_path: /\n"
+    ),
+    "docker-listener-gvisor": (
+        'runtime: shell\nsandbox: gvisor\ncommand: ["/bin/sh", "-c", "httpd -p 8080 -h /tmp && '
+        'exec /bin/sh /agent.sh"]\n'
+    ),
     # Swarm placement: each on the node labelled for it (tests/swarm).
     "swarm-zone-a": 'runtime: shell\nplacement:\n  constraints: ["node.labels.ws-zone==a"]\n',
     "swarm-zone-b": 'runtime: shell\nplacement:\n  constraints: ["node.labels.ws-zone==b"]\n',

@@ -240,3 +240,38 @@ def test_docker_member_of_a_rebuilt_image_is_retired(
         ps.use_templates_reload()
         ps.remove_everything()
         docker_engine.images.remove("pool-test:dev", force=True)
+
+
+@pytest.mark.parametrize("through", ["volume", "engine"])
+def test_docker_gvisor_member_is_claimed_in_its_sandbox(
+    on_pools, api, pool_dir, gvisor_engine, through
+) -> None:
+    """A pool of a gVisor template: its member waits inside the sandbox and takes the claim
+    (written into its volume, or through the engine into its /tmp) with no cold start."""
+    folder = pool_dir / "sandboxed"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(ps.manifest(ps.DOCKER_APP, 1) + "sandbox: gvisor\n")
+    try:
+        ps.use_templates_reload()
+        [member] = ps.wait_pool_ready("sandboxed", 1)
+        row = Workspace.objects.get(id=member)
+        assert row.sandbox == "gvisor"
+        container = gvisor_engine.containers.get(row.backend_state["container_id"])
+        assert container.attrs["HostConfig"]["Runtime"] == django_settings.DOCKER_GVISOR_RUNTIME
+        if through == "engine":
+            state = {**row.backend_state, "claim_dir": ""}
+            Workspace.objects.filter(id=row.id).update(backend_state=state)
+        response = api.post(
+            "/api/workspaces/",
+            {"name": "boxed", "template": "sandboxed", "env": {"GREETING": "in-gvisor"}},
+            format="json",
+        )
+        assert response.json()["id"] == member
+        assert response.json()["sandbox"] == "gvisor"
+        online = _online(member)
+        assert online.backend_state["container_id"] == container.id  # the member's own
+        assert _app_page(online) == f"in-gvisor|{member}"
+    finally:
+        shutil.rmtree(folder)
+        ps.use_templates_reload()
+        ps.remove_everything()

@@ -39,6 +39,7 @@ _KNOWN_KEYS = {
     "restart",
     "placement",
     "pool",
+    "sandbox",
 }
 _KNOWN_POOL_KEYS = {"size"}
 # A pool's size is bounded: each member holds a uid, a port and a running agent.
@@ -48,6 +49,10 @@ MEMORY_RE = re.compile(r"^[1-9][0-9]*[bkmg]?\Z")
 _KNOWN_RUNTIME_KEYS = {"provision_timeout_seconds", "required_env", "idle_timeout_seconds"}
 _KNOWN_APP_KEYS = {"port", "health_path", "command"}
 RESTART_POLICIES = ("on-failure", "never")
+# The container runtime a Docker workspace runs under: "runc", the engine's default (the host's
+# kernel behind seccomp), or "gvisor", the engine's gVisor runtime (DOCKER_GVISOR_RUNTIME), a
+# kernel of its own in user space between the workspace and the host's. The first is the default.
+SANDBOXES = ("runc", "gvisor")
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,8 @@ class Template:
     resources: Resources = field(default_factory=Resources)
     app: AppSpec | None = None
     restart: str = "on-failure"
+    # One of SANDBOXES; recorded on each workspace made from the template (Workspace.sandbox).
+    sandbox: str = SANDBOXES[0]
     # Swarm placement constraints (``node.labels.zone==a``); other backends ignore them.
     placement: tuple[str, ...] = ()
     # Warm pool (``pool: {size: N}``): how many instances the platform keeps ready to claim;
@@ -225,6 +232,9 @@ def parse_manifest(name: str, manifest_path: Path) -> Template:
     restart = data.get("restart", "on-failure")
     if restart not in RESTART_POLICIES:
         raise _fail(manifest_path, "restart", f"must be one of: {', '.join(RESTART_POLICIES)}")
+    sandbox = data.get("sandbox", SANDBOXES[0])
+    if sandbox not in SANDBOXES:
+        raise _fail(manifest_path, "sandbox", f"must be one of: {', '.join(SANDBOXES)}")
     members = data.get("members")
     members = () if members is None else _str_list(manifest_path, "members", members, NAME_RE)
 
@@ -282,6 +292,7 @@ def parse_manifest(name: str, manifest_path: Path) -> Template:
         required_env=required,
         idle_timeout_seconds=idle,
         restart=restart,
+        sandbox=sandbox,
     )
 
 

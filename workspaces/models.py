@@ -15,6 +15,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from workspaces.fields import SealedEnvField
+from workspaces.manifests import SANDBOXES
 from workspaces.status import (
     IDLE_STOPPABLE_STATUSES,
     NOT_RUNNING_STATUSES,
@@ -40,6 +41,12 @@ class Workspace(models.Model):
     template = models.CharField(max_length=100)
     runtime = models.CharField(max_length=100)
     backend = models.CharField(max_length=32)
+    # The container runtime the workspace runs under (the template's ``sandbox``, recorded at
+    # create and never changed): "runc", the host's kernel, or "gvisor", a kernel of its own in
+    # user space. A backend that cannot run it fails the start cycle at preflight.
+    sandbox = models.CharField(
+        max_length=16, choices=[(name, name) for name in SANDBOXES], default="runc", editable=False
+    )
     # The team's parent workspace when this one was created as a team member (POST /api/teams/).
     parent = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="members"

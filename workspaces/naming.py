@@ -21,6 +21,7 @@ RESERVED_ENV = frozenset(
         "WORKSPACE_APP_HEALTH_PATH",
         "WORKSPACE_APP_COMMAND",
         "WORKSPACE_APP_HOST",
+        "WORKSPACE_SANDBOX",
     }
 )
 

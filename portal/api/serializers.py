@@ -95,6 +95,7 @@ WORKSPACE_FIELDS = (
     "template",
     "runtime",
     "backend",
+    "sandbox",
     "parent",
     "members",
     "status",
@@ -212,6 +213,7 @@ class WorkspaceSerializer(serializers.ModelSerializer):
             "template": workspace.template,
             "runtime": workspace.runtime,
             "backend": workspace.backend,
+            "sandbox": workspace.sandbox,
             "parent": None if workspace.parent_id is None else str(workspace.parent_id),
             "members": [
                 {"id": str(member.id), "name": member.name, "status": str(member.status)}
@@ -347,6 +349,7 @@ class TemplateSerializer(serializers.Serializer):
     required_env = serializers.ListField(child=serializers.CharField())
     members = serializers.ListField(child=serializers.CharField())
     idle_timeout_seconds = serializers.SerializerMethodField()
+    sandbox = serializers.CharField(help_text="the container runtime: runc or gvisor")
 
     def get_provision_timeout_seconds(self, template: Template) -> int:
         return provision_timeout_seconds(template.name, template.runtime)

@@ -180,6 +180,32 @@ DOCKER_DEFAULT_PIDS = env_int(
     doc="Process limit of a container whose manifest has no `resources`.",
 )
 
+# Sandboxing (a template's `sandbox: gvisor`): the name under which the engine has gVisor's
+# runsc registered as a runtime (daemon.json "runtimes"). A start checks the engine's runtimes
+# and fails at preflight naming this name when it is missing: never a fallback to runc.
+DOCKER_GVISOR_RUNTIME = env_str(
+    "DOCKER_GVISOR_RUNTIME",
+    "runsc",
+    doc=(
+        "The engine's name for gVisor's runtime, run by templates with `sandbox: gvisor` "
+        '(docs/operating.md, "Sandboxing").'
+    ),
+)
+# Under gVisor the engine's pids limit counts the sandbox's own threads (the sentry's and the
+# gofer's Go runtime threads, which grow with the host's CPUs and with blocking calls), not the
+# workspace's processes, which live inside the sandbox's kernel: too low a limit makes the sentry
+# fail to start its first thread. gVisor containers take this limit instead of the manifest's or
+# DOCKER_DEFAULT_PIDS; their processes are bounded by the memory limit.
+DOCKER_GVISOR_PIDS = env_int(
+    "DOCKER_GVISOR_PIDS",
+    4096,
+    minimum=64,
+    doc=(
+        "Process limit of a gVisor container: it counts the sandbox's own threads, not the "
+        "workspace's processes."
+    ),
+)
+
 section("proxy")
 DOCKER_APP_HOST = env_str(
     "DOCKER_APP_HOST",

@@ -34,7 +34,7 @@ on_term() {
   log "SIGTERM received, exiting"
   [ -n "$child" ] && kill "$child" 2>/dev/null
   [ -n "$app_pid" ] && kill "$app_pid" 2>/dev/null
-  rm -f "$tmp.out" "$tmp.err"
+  rm -f "$tmp.out" "$tmp.err" "$tmp.in" "$tmp.raw"
   exit 0
 }
 
@@ -109,9 +109,70 @@ start_app() {
   app_pid=$!
 }
 
+# The HTTP client. Under gVisor (WORKSPACE_SANDBOX=gvisor, runsc with its host network), a
+# read() on a blocking socket answers EAGAIN instead of waiting when no data has arrived yet
+# (recv() and poll() behave), so busybox wget, which reads the answer through stdio, fails with
+# "Resource temporarily unavailable" whenever the server has not answered at once. nc polls
+# before it reads, so there the agent speaks HTTP/1.0 through nc; elsewhere wget, as before.
+http_client=wget
+if [ "${WORKSPACE_SANDBOX:-}" = gvisor ]; then
+  http_client=nc
+  cr=$(printf '\r')
+  # nc's stdin, made once: see nc_http.
+  rm -f "$tmp.in"
+  mkfifo -m 600 "$tmp.in" || exit 2
+fi
+
+# nc_http METHOD URL [BODY]: one HTTP/1.0 exchange through nc (BODY as JSON, with the bearer
+# token). Sets $answer (the status line) and $status (its code; both empty without an answer),
+# leaves nc's complaints in $tmp.err; returns nc's exit status. nc's stdin is a fifo this shell
+# holds open until nc ends: a request followed by EOF would half-close the connection, and the
+# registry listener drops such a request unanswered. nc ends when the server closes its side
+# (HTTP/1.0), so nothing polls or sleeps. Once both ends are closed the kernel drops whatever nc
+# did not send (it could not connect), so no request outlives its call. Shell builtins only,
+# besides timeout and nc: every process costs the sandbox a fork and an exec.
+nc_http() {
+  rest=${2#http://}
+  case $rest in
+    */*) path=/${rest#*/} hostport=${rest%%/*} ;;
+    *) path=/ hostport=$rest ;;
+  esac
+  port=${hostport##*:}
+  [ "$port" = "$hostport" ] && port=80
+  # Opened for reading and writing, so the open waits for nobody.
+  exec 3<>"$tmp.in"
+  if [ -n "${3:-}" ]; then
+    printf '%s %s HTTP/1.0\r\nHost: %s\r\nAuthorization: Bearer %s\r\n%s\r\n%s\r\n\r\n%s' \
+      "$1" "$path" "$hostport" "$WORKSPACE_TOKEN" "Content-Type: application/json" \
+      "Content-Length: ${#3}" "$3" >&3
+  else
+    printf '%s %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$1" "$path" "$hostport" >&3
+  fi
+  timeout 10 nc -w 10 "${hostport%:*}" "$port" <"$tmp.in" >"$tmp.raw" 2>"$tmp.err" 3>&- &
+  child=$!
+  wait "$child"
+  rc=$?
+  child=""
+  exec 3>&-
+  answer=""
+  read -r answer <"$tmp.raw"
+  answer=${answer%"$cr"}
+  status=${answer#* }
+  status=${status%% *}
+  [ "$status" = "$answer" ] && status=""
+  return "$rc"
+}
+
 # app_answers: 0 when there is no app or its health path answers below 400.
 app_answers() {
   [ -n "${WORKSPACE_APP_PORT:-}" ] || return 0
+  if [ "$http_client" = nc ]; then
+    nc_http GET "http://127.0.0.1:$WORKSPACE_APP_PORT${WORKSPACE_APP_HEALTH_PATH:-/}"
+    case $status in
+      [123]??) return 0 ;;
+    esac
+    return 1
+  fi
   timeout 5 wget -q -O /dev/null \
     "http://127.0.0.1:$WORKSPACE_APP_PORT${WORKSPACE_APP_HEALTH_PATH:-/}" 2>/dev/null &
   child=$!
@@ -121,9 +182,28 @@ app_answers() {
   return "$rc"
 }
 
-# post PATH [EXTRA]: POST {"workspace_id": ...EXTRA} with the bearer token. Sets $reply (body or error) and
-# returns 0 when accepted, 1 when rejected (stop for good), 2 when worth retrying.
+# post PATH [EXTRA]: POST {"workspace_id": ...EXTRA} with the bearer token. Sets $reply (the body,
+# under gVisor the status line; or why not) and returns 0 when accepted, 1 when rejected (stop for
+# good), 2 when worth retrying.
 post() {
+  if [ "$http_client" = nc ]; then
+    nc_http POST "$base$1" "{\"workspace_id\": \"$WORKSPACE_ID\"${2:-}}"
+    rc=$?
+    case $status in
+      2??)
+        reply=$answer
+        return 0
+        ;;
+      401 | 403 | 404 | 410)
+        reply="server returned error: $answer"
+        return 1
+        ;;
+      "") reply=$(cat "$tmp.err" 2>/dev/null) ;;
+      *) reply="server returned error: $answer" ;;
+    esac
+    [ -n "$reply" ] || reply="nc exited with $rc"
+    return 2
+  fi
   timeout 10 wget -q -O "$tmp.out" \
     --header "Authorization: Bearer $WORKSPACE_TOKEN" \
     --header "Content-Type: application/json" \

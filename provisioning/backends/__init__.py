@@ -8,7 +8,7 @@ from collections.abc import Callable
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-from provisioning.backends.base import BackendUnavailable, WorkspaceBackend
+from provisioning.backends.base import BackendUnavailable, SandboxUnavailable, WorkspaceBackend
 from workspaces.models import Workspace
 
 
@@ -62,13 +62,34 @@ def _construct(name: str) -> WorkspaceBackend:
     return factory()
 
 
-def backend_for(workspace: Workspace, *, check: bool = True) -> WorkspaceBackend:
+def backend_for(
+    workspace: Workspace, *, check: bool = True, launch: bool = False
+) -> WorkspaceBackend:
     """The backend that runs ``workspace``: the only way any code path gets one.
 
     Raises ``BackendUnavailable`` naming the backend and the reason when it is unknown, not
     configured or not reachable, so the caller fails the workspace at once instead of waiting.
+    ``launch``: the caller is about to start an instance, so the backend must also be able to
+    run the workspace's sandbox (``SandboxUnavailable`` naming it otherwise: a start never falls
+    back to another runtime). Stopping, removing or reading a workspace needs no such check: a
+    gVisor workspace stays stoppable on an engine that lost the runtime.
     """
-    return backend_named(workspace.backend or default_backend_name(), check=check)
+    name = workspace.backend or default_backend_name()
+    if not launch:
+        return backend_named(name, check=check)
+    backend = backend_named(name, check=False)
+    # A backend that has no such sandbox at all says so before anything is asked of its engine.
+    if workspace.sandbox not in backend.sandboxes:
+        raise SandboxUnavailable(
+            backend.name,
+            workspace.sandbox,
+            f"the {backend.name} backend runs {' or '.join(backend.sandboxes)} workspaces only "
+            "(gvisor needs the docker backend)",
+        )
+    if check:
+        backend.check_available()
+    backend.check_sandbox(workspace.sandbox)
+    return backend
 
 
 def backend_named(name: str, *, check: bool = True) -> WorkspaceBackend:

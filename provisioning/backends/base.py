@@ -42,6 +42,21 @@ class BackendUnavailable(BackendError):
         self.reason = reason
 
 
+class SandboxUnavailable(BackendUnavailable):
+    """The backend cannot run the workspace's sandbox (``Workspace.sandbox``): a backend without
+    container runtimes, or an engine that lacks the runtime. The start cycle fails at preflight
+    naming it; nothing falls back to another runtime."""
+
+    def __init__(
+        self, backend: str, sandbox: str, reason: str, container_runtime: str = ""
+    ) -> None:
+        super().__init__(backend, reason)
+        self.args = (f"sandbox {sandbox!r} is unavailable on the {backend} backend: {reason}",)
+        self.sandbox = sandbox
+        # The engine's name of the runtime that was looked for ("runsc"), when there is one.
+        self.container_runtime = container_runtime
+
+
 def last_lines(data: bytes, tail: int, max_bytes: int) -> str:
     """The last ``tail`` lines of ``data``, cut to its last ``max_bytes``, decoded leniently."""
     if tail <= 0:
@@ -138,6 +153,9 @@ class LaunchSpec:
     # A warm pool's member: ``env`` holds only the template's part (no identity, no token, no
     # person's env) and the agent waits for ``claim`` to hand it the rest (WORKSPACE_POOL=1).
     pooled: bool = False
+    # The container runtime (``Workspace.sandbox``): "runc" or "gvisor"; the selector checked
+    # that the backend can run it.
+    sandbox: str = "runc"
 
     @property
     def name(self) -> str:
@@ -170,6 +188,9 @@ class InstanceInfo:
 
 class WorkspaceBackend(ABC):
     name: ClassVar[str]
+    # The sandboxes (``Workspace.sandbox``) it can run: only the Docker backend chooses a
+    # container runtime; the others run every workspace one way, which counts as "runc".
+    sandboxes: ClassVar[tuple[str, ...]] = ("runc",)
     # Whether ``claim`` can hand a waiting member its workspace: the pool sweep makes members
     # only on a backend that can.
     keeps_pools: ClassVar[bool] = False
@@ -177,6 +198,13 @@ class WorkspaceBackend(ABC):
     @abstractmethod
     def check_available(self) -> None:
         """Return if the backend can run workspaces now; raise ``BackendUnavailable`` otherwise."""
+
+    def check_sandbox(self, sandbox: str) -> None:
+        """Return if the backend can launch a workspace under ``sandbox`` (one of
+        ``sandboxes``) now; raise ``SandboxUnavailable`` naming what is missing otherwise (the
+        Docker backend asks its engine for the runtime)."""
+        if sandbox not in self.sandboxes:
+            raise SandboxUnavailable(self.name, sandbox, "not one of its sandboxes")
 
     @abstractmethod
     def prepare(self, spec: LaunchSpec, state: State) -> State:

@@ -64,6 +64,7 @@ from provisioning.backends.engine import (
     platform_filter,
     volume_name,
     workspace_user_ids,
+    write_inside,
 )
 from workspaces.manifests import Template
 
@@ -79,6 +80,7 @@ _EXITED = re.compile(r"Exited \((-?\d+)\)")
 class DockerBackend(EngineBackend):
     name = "docker"
     keeps_pools = True
+    sandboxes = ("runc", "gvisor")
     # The Linux bridge (veth: the host end of the link) a workspace's interface is named, and
     # the check that the host firewall covers a workspace network's bridge.
     bridge_name = staticmethod(docker_networks.bridge_name)
@@ -102,6 +104,9 @@ class DockerBackend(EngineBackend):
         if reason is not None:
             raise BackendUnavailable(self.name, reason)
         self.check_engine()
+
+    def check_sandbox(self, sandbox: str) -> None:
+        self._maker.check_runtime(self.client, sandbox)
 
     def config_in_image(self, spec: LaunchSpec) -> bool:
         return config_in_image(spec)
@@ -315,8 +320,9 @@ class DockerBackend(EngineBackend):
         ``claim_dir`` when the member started), the file goes straight into the member's config
         volume, renamed into place, and only the signal crosses the engine: ``put_archive``
         mounts the container's file systems and was most of a hand-over's time. Otherwise it is
-        put into the container's own /tmp after an inspect that the member still runs. A member
-        that cannot take it leaves no claim behind (the file is deleted)."""
+        put into the container's own /tmp after an inspect that the member still runs (under
+        gVisor by a process inside: ``write_inside``). A member that cannot take it leaves no
+        claim behind (the file is deleted)."""
         target = str(state.get("container_id") or spec.name)
         claim_dir = str(state.get("claim_dir") or "")
         if claim_dir and os.path.isdir(claim_dir):
@@ -326,10 +332,11 @@ class DockerBackend(EngineBackend):
                 facts = self.client.api.inspect_container(target)
                 if not (facts.get("State") or {}).get("Running"):
                     raise BackendError(f"docker: pool member {spec.name} is not running")
-                accepted = self.client.api.put_archive(
+                if spec.sandbox == "gvisor":  # the sandbox never sees a put_archive's file
+                    write_inside(self.client, target, CLAIM_FILE, claim_script(spec.env))
+                elif not self.client.api.put_archive(
                     target, posixpath.dirname(CLAIM_FILE), claim_archive(spec.env, time.time())
-                )
-                if not accepted:
+                ):
                     raise BackendError(f"docker: the engine refused the claim of {spec.name}")
                 self.client.api.kill(target, signal="SIGUSR1")
             except docker.errors.NotFound as exc:

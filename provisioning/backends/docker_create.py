@@ -3,7 +3,9 @@
 One engine create per container: the config volume comes with it (labelled like the
 container; a new volume takes the owner and mode of the image's folder), on the network
 ``docker_networks`` attaches it to, as ``DOCKER_WORKSPACE_USER`` with ``no-new-privileges``, every
-capability dropped and the manifest's ``resources`` (or the ``DOCKER_DEFAULT_*`` limits).
+capability dropped and the manifest's ``resources`` (or the ``DOCKER_DEFAULT_*`` limits), under
+the runtime of the workspace's sandbox (``runtime_for``: the engine's default for runc, the
+runtime named ``DOCKER_GVISOR_RUNTIME`` for gvisor, checked by ``check_runtime`` first).
 
 The config volume is filled in one of two ways (``DOCKER_CONFIG_DELIVERY``): ``image``, where the
 container is created from the template's config image (``agent_image``: FROM the agent image,
@@ -32,7 +34,7 @@ from provisioning.backends.agent_image import (
     config_image_files,
     config_image_tag,
 )
-from provisioning.backends.base import LaunchSpec
+from provisioning.backends.base import LaunchSpec, SandboxUnavailable
 from provisioning.backends.engine import (
     config_mount,
     engine_errors,
@@ -49,6 +51,15 @@ from provisioning.backends.engine import (
 # How long a base image's id is trusted before it is read again (a rebuilt agent image reaches
 # new config images within this time).
 _BASE_ID_SECONDS = 60.0
+# How long an engine's answer that it has a runtime is trusted (GET /info costs the engine more
+# than a ping). An absent runtime is asked again on every start, so a runtime an operator adds
+# serves the next start; one removed within this time fails that container's create instead.
+_RUNTIMES_SECONDS = 60.0
+
+
+def runtime_for(sandbox: str) -> str | None:
+    """The engine's runtime for ``sandbox``: None (the engine's default, runc) or gVisor's."""
+    return settings.DOCKER_GVISOR_RUNTIME if sandbox == "gvisor" else None
 
 
 class NameTaken(Exception):
@@ -98,6 +109,30 @@ class ContainerMaker:
     def __init__(self) -> None:
         # The base image's id by reference, with when it was read.
         self._base_ids: dict[str, tuple[str, float]] = {}
+        # Runtimes the engine said it has, with when it said so.
+        self._runtimes: dict[str, float] = {}
+
+    def check_runtime(self, client: docker.DockerClient, sandbox: str) -> None:
+        """Raise ``SandboxUnavailable`` naming the runtime when the engine lacks the one
+        ``sandbox`` runs under (an engine always has its default)."""
+        runtime = runtime_for(sandbox)
+        if runtime is None:
+            return
+        seen = self._runtimes.get(runtime)
+        if seen is not None and time.monotonic() - seen < _RUNTIMES_SECONDS:
+            return
+        with engine_errors("reading the engine's runtimes"):
+            runtimes = client.info().get("Runtimes") or {}
+        if runtime not in runtimes:
+            raise SandboxUnavailable(
+                "docker",
+                sandbox,
+                f"the engine has no runtime {runtime!r} (DOCKER_GVISOR_RUNTIME; it has "
+                f"{', '.join(sorted(runtimes)) or 'none'}): register gVisor's runsc in the "
+                'engine\'s daemon.json "runtimes"',
+                container_runtime=runtime,
+            )
+        self._runtimes[runtime] = time.monotonic()
 
     def _base_id(self, client: docker.DockerClient, base: str, *, fresh: bool = False) -> str:
         known = self._base_ids.get(base)
@@ -129,6 +164,13 @@ class ContainerMaker:
         env = environment(spec, host_net=attachment.host_net)
         if attachment.platform_url is not None:
             env["PLATFORM_URL"] = attachment.platform_url
+        # The agent picks its HTTP client by it (agent.sh); templates may read it too.
+        env["WORKSPACE_SANDBOX"] = spec.sandbox
+        resource_limits = limits(spec)
+        if spec.sandbox == "gvisor":
+            # The engine's pids limit counts the sandbox's own threads here, not the
+            # workspace's processes (settings: DOCKER_GVISOR_PIDS).
+            resource_limits["pids_limit"] = settings.DOCKER_GVISOR_PIDS
         host_config = client.api.create_host_config(
             # The engine creates the config volume with the container (with these labels; a new
             # volume takes the owner and mode of the image's folder) or mounts the existing one,
@@ -146,7 +188,8 @@ class ContainerMaker:
             # agent needs none), and bounded memory, CPU and processes.
             security_opt=["no-new-privileges:true"],
             cap_drop=["ALL"],
-            **limits(spec),
+            runtime=runtime_for(spec.sandbox),
+            **resource_limits,
         )
         disabled = attachment.disabled
         if not config_in_image(spec):

@@ -19,6 +19,7 @@ import contextlib
 import io
 import posixpath
 import re
+import socket
 import tarfile
 import threading
 from collections.abc import Iterator, Mapping
@@ -159,6 +160,28 @@ def claim_archive(env: Mapping[str, str], mtime: float) -> bytes:
         info.uid, info.gid = workspace_user_ids()
         archive.addfile(info, io.BytesIO(content))
     return buffer.getvalue()
+
+
+def write_inside(client: docker.DockerClient, container: str, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` in the running container by a process of its own (``cat``, the
+    data on its stdin, never in its argv; renamed into place, 0600, as the container's user).
+    For a gVisor sandbox: its kernel keeps the root file system to itself, so a file the engine
+    puts there from outside (``put_archive``) is never seen inside."""
+    script = 'umask 077; cat > "$0.tmp" && mv "$0.tmp" "$0"'
+    exec_id = client.api.exec_create(container, ["sh", "-c", script, path], stdin=True)["Id"]
+    stream = client.api.exec_start(exec_id, socket=True)
+    # The SDK hands back a file object over the engine's connection; the socket is under it.
+    sock: Any = getattr(stream, "_sock", stream)
+    try:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(4096):  # what it says, until it ends
+            pass
+    finally:
+        sock.close()
+    code = client.api.exec_inspect(exec_id).get("ExitCode")
+    if code != 0:
+        raise BackendError(f"docker: writing {path} in {container} exited with {code}")
 
 
 def safe_relative(path: str) -> str:

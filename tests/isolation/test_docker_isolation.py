@@ -1,7 +1,7 @@
 """Workspace isolation on the Docker backend, tried from inside a real container made through the
 API by a real worker on a real engine: each workspace has a link of its own (DOCKER_NETWORK_MODE
 veth, the default) or an internal network of its own (workspace), runs as a non-root user with no
-capabilities, and reaches only the registry listener."""
+capabilities, and reaches only the registry listener; the same under runc and under gVisor."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ from provisioning.backends import docker_networks as docker_backend
 from provisioning.backends.base import BackendError
 from provisioning.backends.docker import DockerBackend
 from provisioning.backends.docker_firewall import bridge_chain, bridge_ports, bridge_rules
+from tests.conftest import require_gvisor
 from tests.isolation import create_online
-from tests.support import RegistryListener, docker_containers, wait_for
+from tests.support import RegistryListener, docker_containers, wait_for, wait_settled
 from workspaces.models import Workspace
 from workspaces.status import WorkspaceStatus
 
@@ -90,18 +91,43 @@ def network_mode(request: Any) -> str:
     return str(request.param)
 
 
+# sandbox -> (A's template, B's template): the same workspaces under each runtime.
+TEMPLATES = {
+    "runc": ("shell-default", "docker-listener"),
+    "gvisor": ("shell-gvisor", "docker-listener-gvisor"),
+}
+
+
+@pytest.fixture(params=sorted(TEMPLATES))
+def sandbox(request: Any, docker_engine: Any) -> str:
+    """Each sandbox, in each network mode; gVisor needs the engine's runtime."""
+    if request.param == "gvisor":
+        require_gvisor(docker_engine)
+    return str(request.param)
+
+
 def test_a_container_reaches_only_the_registry(
     api,
     network_mode: str,
+    sandbox: str,
     docker_engine,
     registry_listener: RegistryListener,
     host_service: int,
 ) -> None:
-    b = create_online(api, "b", "docker-listener", {"B_SECRET": SECRET}, timeout=90)
+    a_template, b_template = TEMPLATES[sandbox]
+    # Settled, not only online: an agent may register before its cycle has recorded the
+    # container's network and address.
+    b = wait_settled(
+        create_online(api, "b", b_template, {"B_SECRET": SECRET}, timeout=90).id, S.ONLINE
+    )
     # A's agent registered: A is online.
-    a = create_online(api, "a", "shell-default", {}, timeout=90)
+    a = wait_settled(create_online(api, "a", a_template, {}, timeout=90).id, S.ONLINE)
     [a_container] = docker_containers(docker_engine, str(a.id))
     [b_container] = docker_containers(docker_engine, str(b.id))
+    assert a.sandbox == b.sandbox == sandbox
+    # The kernel A talks to: gVisor's own (its release is always 4.4.0), or the host's.
+    release = a_container.exec_run(["uname", "-r"]).output.decode().strip()
+    assert (release == "4.4.0") == (sandbox == "gvisor"), release
     b_address = b.backend_state["address"]
     assert a.backend_state["network"] != b.backend_state["network"]
     if network_mode == "veth":
@@ -155,7 +181,9 @@ def test_a_container_reaches_only_the_registry(
     status = a_container.exec_run(["cat", "/proc/1/status"]).output.decode()
     caps = {line.split(":")[0]: line.split()[1] for line in status.splitlines() if "Cap" in line}
     assert caps["CapEff"] == caps["CapPrm"] == "0000000000000000"
-    assert "NoNewPrivs:\t1" in status
+    assert "no-new-privileges:true" in a_container.attrs["HostConfig"]["SecurityOpt"]
+    if sandbox == "runc":  # gVisor's /proc/<pid>/status has no NoNewPrivs line
+        assert "NoNewPrivs:\t1" in status
     environs = a_container.exec_run(["sh", "-c", "cat /proc/[0-9]*/environ"]).output
     assert SECRET.encode() not in environs
     assert b"B_SECRET" in b_container.exec_run(["cat", "/proc/1/environ"]).output

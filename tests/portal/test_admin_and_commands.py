@@ -38,6 +38,21 @@ def test_admin_lists_filters_and_searches(staff_client, workspace) -> None:
     assert b"0 workspaces" in empty.content
 
 
+def test_admin_shows_and_filters_the_sandbox(staff_client, user, templates_dir) -> None:
+    boxed = services.create_workspace(owner=user, name="boxed", template="shell-gvisor")
+    plain = services.create_workspace(owner=user, name="plain", template="shell-default")
+    listed = staff_client.get("/admin/workspaces/workspace/?sandbox__exact=gvisor")
+    assert listed.status_code == 200
+    assert b"boxed" in listed.content and b"plain" not in listed.content
+    assert b'<span class="ws-sandbox">gvisor</span>' in listed.content  # under the template
+    for row, shown in ((boxed, b"gvisor"), (plain, b"runc")):
+        page = staff_client.get(f"/admin/workspaces/workspace/{row.id}/change/")
+        assert page.status_code == 200
+        # Read-only: shown as text, never a form field.
+        assert b'name="sandbox"' not in page.content
+        assert b"Sandbox:" in page.content and b'<div class="readonly">' + shown in page.content
+
+
 def test_admin_change_page_shows_events_but_never_env(staff_client, workspace) -> None:
     services.request_restart(workspace.id)
     page = staff_client.get(f"/admin/workspaces/workspace/{workspace.id}/change/")

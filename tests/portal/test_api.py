@@ -23,6 +23,7 @@ FIELDS = {
     "template",
     "runtime",
     "backend",
+    "sandbox",
     "status",
     "desired_state",
     "is_running",
@@ -60,6 +61,7 @@ def test_create_returns_201_in_provisioning_with_the_full_shape(api) -> None:
     assert body["url"] is None  # no route until the app answers
     assert body["runtime"] == "shell"
     assert body["backend"] == "process"
+    assert body["sandbox"] == "runc"  # the default: the template names none
     assert body["is_running"] is False
     assert body["provision_timeout_ms"] == 600_000
     assert "s3cret-value" not in response.content.decode()
@@ -289,6 +291,17 @@ def test_templates_list_names_runtime_timeout_and_required_env(api) -> None:
     assert templates["claude-code-default"]["provision_timeout_seconds"] == 900
     assert templates["hermes-default"]["provision_timeout_seconds"] == 1800
     assert templates["hermes-default"]["runtime"] == "hermes"
+    assert templates["shell-default"]["sandbox"] == "runc"
+
+
+def test_templates_and_workspaces_say_which_sandbox(api, templates_dir) -> None:
+    templates = {item["name"]: item for item in api.get("/api/templates/").json()}
+    assert templates["shell-gvisor"]["sandbox"] == "gvisor"
+    created = _create(api, "boxed", template="shell-gvisor").json()
+    assert created["sandbox"] == "gvisor"
+    assert api.get(f"/api/workspaces/{created['id']}/").json()["sandbox"] == "gvisor"
+    listed = api.get("/api/workspaces/").json()["results"]
+    assert [row["sandbox"] for row in listed] == ["gvisor"]
 
 
 def test_unknown_routes_and_bad_ids_are_json_404(api) -> None:

@@ -28,6 +28,7 @@ from provisioning.backends.base import (
 )
 from provisioning.backends.docker import DockerBackend
 from provisioning.backends.engine import label as _label
+from tests.conftest import require_gvisor
 from tests.support import next_backend_uid, wait_for
 from workspaces.manifests import Template, templates
 
@@ -41,7 +42,9 @@ def backend(docker_engine: Any) -> DockerBackend:
     return backend
 
 
-def _spec(workspace_id: uuid.UUID, generation: int, **env: str) -> LaunchSpec:
+def _spec(
+    workspace_id: uuid.UUID, generation: int, *, sandbox: str = "runc", **env: str
+) -> LaunchSpec:
     template = templates().get("shell-default")
     assert template is not None
     return LaunchSpec(
@@ -58,6 +61,7 @@ def _spec(workspace_id: uuid.UUID, generation: int, **env: str) -> LaunchSpec:
         },
         # DOCKER_NETWORK_MODE=veth numbers the workspace's link by its uid.
         uid=next_backend_uid(),
+        sandbox=sandbox,
     )
 
 
@@ -365,13 +369,23 @@ def test_a_command_missing_from_the_image_is_a_permanent_error(
     backend.remove(workspace_id, {})
 
 
+@pytest.mark.parametrize("sandbox", ["runc", "gvisor"])
 def test_agent_exits_nonzero_when_the_platform_rejects_its_token(
-    backend: DockerBackend, docker_engine, registry_listener, transactional_db
+    backend: DockerBackend, docker_engine, registry_listener, transactional_db, sandbox: str
 ) -> None:
+    """Under each sandbox: under gVisor the agent's HTTP client is nc, whose answer it reads."""
+    if sandbox == "gvisor":
+        require_gvisor(docker_engine)
     workspace_id = uuid.uuid4()
     # The boot delay keeps the agent up until start() has seen it running: the registry
     # answers fast, and an agent rejected before that would read as "exited at once".
-    spec = _spec(workspace_id, 1, PLATFORM_URL=registry_listener.url, AGENT_BOOT_DELAY_SECONDS="1")
+    spec = _spec(
+        workspace_id,
+        1,
+        sandbox=sandbox,
+        PLATFORM_URL=registry_listener.url,
+        AGENT_BOOT_DELAY_SECONDS="1",
+    )
     state = backend.start(spec, backend.prepare(spec, {}))
     container = docker_engine.containers.get(f"ws-{workspace_id}")
 
@@ -382,7 +396,7 @@ def test_agent_exits_nonzero_when_the_platform_rejects_its_token(
     wait_for(exited, timeout=30, message="the rejected agent to exit")
     assert container.attrs["State"]["ExitCode"] == 3
     logs = container.logs().decode()
-    assert "registration rejected" in logs
+    assert "server returned error: HTTP/1.1 401 Unauthorized" in logs, logs
     assert "secret-token" not in logs
     backend.remove(workspace_id, state)
 

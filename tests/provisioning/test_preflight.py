@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from provisioning import lifecycle, sweeper
 from tests.fakes import fake_backend
+from workspaces import services
 from workspaces.models import AgentToken, Workspace, WorkspaceEvent
 from workspaces.status import EventSource, EventType, WorkspaceStatus
 
@@ -165,3 +166,27 @@ def test_env_values_never_appear_in_responses_events_admin_or_logs(
             assert secret.encode() not in body
         assert secret not in events
         assert secret not in logged
+
+
+@pytest.mark.parametrize("backend", ["process", "swarm"])
+def test_a_backend_that_runs_no_container_runtime_refuses_gvisor_at_preflight(
+    user, settings, templates_dir, backend
+) -> None:
+    """The real backends, as the selector constructs them: neither is asked anything (no
+    Swarm manager exists here, and none is needed to know the answer)."""
+    settings.SWARM_MANAGER_HOST = "unix:///nonexistent/swarm.sock"
+    workspace = services.create_workspace(
+        owner=user, name="boxed", template="shell-gvisor", backend=backend
+    )
+    assert workspace.sandbox == "gvisor"
+
+    assert lifecycle.converge(workspace.id) == ["provision"]  # one cycle decides it
+
+    row = Workspace.objects.get(id=workspace.id)
+    assert row.status == S.FAILED and not row.is_running and row.backend_state == {}
+    [event] = _failures(workspace.id)
+    assert event.source == EventSource.PREFLIGHT
+    assert event.payload["sandbox"] == "gvisor" and event.payload["backend"] == backend
+    assert event.payload["message"] == row.last_error
+    assert "gvisor" in row.last_error and backend in row.last_error
+    assert lifecycle.converge(workspace.id) == []  # final: nothing retries it

@@ -34,6 +34,7 @@ BAD_MANIFESTS = {
     "bad-key": ("runtime: shell\nimagee: typo\n", "imagee"),
     "bad-yaml": ("runtime: [unclosed\n", "(yaml)"),
     "bad-env": ("runtime: shell\nenv:\n  WORKSPACE_TOKEN: x\n", "env.WORKSPACE_TOKEN"),
+    "bad-sandbox": ("runtime: shell\nsandbox: kata\n", "sandbox"),
     "bad-placement": ("runtime: shell\nplacement: [node.role==worker]\n", "placement"),
     "bad-constraint": (
         "runtime: shell\nplacement:\n  constraints: ['node.role worker']\n",

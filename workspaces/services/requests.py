@@ -133,6 +133,7 @@ def _insert_workspace(
                     pool_fingerprint=pool_fingerprint,
                     template=manifest.name,
                     runtime=manifest.runtime,
+                    sandbox=manifest.sandbox,
                     backend=backend,
                     parent=parent,
                     status=S.PROVISIONING,
