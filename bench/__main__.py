@@ -123,7 +123,7 @@ def _load() -> str:
         return "unknown"
 
 
-DOCKER_MODULES = {"docker_backend", "provisioning", "restart_storm", "sandbox"}
+DOCKER_MODULES = {"docker_backend", "pools", "provisioning", "restart_storm", "sandbox"}
 
 
 def _module_env(name: str) -> dict[str, str]:

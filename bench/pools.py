@@ -242,7 +242,7 @@ def at_rest(backend: str) -> tuple[float, float]:
     return used / REST_SECONDS / len(ids), memory / len(ids) / 2**20
 
 
-def run_backend(backend: str, log_root: Path) -> list[Figure]:
+def run_backend(backend: str, log_root: Path, rounds: int = ROUNDS) -> list[Figure]:
     directory = _templates(Path(tempfile.mkdtemp(prefix="bench-pools-")) / "templates")
     os.environ["WORKSPACE_TEMPLATES_DIR"] = str(directory)
     from django.conf import settings
@@ -259,7 +259,7 @@ def run_backend(backend: str, log_root: Path) -> list[Figure]:
         build_agent_image()
     with platform(f"pools-{backend}", log_root / backend, backend, extra, beat=True) as stack:
         try:
-            for index in range(ROUNDS):
+            for index in range(rounds):
                 order = ("warm", "cold") if index % 2 == 0 else ("cold", "warm")
                 for template in order:
                     singles[template] += one(stack, template)
@@ -312,15 +312,16 @@ def stack_settings_reset(stack: Platform) -> None:
         remove_labelled(stack.label)
 
 
-def run(backends: tuple[str, ...] = ("process", "docker")) -> list[Figure]:
+def run(repeats: int = ROUNDS, backends: tuple[str, ...] = ("process", "docker")) -> list[Figure]:
+    """``repeats``: rounds per backend (``python -m bench`` passes its ``--repeats``)."""
     setup_django("workspaces_bench_pools")
     log_root = Path(tempfile.mkdtemp(prefix="bench-pools-logs-"))
     figures: list[Figure] = []
     for backend in backends:
-        figures += run_backend(backend, log_root)
+        figures += run_backend(backend, log_root, repeats)
     return figures
 
 
 if __name__ == "__main__":
     chosen = tuple(sys.argv[1:]) or ("process", "docker")
-    print_figures(run(chosen))
+    print_figures(run(ROUNDS, chosen))
