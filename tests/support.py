@@ -304,6 +304,34 @@ def api_events(api: Any, workspace_id: str) -> list[dict]:
     return list(response.json()["results"])
 
 
+def api_workspace(api: Any, workspace_id: str) -> dict:
+    """``GET /api/workspaces/<id>/`` through the test's API client; anything but 200 fails."""
+    response = api.get(f"/api/workspaces/{workspace_id}/")
+    assert response.status_code == 200, response.content
+    return dict(response.json())
+
+
+def wait_api_status(
+    api: Any,
+    workspace_id: str,
+    status: str,
+    *,
+    after_generation: int = 0,
+    timeout: float = 60.0,
+) -> dict:
+    """The workspace as the API shows it once it reaches ``status`` in a cycle past
+    ``after_generation``; reaching ``failed`` instead fails at once."""
+
+    def check() -> dict | None:
+        body = api_workspace(api, workspace_id)
+        assert body["status"] != "failed" or status == "failed", body
+        if body["status"] == status and body["generation"] > after_generation:
+            return body
+        return None
+
+    return dict(wait_for(check, timeout=timeout, message=f"workspace {workspace_id} {status}"))
+
+
 def docker_containers(engine: Any, workspace_id: str) -> list[Any]:
     """Every container on the engine labelled with the workspace's id, running or not."""
     from provisioning.backends.engine import platform_filter, workspace_filter

@@ -14,31 +14,12 @@ from django.conf import settings
 
 from provisioning.backends.base import CONFIG_COPIED, CONFIG_MARKER
 from provisioning.backends.engine import label as _label
-from tests.support import api_events, docker_containers, wait_for
+from tests.support import api_events, api_workspace, docker_containers, wait_api_status, wait_for
 from workspaces.models import Workspace
 from workspaces.status import EventType, WorkspaceStatus
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 S = WorkspaceStatus
-
-
-def get(api: Any, workspace_id: str) -> dict:
-    response = api.get(f"/api/workspaces/{workspace_id}/")
-    assert response.status_code == 200, response.content
-    return dict(response.json())
-
-
-def wait_status(
-    api: Any, workspace_id: str, status: WorkspaceStatus, *, after_generation: int = 0
-) -> dict:
-    def check() -> dict | None:
-        body = get(api, workspace_id)
-        assert body["status"] != S.FAILED or status == S.FAILED, body
-        if body["status"] == status and body["generation"] > after_generation:
-            return body
-        return None
-
-    return dict(wait_for(check, timeout=60, message=f"workspace {workspace_id} {status}"))
 
 
 def running_container(engine: Any, workspace_id: str) -> Any:
@@ -67,7 +48,7 @@ def test_docker_post_online_restart_recover_delete(
     assert created["backend"] == "docker"
     workspace_id = created["id"]
 
-    online = wait_status(api, workspace_id, S.ONLINE)
+    online = wait_api_status(api, workspace_id, S.ONLINE)
     assert online["is_running"] is True
     assert online["last_started_at"] is not None
     container = running_container(docker_engine, workspace_id)
@@ -88,7 +69,7 @@ def test_docker_post_online_restart_recover_delete(
 
     # Restart: a new cycle, the same single container name, never two.
     assert api.post(f"/api/workspaces/{workspace_id}/restart/").status_code == 202
-    restarted = wait_status(api, workspace_id, S.ONLINE, after_generation=online["generation"])
+    restarted = wait_api_status(api, workspace_id, S.ONLINE, after_generation=online["generation"])
     container = running_container(docker_engine, workspace_id)
     assert container.labels[_label("generation")] == str(restarted["generation"])
 
@@ -100,7 +81,9 @@ def test_docker_post_online_restart_recover_delete(
     assert emptied.exit_code == 0, emptied.output
     assert config_files(container) == set()
     assert api.post(f"/api/workspaces/{workspace_id}/restart/").status_code == 202
-    recovered = wait_status(api, workspace_id, S.ONLINE, after_generation=restarted["generation"])
+    recovered = wait_api_status(
+        api, workspace_id, S.ONLINE, after_generation=restarted["generation"]
+    )
     container = running_container(docker_engine, workspace_id)
     assert {CONFIG_MARKER, "profile.sh"} <= config_files(container)
     wait_for(
@@ -115,7 +98,7 @@ def test_docker_post_online_restart_recover_delete(
     assert recoveries[0]["source"] == "agent"  # reported by the agent that found the copy
 
     assert api.delete(f"/api/workspaces/{workspace_id}/").status_code == 202
-    removed = wait_status(api, workspace_id, S.REMOVED)
+    removed = wait_api_status(api, workspace_id, S.REMOVED)
     assert removed["is_running"] is False
     assert docker_containers(docker_engine, workspace_id) == []
     assert docker_engine.volumes.list(filters={"name": f"ws-{workspace_id}-configs"}) == []
@@ -133,9 +116,9 @@ def test_docker_leftover_container_is_replaced_not_a_conflict(
         "/api/workspaces/", {"name": "left", "template": "shell-default"}, format="json"
     )
     workspace_id = response.json()["id"]
-    online = wait_status(api, workspace_id, S.ONLINE)
+    online = wait_api_status(api, workspace_id, S.ONLINE)
     assert api.post(f"/api/workspaces/{workspace_id}/stop/").status_code == 202
-    wait_status(api, workspace_id, S.STOPPED)
+    wait_api_status(api, workspace_id, S.STOPPED)
 
     # What a worker killed mid-cycle leaves behind: a running container under the workspace's
     # fixed name, from an older generation, that the database knows nothing about.
@@ -154,12 +137,12 @@ def test_docker_leftover_container_is_replaced_not_a_conflict(
     )
 
     assert api.post(f"/api/workspaces/{workspace_id}/start/").status_code == 202
-    started = wait_status(api, workspace_id, S.ONLINE, after_generation=online["generation"])
+    started = wait_api_status(api, workspace_id, S.ONLINE, after_generation=online["generation"])
     container = running_container(docker_engine, workspace_id)
     assert container.id != leftover.id
     assert container.labels[_label("generation")] == str(started["generation"])
     assert api.delete(f"/api/workspaces/{workspace_id}/").status_code == 202
-    wait_status(api, workspace_id, S.REMOVED)
+    wait_api_status(api, workspace_id, S.REMOVED)
     assert docker_containers(docker_engine, workspace_id) == []
 
 
@@ -170,14 +153,14 @@ def test_docker_restart_burst_ends_with_one_container_and_no_conflict(
         "/api/workspaces/", {"name": "burst", "template": "shell-default"}, format="json"
     )
     workspace_id = response.json()["id"]
-    online = wait_status(api, workspace_id, S.ONLINE)
+    online = wait_api_status(api, workspace_id, S.ONLINE)
     # Restart requests race the worker's three processes; the gate serialises the cycles and
     # every cycle replaces the container under the same name.
     for _ in range(6):
         assert api.post(f"/api/workspaces/{workspace_id}/restart/").status_code == 202
 
     def settled() -> dict | None:
-        body = get(api, workspace_id)
+        body = api_workspace(api, workspace_id)
         assert body["status"] != S.FAILED, body
         ws = Workspace.objects.get(id=workspace_id)
         done = body["status"] == S.ONLINE and not ws.has_pending_intent
@@ -190,4 +173,4 @@ def test_docker_restart_burst_ends_with_one_container_and_no_conflict(
     types = [event["type"] for event in api_events(api, workspace_id)]
     assert EventType.PROVISION_FAILED not in types
     assert api.delete(f"/api/workspaces/{workspace_id}/").status_code == 202
-    wait_status(api, workspace_id, S.REMOVED)
+    wait_api_status(api, workspace_id, S.REMOVED)

@@ -25,7 +25,7 @@ from provisioning import lifecycle
 from provisioning.backends import reset_backends
 from provisioning.backends.base import CONFIG_MARKER
 from provisioning.idle import sweep_idle
-from tests.support import api_events, docker_containers, wait_for
+from tests.support import api_events, docker_containers, wait_api_status, wait_for
 from workspaces import services
 from workspaces.models import Workspace
 from workspaces.status import EventSource, EventType, WorkspaceStatus
@@ -42,21 +42,9 @@ DEFAULT_PAGE = "Your workspace is running"
 GVISOR_RELEASE = "4.4.0"
 
 
-def get(api: Any, workspace_id: str) -> dict:
-    response = api.get(f"/api/workspaces/{workspace_id}/")
-    assert response.status_code == 200, response.content
-    return dict(response.json())
-
-
 def wait_status(api: Any, workspace_id: str, status: S, *, after_generation: int = 0) -> dict:
-    def check() -> dict | None:
-        body = get(api, workspace_id)
-        assert body["status"] != S.FAILED or status == S.FAILED, body
-        if body["status"] == status and body["generation"] > after_generation:
-            return body
-        return None
-
-    return dict(wait_for(check, timeout=90, message=f"workspace {workspace_id} {status}"))
+    # A sandbox starts slower than runc: a longer wait than the other end-to-end tests'.
+    return wait_api_status(api, workspace_id, status, after_generation=after_generation, timeout=90)
 
 
 def running_container(engine: Any, workspace_id: str) -> Any:
