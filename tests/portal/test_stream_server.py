@@ -69,7 +69,9 @@ def _get(server: WebServer, path: str, token: str | None = None) -> tuple[int, d
         if response.getheader("Content-Type", "").startswith("application/json")
         else body
     )
-    return response.status, dict(response.getheaders()), payload
+    # Header names are case-insensitive (servers may send them lower-case): compared lower-case.
+    headers = {name.lower(): value for name, value in response.getheaders()}
+    return response.status, headers, payload
 
 
 def test_open_streams_do_not_block_requests(web, make_user) -> None:
@@ -113,7 +115,7 @@ def test_cap_per_user_answers_429_and_frees_a_place_when_a_stream_ends(web, make
     try:
         status, headers, body = _get(web, "/api/events/stream", alice_key)
         assert status == 429
-        assert int(headers["Retry-After"]) >= 1
+        assert int(headers["retry-after"]) >= 1
         assert "at most 3" in body["detail"]
         assert live_events.open_streams(alice.pk) == CAP
         # The cap is per user: bob is not affected.
