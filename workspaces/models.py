@@ -253,8 +253,8 @@ class WorkspaceEvent(models.Model):
 class AgentToken(models.Model):
     """A workspace agent's bearer token, stored as its SHA-256 only.
 
-    One token per (workspace, generation): it authenticates that workspace in that cycle and
-    nothing else; a new cycle issues a new token and the old one stops working.
+    One token per workspace, of its current generation: it authenticates that workspace in that
+    cycle and nothing else; a new cycle replaces it in place, and the old one stops working.
     """
 
     workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="tokens")
@@ -264,9 +264,8 @@ class AgentToken(models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(
-                fields=["workspace", "generation"], name="agent_token_one_per_generation"
-            )
+            # The cycle's begin replaces the row in one upsert on this constraint.
+            models.UniqueConstraint(fields=["workspace"], name="agent_token_one_per_workspace")
         ]
 
     def __str__(self) -> str:

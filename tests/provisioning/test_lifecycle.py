@@ -92,9 +92,8 @@ def test_a_first_provision_writes_the_database_in_two_transactions(user, fake) -
         assert lifecycle.converge(workspace.id) == ["provision"]
     statements = [q["sql"].split()[0] for q in queries.captured_queries]
     writes = [sql for sql in statements if sql in ("INSERT", "UPDATE", "DELETE", "WITH")]
-    # begin: UPDATE the row, replace the token (DELETE the others, INSERT this one), INSERT the
-    # event; end: UPDATE the row
-    assert writes == ["UPDATE", "DELETE", "INSERT", "INSERT", "UPDATE"], statements
+    # begin: UPDATE the row, replace the token (one upsert), INSERT the event; end: UPDATE the row
+    assert writes == ["UPDATE", "INSERT", "INSERT", "UPDATE"], statements
     assert statements.count("COMMIT") == 1  # the end is one autocommitted UPDATE
     workspace.refresh_from_db()
     assert workspace.config_populated_at == workspace.last_started_at

@@ -172,11 +172,10 @@ def record_backend_facts(
 
 
 def _replace_agent_token(workspace_id: UUID, generation: int) -> str:
-    """The one agent token of ``generation``, in the caller's transaction, which holds the row
-    lock: older cycles' tokens stop working. Returns the raw token."""
+    """The workspace's one agent token, now of ``generation``, in the caller's transaction, which
+    holds the row lock: older cycles' tokens stop working. Returns the raw token."""
     raw = secrets.token_urlsafe(32)
-    AgentToken.objects.filter(workspace_id=workspace_id).exclude(generation=generation).delete()
-    # Inserted, or replaced in place when the generation already has one (issue_agent_token).
+    # One statement: inserted, or the workspace's token (of any generation) replaced in place.
     AgentToken.objects.bulk_create(
         [
             AgentToken(
@@ -184,8 +183,8 @@ def _replace_agent_token(workspace_id: UUID, generation: int) -> str:
             )
         ],
         update_conflicts=True,
-        unique_fields=["workspace", "generation"],
-        update_fields=["token_hash", "created_at"],
+        unique_fields=["workspace"],
+        update_fields=["generation", "token_hash", "created_at"],
     )
     return raw
 
