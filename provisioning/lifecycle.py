@@ -3,7 +3,8 @@
 ``converge`` takes the workspace's gate (or raises ``GateBusy`` at once), reads the intent the
 request services recorded, and runs the cycle it calls for: start (provision / start / restart),
 stop or remove. Requests that arrive while a cycle runs bump ``requested_seq``; after the cycle
-the loop reads the row again, so any number of them collapse into at most one more cycle.
+the loop reads the row again (unless the cycle's last write saw none), so any number of them
+collapse into at most one more cycle.
 
 Every write goes through ``workspaces.services`` fenced by the generation the cycle began with.
 """
@@ -55,6 +56,14 @@ class Action(enum.StrEnum):
     REMOVE = "remove"
     # Stop what a failed workspace left running and keep it failed (after the sweep's flip).
     REAP = "reap"
+
+
+class Ran(enum.Enum):
+    """What a cycle did, for the loop in ``converge``."""
+
+    NOTHING = "nothing"  # not begun: the row no longer allows it
+    DONE = "done"  # ran: read the row again for what is asked next
+    SETTLED = "settled"  # ran, and its last write found nothing newer asked: the hold ends
 
 
 def plan(workspace: Workspace) -> Action | None:
@@ -125,9 +134,11 @@ def converge(
                 metrics.CYCLE_DURATION.labels(action=action.value, outcome=outcome).observe(
                     time.monotonic() - began
                 )
-            if not ran:
+            if ran is Ran.NOTHING:
                 break
             done.append(action.value)
+            if ran is Ran.SETTLED:
+                break
     if lost:
         # Usually a newer holder runs the workspace now; but the lease may also have lapsed with
         # nobody else holding it, and then this intent would wait for the redrive sweep. Being
@@ -255,19 +266,19 @@ def _fail(
 
 def _start_cycle(
     workspace: Workspace, action: Action, lease: gate.Lease, final_attempt: bool
-) -> bool:
+) -> Ran:
     cycle = services.begin_cycle(
         workspace.id, S.PROVISIONING, action=action.value, still_owner=lease.confirm
     )
     if cycle is None:
-        return False
+        return Ran.NOTHING
     lease.set_generation(cycle.generation)
     workspace, generation, seq = cycle.workspace, cycle.generation, cycle.seq
     # A warm pool's member runs the template's part only; a claimed one (the row as locked when
     # this cycle began, which cleared the flag: a redelivered cycle starts cold) takes the rest.
     pooled, claimed = bool(workspace.pool), workspace.claim_pending
 
-    def refuse(message: str, payload: dict[str, Any] | None = None) -> bool:
+    def refuse(message: str, payload: dict[str, Any] | None = None) -> Ran:
         """Fail the cycle before any backend call (an instance that may run is stopped)."""
         _fail(
             workspace,
@@ -279,7 +290,7 @@ def _start_cycle(
             backend=_select_quietly(workspace) if workspace.is_running else None,
             payload=payload,
         )
-        return True
+        return Ran.DONE
 
     template = templates().for_launch(workspace.template, workspace.runtime)
     if template is None:
@@ -321,8 +332,9 @@ def _start_cycle(
             message=str(exc),
             payload={"backend": exc.backend},
         )
-        return True
+        return Ran.DONE
 
+    ran = Ran.DONE  # what a failed cycle reports: the loop reads the row it wrote
     try:
         # The token (issued as the cycle began) comes before prepare: a backend whose instance's
         # environment is fixed when it is created (a Docker container) creates it there.
@@ -349,12 +361,10 @@ def _start_cycle(
             sandbox=workspace.sandbox,
         )
         state = dict(workspace.backend_state)
-        if (
-            claimed
-            and template.name == workspace.template
-            and _claim(backend, spec, state, lease, seq)
-        ):
-            return True
+        if claimed and template.name == workspace.template:
+            handed_over = _claim(backend, spec, state, lease, seq)
+            if handed_over is not None:
+                return handed_over
         if _leftover_possible(workspace):
             # Replace whatever runs (an earlier cycle's, or a killed worker's) before the new one.
             grace = settings.STOP_GRACE_SECONDS
@@ -367,7 +377,7 @@ def _start_cycle(
         # The confirmation before start is the last moment to find out that a newer holder owns
         # the workspace before an instance runs; confirming also renews the lease.
         state = _confirmed(lease, backend.start, spec, state)
-        services.record_backend_facts(
+        settled = services.record_backend_facts(
             workspace.id,
             generation,
             is_running=True,
@@ -376,6 +386,7 @@ def _start_cycle(
             handled_seq=seq,
             config_populated=populated,
         )
+        ran = Ran.SETTLED if settled else Ran.DONE
         if pooled:
             metrics.POOL_REFILL_SECONDS.labels(
                 template=template.name, backend=backend.name
@@ -403,13 +414,13 @@ def _start_cycle(
             message=f"the {action.value} cycle exceeded {settings.CYCLE_SOFT_TIME_LIMIT_SECONDS} s",
             backend=backend,
         )
-    return True
+    return ran
 
 
 def _claim(
     backend: WorkspaceBackend, spec: LaunchSpec, state: dict, lease: gate.Lease, seq: int
-) -> bool:
-    """Hand the claimed member its workspace; False when it cannot take it (it died since it was
+) -> Ran | None:
+    """Hand the claimed member its workspace; None when it cannot take it (it died since it was
     ready): the caller then starts the workspace cold, replacing whatever the member left."""
     cycle = spec.workspace_id, spec.generation
     try:
@@ -417,11 +428,11 @@ def _claim(
     except BackendError as exc:
         logger.warning("pool member %s could not take its claim, starting cold: %s", cycle[0], exc)
         metrics.POOL_CLAIM_FALLBACKS.labels(template=spec.template.name, backend=backend.name).inc()
-        return False
-    services.record_backend_facts(
+        return None
+    settled = services.record_backend_facts(
         *cycle, is_running=True, backend_state=state, started=True, handled_seq=seq
     )
-    return True
+    return Ran.SETTLED if settled else Ran.DONE
 
 
 def _select_quietly(workspace: Workspace) -> WorkspaceBackend | None:
@@ -471,12 +482,12 @@ def _ensure_config(
 
 def _stop_cycle(
     workspace: Workspace, action: Action, lease: gate.Lease, final_attempt: bool
-) -> bool:
+) -> Ran:
     cycle = services.begin_cycle(
         workspace.id, S.STOPPING, action=action.value, still_owner=lease.confirm
     )
     if cycle is None:
-        return False
+        return Ran.NOTHING
     lease.set_generation(cycle.generation)
     workspace, generation, seq = cycle.workspace, cycle.generation, cycle.seq
     try:
@@ -494,7 +505,7 @@ def _stop_cycle(
             )
         else:
             services.complete_stop(workspace.id, generation, seq, dict(workspace.backend_state))
-        return True
+        return Ran.DONE
     try:
         grace = settings.STOP_GRACE_SECONDS
         state = _confirmed(lease, backend.stop, workspace.id, workspace.backend_state, grace)
@@ -510,19 +521,19 @@ def _stop_cycle(
             message=_backend_failure(exc),
             payload={"action": "stop", "transient": isinstance(exc, TransientBackendError)},
         )
-        return True
+        return Ran.DONE
     services.complete_stop(workspace.id, generation, seq, state)
-    return True
+    return Ran.DONE
 
 
 def _remove_cycle(
     workspace: Workspace, action: Action, lease: gate.Lease, final_attempt: bool
-) -> bool:
+) -> Ran:
     cycle = services.begin_cycle(
         workspace.id, S.REMOVING, action=action.value, still_owner=lease.confirm
     )
     if cycle is None:
-        return False
+        return Ran.NOTHING
     lease.set_generation(cycle.generation)
     workspace, generation = cycle.workspace, cycle.generation
     try:
@@ -530,10 +541,10 @@ def _remove_cycle(
     except BackendUnavailable as exc:
         if not _leftover_possible(workspace) and workspace.config_populated_at is None:
             services.complete_remove(workspace.id, generation)  # nothing was ever created
-            return True
+            return Ran.DONE
         # Resources may exist: stay `removing`, say why; the redrive sweep tries again later.
         services.record_error(workspace.id, generation, f"removal waits: {exc}")
-        return False
+        return Ran.NOTHING
     try:
         _confirmed(lease, backend.remove, workspace.id, workspace.backend_state)
     except BackendError as exc:
@@ -541,9 +552,9 @@ def _remove_cycle(
         services.record_error(workspace.id, generation, f"removal failed, will retry: {exc}")
         if isinstance(exc, TransientBackendError) and not final_attempt:
             raise
-        return False
+        return Ran.NOTHING
     services.complete_remove(workspace.id, generation)
-    return True
+    return Ran.DONE
 
 
 REAP_FAILED_SUFFIX = " (stopping what was left failed, will retry: "
@@ -551,7 +562,7 @@ REAP_FAILED_SUFFIX = " (stopping what was left failed, will retry: "
 
 def _reap_cycle(
     workspace: Workspace, action: Action, lease: gate.Lease, final_attempt: bool
-) -> bool:
+) -> Ran:
     """Stop whatever a failed cycle left running; the row stays ``failed``.
 
     If the backend cannot stop it now, the intent stays pending and the redrive sweep brings
@@ -559,7 +570,7 @@ def _reap_cycle(
     """
     cycle = services.begin_reap(workspace.id, still_owner=lease.confirm)
     if cycle is None:
-        return False
+        return Ran.NOTHING
     lease.set_generation(cycle.generation)
     workspace, generation, seq = cycle.workspace, cycle.generation, cycle.seq
     base_error = workspace.last_error.split(REAP_FAILED_SUFFIX)[0]
@@ -573,17 +584,17 @@ def _reap_cycle(
         if isinstance(exc, TransientBackendError) and not final_attempt:
             raise
         logger.warning("could not stop what failed workspace %s left: %s", workspace.id, exc)
-        return False
+        return Ran.NOTHING
     services.record_backend_facts(
         workspace.id, generation, is_running=False, backend_state=state, handled_seq=seq
     )
     if base_error != workspace.last_error:
         services.record_error(workspace.id, generation, base_error)
     logger.info("stopped what failed workspace %s left running", workspace.id)
-    return True
+    return Ran.DONE
 
 
-_CYCLES: dict[Action, Callable[[Workspace, Action, gate.Lease, bool], bool]] = {
+_CYCLES: dict[Action, Callable[[Workspace, Action, gate.Lease, bool], Ran]] = {
     Action.PROVISION: _start_cycle,
     Action.START: _start_cycle,
     Action.RESTART: _start_cycle,

@@ -53,7 +53,8 @@ PLAN_FIELDS = (
 def plan_row(workspace_id: UUID) -> Workspace | None:
     """The workspace with ``PLAN_FIELDS`` loaded (the others deferred) and its owner with the
     username, in one query, or None when there is no such row. The lifecycle reads this before
-    every cycle and once more after the last."""
+    every cycle and once more after the last, unless that cycle's last write found nothing newer
+    asked."""
     try:
         # get(), not first(): a primary key needs no ORDER BY, which the ORM would compile.
         return (

@@ -95,6 +95,8 @@ def test_a_first_provision_writes_the_database_in_two_transactions(user, fake) -
     # begin: UPDATE the row, replace the token (one upsert), INSERT the event; end: UPDATE the row
     assert writes == ["UPDATE", "INSERT", "INSERT", "UPDATE"], statements
     assert statements.count("COMMIT") == 1  # the end is one autocommitted UPDATE
+    # The end's UPDATE found no newer request: the loop does not read the row again.
+    assert statements[-1] == "UPDATE" and statements.count("SELECT") == 2, statements
     workspace.refresh_from_db()
     assert workspace.config_populated_at == workspace.last_started_at
     assert workspace.tokens.get().generation == workspace.generation
@@ -188,6 +190,32 @@ def test_many_requests_between_cycles_collapse_into_one_cycle(user, fake) -> Non
         services.request_restart(workspace.id)
     assert lifecycle.converge(workspace.id) == ["restart"]
     assert fake.calls_for(workspace.id).count("start") == 2
+
+
+@pytest.mark.parametrize(
+    ("request_during", "done"),
+    [
+        (services.request_restart, ["provision", "restart"]),
+        (services.request_stop, ["provision", "stop"]),
+        (services.request_remove, ["provision", "remove"]),
+    ],
+)
+def test_a_request_during_a_cycle_is_answered_in_the_same_hold(
+    user, fake, request_during, done
+) -> None:
+    """The cycle's last write finds the newer request (its seq moved on): the loop reads the row
+    again and runs the cycle it asks for, without a second task."""
+    workspace = _create(user)
+
+    def once() -> None:
+        del fake.during["start"]
+        request_during(workspace.id)
+
+    fake.during["start"] = once
+    assert lifecycle.converge(workspace.id) == done
+    workspace.refresh_from_db()
+    assert workspace.handled_seq == workspace.requested_seq
+    assert lifecycle.converge(workspace.id) == []
 
 
 def test_stop_then_start(user, fake) -> None:

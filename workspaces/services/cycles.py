@@ -149,9 +149,12 @@ def record_backend_facts(
     started: bool = False,
     handled_seq: int | None = None,
     config_populated: bool = False,
-) -> None:
+) -> bool:
     """Make the row say what the backend just said. Raises ``LeaseLost`` if overtaken.
-    ``config_populated``: the cycle populated the config volume for the first time."""
+    ``config_populated``: the cycle populated the config volume for the first time.
+
+    True when the cycle answered every request (``handled_seq`` given and no newer one came):
+    the lifecycle then need not read the row again to learn that nothing is left to do."""
     now = timezone.now()
     fields: dict[str, Any] = {
         "is_running": is_running,
@@ -167,8 +170,14 @@ def record_backend_facts(
     # The table's CHECK forbids online/degraded without a running instance: a cycle that saw the
     # instance stop must not leave the row claiming it is online.
     not_in = () if is_running else (S.ONLINE, S.DEGRADED)
-    if not _fenced(workspace_id, generation).exclude(status__in=not_in).update(**fields):
+    fenced = _fenced(workspace_id, generation).exclude(status__in=not_in)
+    # Every request bumps requested_seq: a row still at the cycle's seq asks for nothing more.
+    # A newer request (or a lost lease) takes a second UPDATE, which writes or raises.
+    if handled_seq is not None and fenced.filter(requested_seq=handled_seq).update(**fields):
+        return True
+    if not fenced.update(**fields):
         raise LeaseLost(f"workspace {workspace_id} moved past generation {generation}")
+    return False
 
 
 def _replace_agent_token(workspace_id: UUID, generation: int) -> str:
