@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Figure, percentile, print_figures, setup_django
-from bench.stack import Platform, platform, remove_labelled, wait_until
+from bench.stack import Platform, platform, ready_pool_members, remove_labelled, wait_until
 
 POOL = 50
 ROUNDS = 3
@@ -64,21 +64,11 @@ def _templates(directory: Path) -> Path:
     return directory
 
 
-def _ready(template: str) -> int:
-    from workspaces.manifests import invalidate_templates, templates
-    from workspaces.models import Workspace
-    from workspaces.services.claims import ready_members
-
-    invalidate_templates()
-    manifest = templates().get(template)
-    assert manifest is not None
-    from django.conf import settings
-
-    return Workspace.objects.filter(ready_members(manifest, settings.WORKSPACE_BACKEND)).count()
-
-
 def _wait_full() -> None:
-    wait_until(lambda: _ready("warm") >= POOL, TIMEOUT, f"{POOL} ready members", interval=0.2)
+    def full() -> bool:
+        return ready_pool_members("warm") >= POOL
+
+    wait_until(full, TIMEOUT, f"{POOL} ready members", interval=0.2)
 
 
 def _online_at(ids: list[str]) -> dict[str, float]:

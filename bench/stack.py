@@ -354,6 +354,21 @@ def _wait_ready(
     wait_until(ready, 60, f"the server on port {port}", interval=0.2)
 
 
+def ready_pool_members(template: str) -> int:
+    """How many members of ``template``'s warm pool a create could claim now, on the backend of
+    this process's settings."""
+    from django.conf import settings
+
+    from workspaces.manifests import invalidate_templates, templates
+    from workspaces.models import Workspace
+    from workspaces.services.claims import ready_members
+
+    invalidate_templates()
+    manifest = templates().get(template)
+    assert manifest is not None, template
+    return Workspace.objects.filter(ready_members(manifest, settings.WORKSPACE_BACKEND)).count()
+
+
 def label_key(name: str) -> str:
     """A label's key as the Docker and Swarm backends write it (``provisioning.backends.engine``),
     for benches that make instances themselves. Django is set up by then."""

@@ -45,6 +45,7 @@ Not in CI and not a default dependency group::
     uv sync --group peer          # jupyterhub, dockerspawner, matplotlib
     python -m bench peer [--sizes 1 10 50 200] [--rounds 3] [--network veth|workspace|host]
     python -m bench peer --backend process [--sizes 1 10 50 200 500]
+    python -m bench peer [--backend process] --sizes 1 10 50 --pool   # here from a warm pool
 
 Uses ``DATABASE_URL`` (default ``ws_peer_bench``); the platform's Redis is a redis-server the
 bench starts for it alone. Writes its block of docs/benchmarks.md (between markers that
@@ -91,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         default="python",
         help="process: what each hub server runs (python: the same interpreter and page server "
         "as the platform's agent, the default; busybox: httpd and wget, as the docker variant)",
+    )
+    parser.add_argument(
+        "--pool",
+        action="store_true",
+        help="serve every request here from a warm pool of the template, sized to the largest "
+        "N (the report's own block; bench.peer.report.POOLED says what is counted)",
     )
     parser.add_argument("--out", type=Path, default=DOC)
     args = parser.parse_args(argv)

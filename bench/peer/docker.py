@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.engine import cpu_seconds, ensure_agent_image, ensure_engine
-from bench.peer.here import here_platform, here_round, own_redis
+from bench.peer.here import here_clean, here_platform, here_round, own_redis, with_pool
 from bench.peer.hub import Hub, hub_round
-from bench.peer.report import Start, Variant, write_results
+from bench.peer.report import POOLED, Start, Variant, write_results
 from bench.peer.rounds import alternate
-from bench.stack import Platform, remove_labelled
+from bench.stack import remove_labelled
 
 HUB_THREADS = 4
 LABEL_KEY = "io.workspaces.bench-peer"
@@ -146,17 +146,13 @@ class DockerHub(Hub):
         return {"engine": used["engine"], "control": used["platform"]}
 
 
-def here_clean(stack: Platform) -> None:
-    from workspaces.models import Workspace
-
-    remove_labelled(stack.label)
-    Workspace.objects.filter(owner__username=stack.owner).delete()
-
-
 def run(args: Any, argv: list[str] | None, intro: str) -> int:
     """``python -m bench peer [--network ...]``: see this module's docstring."""
     ensure_engine()
     os.environ["DOCKER_NETWORK_MODE"] = args.network
+    pool = max(args.sizes) if args.pool else 0
+    if pool:
+        with_pool(pool)
     start = Start.now()
     with own_redis(start.log_dir) as redis_pid:
         from django.conf import settings
@@ -168,17 +164,22 @@ def run(args: Any, argv: list[str] | None, intro: str) -> int:
         ):
             runs = alternate(
                 args,
-                (lambda n: here_round(stack, n, args.interval), lambda: here_clean(stack)),
+                (
+                    lambda n: here_round(stack, n, args.interval, pool=pool),
+                    lambda: here_clean(stack, "docker"),
+                ),
                 (lambda n: hub_round(hub, n, args.interval), hub.clean),
             )
     import dockerspawner
 
-    if args.network == "veth":
+    if pool:
+        heading = [f"### peer on Docker, here from a warm pool of {pool}", "", POOLED, ""]
+    elif args.network == "veth":
         heading = ["## peer: JupyterHub", "", intro, "", (__doc__ or "").strip(), ""]
     else:
         heading = [f"### peer, this platform with DOCKER_NETWORK_MODE={args.network}", ""]
     variant = Variant(
-        name=args.network,
+        name=f"{args.network}_pool" if pool else args.network,
         own="engine",
         own_column="engine CPU/ws",
         own_title="engine: dockerd+containerd+shims",
@@ -186,7 +187,8 @@ def run(args: Any, argv: list[str] | None, intro: str) -> int:
         here_label="this platform (Docker backend)",
         hub_label="JupyterHub + DockerSpawner",
         spawner=f"DockerSpawner {dockerspawner.__version__} ({HUB_THREADS} engine threads)",
-        setting=f"DOCKER_NETWORK_MODE={args.network}",
+        setting=f"DOCKER_NETWORK_MODE={args.network}"
+        + (f", a warm pool of {pool}" if pool else ""),
     )
     write_results(runs, args, argv, variant, heading, start)
     return 0

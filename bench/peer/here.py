@@ -7,17 +7,37 @@ events."""
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.common import postgres_backends, setup_django
 from bench.engine import cpu_by_root, cpu_seconds, processes
 from bench.peer.rounds import Run, requests_and_watch
-from bench.stack import Platform, platform, private_redis
+from bench.stack import Platform, platform, private_redis, ready_pool_members, wait_until
 
 DATABASE = "ws_peer_bench"  # unless DATABASE_URL names one
+TEMPLATE = "shell-default"  # what each request here creates
+POOL_TIMEOUT = 600.0
+
+
+def with_pool(size: int) -> None:
+    """Give ``TEMPLATE`` a warm pool of ``size`` (the operator's override), for this process and
+    the platform it starts; call it before ``own_redis``."""
+    os.environ["WORKSPACE_POOL_SIZES"] = f"{TEMPLATE}={size}"
+
+
+def wait_for_pool(size: int) -> None:
+    """Until ``size`` members of the pool are ready (the beat sweep and the claims' refills fill
+    it)."""
+
+    def full() -> bool:
+        return ready_pool_members(TEMPLATE) >= size
+
+    wait_until(full, POOL_TIMEOUT, f"{size} ready pool members", interval=0.2)
 
 
 def pg_backends(database: str) -> dict[int, float]:
@@ -44,19 +64,38 @@ def here_platform(log_dir: Path, backend: str, redis_pid: int) -> Iterator[Platf
         yield stack
 
 
+def here_clean(stack: Platform, backend: str) -> None:
+    """Remove every workspace of the bench's user through ``backend`` (its instance, link and
+    folders or volume), then its rows. A warm pool's members have another owner: they stay."""
+    from provisioning.backends import backend_named
+    from workspaces.models import Workspace
+
+    rows = Workspace.objects.filter(owner__username=stack.owner)
+    engine = backend_named(backend, check=False)
+    listed = list(rows.values_list("id", "backend_state"))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda row: engine.remove(row[0], row[1] or {}), listed))
+    rows.delete()
+
+
 def here_round(
     stack: Platform,
     n: int,
     interval: float,
     workspaces: Callable[[], dict[int, float]] | None = None,
+    pool: int = 0,
 ) -> Run:
     """One round here. ``workspaces`` (pid -> CPU seconds of the workspaces' own processes) takes
-    the engine's place when the workspaces are local processes."""
+    the engine's place when the workspaces are local processes. With a ``pool`` (its size), the
+    round begins from a full pool (untimed), and its CPU is read once the pool is full again:
+    each workspace's figure includes the start of the member that replaces the one it took."""
     from django.db import connection
 
     from workspaces.models import Workspace
 
     database = str(connection.settings_dict["NAME"])
+    if pool:
+        wait_for_pool(pool)
     tag = uuid.uuid4().hex[:6]
     before = cpu_seconds(stack.pids)
     redis = {"redis": stack.redis_pid} if stack.redis_pid else {}
@@ -77,6 +116,8 @@ def here_round(
         return [str(error) for error in rows.values_list("last_error", flat=True)]
 
     sent = requests_and_watch(n, create, count, failed, interval, f"here N={n}")
+    if pool:
+        wait_for_pool(pool)
     after = cpu_seconds(stack.pids)
     parts_after = cpu_by_root({**stack.parts, **redis})
     pg_after = pg_backends(database)
@@ -92,7 +133,8 @@ def here_round(
     else:
         own_after = workspaces()
         cpu["workspace"] = sum(cpu - own_before.get(pid, 0.0) for pid, cpu in own_after.items())
-    online, began = first_events(list(sent), "ONLINE"), first_events(list(sent), "PROVISIONING")
+    # The newest cycle's begin: a claimed member's own first cycle began before the request.
+    online, began = first_events(list(sent), "ONLINE"), last_events(list(sent), "PROVISIONING")
     running = {
         str(key): at.timestamp()
         for key, at in Workspace.objects.filter(id__in=list(sent)).values_list(
@@ -111,13 +153,22 @@ def here_round(
 
 def first_events(ids: list[str], kind: str) -> dict[str, float]:
     """Workspace id -> when its first event of that kind was recorded."""
+    return _events(ids, kind, "-created_at")
+
+
+def last_events(ids: list[str], kind: str) -> dict[str, float]:
+    """Workspace id -> when its latest event of that kind was recorded."""
+    return _events(ids, kind, "created_at")
+
+
+def _events(ids: list[str], kind: str, order: str) -> dict[str, float]:
     from workspaces.models import WorkspaceEvent
     from workspaces.status import EventType
 
     rows = (
         WorkspaceEvent.objects.filter(workspace_id__in=ids, type=getattr(EventType, kind))
-        # Newest first, so the dict keeps each workspace's first event of the kind.
-        .order_by("-created_at")
+        # The dict keeps each workspace's last row in this order.
+        .order_by(order)
         .values_list("workspace_id", "created_at")
     )
     return {str(workspace_id): at.timestamp() for workspace_id, at in rows}

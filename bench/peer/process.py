@@ -57,17 +57,15 @@ import os
 import shutil
 import signal
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from bench.engine import descendants, processes
-from bench.peer.here import here_platform, here_round, own_redis
+from bench.peer.here import here_clean, here_platform, here_round, own_redis, with_pool
 from bench.peer.hub import Hub, hub_round
-from bench.peer.report import Start, Variant, write_results
+from bench.peer.report import POOLED, Start, Variant, write_results
 from bench.peer.rounds import alternate
-from bench.stack import Platform
 
 HUB_UID = 10001
 # The platform's settings this bench gives its own values unless the environment sets them.
@@ -281,20 +279,6 @@ def workspace_processes(uids: tuple[int, int]) -> dict[int, float]:
     return found
 
 
-def here_clean(stack: Platform) -> None:
-    """Remove every workspace of the platform's user through the backend (its processes, link
-    and folders), then its rows."""
-    from provisioning.backends import backend_named
-    from workspaces.models import Workspace
-
-    rows = Workspace.objects.filter(owner__username=stack.owner)
-    backend = backend_named("process", check=False)
-    listed = list(rows.values_list("id", "backend_state"))
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(lambda row: backend.remove(row[0], row[1] or {}), listed))
-    rows.delete()
-
-
 def run(args: Any, argv: list[str] | None, intro: str) -> int:
     """``python -m bench peer --backend process``: see this module's docstring."""
     if os.geteuid() != 0:
@@ -305,13 +289,19 @@ def run(args: Any, argv: list[str] | None, intro: str) -> int:
     data.chmod(0o711)  # workspace uids traverse it to their own folders
     os.environ["WORKSPACE_BACKEND"] = "process"
     os.environ["WORKSPACE_DATA_DIR"] = str(data)
+    pool = max(args.sizes) if args.pool else 0
+    if pool:
+        with_pool(pool)
     start = Start.now()
     with own_redis(start.log_dir) as redis_pid:
         from django.conf import settings
 
         uids = (int(settings.WORKSPACE_UID_RANGE[0]), int(settings.WORKSPACE_UID_RANGE[1]))
-        if max(args.sizes) > uids[1] - uids[0] + 1:
-            raise SystemExit(f"N = {max(args.sizes)} needs as many uids: widen WORKSPACE_UID_RANGE")
+        if max(args.sizes) + pool > uids[1] - uids[0] + 1:
+            raise SystemExit(
+                f"N = {max(args.sizes)} and a pool of {pool} need as many uids: widen "
+                "WORKSPACE_UID_RANGE"
+            )
         python = str(settings.WORKSPACE_PYTHON)
         try:
             with (
@@ -322,8 +312,8 @@ def run(args: Any, argv: list[str] | None, intro: str) -> int:
                 runs = alternate(
                     args,
                     (
-                        lambda n: here_round(stack, n, args.interval, workspaces=own),
-                        lambda: here_clean(stack),
+                        lambda n: here_round(stack, n, args.interval, workspaces=own, pool=pool),
+                        lambda: here_clean(stack, "process"),
                     ),
                     (lambda n: hub_round(hub, n, args.interval), hub.clean),
                 )
@@ -334,8 +324,9 @@ def run(args: Any, argv: list[str] | None, intro: str) -> int:
 
                 remove_workspace_firewall(str(settings.WORKSPACE_FIREWALL_CHAIN))
             shutil.rmtree(data, ignore_errors=True)
+    name = "process" if args.hub_server == "python" else f"process_{args.hub_server}"
     variant = Variant(
-        name="process" if args.hub_server == "python" else f"process_{args.hub_server}",
+        name=f"{name}_pool" if pool else name,
         own="workspace",
         own_column="workspace processes CPU/ws",
         own_title="the workspaces' own processes",
@@ -343,14 +334,17 @@ def run(args: Any, argv: list[str] | None, intro: str) -> int:
         here_label="this platform (process backend)",
         hub_label="JupyterHub + LocalProcessSpawner",
         spawner=f"LocalProcessSpawner (servers: {args.hub_server}, uid {HUB_UID})",
-        setting="WORKSPACE_BACKEND=process",
+        setting="WORKSPACE_BACKEND=process" + (f", a warm pool of {pool}" if pool else ""),
     )
-    heading = [
-        "## peer: JupyterHub on local processes"
-        if args.hub_server == "python"
-        else f"### peer on local processes, hub servers running {args.hub_server}",
-        "",
-        *([intro, "", (__doc__ or "").strip(), ""] if args.hub_server == "python" else []),
-    ]
+    if pool:
+        heading = [f"### peer on local processes, here from a warm pool of {pool}", "", POOLED, ""]
+    else:
+        heading = [
+            "## peer: JupyterHub on local processes"
+            if args.hub_server == "python"
+            else f"### peer on local processes, hub servers running {args.hub_server}",
+            "",
+            *([intro, "", (__doc__ or "").strip(), ""] if args.hub_server == "python" else []),
+        ]
     write_results(runs, args, argv, variant, heading, start)
     return 0

@@ -26,6 +26,15 @@ PLOT = "peer-{variant}.png"
 MARKERS = re.compile(r"<!-- peer:(\w+):begin -->.*?<!-- peer:\1:end -->\n?", re.DOTALL)
 
 
+# What a run with ``--pool`` measures, said once in each of its blocks.
+POOLED = (
+    "Here every request is served by a member of the template's warm pool "
+    "(`WORKSPACE_POOL_SIZES`, sized to the largest N): each round begins from a full pool "
+    "(untimed), and its CPU is read once the pool is full again, so a workspace's CPU includes "
+    "the start of the member that replaces the one it took. The hub has no pool."
+)
+
+
 @dataclass(frozen=True)
 class Start:
     """When a run began, the machine's load average then, and the folder of the run's logs."""
