@@ -97,16 +97,31 @@ def _why_retire(
     return ""
 
 
+# A refill waits for a burst's hand-overs to begin for at most this long after its latest claim:
+# a claim whose cycle never begins (no worker takes it) must not keep the pool empty.
+HANDOVER_WAIT_LIMIT_SECONDS = 30.0
+HANDOVER_POLL_SECONDS = 0.2
+
+
 def claim_quiet_for(template_name: str) -> float:
-    """Seconds until ``POOL_REFILL_DELAY_SECONDS`` have passed since the template's latest claim
-    (0 or less: the refill may run)."""
+    """Seconds to wait before the template's pool is refilled (0 or less: it may be now): until
+    ``POOL_REFILL_DELAY_SECONDS`` have passed since its latest claim, and then while any of its
+    claims still waits for the cycle that hands it over. The replacements' starts would take the
+    CPU those hand-overs need: a burst's cycles queue for the workers long after its requests
+    were answered."""
     try:
         last = cast(bytes | None, get_redis().get(claims.last_claim_key(template_name)))
     except RedisError:
         return 0.0  # no record to go by: refill rather than leave the pool empty
     if last is None:
         return 0.0
-    return float(last) + float(settings.POOL_REFILL_DELAY_SECONDS) - time.time()
+    since = time.time() - float(last)
+    wait = float(settings.POOL_REFILL_DELAY_SECONDS) - since
+    if wait > 0:
+        return wait
+    if since < HANDOVER_WAIT_LIMIT_SECONDS and claims.handovers_pending(template_name):
+        return HANDOVER_POLL_SECONDS
+    return wait
 
 
 def refill_after_claims(template_name: str) -> list[PoolReport] | float:

@@ -211,15 +211,17 @@ POOL_SWEEP_INTERVAL_SECONDS = env_int(
         "claim also asks for a refill at once."
     ),
 )
-# A claim's refill waits this long after the template's latest claim: a burst of creates is
-# served by the pool first, and its members' replacements start once it is over (started during
-# it, they take the CPU its hand-overs need: on 2 cores, 50 claims took 3 s instead of 1).
+# A claim's refill waits this long after the template's latest claim, then until the burst's
+# hand-over cycles have begun (provisioning.pools.claim_quiet_for): a burst of creates is served
+# by the pool first, and its members' replacements start once it is over (started during it,
+# they take the CPU its hand-overs need).
 POOL_REFILL_DELAY_SECONDS = env_float(
     "POOL_REFILL_DELAY_SECONDS",
     1.0,
     doc=(
         "A pool is refilled this long after its latest claim (claims within it push the "
-        "refill on), so replacements never compete with a burst's hand-overs."
+        "refill on), and once every claim's hand-over has begun, so replacements never "
+        "compete with a burst's hand-overs."
     ),
 )
 WORKSPACE_POOL_OWNER = env_str(

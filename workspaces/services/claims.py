@@ -52,6 +52,15 @@ def ready_members(template: Template, backend: str) -> Q:
     )
 
 
+def handovers_pending(template_name: str) -> bool:
+    """Whether a create claimed a member of ``template_name``'s pool whose hand-over cycle has
+    not begun yet (the claim's flag stays until it does). Served by the partial index of rows
+    with a pending intent, which every claim has."""
+    return Workspace.objects.filter(
+        requested_seq__gt=F("handled_seq"), claim_pending=True, template=template_name
+    ).exists()
+
+
 def last_claim_key(template_name: str) -> str:
     return f"{settings.GATE_KEY_PREFIX}:pool:{template_name}:last-claim"
 
