@@ -165,7 +165,11 @@ def _ready_members(make_row: Any, template_name: str, count: int, backend: str) 
             pool_fingerprint=template.fingerprint,
             is_running=True,
         )
-        Workspace.objects.filter(id=row.id).update(owner=pools.pool_owner(), subdomain="")
+        Workspace.objects.filter(id=row.id).update(
+            owner=pools.pool_owner(),
+            subdomain="",
+            status_changed_at=row.provisioning_started_at,  # provisioning since its insert
+        )
         rows.append(row)
     assert len(_ready_ids(template_name, backend)) == count
     return rows
@@ -236,6 +240,8 @@ def test_a_team_create_claims_members_of_each_members_template(
         assert (row.pool, row.claim_pending, row.requested_by) == ("", True, "alice")
         assert row.env.reveal() == KEY
         assert row.requested_seq == row.handled_seq + 1  # an intent for the hand-over
+        # New now, as an inserted row is: not five hours in provisioning.
+        assert row.created_at == row.provisioning_started_at == row.status_changed_at
     parent = Workspace.objects.get(id=team.parent.id)
     assert set(parent.members.values_list("id", flat=True)) == {m.id for m in team.members}
 

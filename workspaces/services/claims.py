@@ -125,6 +125,9 @@ def claim_member(
                 requested_by=actor,
                 created_at=now,
                 updated_at=now,
+                # The member has been provisioning since its own start; the workspace since now
+                # (the admin's and manage.py's "in state" read it).
+                status_changed_at=now,
                 last_activity_at=now,
                 provisioning_started_at=now,
             )
