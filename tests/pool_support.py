@@ -16,10 +16,10 @@ from django.db import close_old_connections, connection
 from tests.support import wait_for, write_templates
 from workspaces import services
 from workspaces.manifests import invalidate_templates, templates
-from workspaces.models import Workspace
+from workspaces.models import Workspace, WorkspaceEvent
 from workspaces.services import pools
 from workspaces.services.claims import ready_members
-from workspaces.status import WorkspaceStatus
+from workspaces.status import EventType, WorkspaceStatus
 
 S = WorkspaceStatus
 
@@ -56,14 +56,32 @@ def manifest(
     )
 
 
+# A team of pooled templates: its members are claimed from their own pools (``pooled`` twice,
+# ``burst`` once); the parent (a team template keeps no pool) starts cold.
+TEAM = "pooled-team"
+TEAM_MEMBERS = ("pooled", "pooled", "burst")
+
+
+def team_manifest(app_command: str, image: str = "workspace-agent:dev") -> str:
+    return (
+        "runtime: shell\n"
+        f"image: {image}\n"
+        "env:\n  AGENT_HEARTBEAT_SECONDS: '1'\n"
+        f"app:\n  port: auto\n  health_path: /\n  command: {json.dumps(app_command)}\n"
+        "members:\n" + "".join(f"  - {member}\n" for member in TEAM_MEMBERS)
+    )
+
+
 def pool_templates(directory: Path, app_command: str) -> Path:
-    """The shipped templates plus ``pooled`` (a pool of 2) and ``burst`` (a pool of 3)."""
+    """The shipped templates plus ``pooled`` (a pool of 2), ``burst`` (a pool of 3), ``keyed``
+    (a pool of 1 that requires API_KEY) and the team ``pooled-team``."""
     return write_templates(
         directory,
         {
             "pooled": manifest(app_command, 2),
             "burst": manifest(app_command, 3),
             "keyed": manifest(app_command, 1, required="API_KEY"),
+            TEAM: team_manifest(app_command),
         },
     )
 
@@ -174,3 +192,55 @@ def members_of(template: str) -> set[str]:
 
 
 Waiter = Callable[..., Any]
+
+
+def team_comes_online_from_pools(
+    api: Any, app_page: Callable[[Workspace], str], instance_key: str, timeout: float
+) -> None:
+    """POST /api/teams/ of ``pooled-team`` with its members' pools full: each member is a ready
+    member of its own template's pool, handed over in its own instance (``instance_key`` of its
+    backend state is the member's), and serves the team's env and its own id; the parent starts
+    cold and serves them too; the API shows the parent with its members and each member with
+    its parent, and removing the parent removes the claimed members."""
+    burst = wait_pool_ready("burst", 3)
+    pooled = wait_pool_ready("pooled", 2)
+    ready = Workspace.objects.filter(id__in=pooled | burst)
+    instances = {str(row.id): row.backend_state[instance_key] for row in ready}
+    response = api.post(
+        "/api/teams/",
+        {"name": "crew", "template": TEAM, "env": {"GREETING": "hello-team"}},
+        format="json",
+    )
+    assert response.status_code == 201, response.content
+    body = response.json()
+    parent_id = body["parent"]["id"]
+    members = {member["name"]: member["id"] for member in body["members"]}
+    assert set(members) == {"crew-pooled-1", "crew-pooled-2", "crew-burst"}
+    assert {members["crew-pooled-1"], members["crew-pooled-2"]} == pooled, "a member started cold"
+    # The pool's oldest ready member: all three were ready, so it is one of them.
+    assert members["crew-burst"] in burst, "a member started cold"
+    assert parent_id not in instances
+    assert {member["id"] for member in body["parent"]["members"]} == set(members.values())
+
+    for workspace_id in [parent_id, *members.values()]:
+        online = wait_online(workspace_id, timeout)
+        assert app_page(online) == f"hello-team|{workspace_id}"
+    for workspace_id in members.values():
+        online = Workspace.objects.get(id=workspace_id)
+        # The member's own instance took the claim: no cold start.
+        assert online.backend_state[instance_key] == instances[workspace_id]
+        began = WorkspaceEvent.objects.get(
+            workspace_id=workspace_id, type=EventType.PROVISIONING, generation=online.generation
+        )
+        assert began.payload["action"] == "claim"
+        assert began.payload["claimed_from_pool"] == online.template
+
+    parent = api.get(f"/api/workspaces/{parent_id}/").json()
+    assert parent["parent"] is None
+    assert {member["id"] for member in parent["members"]} == set(members.values())
+    assert {member["status"] for member in parent["members"]} == {S.ONLINE}
+    for workspace_id in members.values():
+        assert api.get(f"/api/workspaces/{workspace_id}/").json()["parent"] == parent_id
+    removed = api.delete(f"/api/workspaces/{parent_id}/")
+    assert removed.status_code == 202, removed.content
+    assert {member["status"] for member in removed.json()["members"]} == {S.REMOVING}

@@ -116,6 +116,10 @@ def test_a_claimed_member_comes_online_with_the_claimers_env(
     assert created["id"] not in again
 
 
+def test_a_team_of_pooled_templates_claims_its_members(on_pools, api) -> None:
+    ps.team_comes_online_from_pools(api, _app_page, "pid", timeout=60)
+
+
 def test_concurrent_creates_never_share_a_member_nor_an_env(on_pools, make_user, settings) -> None:
     """Eight creates at once against a pool of three: each member is claimed at most once, the
     other creates start cold (or take a member the claims' refills made meanwhile), and every

@@ -120,6 +120,10 @@ def test_docker_claimed_member_comes_online_with_the_claimers_env(
     assert _app_page(restarted) == f"hello-docker|{online.id}"
 
 
+def test_docker_team_of_pooled_templates_claims_its_members(on_pools, api) -> None:
+    ps.team_comes_online_from_pools(api, _app_page, "container_id", timeout=90)
+
+
 def test_docker_concurrent_creates_never_share_a_member_nor_an_env(
     on_pools, make_user, settings
 ) -> None:

@@ -2,9 +2,11 @@
 
 A create that the pool can serve takes one member **in its own transaction**: the row is locked
 ``FOR UPDATE SKIP LOCKED`` (two creates never wait on, nor get, one member) and becomes the
-person's workspace in one UPDATE: owner, name, env, ``pool`` emptied, ``claim_pending`` set, a new
-intent. The cycle that answers the intent (``provisioning.lifecycle``) hands the waiting agent its
-identity, token and env; the row is never a member again, so a member is used once.
+person's workspace in one UPDATE: owner, name, env, a team's parent, ``pool`` emptied,
+``claim_pending`` set, a new intent. A single create and every workspace of a team create (the
+parent and each member, each from its own template's pool) claim the same way. The cycle that
+answers the intent (``provisioning.lifecycle``) hands the waiting agent its identity, token and
+env; the row is never a member again, so a member is used once.
 """
 
 from __future__ import annotations
@@ -92,11 +94,16 @@ def claim_member(
     env: dict[str, str],
     backend: str,
     actor: str,
+    parent: Workspace | None = None,
 ) -> Workspace | None:
-    """Turn a ready member of ``manifest``'s pool into ``owner``'s workspace ``name``, inside the
-    caller's transaction; None when the pool cannot serve this create (empty or off, or the env
-    lacks what the template requires: that create starts cold and fails its preflight as always,
-    and the member stays for someone else)."""
+    """Turn a ready member of ``manifest``'s pool into ``owner``'s workspace ``name`` (a member of
+    the team ``parent`` when given), inside the caller's transaction; None when the pool cannot
+    serve this create (empty or off, or the env lacks what the template requires: that create
+    starts cold and fails its preflight as always, and the member stays for someone else).
+
+    The row then holds what ``_insert_workspace`` would have written from the create; what does
+    not depend on who asks (template, runtime, sandbox, backend, uid, app port, the instance's
+    state) is the member's already."""
     if pool_size(manifest) <= 0:
         return None
     if any(not env.get(key) for key in manifest.required_env):
@@ -120,12 +127,16 @@ def claim_member(
                 name=name,
                 subdomain=subdomain(name, owner.username),
                 env=env,
+                parent=parent,
                 pool="",
                 claim_pending=True,
                 requested_seq=F("requested_seq") + 1,
                 requested_by=actor,
                 created_at=now,
                 updated_at=now,
+                # The member has been provisioning since its own start; the workspace since now
+                # (the admin's and manage.py's "in state" read it).
+                status_changed_at=now,
                 last_activity_at=now,
                 provisioning_started_at=now,
             )
@@ -141,5 +152,10 @@ def claim_member(
     transaction.on_commit(
         metrics.POOL_CLAIMS.labels(template=manifest.name, backend=backend).inc, robust=True
     )
-    logger.info("claimed pool member %s of %s", member, manifest.name)
+    logger.info(
+        "claimed pool member %s of %s%s",
+        member,
+        manifest.name,
+        "" if parent is None else f" for team {parent.id}",
+    )
     return Workspace.objects.select_related("owner").get(id=member)

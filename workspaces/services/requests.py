@@ -165,6 +165,38 @@ def _insert_workspace(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _claim_or_insert(
+    *,
+    owner: User,
+    name: str,
+    manifest: Template,
+    env: dict[str, str],
+    backend: str,
+    actor: str,
+    parent: Workspace | None = None,
+) -> Workspace:
+    """One workspace of a create (a single one, or a team's parent or member): a ready member of
+    its template's warm pool when there is one, otherwise a cold start, as if there were no
+    pool. Inside the create's transaction."""
+    return claim_member(
+        owner=owner,
+        name=name,
+        manifest=manifest,
+        env=env,
+        backend=backend,
+        actor=actor,
+        parent=parent,
+    ) or _insert_workspace(
+        owner=owner,
+        name=name,
+        manifest=manifest,
+        env=env,
+        backend=backend,
+        actor=actor,
+        parent=parent,
+    )
+
+
 def create_workspace(
     *,
     owner: User,
@@ -182,20 +214,12 @@ def create_workspace(
     with transaction.atomic():
         check_quota(owner, adding=1)
         check_concurrency(adding=1)
-        # A ready member of the template's warm pool when there is one; otherwise a cold start,
-        # as if there were no pool.
-        workspace = claim_member(
+        workspace = _claim_or_insert(
             owner=owner, name=name, manifest=manifest, env=clean_env, backend=backend, actor=actor
-        ) or _insert_workspace(
-            owner=owner,
-            name=name,
-            manifest=manifest,
-            env=clean_env,
-            backend=backend,
-            actor=actor,
         )
-        # What the answer reads is at hand: the owner is the caller's object, and a row
-        # inserted in this transaction has no team members (an empty result, no query).
+        # What the answer reads is at hand: the owner (the caller's object, or loaded with the
+        # claimed row), and no team members: a row inserted or claimed by a single create has
+        # none (an empty result, no query).
         workspace._prefetched_objects_cache = {  # type: ignore[attr-defined]  # set by Django
             "members": Workspace.objects.none()
         }
@@ -233,7 +257,8 @@ def create_team(
     """Expand a team template into its parent workspace and one workspace per member template,
     all in one transaction. The parent runs the team template's own runtime like any workspace;
     every member gets the same env and is provisioned (and preflighted) on its own, so one
-    member's failure shows on that member."""
+    member's failure shows on that member. Each is claimed from its template's warm pool when
+    it can be, as a single create is (``_claim_or_insert``)."""
     clean_env, manifest = _validated(name, env, template)
     if not manifest.is_team:
         raise InvalidInput("template", f"{template!r} is not a team template (it lists no members)")
@@ -255,7 +280,10 @@ def create_team(
         # A team counts its parent and every member, against the quota and the cap alike.
         check_quota(owner, adding=1 + len(member_names))
         check_concurrency(adding=1 + len(member_names))
-        parent = _insert_workspace(
+        # Each workspace from its own template's warm pool when it can (a team template keeps
+        # no pool: the parent starts cold), the members with their parent set by the claim as
+        # by the insert.
+        parent = _claim_or_insert(
             owner=owner,
             name=name,
             manifest=manifest,
@@ -264,7 +292,7 @@ def create_team(
             actor=actor,
         )
         members = [
-            _insert_workspace(
+            _claim_or_insert(
                 owner=owner,
                 name=member_name,
                 manifest=member_manifest,
