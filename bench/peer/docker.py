@@ -35,7 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.engine import cpu_seconds, ensure_agent_image, ensure_engine
-from bench.peer.here import here_clean, here_platform, here_round, own_redis, with_pool
+from bench.peer.here import (
+    here_clean,
+    here_platform,
+    here_round,
+    own_redis,
+    remove_pool_members,
+    with_pool,
+)
 from bench.peer.hub import Hub, hub_round
 from bench.peer.report import POOLED, Start, Variant, write_results
 from bench.peer.rounds import alternate
@@ -158,18 +165,22 @@ def run(args: Any, argv: list[str] | None, intro: str) -> int:
         from django.conf import settings
 
         image = ensure_agent_image()
-        with (
-            here_platform(start.log_dir, "docker", redis_pid) as stack,
-            DockerHub(image, str(settings.DOCKER_WORKSPACE_USER), start.log_dir) as hub,
-        ):
-            runs = alternate(
-                args,
-                (
-                    lambda n: here_round(stack, n, args.interval, pool=pool),
-                    lambda: here_clean(stack, "docker"),
-                ),
-                (lambda n: hub_round(hub, n, args.interval), hub.clean),
-            )
+        remove_pool_members("docker")  # what an earlier run with --pool left
+        try:
+            with (
+                here_platform(start.log_dir, "docker", redis_pid) as stack,
+                DockerHub(image, str(settings.DOCKER_WORKSPACE_USER), start.log_dir) as hub,
+            ):
+                runs = alternate(
+                    args,
+                    (
+                        lambda n: here_round(stack, n, args.interval, pool=pool),
+                        lambda: here_clean(stack, "docker"),
+                    ),
+                    (lambda n: hub_round(hub, n, args.interval), hub.clean),
+                )
+        finally:
+            remove_pool_members("docker")
     import dockerspawner
 
     if pool:

@@ -13,11 +13,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from bench.common import postgres_backends, setup_django
 from bench.engine import cpu_by_root, cpu_seconds, processes
 from bench.peer.rounds import Run, requests_and_watch
 from bench.stack import Platform, platform, private_redis, ready_pool_members, wait_until
+
+if TYPE_CHECKING:
+    from django.db.models import QuerySet
 
 DATABASE = "ws_peer_bench"  # unless DATABASE_URL names one
 TEMPLATE = "shell-default"  # what each request here creates
@@ -67,10 +71,22 @@ def here_platform(log_dir: Path, backend: str, redis_pid: int) -> Iterator[Platf
 def here_clean(stack: Platform, backend: str) -> None:
     """Remove every workspace of the bench's user through ``backend`` (its instance, link and
     folders or volume), then its rows. A warm pool's members have another owner: they stay."""
-    from provisioning.backends import backend_named
     from workspaces.models import Workspace
 
-    rows = Workspace.objects.filter(owner__username=stack.owner)
+    _remove_rows(Workspace.objects.filter(owner__username=stack.owner), backend)
+
+
+def remove_pool_members(backend: str) -> None:
+    """Remove the warm pool's members (``--pool``) with their instances, before a run and after
+    it: a run without the pool would otherwise spend its rounds retiring them."""
+    from workspaces.models import Workspace
+
+    _remove_rows(Workspace.objects.exclude(pool=""), backend)
+
+
+def _remove_rows(rows: QuerySet[Any], backend: str) -> None:
+    from provisioning.backends import backend_named
+
     engine = backend_named(backend, check=False)
     listed = list(rows.values_list("id", "backend_state"))
     with ThreadPoolExecutor(max_workers=8) as pool:

@@ -62,7 +62,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.engine import descendants, processes
-from bench.peer.here import here_clean, here_platform, here_round, own_redis, with_pool
+from bench.peer.here import (
+    here_clean,
+    here_platform,
+    here_round,
+    own_redis,
+    remove_pool_members,
+    with_pool,
+)
 from bench.peer.hub import Hub, hub_round
 from bench.peer.report import POOLED, Start, Variant, write_results
 from bench.peer.rounds import alternate
@@ -303,6 +310,7 @@ def run(args: Any, argv: list[str] | None, intro: str) -> int:
                 "WORKSPACE_UID_RANGE"
             )
         python = str(settings.WORKSPACE_PYTHON)
+        remove_pool_members("process")  # what an earlier run with --pool left
         try:
             with (
                 here_platform(start.log_dir, "process", redis_pid) as stack,
@@ -318,6 +326,7 @@ def run(args: Any, argv: list[str] | None, intro: str) -> int:
                     (lambda n: hub_round(hub, n, args.interval), hub.clean),
                 )
         finally:
+            remove_pool_members("process")
             _kill([pid for pid, proc in processes().items() if uids[0] <= proc.uid <= uids[1]])
             if OWN_SETTINGS["WORKSPACE_FIREWALL_CHAIN"] == settings.WORKSPACE_FIREWALL_CHAIN:
                 from provisioning.backends.process_firewall import remove_workspace_firewall
