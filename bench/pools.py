@@ -65,8 +65,10 @@ def _templates(directory: Path) -> Path:
 
 
 def _wait_full() -> None:
+    from django.conf import settings
+
     def full() -> bool:
-        return ready_pool_members("warm") >= POOL
+        return ready_pool_members("warm", settings.WORKSPACE_BACKEND) >= POOL
 
     wait_until(full, TIMEOUT, f"{POOL} ready members", interval=0.2)
 

@@ -354,11 +354,8 @@ def _wait_ready(
     wait_until(ready, 60, f"the server on port {port}", interval=0.2)
 
 
-def ready_pool_members(template: str) -> int:
-    """How many members of ``template``'s warm pool a create could claim now, on the backend of
-    this process's settings."""
-    from django.conf import settings
-
+def ready_pool_members(template: str, backend: str) -> int:
+    """How many members of ``template``'s warm pool a create could claim now on ``backend``."""
     from workspaces.manifests import invalidate_templates, templates
     from workspaces.models import Workspace
     from workspaces.services.claims import ready_members
@@ -366,7 +363,7 @@ def ready_pool_members(template: str) -> int:
     invalidate_templates()
     manifest = templates().get(template)
     assert manifest is not None, template
-    return Workspace.objects.filter(ready_members(manifest, settings.WORKSPACE_BACKEND)).count()
+    return Workspace.objects.filter(ready_members(manifest, backend)).count()
 
 
 def label_key(name: str) -> str:

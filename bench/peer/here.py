@@ -34,12 +34,12 @@ def with_pool(size: int) -> None:
     os.environ["WORKSPACE_POOL_SIZES"] = f"{TEMPLATE}={size}"
 
 
-def wait_for_pool(size: int) -> None:
-    """Until ``size`` members of the pool are ready (the beat sweep and the claims' refills fill
-    it)."""
+def wait_for_pool(size: int, backend: str) -> None:
+    """Until ``size`` members of the pool are ready on ``backend`` (the beat sweep and the
+    claims' refills fill it)."""
 
     def full() -> bool:
-        return ready_pool_members(TEMPLATE) >= size
+        return ready_pool_members(TEMPLATE, backend) >= size
 
     wait_until(full, POOL_TIMEOUT, f"{size} ready pool members", interval=0.2)
 
@@ -111,7 +111,7 @@ def here_round(
 
     database = str(connection.settings_dict["NAME"])
     if pool:
-        wait_for_pool(pool)
+        wait_for_pool(pool, stack.env["WORKSPACE_BACKEND"])
     tag = uuid.uuid4().hex[:6]
     before = cpu_seconds(stack.pids)
     redis = {"redis": stack.redis_pid} if stack.redis_pid else {}
@@ -133,7 +133,7 @@ def here_round(
 
     sent = requests_and_watch(n, create, count, failed, interval, f"here N={n}")
     if pool:
-        wait_for_pool(pool)
+        wait_for_pool(pool, stack.env["WORKSPACE_BACKEND"])
     after = cpu_seconds(stack.pids)
     parts_after = cpu_by_root({**stack.parts, **redis})
     pg_after = pg_backends(database)
